@@ -1,0 +1,115 @@
+"""`featurize run | inspect | demo`.
+
+Exit codes: 0 when the job completed (some samples may be error rows), 2 when it could not run
+(bad job file, unreachable source, unknown model, output already taken), 1 when it failed midway.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, load_job
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("featurize: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featurize", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a job file")
+    run.add_argument("job", help="job file (YAML)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a job key, e.g. --set model.arch=resnet18 (repeatable)")
+    run.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
+    run.add_argument("--progress", action="store_true", help="show Ray Data's progress bars")
+    run.set_defaults(func=cmd_run)
+
+    inspect = sub.add_parser("inspect", help="describe an output root")
+    inspect.add_argument("out", help="output root (local path or URI)")
+    inspect.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="generate sample images and run jobs/demo.yaml on them")
+    demo.add_argument("--job", default="jobs/demo.yaml")
+    demo.add_argument("--data", default="demo-data/images", help="where the sample images go")
+    demo.add_argument("--images", type=int, default=300)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .report import format_summary
+
+    summary = _run(args.job, args.overrides, args.address, args.progress)
+    if summary is None:
+        return EXIT_REFUSED
+    print(format_summary(summary))
+    return EXIT_OK
+
+
+def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool):
+    """Run a job; print a one-line reason and return None when it cannot run."""
+    from .models import ModelError
+    from .models.weights import WeightsError
+    from .prepare import OutputExists
+    from .runner import run_job
+    from .sources import SourceError
+
+    try:
+        job = load_job(job_path, overrides)
+        return run_job(job, address=address, progress=progress)
+    except (ConfigError, SourceError, ModelError, WeightsError, OutputExists) as e:
+        print(f"featurize: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import inspect_output
+
+    try:
+        print(inspect_output(args.out))
+    except FileNotFoundError as e:
+        print(f"featurize: {args.out}: no output there ({e})", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .report import format_summary
+    from .samples import make_image_folder
+
+    counts = make_image_folder(args.data, n=args.images)
+    print(f"sample data  {args.data}: {counts['images']} images in {counts['classes']} classes, "
+          f"{counts['broken']} broken files among them")
+    job = load_job(args.job)
+    shutil.rmtree(job.output.uri, ignore_errors=True)  # the demo's own output from an earlier run
+    summary = _run(args.job, [f"source.uri={args.data}"], None, False)
+    if summary is None:
+        return EXIT_REFUSED
+    print(format_summary(summary))
+    print(
+        "\nread it:\n"
+        f"  featurize inspect {job.output.uri}\n"
+        f"  python -c \"import pyarrow.dataset as ds; "
+        f"print(ds.dataset('{job.output.uri}/features', partitioning='hive').to_table().to_pandas().head())\"\n"
+        f"  duckdb -c \"select split, label, count(*) from read_parquet('{job.output.uri}/features/**/*.parquet', "
+        "hive_partitioning=true) group by all\""
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Job configuration: dataclasses, YAML loading, `--set` overrides and validation.
+
+Defaults live here and only here. Validation runs before any work starts and every
+message names the offending key (`model.pool`, `resources.batch_size`, ...).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+
+Auto = Literal["auto"]
+
+
+class ConfigError(ValueError):
+    """A job file that cannot run; the message names the key."""
+
+
+@dataclass
+class SourceConfig:
+    uri: str
+    format: Literal["image_folder", "webdataset", "manifest"] = "image_folder"
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    split: Optional[str] = None  # fixed split; None: the manifest's `split` column, else "all"
+
+
+@dataclass
+class PreprocessConfig:
+    resize: Optional[int] = None  # shorter side; None: from the weights' transforms, else 256
+    crop: Optional[int] = None  # center crop; None: from the weights' transforms, else 224
+    mean: Optional[List[float]] = None  # None: from the weights, else ImageNet's
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    weights: str = "DEFAULT"  # torchvision weights name | path or URI of a state dict | none
+    weights_sha256: Optional[str] = None  # refuse a weights file whose hash differs
+    layer: Optional[str] = None  # feature-extraction node name; None: penultimate
+    pool: Literal["avg", "max", "none"] = "avg"
+    seed: int = 0  # for weights: none
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class OutputConfig:
+    uri: str
+    partition_by: List[str] = field(default_factory=lambda: ["split"])
+    dtype: Literal["float16", "float32"] = "float16"
+    storage_options: Optional[Dict[str, Any]] = None  # None: the source's when on the same store
+
+
+@dataclass
+class ResourcesConfig:
+    batch_size: Union[int, Auto] = "auto"  # model batch
+    actors: Union[int, Auto] = "auto"  # model actors; auto: one per GPU, else one
+    decode_batch_size: int = 32
+    decode_cpus: float = 0.5  # logical CPUs claimed by each read+decode task
+    torch_threads: Union[int, Auto] = "auto"  # CPU actor threads; auto: the cores decode leaves
+    read_block_size: int = 1000  # at most this many planned rows (files or shards) per read task
+
+
+@dataclass
+class JobConfig:
+    name: str
+    source: SourceConfig
+    output: OutputConfig
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+PARTITION_COLUMNS = ("split", "label")
+_SECRET = re.compile(r"key|secret|token|password|passwd|credential|session", re.I)
+
+
+def load_job(path: str, overrides: Optional[List[str]] = None) -> JobConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read job file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"job file {path} is not valid YAML: {e}") from None
+    return parse_job(data, overrides)
+
+
+def parse_job(data: Any, overrides: Optional[List[str]] = None) -> JobConfig:
+    data = copy.deepcopy(data) if data is not None else {}
+    for item in overrides or []:
+        apply_override(data, item)
+    job = _build(JobConfig, data, "")
+    _check(job)
+    return job
+
+
+def apply_override(data: Dict[str, Any], item: str) -> None:
+    """Apply one `a.b=c` override; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.arch=resnet18")
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a mapping")
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'job'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = ", ".join(_join(path, k) for k in unknown)
+        raise ConfigError(f"unknown key {where} (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = _join(path, f.name)
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {key}")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], key)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not {_describe(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check(job: JobConfig) -> None:
+    """Checks across keys that types alone cannot express."""
+    if not job.name.strip():
+        raise ConfigError("name: must not be empty")
+    for key in ("source.uri", "output.uri"):
+        section, attr = key.split(".")
+        if not getattr(getattr(job, section), attr).strip():
+            raise ConfigError(f"{key}: must not be empty")
+    pre = job.preprocess
+    for key in ("resize", "crop"):
+        value = getattr(pre, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"preprocess.{key}: must be a positive integer, got {value}")
+    if pre.resize and pre.crop and pre.crop > pre.resize:
+        raise ConfigError(f"preprocess.crop: {pre.crop} is larger than preprocess.resize {pre.resize}")
+    for key in ("mean", "std"):
+        value = getattr(pre, key)
+        if value is not None and len(value) != 3:
+            raise ConfigError(f"preprocess.{key}: expected 3 values (R, G, B), got {len(value)}")
+    for col in job.output.partition_by:
+        if col not in PARTITION_COLUMNS:
+            raise ConfigError(f"output.partition_by: {col!r} is not one of {', '.join(PARTITION_COLUMNS)}")
+    res = job.resources
+    for key in ("batch_size", "actors", "torch_threads", "decode_batch_size", "read_block_size"):
+        value = getattr(res, key)
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"resources.{key}: must be at least 1, got {value}")
+    if res.decode_cpus <= 0:
+        raise ConfigError(f"resources.decode_cpus: must be positive, got {res.decode_cpus}")
+    if job.model.weights_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", job.model.weights_sha256):
+        raise ConfigError("model.weights_sha256: expected 64 hexadecimal digits")
+
+
+def output_storage_options(job: JobConfig) -> Dict[str, Any]:
+    """The output's fsspec options: its own, or the source's when both are on one store."""
+    if job.output.storage_options is not None:
+        return job.output.storage_options
+    same_store = _protocol(job.output.uri) == _protocol(job.source.uri)
+    return job.source.storage_options if same_store else {}
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def redact(value: Any) -> Any:
+    """A copy with every secret-looking mapping value replaced, for logs and _job.json."""
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET.search(str(k)) and v else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def to_dict(job: JobConfig) -> Dict[str, Any]:
+    return redact(dataclasses.asdict(job))

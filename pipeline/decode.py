@@ -1,0 +1,124 @@
+"""Image decoding: bytes -> uint8 RGB at the model's input size.
+
+Pillow does the work. Two things matter for speed and memory: JPEGs are decoded at a reduced
+scale by libjpeg (`draft`) when the target is much smaller, and the resize + center crop is one
+`resize(box=...)` over the crop's region of the original, so an 8000x8 image never becomes a
+256000x256 intermediate. The result equals torchvision's Resize(resize) + CenterCrop(crop) up to
+resampling detail.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .read import ERROR_COLUMNS, error_fields
+
+ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    resize: int  # shorter side, before the center crop
+    crop: int
+
+
+class DecodeError(Exception):
+    """A file that is not a usable image; the message says why."""
+
+
+def decode_image(data: bytes, spec: ImageSpec) -> Tuple[np.ndarray, int, int]:
+    """Return (crop x crop x 3 uint8 array, original width, original height)."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow's decompression-bomb limit is kept as it is; its warning zone (between the
+        # limit and twice it) is an error too, so a bomb is never decoded.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    with img:
+        img.seek(0)  # animated images: the first frame
+        width, height = _displayed_size(img)
+        if img.format == "JPEG":
+            # libjpeg scales by 1/2, 1/4 or 1/8 while decoding; keep at least `resize` pixels.
+            img.draft("RGB", (spec.resize, spec.resize))
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
+        pixels = _resize_center_crop(rgb, spec)
+    return pixels, width, height
+
+
+def _displayed_size(img: Image.Image) -> Tuple[int, int]:
+    """The size as shown to a person: the header's size, turned by the EXIF orientation."""
+    width, height = img.size
+    if img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+        return height, width
+    return width, height
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return _high_bit_depth_to_rgb(img)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return _gray_array_to_rgb(arr, float(arr.max()) or 1.0)
+    if mode == "P" and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Transparent pixels are composited onto white, the usual page background.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        img.load()
+        return img
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    full_scale = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+    return _gray_array_to_rgb(arr.astype(np.float32), full_scale)
+
+
+def _gray_array_to_rgb(arr: np.ndarray, full_scale: float) -> Image.Image:
+    gray = np.clip(arr * (255.0 / full_scale) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _resize_center_crop(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    width, height = img.size
+    short = min(width, height)
+    # The crop's side measured in source pixels: the region torchvision's Resize + CenterCrop
+    # would keep. Images smaller than the crop are scaled up like torchvision does.
+    side = spec.crop * short / spec.resize
+    left = (width - side) / 2.0
+    top = (height - side) / 2.0
+    box = (max(left, 0.0), max(top, 0.0), min(left + side, width), min(top + side, height))
+    out = img.resize((spec.crop, spec.crop), Image.BILINEAR, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec) -> Dict[str, np.ndarray]:
+    """Ray Data map_batches function: `data` bytes -> `pixels`, failures become error rows.
+
+    Rows that failed to decode keep a zero image so the column stays one dense array; their
+    `error_stage` tells every later stage to skip them.
+    """
+    n = len(batch["data"])
+    pixels = np.zeros((n, spec.crop, spec.crop, 3), dtype=np.uint8)
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    stage, kind, message = (batch[k].copy() for k in ERROR_COLUMNS)
+    for i, data in enumerate(batch["data"]):
+        if stage[i]:
+            continue
+        try:
+            pixels[i], width[i], height[i] = decode_image(data, spec)
+        except Exception as e:  # any failure of this one file is its error row, never the job's
+            stage[i], kind[i], message[i] = error_fields("decode", e).values()
+    out = {k: v for k, v in batch.items() if k != "data"}
+    out.update(pixels=pixels, width=width, height=height, error_stage=stage, error_type=kind, error_message=message)
+    return out

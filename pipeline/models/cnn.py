@@ -1,0 +1,158 @@
+"""Torchvision CNN feature extractor: any classification backbone, any layer, pooled.
+
+The layer is chosen by torchvision's feature-extraction node names (`layer3`, `features.29`);
+no layer means the penultimate one, the input of the final classifier. Pixels arrive as uint8
+NHWC and are normalised on the actor's device, so only bytes cross the object store.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from ..config import ModelConfig
+from ..read import ERROR_COLUMNS, error_fields
+from .weights import Weights, WeightsError, load_state_dict
+
+
+class ModelError(ValueError):
+    """An unknown architecture or layer; raised on the driver before any work."""
+
+
+@dataclass
+class EmbedSpec:
+    """Everything the model actor needs; built on the driver, shipped to each actor."""
+
+    model: ModelConfig
+    weights: Weights
+    crop: int
+    dim: int
+    mean: List[float]
+    std: List[float]
+    dtype: str = "float16"
+    torch_threads: int = 1
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+
+def classification_models() -> List[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch not in classification_models():
+        raise ModelError(f"model.arch: {cfg.arch!r} is not a torchvision classification model")
+    torch.manual_seed(cfg.seed)
+    kwargs = {"aux_logits": False} if cfg.arch in ("googlenet", "inception_v3") else {}
+    if kwargs and cfg.arch == "googlenet":
+        kwargs["init_weights"] = True
+    return torchvision.models.get_model(cfg.arch, weights=None, **kwargs).eval()
+
+
+def feature_module(model: nn.Module, layer: Optional[str]) -> nn.Module:
+    """The part of `model` whose output is the requested feature map."""
+    if layer is None:
+        return _drop_classifier(model)
+    nodes = get_graph_node_names(model)[1]
+    if layer not in nodes:
+        near = [n for n in nodes if n.startswith(layer.split(".")[0])][:8] or nodes[-8:]
+        raise ModelError(f"model.layer: {layer!r} is not a node of this model (e.g. {', '.join(near)})")
+    return create_feature_extractor(model, return_nodes={layer: "feature"}).eval()
+
+
+def _drop_classifier(model: nn.Module) -> nn.Module:
+    """Replace the last Linear layer (the classifier) with Identity: the penultimate features."""
+    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ModelError("model.layer: this model has no Linear classifier; name a layer")
+    parent_name, _, child = last[-1].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+    return model
+
+
+def pool(x: Any, how: str) -> torch.Tensor:
+    if isinstance(x, dict):
+        x = x["feature"]
+    if x.ndim == 4:  # N, C, H, W
+        dims = (2, 3)
+    elif x.ndim == 3:  # N, tokens, D (transformers)
+        dims = (1,)
+    else:
+        return x.flatten(1)
+    if how == "avg":
+        return x.mean(dim=dims)
+    if how == "max":
+        return x.amax(dim=dims)
+    return x.flatten(1)
+
+
+def feature_dim(cfg: ModelConfig, crop: int) -> int:
+    """Checks arch and layer and returns D, with one forward pass of a random-init model."""
+    module = feature_module(build_backbone(cfg), cfg.layer)
+    with torch.inference_mode():
+        out = pool(module(torch.zeros(1, 3, crop, crop)), cfg.pool)
+    return int(out.shape[1])
+
+
+class CnnEmbedder:
+    """Ray Data actor: loads the model once, then maps uint8 pixel batches to features."""
+
+    def __init__(self, spec: EmbedSpec):
+        self.spec = spec
+        self.device = _device(spec.model.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(spec.torch_threads)
+        model = build_backbone(spec.model)
+        state = load_state_dict(spec.weights, spec.storage_options)
+        if state is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise WeightsError(
+                    f"model.weights: {spec.weights.id} does not fit {spec.model.arch} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+        self.module = feature_module(model, spec.model.layer).to(self.device)
+        if self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(spec.mean, device=self.device).view(shape) * 255.0
+        self.std = torch.tensor(spec.std, device=self.device).view(shape) * 255.0
+        self.out_dtype = np.float16 if spec.dtype == "float16" else np.float32
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 NHWC -> features (N, D) as float32 numpy."""
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = (x.float() - self.mean) / self.std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            out = pool(self.module(x), self.spec.model.pool)
+        return out.float().cpu().numpy()
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        ok = batch["error_stage"] == ""
+        # Rows that failed earlier keep zeros; the sink writes them to the errors table only.
+        batch["feature"] = np.zeros((len(ok), self.spec.dim), dtype=self.out_dtype)
+        if ok.any():
+            try:
+                batch["feature"][ok] = self.embed(np.ascontiguousarray(pixels[ok]))
+            except Exception as e:  # the batch's samples become model errors; the job goes on
+                fields = error_fields("model", e)
+                for col in ERROR_COLUMNS:
+                    batch[col] = batch[col].copy()
+                    batch[col][ok] = fields[col]
+        return batch
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)

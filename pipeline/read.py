@@ -1,0 +1,139 @@
+"""Read stage: plan rows -> sample rows carrying the encoded bytes.
+
+Loose files are fetched a batch at a time with `fs.cat`, which s3fs runs concurrently; tar shards
+are streamed member by member and never extracted to disk (member names are data only, so
+absolute paths or `..` cannot escape anywhere). A fetch that fails becomes an error row.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections import defaultdict
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, filesystem
+
+Batch = Dict[str, np.ndarray]
+SAMPLE_COLUMNS = ("sample_id", "uri", "label", "split")
+ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
+MAX_MESSAGE = 500
+
+
+def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
+    message = str(exc) or repr(exc)
+    return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message[:MAX_MESSAGE]}
+
+
+OK = {"error_stage": "", "error_type": "", "error_message": ""}
+
+
+def read_batch(batch: Batch, storage_options: Dict[str, Any], rows_per_batch: int) -> Iterator[Batch]:
+    """Ray Data map_batches generator: yields batches of at most `rows_per_batch` samples."""
+    files = [i for i, c in enumerate(batch["container"]) if c == ""]
+    if files:
+        yield from _chunks(_read_files(batch, files, storage_options), rows_per_batch)
+    for i, container in enumerate(batch["container"]):
+        if container == "tar":
+            shard = {k: batch[k][i] for k in SAMPLE_COLUMNS}
+            yield from _chunks(_read_tar(shard, storage_options), rows_per_batch)
+
+
+def _read_files(batch: Batch, indices: List[int], storage_options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    by_fs = defaultdict(list)
+    for i in indices:
+        fs, path = filesystem(str(batch["uri"][i]), storage_options)
+        by_fs[id(fs)].append((fs, path, i))
+    for group in by_fs.values():
+        fs = group[0][0]
+        contents = fs.cat([path for _, path, _ in group], on_error="return")
+        for _, path, i in group:
+            row = {k: str(batch[k][i]) for k in SAMPLE_COLUMNS}
+            data = contents.get(path, FileNotFoundError(path))
+            if isinstance(data, BaseException):
+                yield {**row, "data": b"", **error_fields("read", data)}
+            else:
+                yield {**row, "data": data, **OK}
+
+
+def _read_tar(shard: Dict[str, Any], storage_options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    """Stream a webdataset shard: consecutive members sharing a key form one sample."""
+    shard_name = str(shard["sample_id"])
+    fs, path = filesystem(str(shard["uri"]), storage_options)
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            key, members = None, {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member_key, ext = _split_key(info.name)
+                if member_key != key and key is not None:
+                    yield _tar_sample(shard, shard_name, key, members)
+                    members = {}
+                key = member_key
+                members[ext] = tar.extractfile(info).read()
+            if key is not None:
+                yield _tar_sample(shard, shard_name, key, members)
+    except Exception as e:  # unreadable or truncated shard: one error row for what is left
+        yield {**{k: str(shard[k]) for k in SAMPLE_COLUMNS}, "data": b"", **error_fields("read", e)}
+
+
+def _split_key(name: str):
+    """webdataset's convention: the key is the path up to the first dot of the base name."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def _tar_sample(shard: Dict[str, Any], shard_name: str, key: str, members: Dict[str, bytes]) -> Dict[str, Any]:
+    row = {
+        "sample_id": f"{shard_name}/{key}",
+        "uri": f"{shard['uri']}#{key}",
+        "label": _member_label(members),
+        "split": str(shard["split"]),
+    }
+    image_ext = next((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+    if image_ext is None:
+        err = LookupError(f"no image member among {sorted(members)}")
+        return {**row, "data": b"", **error_fields("read", err)}
+    return {**row, "data": members[image_ext], **OK}
+
+
+def _member_label(members: Dict[str, bytes]) -> str:
+    for ext in LABEL_EXTENSIONS:
+        if ext in members:
+            text = members[ext].decode("utf-8", errors="replace").strip()
+            if ext == "json":
+                return _json_label(text)
+            return text
+    return ""
+
+
+def _json_label(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return ""
+    label: Optional[Any] = value.get("label") if isinstance(value, dict) else None
+    return "" if label is None else str(label)
+
+
+def _chunks(rows: Iterator[Dict[str, Any]], size: int) -> Iterator[Batch]:
+    chunk: List[Dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield _to_batch(chunk)
+            chunk = []
+    if chunk:
+        yield _to_batch(chunk)
+
+
+def _to_batch(rows: List[Dict[str, Any]]) -> Batch:
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in (*SAMPLE_COLUMNS, *ERROR_COLUMNS)}
+    data = np.empty(len(rows), dtype=object)
+    data[:] = [r["data"] for r in rows]
+    batch["data"] = data
+    return batch

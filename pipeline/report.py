@@ -1,0 +1,130 @@
+"""What a job tells its user: `_job.json`, the end-of-run summary, and `featurize inspect`."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from . import __version__
+from .config import to_dict
+from .sources import filesystem
+
+if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
+    from .prepare import Prepared
+    from .runner import Summary
+
+JOB_FILE = "_job.json"
+
+
+def versions() -> Dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "featurize": __version__,
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def write_job_record(prepared: "Prepared", status: str, started_at: float, summary: Optional["Summary"] = None) -> None:
+    record: Dict[str, Any] = {
+        "name": prepared.job.name,
+        "status": status,
+        "started_at": _iso(started_at),
+        "config": to_dict(prepared.job),  # secrets redacted
+        "resolved": {
+            "weights": {"id": prepared.weights.id, "sha256": prepared.weights.sha256},
+            "preprocess": {"resize": prepared.image.resize, "crop": prepared.image.crop,
+                           "mean": prepared.mean, "std": prepared.std},
+            "dim": prepared.dim,
+        },
+        "versions": versions(),
+        "counts": {"planned": len(prepared.plan)},
+    }
+    if summary is not None:
+        record["finished_at"] = _iso(time.time())
+        record["counts"].update(
+            samples=summary.samples, features=summary.features,
+            errors=sum(summary.errors.values()), errors_by_kind=summary.errors,
+        )
+        record["timings"] = {"startup_s": round(summary.startup_s, 3), "wall_s": round(summary.wall_s, 3),
+                             "samples_per_s": round(summary.throughput, 2)}
+        record["layout"] = summary.layout
+    fs, root = filesystem(prepared.job.output.uri, prepared.out_options)
+    fs.pipe_file(f"{root.rstrip('/')}/{JOB_FILE}", json.dumps(record, indent=2).encode())
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def format_summary(summary: "Summary") -> str:
+    lines = [
+        f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)",
+        f"throughput   {summary.throughput:.1f} samples/s over {summary.wall_s:.1f} s "
+        f"(+{summary.startup_s:.1f} s to plan and start)",
+    ]
+    for kind, n in summary.errors.items():
+        lines.append(f"  error      {n:>5}  {kind}")
+    lines.append(f"output       {summary.out_uri}")
+    return "\n".join(lines)
+
+
+def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> str:
+    """Schema, rows per partition, feature dimension, provenance and errors of an output root."""
+    fs, root = filesystem(uri, storage_options or {})
+    root = root.rstrip("/")
+    out = [f"output     {uri}"]
+    if fs.exists(f"{root}/{JOB_FILE}"):
+        record = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
+        out.append(f"job        {record['name']} ({record['status']}), planned {record['counts']['planned']}")
+    if fs.exists(f"{root}/features"):
+        out += _describe_features(fs, f"{root}/features")
+    else:
+        out.append("features   none")
+    out += _describe_errors(fs, f"{root}/errors")
+    return "\n".join(out)
+
+
+def _describe_features(fs, path: str):
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    rows: Counter = Counter()
+    for fragment in dataset.get_fragments():
+        part = pads.get_partition_keys(fragment.partition_expression)
+        key = "/".join(f"{k}={v}" for k, v in sorted(part.items())) or "(unpartitioned)"
+        rows[key] += fragment.metadata.num_rows
+    schema = dataset.schema
+    out = [f"rows       {sum(rows.values())}"]
+    out += [f"  {k:<40} {n}" for k, n in sorted(rows.items())]
+    feature = schema.field("feature").type
+    out.append(f"feature    dim {feature.list_size}, {feature.value_type}")
+    out.append("schema")
+    out += [f"  {f.name}: {f.type}" for f in schema]
+    files = dataset.files
+    if files:
+        meta = pq.read_schema(files[0], filesystem=fs).metadata or {}
+        out.append("provenance")
+        out += [f"  {k.decode()[len('featurize.'):]}: {v.decode()}" for k, v in sorted(meta.items())
+                if k.startswith(b"featurize.")]
+    return out
+
+
+def _describe_errors(fs, path: str):
+    if not fs.exists(path):
+        return ["errors     0"]
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["stage", "error_type"])
+    kinds = Counter(zip(table["stage"].to_pylist(), table["error_type"].to_pylist()))
+    out = [f"errors     {table.num_rows}"]
+    out += [f"  {stage}/{kind:<35} {n}" for (stage, kind), n in kinds.most_common()]
+    return out

@@ -1,0 +1,147 @@
+"""Wires the Ray Data pipeline from a prepared job: read -> decode -> embed -> commit."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from .config import JobConfig
+from .decode import decode_batch
+from .models import EXTRACTORS, EmbedSpec
+from .prepare import Prepared, prepare, save_plan
+from .read import read_batch
+from .report import write_job_record
+from .sinks import ParquetCommitSink
+
+GPU_BATCH, CPU_BATCH = 256, 32
+
+
+@dataclass
+class Plan:
+    """How the pipeline is laid onto the cluster's resources."""
+
+    gpus: int
+    cpus: float
+    actors: int
+    batch_size: int
+    torch_threads: int
+    actor_cpus: float
+    rows_per_read_task: int
+
+
+@dataclass
+class Summary:
+    out_uri: str
+    planned: int
+    features: int
+    errors: Dict[str, int]  # "stage/error_type" -> count
+    wall_s: float
+    startup_s: float
+    layout: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return self.features + sum(self.errors.values())
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False) -> Summary:
+    t0 = time.time()
+    prepared = prepare(job)  # refuses a bad job before Ray starts
+    _init_ray(address)
+    layout = plan_resources(job, len(prepared.plan))
+    save_plan(prepared)
+    write_job_record(prepared, status="running", started_at=t0)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    sink = ParquetCommitSink(prepared.sink_spec())
+    t1 = time.time()
+    build_dataset(prepared, layout).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    t2 = time.time()
+    summary = Summary(
+        out_uri=job.output.uri,
+        planned=len(prepared.plan),
+        features=sink.totals["features"],
+        errors={f"{stage}/{kind}": n for (stage, kind), n in sorted(sink.totals["errors"].items())},
+        wall_s=t2 - t1,
+        startup_s=t1 - t0,
+        layout=vars(layout),
+    )
+    write_job_record(prepared, status="complete", started_at=t0, summary=summary)
+    return summary
+
+
+def _init_ray(address: Optional[str]) -> None:
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def plan_resources(job: JobConfig, planned: int) -> Plan:
+    res = job.resources
+    cluster = ray.cluster_resources()
+    gpus = int(cluster.get("GPU", 0)) if job.model.device != "cpu" else 0
+    cpus = float(cluster.get("CPU", os.cpu_count() or 1))
+    actors = res.actors if res.actors != "auto" else max(gpus, 1)
+    batch = res.batch_size if res.batch_size != "auto" else (GPU_BATCH if gpus else CPU_BATCH)
+    # A CPU actor claims one logical CPU but runs torch on the cores the decode tasks leave;
+    # decode is a small share of the model's cost, so that is nearly every core of its node.
+    per_actor_cores = max(1, math.floor(cpus / actors))
+    threads = res.torch_threads if res.torch_threads != "auto" else per_actor_cores
+    # Enough read tasks to keep every core busy, none larger than read_block_size rows.
+    rows = max(1, min(res.read_block_size, math.ceil(planned / max(2.0, 2 * cpus))))
+    return Plan(gpus, cpus, actors, batch, threads, 0.0 if gpus else 1.0, rows)
+
+
+def build_dataset(prepared: Prepared, layout: Plan) -> ray.data.Dataset:
+    job, res = prepared.job, prepared.job.resources
+    plan = prepared.plan
+    blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        read_batch,
+        fn_kwargs={"storage_options": job.source.storage_options, "rows_per_batch": res.decode_batch_size},
+        batch_size=res.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=res.decode_cpus,
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"spec": prepared.image},
+        batch_size=res.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=res.decode_cpus,
+    )
+    spec = EmbedSpec(
+        model=job.model,
+        weights=prepared.weights,
+        crop=prepared.image.crop,
+        dim=prepared.dim,
+        mean=prepared.mean,
+        std=prepared.std,
+        dtype=job.output.dtype,
+        torch_threads=layout.torch_threads,
+        storage_options=job.source.storage_options,
+    )
+    gpu_args = {"num_gpus": 1} if layout.gpus else {"num_cpus": layout.actor_cpus}
+    return ds.map_batches(
+        EXTRACTORS["torchvision"],
+        fn_constructor_args=(spec,),
+        batch_size=layout.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=layout.actors),
+        **gpu_args,
+    )

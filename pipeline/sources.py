@@ -1,0 +1,162 @@
+"""Listing and planning: turn a source into a deterministic plan of samples.
+
+The plan is listed once on the driver and saved under the output root, so a re-run never lists
+the bucket again. A plan row is one image file, or one tar shard (`container == "tar"`) whose
+members are discovered while it is streamed.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+from typing import Any, Dict, Iterator, List, Tuple
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .config import SourceConfig
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+LABEL_EXTENSIONS = ("cls", "txt", "json")
+PLAN_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("uri", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("container", pa.string()),  # "" for a file, "tar" for a webdataset shard
+    ]
+)
+
+
+class SourceError(RuntimeError):
+    """The source cannot be listed: unreachable, empty or malformed."""
+
+
+def filesystem(uri: str, storage_options: Dict[str, Any]) -> Tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs, path
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URI another process can open with the same storage options."""
+    return fs.unstrip_protocol(path)
+
+
+def plan_source(cfg: SourceConfig) -> pa.Table:
+    """List the source once and return the plan, sorted by sample_id."""
+    try:
+        rows = list(_LISTERS[cfg.format](cfg))
+    except SourceError:
+        raise
+    except FileNotFoundError as e:
+        raise SourceError(f"source.uri {cfg.uri}: not found ({e})") from None
+    except Exception as e:  # the store's own errors: no credentials, no endpoint, denied
+        raise SourceError(f"source.uri {cfg.uri}: cannot list ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise SourceError(f"source.uri {cfg.uri}: no {cfg.format} samples found")
+    rows.sort(key=lambda r: r["sample_id"])
+    _check_unique(rows)
+    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+def _check_unique(rows: List[Dict[str, Any]]) -> None:
+    for a, b in zip(rows, rows[1:]):
+        if a["sample_id"] == b["sample_id"]:
+            raise SourceError(f"sample_id {a['sample_id']!r} appears twice in the source")
+
+
+def _extension(path: str) -> str:
+    return path.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(path) else ""
+
+
+def _list_image_folder(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
+    fs, root = filesystem(cfg.uri, cfg.storage_options)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise SourceError(f"source.uri {cfg.uri}: not a folder")
+    for path in fs.find(root):
+        if _extension(path) not in IMAGE_EXTENSIONS:
+            continue
+        rel = posixpath.relpath(path, root)
+        parent = posixpath.dirname(rel)
+        yield _row(rel, full_uri(fs, path), posixpath.basename(parent), cfg.split)
+
+
+def _list_webdataset(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
+    paths: List[str] = []
+    fs = None
+    for pattern in expand_braces(cfg.uri):
+        fs, path = filesystem(pattern, cfg.storage_options)
+        if any(c in path for c in "*?["):
+            paths.extend(fs.glob(path))
+        elif fs.isdir(path):
+            paths.extend(p for p in fs.find(path) if _extension(p) == "tar")
+        elif fs.exists(path):
+            paths.append(path)
+        else:
+            raise SourceError(f"source.uri {cfg.uri}: shard {full_uri(fs, path)} not found")
+    root = _common_root(paths)
+    for path in paths:
+        yield _row(posixpath.relpath(path, root), full_uri(fs, path), "", cfg.split, container="tar")
+
+
+def _list_manifest(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
+    fs, path = filesystem(cfg.uri, cfg.storage_options)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    table = pq.read_table(io.BytesIO(data)) if _extension(path) == "parquet" else pacsv.read_csv(io.BytesIO(data))
+    if "uri" not in table.column_names:
+        raise SourceError(f"source.uri {cfg.uri}: the manifest has no 'uri' column (has {table.column_names})")
+    base = posixpath.dirname(path)
+    for rec in table.to_pylist():
+        uri = str(rec["uri"])
+        if "://" in uri or uri.startswith("/"):
+            target = uri
+        else:  # relative to the manifest's folder
+            target = full_uri(fs, posixpath.join(base, uri))
+        split = cfg.split or _text(rec.get("split"))
+        yield _row(uri, target, _text(rec.get("label")), split)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _row(sample_id: str, uri: str, label: str, split: Any, container: str = "") -> Dict[str, Any]:
+    return {"sample_id": sample_id, "uri": uri, "label": label, "split": split or "all", "container": container}
+
+
+def _common_root(paths: List[str]) -> str:
+    if not paths:
+        return ""
+    dirs = {posixpath.dirname(p) for p in paths}
+    return posixpath.commonpath(sorted(dirs)) if len(dirs) > 1 else dirs.pop()
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """Expand `shard-{000..127}.tar` and `{a,b}` the way webdataset and bash do.
+
+    fsspec globbing has no braces; this is small enough to keep rather than add a dependency.
+    """
+    match = _BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    else:
+        options = body.split(",")
+    return [out for opt in options for out in expand_braces(head + opt + tail)]
+
+
+_LISTERS = {"image_folder": _list_image_folder, "webdataset": _list_webdataset, "manifest": _list_manifest}
