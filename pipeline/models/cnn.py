@@ -59,7 +59,8 @@ def feature_module(model: nn.Module, layer: Optional[str]) -> nn.Module:
     if layer is None:
         return _drop_classifier(model)
     nodes = get_graph_node_names(model)[1]
-    if layer not in nodes:
+    # A module's name (`layer3`) stands for its last node, as create_feature_extractor allows.
+    if layer not in nodes and not any(n.startswith(layer + ".") for n in nodes):
         near = [n for n in nodes if n.startswith(layer.split(".")[0])][:8] or nodes[-8:]
         raise ModelError(f"model.layer: {layer!r} is not a node of this model (e.g. {', '.join(near)})")
     return create_feature_extractor(model, return_nodes={layer: "feature"}).eval()

@@ -1,0 +1,96 @@
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_job, output_storage_options, parse_job, redact, to_dict
+
+BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
+
+
+def job(**sections):
+    data = {**BASE}
+    data.update(sections)
+    return data
+
+
+def test_defaults_fill_in():
+    cfg = parse_job(BASE)
+    assert cfg.source.format == "image_folder"
+    assert cfg.model.pool == "avg" and cfg.model.layer is None
+    assert cfg.output.partition_by == ["split"] and cfg.output.dtype == "float16"
+    assert cfg.resources.batch_size == "auto"
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        (job(model={"pooling": "avg"}), "model.pooling"),
+        (job(extra=1), "extra"),
+        (job(model={"pool": "mean"}), "model.pool"),
+        (job(resources={"batch_size": "big"}), "resources.batch_size"),
+        (job(resources={"batch_size": 0}), "resources.batch_size"),
+        (job(preprocess={"crop": 300, "resize": 256}), "preprocess.crop"),
+        (job(preprocess={"crop": "224"}), "preprocess.crop"),
+        (job(preprocess={"mean": [0.5, 0.5]}), "preprocess.mean"),
+        (job(output={"uri": "o", "dtype": "float64"}), "output.dtype"),
+        (job(output={"uri": "o", "partition_by": ["color"]}), "output.partition_by"),
+        (job(source={"uri": "d", "format": "zip"}), "source.format"),
+        (job(source={"uri": "d", "storage_options": "anon"}), "source.storage_options"),
+        (job(model={"weights_sha256": "abc"}), "model.weights_sha256"),
+        ({"name": "t", "output": {"uri": "o"}}, "source"),
+        (job(source={"format": "manifest"}), "source.uri"),
+        (job(resources={"batch_size": True}), "resources.batch_size"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        parse_job(data)
+    assert key in str(err.value)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = parse_job(BASE, ["model.arch=vgg16", "resources.batch_size=64", "model.layer=features.29",
+                           "output.partition_by=[split, label]", "preprocess.resize=null"])
+    assert cfg.model.arch == "vgg16"
+    assert cfg.resources.batch_size == 64
+    assert cfg.model.layer == "features.29"
+    assert cfg.output.partition_by == ["split", "label"]
+    assert cfg.preprocess.resize is None
+
+
+def test_override_of_unknown_key_is_refused():
+    with pytest.raises(ConfigError, match="model.flavour"):
+        parse_job(BASE, ["model.flavour=x"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_job(BASE, ["model.arch"])
+
+
+def test_load_job_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read job file"):
+        load_job(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    assert load_job(str(good)).name == "t"
+
+
+def test_secrets_are_redacted_everywhere_they_nest():
+    opts = {"key": "AKIA123", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "T0KEN-VALUE"}}
+    cfg = parse_job(job(source={"uri": "s3://b/", "storage_options": opts}))
+    text = repr(to_dict(cfg))
+    for secret in ("AKIA123", "s3cr3t", "T0KEN-VALUE"):
+        assert secret not in text
+    assert "http://x" in text
+    assert redact({"anon": True}) == {"anon": True}
+
+
+def test_output_inherits_source_storage_options_on_the_same_store_only():
+    opts = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
+    same = parse_job(job(source={"uri": "s3://a/", "storage_options": opts}, output={"uri": "s3://b/out"}))
+    assert output_storage_options(same) == opts
+    local = parse_job(job(source={"uri": "s3://a/", "storage_options": opts}, output={"uri": "out/"}))
+    assert output_storage_options(local) == {}
+    own = parse_job(job(source={"uri": "s3://a/", "storage_options": opts}, output={"uri": "s3://b/", "storage_options": {"anon": True}}))
+    assert output_storage_options(own) == {"anon": True}
