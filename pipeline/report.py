@@ -58,8 +58,11 @@ def write_job_record(prepared: "Prepared", status: str, started_at: float, summa
             samples=summary.samples, features=summary.features,
             errors=sum(summary.errors.values()), errors_by_kind=summary.errors,
         )
-        record["timings"] = {"startup_s": round(summary.startup_s, 3), "wall_s": round(summary.wall_s, 3),
-                             "samples_per_s": round(summary.throughput, 2)}
+        record["timings"] = {
+            "startup_s": round(summary.startup_s, 3), "wall_s": round(summary.wall_s, 3),
+            "first_commit_s": round(summary.first_commit_s, 3), "samples_per_s": round(summary.throughput, 2),
+            "steady_samples_per_s": round(summary.steady_throughput, 2),
+        }
         record["layout"] = summary.layout
     fs, root = filesystem(prepared.job.output.uri, prepared.out_options)
     fs.pipe_file(f"{root.rstrip('/')}/{JOB_FILE}", json.dumps(record, indent=2).encode())
@@ -73,7 +76,9 @@ def format_summary(summary: "Summary") -> str:
     lines = [
         f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)",
         f"throughput   {summary.throughput:.1f} samples/s over {summary.wall_s:.1f} s "
-        f"(+{summary.startup_s:.1f} s to plan and start)",
+        f"(+{summary.startup_s:.1f} s to plan and start Ray); "
+        f"{summary.steady_throughput:.1f} samples/s once the first batch was committed "
+        f"after {summary.first_commit_s:.1f} s",
     ]
     for kind, n in summary.errors.items():
         lines.append(f"  error      {n:>5}  {kind}")

@@ -41,8 +41,10 @@ class Summary:
     planned: int
     features: int
     errors: Dict[str, int]  # "stage/error_type" -> count
-    wall_s: float
-    startup_s: float
+    wall_s: float  # from the start of execution to the last commit
+    startup_s: float  # planning and Ray start, before execution
+    first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
+    steady_throughput: float = 0.0  # samples/s between the first and the last commit
     layout: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,9 +77,21 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
         wall_s=t2 - t1,
         startup_s=t1 - t0,
         layout=vars(layout),
+        **_steady_state(sink.totals["commits"], t1),
     )
     write_job_record(prepared, status="complete", started_at=t0, summary=summary)
     return summary
+
+
+def _steady_state(commits, started: float) -> Dict[str, float]:
+    """Throughput once the pipeline is full: samples committed after the first commit."""
+    if not commits:
+        return {}
+    commits = sorted(commits)
+    first, last = commits[0][0], commits[-1][0]
+    after_first = sum(n for _, n in commits[1:])
+    rate = after_first / (last - first) if last > first else 0.0
+    return {"first_commit_s": first - started, "steady_throughput": rate}
 
 
 def _init_ray(address: Optional[str]) -> None:

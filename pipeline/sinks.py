@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ def features_schema(spec: SinkSpec) -> pa.Schema:
 class ParquetCommitSink(Datasink):
     def __init__(self, spec: SinkSpec):
         self.spec = spec
-        self.totals: Dict[str, Any] = {"features": 0, "errors": Counter(), "files": 0}
+        self.totals: Dict[str, Any] = {"features": 0, "errors": Counter(), "files": 0, "commits": []}
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> Dict[str, Any]:
         fs, root = filesystem(self.spec.out_uri, self.spec.storage_options)
@@ -78,6 +79,7 @@ class ParquetCommitSink(Datasink):
                 _write_parquet_atomic(fs, f"{root}/errors/{_part_name(errors)}", errors)
                 result["errors"].update(zip(errors["stage"].to_pylist(), errors["error_type"].to_pylist()))
                 result["files"] += 1
+        result["committed_at"] = time.time()  # for the steady-state throughput
         return result
 
     def on_write_complete(self, write_result) -> None:
@@ -85,6 +87,7 @@ class ParquetCommitSink(Datasink):
             self.totals["features"] += r["features"]
             self.totals["errors"].update(r["errors"])
             self.totals["files"] += r["files"]
+            self.totals["commits"].append((r["committed_at"], r["features"] + sum(r["errors"].values())))
 
     def _feature_tables(self, batch: Dict[str, np.ndarray], ok: np.ndarray, schema: pa.Schema):
         """One table per partition, with the path it is written to."""

@@ -1,0 +1,97 @@
+"""Image benchmark: the model alone on pre-decoded tensors (the ceiling) vs the whole pipeline.
+
+    .venv/bin/python bench/images.py [--images 2000] [--arch resnet18] [--crop 112 224]
+
+Generates JPEGs of ImageNet-like sizes (500x375) once under bench/out/, then in one run times
+the model alone (CnnEmbedder.embed on uint8 batches already in memory, all cores) and the
+pipeline end to end from JPEG files to committed Parquet on an embedded local Ray. Prints
+images/s and the ratio; the pipeline figure excludes Ray start-up and model load, which are
+reported separately.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.config import ModelConfig, parse_job  # noqa: E402
+from pipeline.decode import ImageSpec, decode_image  # noqa: E402
+from pipeline.models import CnnEmbedder, EmbedSpec, feature_dim  # noqa: E402
+from pipeline.models.weights import resolve  # noqa: E402
+from pipeline.samples import photo  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def make_jpegs(root: str, n: int) -> list:
+    os.makedirs(root, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = os.path.join(root, f"c{i % 10}", f"{i:06d}.jpg")
+        paths.append(path)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            photo(500, 375, seed=i).save(path, quality=90)
+    return paths
+
+
+def model_alone(arch: str, crop: int, paths: list, batch: int) -> float:
+    spec = ImageSpec(resize=int(crop * 256 / 224), crop=crop)
+    pixels = np.stack([decode_image(open(p, "rb").read(), spec)[0] for p in paths])
+    cfg = ModelConfig(arch=arch, weights="none")
+    embedder = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), crop, feature_dim(cfg, crop), MEAN, STD,
+                                     torch_threads=os.cpu_count() or 1))
+    embedder.embed(pixels[:batch])  # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(pixels), batch):
+        embedder.embed(pixels[i : i + batch])
+    return len(pixels) / (time.perf_counter() - t)
+
+
+def pipeline(arch: str, crop: int, root: str, n: int, batch: int) -> dict:
+    from pipeline.runner import run_job
+
+    out = os.path.join(HERE, "out", f"run-{arch}-{crop}")
+    shutil.rmtree(out, ignore_errors=True)
+    job = parse_job({
+        "name": f"bench-{arch}-{crop}",
+        "source": {"uri": root, "split": "bench"},
+        "preprocess": {"resize": int(crop * 256 / 224), "crop": crop},
+        "model": {"arch": arch, "weights": "none"},
+        "output": {"uri": out},
+        "resources": {"batch_size": batch},
+    })
+    summary = run_job(job)
+    assert summary.features == n, summary
+    return {"rate": summary.steady_throughput, "end_to_end": summary.throughput,
+            "startup_s": summary.startup_s + summary.first_commit_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--crop", type=int, nargs="+", default=[112, 224])
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    root = os.path.join(HERE, "out", f"jpegs-{args.images}")
+    paths = make_jpegs(root, args.images)
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {args.images} JPEGs 500x375, {args.arch}")
+    print(f"{'crop':>5} {'model alone':>12} {'pipeline':>10} {'ratio':>6} {'end-to-end':>11} {'startup':>8}")
+    for crop in args.crop:
+        ceiling = model_alone(args.arch, crop, paths, args.batch)
+        run = pipeline(args.arch, crop, root, len(paths), args.batch)
+        print(f"{crop:>5} {ceiling:>10.1f}/s {run['rate']:>8.1f}/s {run['rate'] / ceiling:>6.2f} "
+              f"{run['end_to_end']:>9.1f}/s {run['startup_s']:>7.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
