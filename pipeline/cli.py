@@ -60,6 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool):
     """Run a job; print a one-line reason and return None when it cannot run."""
+    try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
+        job = load_job(job_path, overrides)
+    except ConfigError as e:
+        print(f"featurize: {e}", file=sys.stderr)
+        return None
+
     from .models import ModelError
     from .models.weights import WeightsError
     from .prepare import OutputExists
@@ -67,7 +73,6 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     from .sources import SourceError
 
     try:
-        job = load_job(job_path, overrides)
         return run_job(job, address=address, progress=progress)
     except (ConfigError, SourceError, ModelError, WeightsError, OutputExists) as e:
         print(f"featurize: {e}", file=sys.stderr)

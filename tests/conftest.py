@@ -1,0 +1,175 @@
+"""Shared fixtures for the end-to-end tests: one local Ray, one moto S3 server, job helpers.
+
+Everything here is real: Ray runs the pipeline in worker processes, moto serves the S3 API over
+HTTP on 127.0.0.1, and outputs are read back with pyarrow (and DuckDB in the tests).
+Nothing is autouse, so the unit tests in this folder never pay for Ray or moto.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+
+# Dummy credentials: handed to s3fs through storage options only (never the environment).
+S3_KEY = "featurize-test-key"
+S3_SECRET = "featurize-test-secret-Zq8vX2pL"
+S3_BUCKET = "featurize-e2e"
+
+# Small and fast: random-init ResNet-18 on 56x56 crops.
+SMALL_MODEL = {"arch": "resnet18", "weights": "none"}
+SMALL_PREPROCESS = {"resize": 64, "crop": 56}
+SMALL_RESOURCES = {"batch_size": 16, "decode_batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session; `run_job` finds it initialised and reuses it."""
+    import ray
+
+    if ray.is_initialized():  # pragma: no cover - someone else started it in this process
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"moto server did not come up on port {port}")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real moto S3 server on a free local port (as s3fs's own tests run it); yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    _wait_for_port(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """(s3fs filesystem, storage options) for the moto server, with a fresh bucket per test."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = s3_options(s3_server)
+    fs = s3fs.S3FileSystem(**options)
+    if fs.exists(S3_BUCKET):
+        fs.rm(S3_BUCKET, recursive=True)
+    fs.mkdir(S3_BUCKET)
+    fs.invalidate_cache()
+    yield fs, options
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def s3_options(endpoint: str) -> Dict[str, Any]:
+    return {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": endpoint}}
+
+
+def job_dict(source_uri: str, output_uri: str, *, name: str = "e2e", source: Optional[Dict[str, Any]] = None,
+             output: Optional[Dict[str, Any]] = None, resources: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A small job as the YAML file would hold it."""
+    return {
+        "name": name,
+        "source": {"uri": source_uri, **(source or {})},
+        "output": {"uri": output_uri, **(output or {})},
+        "preprocess": dict(SMALL_PREPROCESS),
+        "model": dict(SMALL_MODEL),
+        "resources": {**SMALL_RESOURCES, **(resources or {})},
+    }
+
+
+def run(data: Dict[str, Any]):
+    """parse_job + run_job on the Ray the caller's `ray_session` fixture started."""
+    from pipeline.config import parse_job
+    from pipeline.runner import run_job
+
+    return run_job(parse_job(data))
+
+
+def _strip(fs, uri: str) -> str:
+    return fs._strip_protocol(uri).rstrip("/")
+
+
+def read_features(out: str, fs=None, columns: Optional[List[str]] = None):
+    """OUT/features as one pyarrow table, hive partitioning (`split=<v>` folders -> columns)."""
+    import pyarrow.dataset as pads
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = fs or LocalFileSystem()
+    path = f"{_strip(fs, out)}/features"
+    if not fs.exists(path):
+        return None
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    return dataset.to_table(columns=columns)
+
+
+def read_errors(out: str, fs=None):
+    import pyarrow.dataset as pads
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = fs or LocalFileSystem()
+    path = f"{_strip(fs, out)}/errors"
+    if not fs.exists(path):
+        return None
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def accounted(out: str, fs=None) -> Tuple[List[str], List[str]]:
+    """(sample ids in OUT/features, sample ids in OUT/errors), as lists so duplicates show."""
+    features = read_features(out, fs, columns=["sample_id"])
+    errors = read_errors(out, fs)
+    return (
+        [] if features is None else features["sample_id"].to_pylist(),
+        [] if errors is None else errors["sample_id"].to_pylist(),
+    )
+
+
+def assert_exactly_once(out: str, expected, fs=None) -> Tuple[List[str], List[str]]:
+    """Every expected sample id appears exactly once across features and errors, nothing else."""
+    features, errors = accounted(out, fs)
+    seen = features + errors
+    duplicates = sorted({s for s in seen if seen.count(s) > 1})
+    assert not duplicates, f"samples written more than once: {duplicates}"
+    missing = sorted(set(expected) - set(seen))
+    extra = sorted(set(seen) - set(expected))
+    assert not missing, f"planned samples missing from the output: {missing}"
+    assert not extra, f"unplanned samples in the output: {extra}"
+    assert len(seen) == len(set(expected))
+    return features, errors
+
+
+def tree(root) -> Dict[str, Tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file under a local folder."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return out

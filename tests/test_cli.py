@@ -1,0 +1,143 @@
+"""The `featurize` command line, run as a user runs it: a separate process per call.
+
+A job that cannot run exits 2 with one line naming the key or path, before any Ray starts. Each
+process gets its own RAY_TMPDIR, so whether it started Ray is visible as `RAY_TMPDIR/ray`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import SMALL_MODEL, SMALL_PREPROCESS, job_dict
+from pipeline.samples import make_image_folder
+
+FEATURIZE = Path(sys.executable).with_name("featurize")
+
+
+def featurize(*args: str, env_extra=None, cwd=None, timeout=180) -> subprocess.CompletedProcess:
+    command = [str(FEATURIZE)] if FEATURIZE.exists() else [sys.executable, "-m", "pipeline.cli"]
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A short private RAY_TMPDIR (Ray's socket paths must stay under 107 characters)."""
+    path = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    make_image_folder(str(root), n=6, broken=2)
+    return root
+
+
+def write_job(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_refused(result: subprocess.CompletedProcess, ray_tmpdir: Path, *needles: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    line = lines[0]
+    assert line.startswith("featurize: ")
+    for needle in needles:
+        assert needle in line, line
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not (ray_tmpdir / "ray").exists(), "a refused job started Ray"
+    return line
+
+
+@pytest.mark.timeout(60)
+def test_unknown_key_is_refused_fast_without_ray_or_torch(tmp_path, images, ray_tmpdir):
+    data = job_dict(str(images), str(tmp_path / "out"))
+    data["model"]["pooling"] = "avg"
+    job = write_job(tmp_path / "bad.yaml", data)
+    # Config validation needs neither Ray nor torch: poison both imports to prove they never load.
+    poison = tmp_path / "poison"
+    for module in ("ray", "torch"):
+        (poison / module).mkdir(parents=True)
+        (poison / module / "__init__.py").write_text(f"raise ImportError('{module} imported to check a job file')\n")
+    result = featurize("run", str(job), env_extra={"RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": str(poison)})
+    line = assert_refused(result, ray_tmpdir, "model.pooling")
+    assert "unknown key" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(90)
+def test_unknown_arch_and_missing_source_are_refused(tmp_path, images, ray_tmpdir):
+    env = {"RAY_TMPDIR": str(ray_tmpdir)}
+    job = write_job(tmp_path / "job.yaml", job_dict(str(images), str(tmp_path / "out")))
+
+    result = featurize("run", str(job), "--set", "model.arch=resnet1800", env_extra=env)
+    assert_refused(result, ray_tmpdir, "model.arch", "resnet1800")
+
+    missing = tmp_path / "no-such-folder"
+    result = featurize("run", str(job), "--set", f"source.uri={missing}", env_extra=env)
+    assert_refused(result, ray_tmpdir, "source.uri", str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(240)
+def test_run_then_inspect(tmp_path, images, ray_tmpdir):
+    out = tmp_path / "out"
+    data = {
+        "name": "cli-small",
+        "source": {"uri": str(images), "format": "image_folder", "split": "demo"},
+        "preprocess": dict(SMALL_PREPROCESS),
+        "model": dict(SMALL_MODEL),
+        "output": {"uri": str(out)},
+        "resources": {"batch_size": 8, "decode_batch_size": 4},
+    }
+    job = write_job(tmp_path / "job.yaml", data)
+
+    result = featurize("run", str(job), "--set", "resources.batch_size=4",
+                       env_extra={"RAY_TMPDIR": str(ray_tmpdir)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (ray_tmpdir / "ray").is_dir()  # the control: this run did start its Ray there
+    lines = result.stdout.splitlines()
+    assert "samples      8 (6 features, 2 errors)" in lines
+    assert any(line.startswith("throughput") and "samples/s" in line for line in lines)
+    assert f"output       {out}" in lines
+    error_lines = [line.split() for line in lines if line.strip().startswith("error ")]
+    assert sum(int(parts[1]) for parts in error_lines) == 2
+    assert all(parts[2].startswith("decode/") for parts in error_lines)
+    assert ["error", "1", "decode/DecodeError"] in error_lines  # the zero-byte file
+
+    record = json.loads((out / "_job.json").read_text())
+    assert record["status"] == "complete"
+    assert record["config"]["resources"]["batch_size"] == 4  # the --set override was applied
+    assert record["counts"]["features"] == 6 and record["counts"]["errors"] == 2
+
+    result = featurize("inspect", str(out), timeout=60)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.splitlines()
+    assert "job        cli-small (complete), planned 8" in text
+    assert "rows       6" in text
+    assert any(line.split() == ["split=demo", "6"] for line in text)
+    assert "feature    dim 512, halffloat" in text
+    assert "errors     2" in text
+    assert "  model: resnet18" in text and "  dim: 512" in text
+    kinds = [line.split() for line in text if line.startswith("  decode/")]
+    assert sum(int(parts[-1]) for parts in kinds) == 2
+
+    # and a second run into the same output is refused, without touching it
+    before = sorted(p.name for p in out.rglob("*"))
+    result = featurize("run", str(job), env_extra={"RAY_TMPDIR": str(ray_tmpdir)}, timeout=60)
+    assert result.returncode == 2 and "already holds" in result.stderr
+    assert sorted(p.name for p in out.rglob("*")) == before
