@@ -51,20 +51,19 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from .report import format_summary
 
-    summary = _run(args.job, args.overrides, args.address, args.progress)
-    if summary is None:
-        return EXIT_REFUSED
-    print(format_summary(summary))
-    return EXIT_OK
+    code, summary = _run(args.job, args.overrides, args.address, args.progress)
+    if summary is not None:
+        print(format_summary(summary))
+    return code
 
 
 def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool):
-    """Run a job; print a one-line reason and return None when it cannot run."""
+    """Run a job: (exit code, summary or None); a job that cannot run or fails gets one line."""
     try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
         job = load_job(job_path, overrides)
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
-        return None
+        return EXIT_REFUSED, None
 
     from .models import ModelError
     from .models.weights import WeightsError
@@ -73,10 +72,14 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     from .sources import SourceError
 
     try:
-        return run_job(job, address=address, progress=progress)
+        return EXIT_OK, run_job(job, address=address, progress=progress)
     except (ConfigError, SourceError, ModelError, WeightsError, OutputExists) as e:
         print(f"featurize: {e}", file=sys.stderr)
-        return None
+        return EXIT_REFUSED, None
+    except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        print(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}", file=sys.stderr)
+        return EXIT_FAILED, None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -101,9 +104,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{counts['broken']} broken files among them")
     job = load_job(args.job)
     shutil.rmtree(job.output.uri, ignore_errors=True)  # the demo's own output from an earlier run
-    summary = _run(args.job, [f"source.uri={args.data}"], None, False)
+    code, summary = _run(args.job, [f"source.uri={args.data}"], None, False)
     if summary is None:
-        return EXIT_REFUSED
+        return code
     print(format_summary(summary))
     print(
         "\nread it:\n"

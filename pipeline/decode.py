@@ -66,7 +66,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         return _gray_array_to_rgb(arr, float(arr.max()) or 1.0)
-    if mode == "P" and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if (mode == "P" and "transparency" in img.info) or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         # Transparent pixels are composited onto white, the usual page background.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -118,7 +118,8 @@ def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec) -> Dict[str, np.
         try:
             pixels[i], width[i], height[i] = decode_image(data, spec)
         except Exception as e:  # any failure of this one file is its error row, never the job's
-            stage[i], kind[i], message[i] = error_fields("decode", e).values()
+            err = error_fields("decode", e)
+            stage[i], kind[i], message[i] = err["error_stage"], err["error_type"], err["error_message"]
     out = {k: v for k, v in batch.items() if k != "data"}
     out.update(pixels=pixels, width=width, height=height, error_stage=stage, error_type=kind, error_message=message)
     return out

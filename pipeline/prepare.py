@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .config import ConfigError, JobConfig, output_storage_options
 from .decode import ImageSpec
-from .models import feature_dim
+from .models import check_arch, feature_dim
 from .models.weights import Weights, resolve
 from .sinks import SinkSpec
 from .sources import filesystem, plan_source
@@ -71,12 +71,10 @@ class Prepared:
 
 
 def prepare(job: JobConfig) -> Prepared:
-    dim_probe_crop = _resolve_image(job, {}).crop  # arch and layer checks need no weights
-    dim = feature_dim(job.model, dim_probe_crop)
+    check_arch(job.model)  # before fetching weights for a model that does not exist
     weights = resolve(job.model, job.source.storage_options)
     image = _resolve_image(job, weights.transforms)
-    if image.crop != dim_probe_crop:
-        dim = feature_dim(job.model, image.crop)
+    dim = feature_dim(job.model, image.crop, weights, job.source.storage_options)  # layer and fit too
     out_options = output_storage_options(job)
     _refuse_existing_output(job.output.uri, out_options)
     plan = plan_source(job.source)

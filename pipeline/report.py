@@ -37,7 +37,10 @@ def versions() -> Dict[str, str]:
     }
 
 
-def write_job_record(prepared: "Prepared", status: str, started_at: float, summary: Optional["Summary"] = None) -> None:
+def write_job_record(
+    prepared: "Prepared", status: str, started_at: float,
+    summary: Optional["Summary"] = None, error: Optional[str] = None,
+) -> None:
     record: Dict[str, Any] = {
         "name": prepared.job.name,
         "status": status,
@@ -52,6 +55,8 @@ def write_job_record(prepared: "Prepared", status: str, started_at: float, summa
         "versions": versions(),
         "counts": {"planned": len(prepared.plan)},
     }
+    if error is not None:
+        record["error"] = error
     if summary is not None:
         record["finished_at"] = _iso(time.time())
         record["counts"].update(

@@ -23,7 +23,7 @@ GPU_BATCH, CPU_BATCH = 256, 32
 
 
 @dataclass
-class Plan:
+class Layout:
     """How the pipeline is laid onto the cluster's resources."""
 
     gpus: int
@@ -67,7 +67,11 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
     ctx.enable_progress_bars = progress
     sink = ParquetCommitSink(prepared.sink_spec())
     t1 = time.time()
-    build_dataset(prepared, layout).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    try:
+        build_dataset(prepared, layout).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
+        write_job_record(prepared, status="failed", started_at=t0, error=f"{type(e).__name__}: {e}"[:2000])
+        raise
     t2 = time.time()
     summary = Summary(
         out_uri=job.output.uri,
@@ -104,7 +108,7 @@ def _init_ray(address: Optional[str]) -> None:
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
 
 
-def plan_resources(job: JobConfig, planned: int) -> Plan:
+def plan_resources(job: JobConfig, planned: int) -> Layout:
     res = job.resources
     cluster = ray.cluster_resources()
     gpus = int(cluster.get("GPU", 0)) if job.model.device != "cpu" else 0
@@ -117,10 +121,10 @@ def plan_resources(job: JobConfig, planned: int) -> Plan:
     threads = res.torch_threads if res.torch_threads != "auto" else per_actor_cores
     # Enough read tasks to keep every core busy, none larger than read_block_size rows.
     rows = max(1, min(res.read_block_size, math.ceil(planned / max(2.0, 2 * cpus))))
-    return Plan(gpus, cpus, actors, batch, threads, 0.0 if gpus else 1.0, rows)
+    return Layout(gpus, cpus, actors, batch, threads, 0.0 if gpus else 1.0, rows)
 
 
-def build_dataset(prepared: Prepared, layout: Plan) -> ray.data.Dataset:
+def build_dataset(prepared: Prepared, layout: Layout) -> ray.data.Dataset:
     job, res = prepared.job, prepared.job.resources
     plan = prepared.plan
     blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]

@@ -92,6 +92,15 @@ def test_unknown_arch_and_missing_source_are_refused(tmp_path, images, ray_tmpdi
     assert_refused(result, ray_tmpdir, "source.uri", str(missing))
     assert not (tmp_path / "out").exists()
 
+    import torch
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"  # weights of another architecture than the job's
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    result = featurize("run", str(job), "--set", "model.arch=resnet50", "--set", f"model.weights={weights}", env_extra=env)
+    assert_refused(result, ray_tmpdir, "model.weights", "does not fit resnet50")
+    assert not (tmp_path / "out").exists()
+
 
 @pytest.mark.timeout(240)
 def test_run_then_inspect(tmp_path, images, ray_tmpdir):

@@ -44,9 +44,13 @@ def classification_models() -> List[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
+def check_arch(cfg: ModelConfig) -> None:
     if cfg.arch not in classification_models():
         raise ModelError(f"model.arch: {cfg.arch!r} is not a torchvision classification model")
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    check_arch(cfg)
     torch.manual_seed(cfg.seed)
     kwargs = {"aux_logits": False} if cfg.arch in ("googlenet", "inception_v3") else {}
     if kwargs and cfg.arch == "googlenet":
@@ -93,9 +97,32 @@ def pool(x: Any, how: str) -> torch.Tensor:
     return x.flatten(1)
 
 
-def feature_dim(cfg: ModelConfig, crop: int) -> int:
-    """Checks arch and layer and returns D, with one forward pass of a random-init model."""
-    module = feature_module(build_backbone(cfg), cfg.layer)
+def load_model(cfg: ModelConfig, weights: Weights, storage_options: Dict[str, Any]) -> nn.Module:
+    """The backbone with its weights loaded; weights that do not fit it are refused."""
+    model = build_backbone(cfg)
+    state = load_state_dict(weights, storage_options)
+    if state is None:
+        return model
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: name the first, count the rest, on one line
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        first = problems[0] if problems else str(e)
+        raise WeightsError(
+            f"model.weights: {weights.id} does not fit {cfg.arch} ({len(problems)} mismatches; first: {first})"
+        ) from None
+    if missing or unexpected:
+        raise WeightsError(
+            f"model.weights: {weights.id} does not fit {cfg.arch} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model
+
+
+def feature_dim(cfg: ModelConfig, crop: int, weights: Optional[Weights] = None,
+                storage_options: Optional[Dict[str, Any]] = None) -> int:
+    """Checks arch, layer and (when given) that the weights fit; returns D after one forward pass."""
+    model = load_model(cfg, weights, storage_options or {}) if weights else build_backbone(cfg)
+    module = feature_module(model, cfg.layer)
     with torch.inference_mode():
         out = pool(module(torch.zeros(1, 3, crop, crop)), cfg.pool)
     return int(out.shape[1])
@@ -104,20 +131,14 @@ def feature_dim(cfg: ModelConfig, crop: int) -> int:
 class CnnEmbedder:
     """Ray Data actor: loads the model once, then maps uint8 pixel batches to features."""
 
+    OUTPUT_COLUMNS = ("feature",)
+
     def __init__(self, spec: EmbedSpec):
         self.spec = spec
         self.device = _device(spec.model.device)
         if self.device.type == "cpu":
             torch.set_num_threads(spec.torch_threads)
-        model = build_backbone(spec.model)
-        state = load_state_dict(spec.weights, spec.storage_options)
-        if state is not None:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise WeightsError(
-                    f"model.weights: {spec.weights.id} does not fit {spec.model.arch} "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
+        model = load_model(spec.model, spec.weights, spec.storage_options)
         self.module = feature_module(model, spec.model.layer).to(self.device)
         if self.device.type == "cuda":
             self.module = self.module.to(memory_format=torch.channels_last)
