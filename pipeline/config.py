@@ -36,6 +36,7 @@ class PreprocessConfig:
     crop: Optional[int] = None  # center crop; None: from the weights' transforms, else 224
     mean: Optional[List[float]] = None  # None: from the weights, else ImageNet's
     std: Optional[List[float]] = None
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None  # None: the weights', else bilinear
 
 
 @dataclass

@@ -25,6 +25,7 @@ ORIENTATION_TAG = 0x0112
 class ImageSpec:
     resize: int  # shorter side, before the center crop
     crop: int
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest, antialiased like torchvision's
 
 
 class DecodeError(Exception):
@@ -97,7 +98,7 @@ def _resize_center_crop(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     left = (width - side) / 2.0
     top = (height - side) / 2.0
     box = (max(left, 0.0), max(top, 0.0), min(left + side, width), min(top + side, height))
-    out = img.resize((spec.crop, spec.crop), Image.BILINEAR, box=box)
+    out = img.resize((spec.crop, spec.crop), Image.Resampling[spec.interpolation.upper()], box=box)
     return np.asarray(out, dtype=np.uint8)
 
 

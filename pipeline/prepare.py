@@ -63,7 +63,7 @@ class Prepared:
             "featurize.pool": m.pool,
             "featurize.preprocess": json.dumps(
                 {"resize": self.image.resize, "crop": self.image.crop, "mean": self.mean, "std": self.std,
-                 "interpolation": "bilinear", "color": "RGB"}
+                 "interpolation": self.image.interpolation, "color": "RGB"}
             ),
             "featurize.dtype": self.job.output.dtype,
             "featurize.dim": str(self.dim),
@@ -99,7 +99,10 @@ def _resolve_image(job: JobConfig, defaults: Dict[str, Any]) -> ImageSpec:
             resize = crop
         else:
             raise ConfigError(f"preprocess.crop: {crop} is larger than preprocess.resize {resize}")
-    return ImageSpec(resize=resize, crop=crop)
+    interpolation = pre.interpolation or defaults.get("interpolation", "bilinear")
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        interpolation = "bilinear"  # torchvision modes Pillow lacks (none among its weights today)
+    return ImageSpec(resize=resize, crop=crop, interpolation=interpolation)
 
 
 def _refuse_existing_output(uri: str, options: Dict[str, Any]) -> None:

@@ -30,11 +30,13 @@ def test_bomb_is_refused_by_pillows_limit():
         decode_image(CASES["bad_bomb.png"][0], SPEC)
 
 
-def test_matches_torchvision_resize_and_center_crop():
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_matches_torchvision_resize_and_center_crop(mode):
     img = photo(300, 200, seed=5)
-    ours, w, h = decode_image(encode(img, "PNG"), ImageSpec(resize=128, crop=112))
+    ours, w, h = decode_image(encode(img, "PNG"), ImageSpec(resize=128, crop=112, interpolation=mode))
     assert (w, h) == (300, 200)
-    ref = v2.Compose([v2.PILToTensor(), v2.Resize(128, antialias=True), v2.CenterCrop(112)])(img)
+    interpolation = v2.InterpolationMode(mode)
+    ref = v2.Compose([v2.PILToTensor(), v2.Resize(128, interpolation, antialias=True), v2.CenterCrop(112)])(img)
     diff = np.abs(ours.astype(int) - ref.permute(1, 2, 0).numpy().astype(int))
     assert diff.mean() < 2.0, diff.mean()
 

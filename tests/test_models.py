@@ -155,6 +155,7 @@ def test_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch, resn
     assert weights.id == "ResNet18_Weights.IMAGENET1K_V1"
     assert weights.transforms["crop"] == 224 and weights.transforms["resize"] == 256
     assert weights.transforms["mean"] == pytest.approx(MEAN)
+    assert weights.transforms["interpolation"] == "bilinear"
     pixels = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     ours = CnnEmbedder(spec_for(cfg, 512)).embed(pixels)
     np.testing.assert_allclose(ours, reference_features(state, pixels), rtol=1e-4, atol=1e-5)

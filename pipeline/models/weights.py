@@ -121,6 +121,9 @@ def _transform_defaults(entry) -> Dict[str, Any]:
         if value is not None:
             value = list(value)
             out[key] = value[0] if key in ("resize", "crop") else [float(v) for v in value]
+    interpolation = getattr(t, "interpolation", None)
+    if interpolation is not None:
+        out["interpolation"] = interpolation.value
     return out
 
 
