@@ -60,7 +60,7 @@ def model_alone(arch: str, crop: int, paths: list, batch: int, seconds: float = 
     return done / (time.perf_counter() - t)
 
 
-def pipeline(arch: str, crop: int, root: str, n: int, batch: int) -> dict:
+def pipeline(arch: str, crop: int, root: str, n: int, batch: int, overrides: list) -> dict:
     from pipeline.runner import run_job
 
     out = os.path.join(HERE, "out", f"run-{arch}-{crop}")
@@ -72,7 +72,7 @@ def pipeline(arch: str, crop: int, root: str, n: int, batch: int) -> dict:
         "model": {"arch": arch, "weights": "none"},
         "output": {"uri": out},
         "resources": {"batch_size": batch},
-    })
+    }, overrides)
     summary = run_job(job)
     assert summary.features == n, summary
     return {"steady": summary.steady_throughput, "execution": summary.throughput,
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--crop", type=int, nargs="+", default=[112, 224])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a job override for the pipeline run, as in featurize run")
     args = parser.parse_args()
     root = os.path.join(HERE, "out", f"jpegs-{args.images}")
     paths = make_jpegs(root, args.images)
@@ -94,7 +96,7 @@ def main() -> None:
     for crop in args.crop:
         # The machine's speed drifts (shared hosts): measure the ceiling before and after the run.
         before = model_alone(args.arch, crop, paths, args.batch)
-        run = pipeline(args.arch, crop, root, len(paths), args.batch)
+        run = pipeline(args.arch, crop, root, len(paths), args.batch, args.overrides)
         ceiling = (before + model_alone(args.arch, crop, paths, args.batch)) / 2
         print(f"{crop:>5} {ceiling:>10.1f}/s {run['execution']:>8.1f}/s {run['execution'] / ceiling:>6.2f} "
               f"{run['steady']:>8.1f}/s {run['steady'] / ceiling:>6.2f} {run['startup_s']:>8.1f}s "

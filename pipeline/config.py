@@ -65,7 +65,7 @@ class ResourcesConfig:
     decode_batch_size: int = 32
     decode_cpus: float = 0.5  # logical CPUs claimed by each read+decode task
     torch_threads: Union[int, Auto] = "auto"  # CPU actor threads; auto: the cores decode leaves
-    read_block_size: int = 1000  # at most this many planned rows (files or shards) per read task
+    read_block_size: int = 256  # at most this many planned rows (files or shards) per read task
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from .config import JobConfig
+from .config import ConfigError, JobConfig
 from .decode import decode_batch
 from .models import EXTRACTORS, EmbedSpec
 from .prepare import Prepared, prepare, save_plan
@@ -115,13 +115,25 @@ def plan_resources(job: JobConfig, planned: int) -> Layout:
     cpus = float(cluster.get("CPU", os.cpu_count() or 1))
     actors = res.actors if res.actors != "auto" else max(gpus, 1)
     batch = res.batch_size if res.batch_size != "auto" else (GPU_BATCH if gpus else CPU_BATCH)
-    # A CPU actor claims one logical CPU but runs torch on the cores the decode tasks leave;
-    # decode is a small share of the model's cost, so that is nearly every core of its node.
-    per_actor_cores = max(1, math.floor(cpus / actors))
-    threads = res.torch_threads if res.torch_threads != "auto" else per_actor_cores
+    # A CPU actor claims one logical CPU but runs torch on the cores of its node that the decode
+    # tasks leave; decode is a small share of the model's cost, so that is nearly all of them.
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=cpus)
+    cpu_nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
+    actors_per_node = math.ceil(actors / cpu_nodes)
+    threads = res.torch_threads if res.torch_threads != "auto" else max(1, int(node_cpus // actors_per_node))
     # Enough read tasks to keep every core busy, none larger than read_block_size rows.
     rows = max(1, min(res.read_block_size, math.ceil(planned / max(2.0, 2 * cpus))))
-    return Layout(gpus, cpus, actors, batch, threads, 0.0 if gpus else 1.0, rows)
+    return Layout(gpus, cpus, actors, batch, threads, _actor_cpus(res.decode_cpus, node_cpus, actors_per_node, gpus), rows)
+
+
+def _actor_cpus(decode_cpus: float, node_cpus: float, actors_per_node: int, gpus: int) -> float:
+    """Logical CPUs a model actor claims: never so many that no decode task fits beside them
+    (then the job would wait forever); write tasks claim none, so they always fit."""
+    if decode_cpus > node_cpus:
+        raise ConfigError(f"resources.decode_cpus: {decode_cpus} is more than a node's {node_cpus} CPUs")
+    if gpus:
+        return 0.0
+    return min(1.0, (node_cpus - decode_cpus) / actors_per_node) or 0.01
 
 
 def build_dataset(prepared: Prepared, layout: Layout) -> ray.data.Dataset:
