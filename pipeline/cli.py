@@ -6,6 +6,7 @@ Exit codes: 0 when the job completed (some samples may be error rows), 2 when it
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import List, Optional
 
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="describe an output root")
     inspect.add_argument("out", help="output root (local path or URI)")
+    inspect.add_argument("--storage-options", default="{}", metavar="JSON",
+                         help='fsspec options for the output\'s store, e.g. \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
 
     demo = sub.add_parser("demo", help="generate sample images and run jobs/demo.yaml on them")
@@ -86,7 +89,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .report import inspect_output
 
     try:
-        print(inspect_output(args.out))
+        options = json.loads(args.storage_options)
+    except ValueError as e:
+        print(f"featurize: --storage-options: not JSON ({e})", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        print(inspect_output(args.out, options))
     except FileNotFoundError as e:
         print(f"featurize: {args.out}: no output there ({e})", file=sys.stderr)
         return EXIT_REFUSED

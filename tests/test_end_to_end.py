@@ -305,6 +305,12 @@ def test_s3_source_and_output(s3):
             assert not any(secret in k or secret in v for k, v in meta.items()), path
     assert not [p for p in written if os.path.basename(p).startswith(".")]
 
+    from pipeline.report import inspect_output
+
+    text = inspect_output(out_uri, options)
+    assert "dim 512, halffloat" in text and f"rows       {len(good)}" in text and "errors     2" in text
+    assert S3_SECRET not in text
+
 
 # ---------------------------------------------------------------- manifest
 
