@@ -59,6 +59,31 @@ class OutputConfig:
 
 
 @dataclass
+class VideoConfig:
+    sampling: Literal["uniform", "fps", "every", "all"] = "uniform"
+    num_frames: int = 16  # for uniform: frames spread over the clip (or window)
+    fps: Optional[float] = None  # for fps: frames per second of video
+    every: Optional[int] = None  # for every: every k-th frame
+    window_s: Optional[float] = None  # split long videos into windows of this many seconds ...
+    stride_s: Optional[float] = None  # ... starting this far apart (default: window_s)
+    max_frames: int = 512  # memory bound: frames decoded per clip or window, at most
+    size: Optional[int] = None  # frames are decoded at this shorter side; None: preprocess.resize
+    decode_timeout_s: float = 60.0  # a decode that takes longer becomes an error row
+
+
+@dataclass
+class TemporalConfig:
+    kind: Literal["mean", "max", "lstm", "attention"]
+    name: str  # the output column is clip_<name>
+    checkpoint: Optional[str] = None  # safetensors file, with its JSON config beside it
+    allow_random_init: bool = False  # lstm/attention without a checkpoint: tests and demos only
+    hidden_size: Optional[int] = None  # random init only; a checkpoint's config wins
+    num_layers: int = 1  # random init only
+    bidirectional: bool = False  # random init only
+    seed: int = 0
+
+
+@dataclass
 class ResourcesConfig:
     batch_size: Union[int, Auto] = "auto"  # model batch
     actors: Union[int, Auto] = "auto"  # model actors; auto: one per GPU, else one

@@ -84,3 +84,38 @@ def make_image_folder(root: str, n: int = 300, broken: int = 4, seed: int = 0) -
         with open(os.path.join(root, CLASSES[i % len(CLASSES)], name), "wb") as f:
             f.write(data)
     return {"images": n, "classes": len(CLASSES), "broken": len(bad)}
+
+
+def video_frame(k: int, width: int, height: int) -> np.ndarray:
+    """Frame k of a generated video: smooth colour fields that drift with k, easy to compare."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 127 + 100 * np.sin(x / 23.0 + k / 5.0)
+    g = 127 + 100 * np.sin(y / 17.0 - k / 7.0)
+    b = np.full_like(x, (k * 9) % 256)
+    return np.stack([r, g, b], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+def encode_video(frames: int, width: int = 320, height: int = 240, fps: int = 25,
+                 codec: str = "mpeg4", fmt: str = "avi", pts_jitter: bool = False) -> bytes:
+    """A real encoded video (PyAV): `mpeg4` in AVI as UCF101 has, `libx264` in mkv/mp4, `libvpx-vp9` in webm."""
+    import av
+    from fractions import Fraction
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        if pts_jitter:  # variable frame rate: uneven gaps between timestamps
+            stream.codec_context.time_base = Fraction(1, fps * 10)
+        pts = 0
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(video_frame(k, width, height), format="rgb24")
+            if pts_jitter:
+                frame.pts, frame.time_base = pts, Fraction(1, fps * 10)
+                pts += 10 + (7 if k % 3 == 0 else -3)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

@@ -1,0 +1,89 @@
+"""Run a decoder in a child process with a time limit, so one poisoned file cannot hang or kill
+the task that holds many good ones.
+
+One long-lived child per decode task (a spawned process: forking a multi-threaded Ray worker is
+unsafe) takes one job at a time over a pipe. A job that outlives its limit kills the child; a
+child that dies takes only its current job with it. Either way the next job gets a fresh child.
+Python's ProcessPoolExecutor cannot kill a hung worker, hence this small hand-written pool of one.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Any, Callable, Optional
+
+
+class DecodeTimeout(Exception):
+    """The decoder ran past its time limit on this file."""
+
+
+class DecoderCrashed(Exception):
+    """The decoder's process died on this file (a segfault, an abort, out of memory)."""
+
+
+class ChildError(Exception):
+    """The decoder raised in the child; `error_type` is its exception's class name."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def _serve(conn, target: Callable[..., Any]) -> None:
+    while True:
+        try:
+            args = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", target(*args)))
+        except Exception as e:  # the decoder's own error, by name (exceptions may not pickle)
+            conn.send(("error", (type(e).__name__, str(e))))
+
+
+class IsolatedCall:
+    """`call(*args)` runs `target(*args)` in the child; `target` must be importable by name."""
+
+    def __init__(self, target: Callable[..., Any], timeout_s: float):
+        self.target = target
+        self.timeout_s = timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._proc: Optional[mp.process.BaseProcess] = None
+        self._conn = None
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_serve, args=(child, self.target), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def call(self, *args: Any) -> Any:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        try:
+            self._conn.send(args)
+            if not self._conn.poll(self.timeout_s):
+                self.close()
+                raise DecodeTimeout(f"no result within {self.timeout_s:g} s")
+            status, value = self._conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            code = self._proc.exitcode if self._proc else None
+            self.close()
+            raise DecoderCrashed(f"the decoder process died (exit code {code})") from None
+        if status == "error":
+            raise ChildError(*value)
+        return value
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def __enter__(self) -> "IsolatedCall":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

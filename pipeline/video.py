@@ -1,0 +1,181 @@
+"""Video decoding: sampled frames at the model's input size, with decord and PyAV as fallback.
+
+decord resizes inside the decoder, so a 4K or 1080p frame is never held at full size; frame
+indices are chosen by the sampling mode from the container's frame count and fps and recorded as
+timestamps. A file decord cannot read is tried once with PyAV, which scales each frame as it is
+converted; the decoder used is returned with the frames. Both can hang or crash on hostile
+files: `pipeline.isolate` runs this module in a child process with a time limit.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .config import VideoConfig
+
+VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    resize: int  # shorter side the decoder scales to
+    crop: int  # then a center crop to crop x crop
+
+
+@dataclass
+class Window:
+    """One output row's frames: which frames of the video, and when."""
+
+    index: int
+    start_s: float
+    end_s: float
+    frames: np.ndarray  # frame indices to decode, len == num_frames asked (repeats when short)
+    real_frames: int  # distinct frames behind them
+
+
+@dataclass
+class Clip:
+    window: Window
+    pixels: np.ndarray  # (T, crop, crop, 3) uint8
+    fps: float
+    decoder: str
+
+
+class VideoDecodeError(Exception):
+    """A video neither decoder can read; the message says why."""
+
+
+def plan_windows(total: int, fps: float, cfg: VideoConfig) -> List[Window]:
+    """The windows of a video of `total` frames at `fps`, each with its sampled frame indices."""
+    if total < 1 or not fps > 0:
+        raise VideoDecodeError(f"no frames (frame count {total}, fps {fps})")
+    duration = total / fps
+    out = []
+    for k, (start, end) in enumerate(_window_bounds(duration, cfg)):
+        first, last = int(round(start * fps)), min(total, max(int(round(end * fps)), int(round(start * fps)) + 1))
+        frames = _sample(first, last, fps, cfg)
+        out.append(Window(k, start, end, frames, int(len(np.unique(frames)))))
+    return out
+
+
+def _window_bounds(duration: float, cfg: VideoConfig) -> List[Tuple[float, float]]:
+    if not cfg.window_s or duration <= cfg.window_s:
+        return [(0.0, duration)]
+    stride = cfg.stride_s or cfg.window_s
+    count = int(math.floor((duration - cfg.window_s) / stride + 1e-9)) + 1
+    return [(k * stride, k * stride + cfg.window_s) for k in range(count)]
+
+
+def _sample(first: int, last: int, fps: float, cfg: VideoConfig) -> np.ndarray:
+    """Frame indices in [first, last) for the sampling mode, at most cfg.max_frames of them."""
+    count = last - first
+    if cfg.sampling == "uniform":
+        # Centres of num_frames equal segments; a short clip repeats frames.
+        idx = first + ((np.arange(cfg.num_frames) + 0.5) * count / cfg.num_frames).astype(np.int64)
+    elif cfg.sampling == "fps":
+        idx = first + np.floor(np.arange(0, count, fps / cfg.fps)).astype(np.int64)
+    elif cfg.sampling == "every":
+        idx = np.arange(first, last, cfg.every, dtype=np.int64)
+    else:  # all
+        idx = np.arange(first, last, dtype=np.int64)
+    idx = np.clip(idx, first, last - 1)
+    if len(idx) > cfg.max_frames:  # the memory bound: spread max_frames over the same span
+        idx = idx[np.linspace(0, len(idx) - 1, cfg.max_frames).round().astype(np.int64)]
+    return idx
+
+
+def decode_video(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
+    """All windows of one video (a path or bytes); decord first, PyAV once if decord fails."""
+    if isinstance(source, (bytes, bytearray)) and not source:
+        raise VideoDecodeError("empty file (0 bytes)")
+    try:
+        return _decode_decord(source, spec, cfg)
+    except Exception as first:  # decord's errors are plain RuntimeErrors (or worse): try PyAV
+        try:
+            return _decode_pyav(source, spec, cfg)
+        except Exception as second:
+            raise VideoDecodeError(
+                f"decord: {_short(first)}; pyav: {_short(second)}"
+            ) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = (str(exc) or type(exc).__name__).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def scaled_size(width: int, height: int, resize: int) -> Tuple[int, int]:
+    """(width, height) with the shorter side at `resize`, even-sized as scalers prefer."""
+    scale = resize / min(width, height)
+    return max(resize, int(round(width * scale))), max(resize, int(round(height * scale)))
+
+
+def center_crop(frames: np.ndarray, crop: int) -> np.ndarray:
+    h, w = frames.shape[1:3]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return np.ascontiguousarray(frames[:, top : top + crop, left : left + crop])
+
+
+def _open_source(source):
+    return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+
+
+def _decode_decord(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
+    import decord
+
+    probe = decord.VideoReader(_open_source(source), num_threads=1)
+    height, width = probe[0].shape[:2] if len(probe) else (0, 0)
+    total, fps = len(probe), float(probe.get_avg_fps())
+    del probe
+    windows = plan_windows(total, fps, cfg)
+    w, h = scaled_size(width, height, spec.resize)
+    reader = decord.VideoReader(_open_source(source), width=w, height=h, num_threads=1)
+    clips = []
+    for window in windows:
+        frames = reader.get_batch(window.frames.tolist()).asnumpy()
+        clips.append(Clip(window, center_crop(frames, spec.crop), fps, "decord"))
+    return clips
+
+
+def _decode_pyav(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
+    import av
+
+    total, fps, (width, height) = _pyav_probe(source)
+    windows = plan_windows(total, fps, cfg)
+    wanted = {int(i) for wdw in windows for i in wdw.frames}
+    w, h = scaled_size(width, height, spec.resize)
+    kept = {}
+    with av.open(_open_source(source)) as container:
+        stream = container.streams.video[0]
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:  # only wanted frames are scaled and kept: memory stays bounded
+                kept[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
+            if i >= max(wanted):
+                break
+    if not kept:
+        raise VideoDecodeError("no frame could be decoded")
+    last = kept[max(kept)]
+    return [
+        Clip(wdw, center_crop(np.stack([kept.get(int(i), last) for i in wdw.frames]), spec.crop), fps, "pyav")
+        for wdw in windows
+    ]
+
+
+def _pyav_probe(source) -> Tuple[int, float, Tuple[int, int]]:
+    """Frame count (by counting packets when the header has none), fps and size."""
+    import av
+
+    with av.open(_open_source(source)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        size = (stream.codec_context.width, stream.codec_context.height)
+        total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+    return int(total), fps, size
+
+
+def frame_spec(resize: int, crop: int, size: Optional[int] = None) -> FrameSpec:
+    return FrameSpec(resize=size or resize, crop=crop)

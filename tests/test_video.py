@@ -1,0 +1,158 @@
+"""Video sampling, decoding (decord, PyAV fallback) and isolation, on videos PyAV encodes here."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.config import VideoConfig
+from pipeline.isolate import ChildError, DecoderCrashed, DecodeTimeout, IsolatedCall
+from pipeline.samples import encode_video
+from pipeline.video import FrameSpec, VideoDecodeError, _decode_pyav, decode_video, plan_windows
+
+SPEC = FrameSpec(resize=128, crop=112)
+
+
+@pytest.fixture(scope="module")
+def ucf_like():
+    """MPEG-4 Part 2 in AVI, 320x240 at 25 fps, 3 s: as UCF101's clips are."""
+    return encode_video(75)
+
+
+def test_uniform_sampling_takes_segment_centres():
+    (w,) = plan_windows(100, 25.0, VideoConfig(num_frames=4))
+    assert list(w.frames) == [12, 37, 62, 87]
+    assert (w.start_s, w.end_s, w.real_frames) == (0.0, 4.0, 4)
+
+
+def test_short_videos_repeat_frames_and_record_the_real_count():
+    (w,) = plan_windows(3, 25.0, VideoConfig(num_frames=8))
+    assert len(w.frames) == 8 and set(w.frames) == {0, 1, 2}
+    assert w.real_frames == 3
+
+
+def test_fps_every_and_all_sampling():
+    assert list(plan_windows(50, 25.0, VideoConfig(sampling="fps", fps=5))[0].frames) == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]
+    assert list(plan_windows(10, 25.0, VideoConfig(sampling="every", every=4))[0].frames) == [0, 4, 8]
+    assert len(plan_windows(30, 25.0, VideoConfig(sampling="all"))[0].frames) == 30
+
+
+def test_max_frames_bounds_every_window():
+    (w,) = plan_windows(25 * 600, 25.0, VideoConfig(sampling="all", max_frames=64))
+    assert len(w.frames) == 64 and w.frames[0] == 0 and w.frames[-1] == 25 * 600 - 1
+
+
+def test_windows_and_strides():
+    windows = plan_windows(250, 25.0, VideoConfig(num_frames=2, window_s=4.0, stride_s=2.0))  # a 10 s video
+    assert [(w.start_s, w.end_s) for w in windows] == [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0), (6.0, 10.0)]
+    assert list(windows[1].frames) == [75, 125]
+    (whole,) = plan_windows(50, 25.0, VideoConfig(window_s=4.0))  # shorter than one window
+    assert (whole.start_s, whole.end_s) == (0.0, 2.0)
+
+
+def test_decord_frames_match_pyav_frames(ucf_like):
+    cfg = VideoConfig(num_frames=8)
+    (ours,) = decode_video(ucf_like, SPEC, cfg)
+    (ref,) = _decode_pyav(ucf_like, SPEC, cfg)
+    assert ours.decoder == "decord" and ref.decoder == "pyav"
+    assert ours.pixels.shape == ref.pixels.shape == (8, 112, 112, 3)
+    assert list(ours.window.frames) == list(ref.window.frames)
+    diff = np.abs(ours.pixels.astype(int) - ref.pixels.astype(int)).mean()
+    assert diff < 6, diff
+    # and the sampled frames are really different frames of the clip
+    assert np.abs(ours.pixels[0].astype(int) - ours.pixels[-1].astype(int)).mean() > 10
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("mpeg4.avi", {"codec": "mpeg4", "fmt": "avi"}),
+        ("h264.mkv", {"codec": "libx264", "fmt": "matroska"}),
+        ("vp9.webm", {"codec": "libvpx-vp9", "fmt": "webm"}),
+        ("h264.mp4", {"codec": "libx264", "fmt": "mp4"}),
+        ("odd_321x241.avi", {"width": 321, "height": 241}),
+        ("vfr.mp4", {"codec": "libx264", "fmt": "mp4", "pts_jitter": True}),
+        ("three_frames.avi", {"frames": 3}),
+    ],
+)
+def test_containers_and_codecs_decode(name, kwargs):
+    kwargs = {"frames": 40, **kwargs}
+    (clip,) = decode_video(encode_video(**kwargs), SPEC, VideoConfig(num_frames=16))
+    assert clip.pixels.shape == (16, 112, 112, 3) and clip.pixels.dtype == np.uint8
+    assert clip.window.real_frames == min(16, kwargs["frames"])
+    assert clip.fps > 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", os.urandom(20000), b"this is a text file, not a video\n" * 50],
+    ids=["zero_bytes", "random_bytes", "text"],
+)
+def test_garbage_is_a_clear_error(data):
+    with pytest.raises(VideoDecodeError):
+        decode_video(data, SPEC, VideoConfig())
+
+
+def test_mp4_cut_before_its_index_is_an_error():
+    data = encode_video(50, codec="libx264", fmt="mp4")  # moov (the index) is written at the end
+    with pytest.raises(VideoDecodeError, match="decord.*pyav"):
+        decode_video(data[: len(data) // 2], SPEC, VideoConfig())
+
+
+def test_corrupted_middle_decodes_or_fails_cleanly():
+    data = bytearray(encode_video(50, codec="libx264", fmt="mp4"))
+    mid = len(data) // 2
+    data[mid : mid + 2000] = os.urandom(2000)
+    try:
+        (clip,) = decode_video(bytes(data), SPEC, VideoConfig())
+        assert clip.pixels.shape == (16, 112, 112, 3)
+    except VideoDecodeError as e:
+        assert str(e)
+
+
+def test_long_1080p_video_decodes_within_a_fixed_bound():
+    data = encode_video(60, width=1920, height=1080, codec="libx264", fmt="mp4")
+    (clip,) = decode_video(data, SPEC, VideoConfig(num_frames=8))
+    assert clip.pixels.shape == (8, 112, 112, 3)  # scaled in the decoder, never held at 1080p
+
+
+# ------------------------------------------------------------------ isolation
+
+
+def hang(*args):
+    time.sleep(60)
+
+
+def segfault(*args):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def fail(*args):
+    raise ValueError("bad file")
+
+
+def test_a_hanging_decoder_is_stopped_after_its_time_limit():
+    with IsolatedCall(hang, timeout_s=1.0) as call:
+        t = time.time()
+        with pytest.raises(DecodeTimeout):
+            call.call(b"x")
+        assert time.time() - t < 10
+
+
+def test_a_crashing_decoder_takes_only_its_file():
+    with IsolatedCall(segfault, timeout_s=20) as call:
+        with pytest.raises(DecoderCrashed):
+            call.call(b"x")
+
+
+def test_the_decoder_goes_on_after_errors(ucf_like):
+    with IsolatedCall(decode_video, timeout_s=30) as call:
+        with pytest.raises(ChildError) as err:
+            call.call(b"", SPEC, VideoConfig())
+        assert err.value.error_type == "VideoDecodeError"
+        (clip,) = call.call(ucf_like, SPEC, VideoConfig(num_frames=4))
+        assert clip.pixels.shape == (4, 112, 112, 3)
+    with IsolatedCall(fail, timeout_s=30) as call:
+        with pytest.raises(ChildError, match="bad file"):
+            call.call()
