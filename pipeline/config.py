@@ -25,9 +25,11 @@ class ConfigError(ValueError):
 @dataclass
 class SourceConfig:
     uri: str
-    format: Literal["image_folder", "webdataset", "manifest"] = "image_folder"
+    format: Literal["image_folder", "video_folder", "webdataset", "manifest"] = "image_folder"
     storage_options: Dict[str, Any] = field(default_factory=dict)
     split: Optional[str] = None  # fixed split; None: the manifest's `split` column, else "all"
+    split_files: Dict[str, str] = field(default_factory=dict)  # split -> list of relative paths (UCF101's)
+    media: Literal["auto", "image", "video"] = "auto"  # auto: video for video_folder or temporal heads
 
 
 @dataclass
@@ -56,6 +58,7 @@ class OutputConfig:
     partition_by: List[str] = field(default_factory=lambda: ["split"])
     dtype: Literal["float16", "float32"] = "float16"
     storage_options: Optional[Dict[str, Any]] = None  # None: the source's when on the same store
+    frame_features: bool = False  # videos: also write the per-frame features
 
 
 @dataclass
@@ -100,7 +103,15 @@ class JobConfig:
     output: OutputConfig
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    temporal: List[TemporalConfig] = field(default_factory=list)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    @property
+    def is_video(self) -> bool:
+        if self.source.media != "auto":
+            return self.source.media == "video"
+        return self.source.format == "video_folder" or bool(self.temporal)
 
 
 PARTITION_COLUMNS = ("split", "label")
@@ -242,8 +253,31 @@ def _check(job: JobConfig) -> None:
             raise ConfigError(f"resources.{key}: must be at least 1, got {value}")
     if res.decode_cpus <= 0:
         raise ConfigError(f"resources.decode_cpus: must be positive, got {res.decode_cpus}")
+    _check_video(job)
     if job.model.weights_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", job.model.weights_sha256):
         raise ConfigError("model.weights_sha256: expected 64 hexadecimal digits")
+
+
+def _check_video(job: JobConfig) -> None:
+    v = job.video
+    needs = {"fps": v.fps, "every": v.every}
+    if v.sampling in needs and not needs[v.sampling]:
+        raise ConfigError(f"video.{v.sampling}: required (and positive) when video.sampling is {v.sampling}")
+    for key in ("num_frames", "max_frames"):
+        if getattr(v, key) < 1:
+            raise ConfigError(f"video.{key}: must be at least 1, got {getattr(v, key)}")
+    for key in ("window_s", "stride_s", "decode_timeout_s"):
+        value = getattr(v, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"video.{key}: must be positive, got {value}")
+    if v.stride_s and not v.window_s:
+        raise ConfigError("video.stride_s: needs video.window_s")
+    names = [t.name for t in job.temporal]
+    for i, t in enumerate(job.temporal):
+        if not re.fullmatch(r"[A-Za-z0-9_]+", t.name) or names.count(t.name) > 1:
+            raise ConfigError(f"temporal[{i}].name: {t.name!r} must be unique and made of letters, digits, _")
+    if job.is_video and not job.temporal:
+        raise ConfigError("temporal: a video job needs at least one head, e.g. [{kind: mean, name: mean}]")
 
 
 def output_storage_options(job: JobConfig) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ from .config import ConfigError, JobConfig, output_storage_options
 from .decode import ImageSpec
 from .models import check_arch, feature_dim
 from .models.weights import Weights, resolve
-from .sinks import SinkSpec
+from .sinks import SinkSpec, image_columns
 from .sources import filesystem, plan_source
 
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
@@ -46,8 +46,7 @@ class Prepared:
             out_uri=self.job.output.uri,
             storage_options=self.out_options,
             partition_by=self.job.output.partition_by,
-            dim=self.dim,
-            dtype=self.job.output.dtype,
+            columns=image_columns(self.job.output.dtype, self.dim),
             metadata=self.provenance(),
         )
 

@@ -13,8 +13,9 @@ from collections import defaultdict
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
-from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, filesystem
+from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
 
 Batch = Dict[str, np.ndarray]
 SAMPLE_COLUMNS = ("sample_id", "uri", "label", "split")
@@ -30,24 +31,45 @@ def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
 OK = {"error_stage": "", "error_type": "", "error_message": ""}
 
 
-def read_batch(batch: Batch, storage_options: Dict[str, Any], rows_per_batch: int) -> Iterator[Batch]:
-    """Ray Data map_batches generator: yields batches of at most `rows_per_batch` samples."""
+def ragged(arrays: List[np.ndarray]) -> np.ndarray:
+    """A column of arrays of different lengths (one object array), as Ray Data takes them."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):  # element by element: numpy would stack equal shapes
+        out[i] = a
+    return out
+
+
+def read_batch(
+    batch: Batch, storage_options: Dict[str, Any], rows_per_batch: int, media: str = "image"
+) -> Iterator[Batch]:
+    """Ray Data map_batches generator: yields batches of at most `rows_per_batch` samples.
+
+    Local video files are not read here: the decoder opens them itself, so a 10-minute video
+    is never held in memory whole.
+    """
     files = [i for i, c in enumerate(batch["container"]) if c == ""]
     if files:
-        yield from _chunks(_read_files(batch, files, storage_options), rows_per_batch)
+        yield from _chunks(_read_files(batch, files, storage_options, media), rows_per_batch)
+    extensions = IMAGE_EXTENSIONS if media == "image" else VIDEO_EXTENSIONS
     for i, container in enumerate(batch["container"]):
         if container == "tar":
             shard = {k: batch[k][i] for k in SAMPLE_COLUMNS}
-            yield from _chunks(_read_tar(shard, storage_options), rows_per_batch)
+            yield from _chunks(_read_tar(shard, storage_options, extensions), rows_per_batch)
 
 
-def _read_files(batch: Batch, indices: List[int], storage_options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+def _read_files(
+    batch: Batch, indices: List[int], storage_options: Dict[str, Any], media: str
+) -> Iterator[Dict[str, Any]]:
     by_fs = defaultdict(list)
     for i in indices:
         fs, path = filesystem(str(batch["uri"][i]), storage_options)
         by_fs[id(fs)].append((fs, path, i))
     for group in by_fs.values():
         fs = group[0][0]
+        if media == "video" and isinstance(fs, LocalFileSystem):
+            for _, path, i in group:  # opened by the decoder
+                yield {**{k: str(batch[k][i]) for k in SAMPLE_COLUMNS}, "data": b"", **OK}
+            continue
         contents = fs.cat([path for _, path, _ in group], on_error="return")
         for _, path, i in group:
             row = {k: str(batch[k][i]) for k in SAMPLE_COLUMNS}
@@ -58,7 +80,7 @@ def _read_files(batch: Batch, indices: List[int], storage_options: Dict[str, Any
                 yield {**row, "data": data, **OK}
 
 
-def _read_tar(shard: Dict[str, Any], storage_options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+def _read_tar(shard: Dict[str, Any], storage_options: Dict[str, Any], extensions: frozenset) -> Iterator[Dict[str, Any]]:
     """Stream a webdataset shard: consecutive members sharing a key form one sample."""
     shard_name = str(shard["sample_id"])
     fs, path = filesystem(str(shard["uri"]), storage_options)
@@ -70,12 +92,12 @@ def _read_tar(shard: Dict[str, Any], storage_options: Dict[str, Any]) -> Iterato
                     continue
                 member_key, ext = _split_key(info.name)
                 if member_key != key and key is not None:
-                    yield _tar_sample(shard, shard_name, key, members)
+                    yield _tar_sample(shard, shard_name, key, members, extensions)
                     members = {}
                 key = member_key
                 members[ext] = tar.extractfile(info).read()
             if key is not None:
-                yield _tar_sample(shard, shard_name, key, members)
+                yield _tar_sample(shard, shard_name, key, members, extensions)
     except Exception as e:  # unreadable or truncated shard: one error row for what is left
         yield {**{k: str(shard[k]) for k in SAMPLE_COLUMNS}, "data": b"", **error_fields("read", e)}
 
@@ -87,18 +109,21 @@ def _split_key(name: str):
     return posixpath.join(folder, stem), ext.lower()
 
 
-def _tar_sample(shard: Dict[str, Any], shard_name: str, key: str, members: Dict[str, bytes]) -> Dict[str, Any]:
+def _tar_sample(
+    shard: Dict[str, Any], shard_name: str, key: str, members: Dict[str, bytes], extensions: frozenset
+) -> Dict[str, Any]:
     row = {
         "sample_id": f"{shard_name}/{key}",
         "uri": f"{shard['uri']}#{key}",
         "label": _member_label(members),
         "split": str(shard["split"]),
     }
-    image_ext = next((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
-    if image_ext is None:
-        err = LookupError(f"no image member among {sorted(members)}")
+    media_ext = next((e for e in members if e.rsplit(".", 1)[-1] in extensions), None)
+    if media_ext is None:
+        kind = "image" if extensions is IMAGE_EXTENSIONS else "video"
+        err = LookupError(f"no {kind} member among {sorted(members)}")
         return {**row, "data": b"", **error_fields("read", err)}
-    return {**row, "data": members[image_ext], **OK}
+    return {**row, "data": members[media_ext], **OK}
 
 
 def _member_label(members: Dict[str, bytes]) -> str:

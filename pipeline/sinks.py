@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import quote
 
 import numpy as np
@@ -45,17 +45,32 @@ class SinkSpec:
     out_uri: str
     storage_options: Dict[str, Any]
     partition_by: List[str]
-    dim: int
-    dtype: str  # float16 | float32
+    columns: List[Tuple[str, pa.DataType]]  # after sample_id, uri, label, split
     metadata: Dict[str, str] = field(default_factory=dict)  # provenance, in every file
 
 
+def feature_type(dtype: str, dim: int) -> pa.DataType:
+    return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)
+
+
+def image_columns(dtype: str, dim: int) -> List[Tuple[str, pa.DataType]]:
+    return [("feature", feature_type(dtype, dim)), ("width", pa.int32()), ("height", pa.int32())]
+
+
+def video_columns(dtype: str, heads: List[Tuple[str, int]], frame_dim: Optional[int]) -> List[Tuple[str, pa.DataType]]:
+    """Clip rows: timing, decoder, one clip_<name> per head, and frame_features when asked."""
+    cols = [("start_s", pa.float64()), ("end_s", pa.float64()), ("num_frames", pa.int32()), ("fps", pa.float32()),
+            ("frame_timestamps_s", pa.list_(pa.float32())), ("decoder", pa.string())]
+    cols += [(name, feature_type(dtype, dim)) for name, dim in heads]
+    if frame_dim:
+        cols.append(("frame_features", pa.list_(feature_type(dtype, frame_dim))))
+    return cols
+
+
 def features_schema(spec: SinkSpec) -> pa.Schema:
-    value = pa.float16() if spec.dtype == "float16" else pa.float32()
     fields = [("sample_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("split", pa.string())]
     fields = [f for f in fields if f[0] not in spec.partition_by]
-    fields += [("feature", pa.list_(value, spec.dim)), ("width", pa.int32()), ("height", pa.int32())]
-    return pa.schema(fields, metadata=spec.metadata)
+    return pa.schema(fields + list(spec.columns), metadata=spec.metadata)
 
 
 class ParquetCommitSink(Datasink):
@@ -103,16 +118,23 @@ class ParquetCommitSink(Datasink):
 
 
 def _features_table(batch: Dict[str, np.ndarray], idx: np.ndarray, schema: pa.Schema) -> pa.Table:
-    columns = {}
-    for f in schema:
-        values = batch[f.name][idx]
-        if f.name == "feature":
-            dim = f.type.list_size
-            flat = np.ascontiguousarray(values, dtype=f.type.value_type.to_pandas_dtype()).reshape(-1)
-            columns[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
-        else:
-            columns[f.name] = pa.array(values.tolist(), type=f.type)
-    return pa.table(columns, schema=schema)
+    return pa.table({f.name: _arrow(batch[f.name][idx], f.type) for f in schema}, schema=schema)
+
+
+def _arrow(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """numpy column (dense, or one array per row) -> Arrow, without a Python loop over values."""
+    if pa.types.is_fixed_size_list(typ):  # (N, D)
+        flat = np.ascontiguousarray(np.stack(list(values)) if values.dtype == object else values)
+        flat = flat.astype(typ.value_type.to_pandas_dtype(), copy=False).reshape(-1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat), typ.list_size)
+    if pa.types.is_list(typ):  # one (T, ...) array per row
+        rows = list(values)
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+        inner = np.concatenate(rows) if rows else np.zeros((0,))
+        return pa.ListArray.from_arrays(pa.array(offsets), _arrow(inner, typ.value_type))
+    if pa.types.is_floating(typ) or pa.types.is_integer(typ):
+        return pa.array(values.astype(typ.to_pandas_dtype()))
+    return pa.array(values.tolist(), type=typ)
 
 
 def _errors_table(batch: Dict[str, np.ndarray], bad: np.ndarray) -> pa.Table:

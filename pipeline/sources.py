@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from .config import SourceConfig
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
 LABEL_EXTENSIONS = ("cls", "txt", "json")
 PLAN_SCHEMA = pa.schema(
     [
@@ -73,16 +74,44 @@ def _extension(path: str) -> str:
 
 
 def _list_image_folder(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
+    return _list_folder(cfg, IMAGE_EXTENSIONS)
+
+
+def _list_video_folder(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
+    """UCF101's layout: <Class>/<video>; splits from its lists (trainlist01.txt ...) when given."""
+    splits = _read_split_files(cfg)
+    for row in _list_folder(cfg, VIDEO_EXTENSIONS):
+        if splits:
+            row["split"] = splits.get(row["sample_id"], cfg.split or "unlisted")
+        yield row
+
+
+def _list_folder(cfg: SourceConfig, extensions: frozenset) -> Iterator[Dict[str, Any]]:
     fs, root = filesystem(cfg.uri, cfg.storage_options)
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise SourceError(f"source.uri {cfg.uri}: not a folder")
     for path in fs.find(root):
-        if _extension(path) not in IMAGE_EXTENSIONS:
+        if _extension(path) not in extensions:
             continue
         rel = posixpath.relpath(path, root)
         parent = posixpath.dirname(rel)
         yield _row(rel, full_uri(fs, path), posixpath.basename(parent), cfg.split)
+
+
+def _read_split_files(cfg: SourceConfig) -> Dict[str, str]:
+    """sample_id -> split, from lists of one relative path per line (a class index may follow)."""
+    splits: Dict[str, str] = {}
+    for split, uri in sorted(cfg.split_files.items()):
+        fs, path = filesystem(uri, cfg.storage_options)
+        try:
+            text = fs.cat_file(path).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            raise SourceError(f"source.split_files.{split}: {uri} not found") from None
+        for line in text.splitlines():
+            if line.strip():
+                splits[line.split()[0].replace("\\", "/")] = split
+    return splits
 
 
 def _list_webdataset(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
@@ -159,4 +188,9 @@ def expand_braces(pattern: str) -> List[str]:
     return [out for opt in options for out in expand_braces(head + opt + tail)]
 
 
-_LISTERS = {"image_folder": _list_image_folder, "webdataset": _list_webdataset, "manifest": _list_manifest}
+_LISTERS = {
+    "image_folder": _list_image_folder,
+    "video_folder": _list_video_folder,
+    "webdataset": _list_webdataset,
+    "manifest": _list_manifest,
+}

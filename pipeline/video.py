@@ -11,14 +11,13 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .config import VideoConfig
-
-VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
-
+from .isolate import ChildError, DecoderCrashed, DecodeTimeout, IsolatedCall
+from .read import ERROR_COLUMNS, OK, SAMPLE_COLUMNS, error_fields, ragged
 
 @dataclass(frozen=True)
 class FrameSpec:
@@ -179,3 +178,85 @@ def _pyav_probe(source) -> Tuple[int, float, Tuple[int, int]]:
 
 def frame_spec(resize: int, crop: int, size: Optional[int] = None) -> FrameSpec:
     return FrameSpec(resize=size or resize, crop=crop)
+
+
+# ---------------------------------------------------------------- the Ray Data stage
+
+_DECODER = None  # one isolated decoder process per Ray worker, reused across batches
+
+
+def decode_video_batch(
+    batch: Dict[str, np.ndarray], spec: FrameSpec, cfg: VideoConfig, windowed: bool
+) -> Dict[str, np.ndarray]:
+    """Ray Data map_batches function: one input row per video -> one output row per window.
+
+    Each video is decoded in the isolated child with `cfg.decode_timeout_s`; a timeout, a
+    crash or an unreadable file becomes that video's error row. `frames` is one dense array
+    when every row has `num_frames` frames (uniform sampling), else one array per row.
+    """
+    global _DECODER
+    if _DECODER is None:
+        _DECODER = IsolatedCall(decode_video, timeout_s=cfg.decode_timeout_s)
+    rows = []
+    for i in range(len(batch["sample_id"])):
+        base = {k: batch[k][i] for k in SAMPLE_COLUMNS}
+        if batch["error_stage"][i]:
+            rows.append(_error_row(base, {k: batch[k][i] for k in ERROR_COLUMNS}))
+            continue
+        try:
+            clips = _DECODER.call(_source(batch["data"][i], str(base["uri"])), spec, cfg)
+        except Exception as e:  # this video's error row; the task goes on with the next
+            rows.append(_error_row(base, _video_error(e)))
+            continue
+        rows.extend(_clip_row(base, clip, windowed) for clip in clips)
+    return _to_columns(rows, spec, cfg)
+
+
+def _source(data: bytes, uri: str):
+    if data:
+        return data
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def _video_error(exc: BaseException) -> Dict[str, str]:
+    kind = {DecodeTimeout: "timeout", DecoderCrashed: "crash"}.get(type(exc))
+    if isinstance(exc, ChildError):
+        kind = exc.error_type
+    fields = error_fields("decode", exc)
+    if kind:
+        fields["error_type"] = kind
+    return fields
+
+
+def _clip_row(base: Dict[str, Any], clip: Clip, windowed: bool) -> Dict[str, Any]:
+    w = clip.window
+    return {
+        **base,
+        "sample_id": f"{base['sample_id']}#w{w.index}" if windowed else base["sample_id"],
+        "start_s": w.start_s, "end_s": w.end_s, "num_frames": w.real_frames, "fps": clip.fps,
+        "frame_timestamps_s": (w.frames / clip.fps).astype(np.float32),
+        "decoder": clip.decoder, "frames": clip.pixels, **OK,
+    }
+
+
+def _error_row(base: Dict[str, Any], error: Dict[str, str]) -> Dict[str, Any]:
+    empty = np.zeros(0, np.float32)
+    return {**base, "start_s": 0.0, "end_s": 0.0, "num_frames": 0, "fps": 0.0,
+            "frame_timestamps_s": empty, "decoder": "", "frames": None, **error}
+
+
+def _to_columns(rows: List[Dict[str, Any]], spec: FrameSpec, cfg: VideoConfig) -> Dict[str, np.ndarray]:
+    out = {k: np.array([r[k] for r in rows], dtype=object) for k in (*SAMPLE_COLUMNS, "decoder", *ERROR_COLUMNS)}
+    out["start_s"] = np.array([r["start_s"] for r in rows], np.float64)
+    out["end_s"] = np.array([r["end_s"] for r in rows], np.float64)
+    out["num_frames"] = np.array([r["num_frames"] for r in rows], np.int32)
+    out["fps"] = np.array([r["fps"] for r in rows], np.float32)
+    out["frame_timestamps_s"] = ragged([r["frame_timestamps_s"] for r in rows])
+    if cfg.sampling == "uniform":  # every clip has num_frames frames: one dense array
+        shape = (cfg.num_frames, spec.crop, spec.crop, 3)
+        out["frames"] = np.stack([r["frames"] if r["frames"] is not None else np.zeros(shape, np.uint8) for r in rows])
+    else:
+        empty = np.zeros((0, spec.crop, spec.crop, 3), np.uint8)
+        out["frames"] = ragged([r["frames"] if r["frames"] is not None else empty for r in rows])
+    return out
+

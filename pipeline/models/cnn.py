@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..config import ModelConfig
-from ..read import ERROR_COLUMNS, error_fields
+from ..read import ERROR_COLUMNS, error_fields, ragged
 from .weights import Weights, WeightsError, load_state_dict
 
 
@@ -159,6 +159,8 @@ class CnnEmbedder:
         return out.float().cpu().numpy()
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        if "frames" in batch:
+            return self._call_frames(batch)
         pixels = batch.pop("pixels")
         ok = batch["error_stage"] == ""
         # Rows that failed earlier keep zeros; the sink writes them to the errors table only.
@@ -167,11 +169,35 @@ class CnnEmbedder:
             try:
                 batch["feature"][ok] = self.embed(np.ascontiguousarray(pixels[ok]))
             except Exception as e:  # the batch's samples become model errors; the job goes on
-                fields = error_fields("model", e)
-                for col in ERROR_COLUMNS:
-                    batch[col] = batch[col].copy()
-                    batch[col][ok] = fields[col]
+                _fail_rows(batch, ok, e)
         return batch
+
+    def _call_frames(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Videos: every frame of every clip in one forward pass -> `frame_features` (T, D) per clip."""
+        frames = batch.pop("frames")
+        ok = batch["error_stage"] == ""
+        clips = [frames[i] for i in range(len(ok))]
+        out = [np.zeros((len(c), self.spec.dim), np.float32) for c in clips]
+        rows = [i for i in np.flatnonzero(ok) if len(clips[i])]
+        if rows:
+            try:
+                flat = self.embed(np.ascontiguousarray(np.concatenate([clips[i] for i in rows])))
+                for i, part in zip(rows, np.split(flat, np.cumsum([len(clips[i]) for i in rows])[:-1])):
+                    out[i] = part
+            except Exception as e:
+                _fail_rows(batch, ok, e)
+        if isinstance(frames, np.ndarray) and frames.dtype != object:  # dense: (B, T, D)
+            batch["frame_features"] = np.stack(out)
+        else:
+            batch["frame_features"] = ragged(out)
+        return batch
+
+
+def _fail_rows(batch: Dict[str, np.ndarray], ok: np.ndarray, exc: BaseException) -> None:
+    fields = error_fields("model", exc)
+    for col in ERROR_COLUMNS:
+        batch[col] = batch[col].copy()
+        batch[col][ok] = fields[col]
 
 
 def _device(name: str) -> torch.device:
