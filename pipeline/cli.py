@@ -69,6 +69,7 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
         return EXIT_REFUSED, None
 
     from .models import ModelError
+    from .models.temporal import TemporalError
     from .models.weights import WeightsError
     from .prepare import OutputExists
     from .runner import run_job
@@ -76,7 +77,7 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
 
     try:
         return EXIT_OK, run_job(job, address=address, progress=progress)
-    except (ConfigError, SourceError, ModelError, WeightsError, OutputExists) as e:
+    except (ConfigError, SourceError, ModelError, WeightsError, TemporalError, OutputExists) as e:
         print(f"featurize: {e}", file=sys.stderr)
         return EXIT_REFUSED, None
     except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs

@@ -5,10 +5,11 @@ root that already holds a job) is refused here, with the key or path in the mess
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-from dataclasses import dataclass
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,9 +18,11 @@ from . import __version__
 from .config import ConfigError, JobConfig, output_storage_options
 from .decode import ImageSpec
 from .models import check_arch, feature_dim
+from .models.temporal import HeadInfo, resolve_heads
 from .models.weights import Weights, resolve
-from .sinks import SinkSpec, image_columns
+from .sinks import SinkSpec, image_columns, video_columns
 from .sources import filesystem, plan_source
+from .video import FrameSpec
 
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -40,13 +43,24 @@ class Prepared:
     dim: int
     plan: pa.Table
     out_options: Dict[str, Any]
+    heads: List[HeadInfo] = field(default_factory=list)  # videos: the temporal heads
+
+    @property
+    def frames(self) -> FrameSpec:
+        return FrameSpec(resize=self.job.video.size or self.image.resize, crop=self.image.crop)
 
     def sink_spec(self) -> SinkSpec:
+        dtype = self.job.output.dtype
+        if self.job.is_video:
+            heads = [(h.column, h.out_dim) for h in self.heads]
+            columns = video_columns(dtype, heads, self.dim if self.job.output.frame_features else None)
+        else:
+            columns = image_columns(dtype, self.dim)
         return SinkSpec(
             out_uri=self.job.output.uri,
             storage_options=self.out_options,
             partition_by=self.job.output.partition_by,
-            columns=image_columns(self.job.output.dtype, self.dim),
+            columns=columns,
             metadata=self.provenance(),
         )
 
@@ -66,6 +80,15 @@ class Prepared:
             ),
             "featurize.dtype": self.job.output.dtype,
             "featurize.dim": str(self.dim),
+            **(self._video_provenance() if self.job.is_video else {}),
+        }
+
+    def _video_provenance(self) -> Dict[str, str]:
+        sampling = dataclasses.asdict(self.job.video)
+        sampling["size"] = self.frames.resize
+        return {
+            "featurize.video_sampling": json.dumps(sampling),
+            "featurize.temporal": json.dumps([h.provenance() for h in self.heads]),
         }
 
 
@@ -74,6 +97,7 @@ def prepare(job: JobConfig) -> Prepared:
     weights = resolve(job.model, job.source.storage_options)
     image = _resolve_image(job, weights.transforms)
     dim = feature_dim(job.model, image.crop, weights, job.source.storage_options)  # layer and fit too
+    heads = resolve_heads(job.temporal, dim, job.source.storage_options) if job.is_video else []
     out_options = output_storage_options(job)
     _refuse_existing_output(job.output.uri, out_options)
     plan = plan_source(job.source)
@@ -86,6 +110,7 @@ def prepare(job: JobConfig) -> Prepared:
         dim=dim,
         plan=plan,
         out_options=out_options,
+        heads=heads,
     )
 
 

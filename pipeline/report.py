@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -117,8 +118,9 @@ def _describe_features(fs, path: str):
     schema = dataset.schema
     out = [f"rows       {sum(rows.values())}"]
     out += [f"  {k:<40} {n}" for k, n in sorted(rows.items())]
-    feature = schema.field("feature").type
-    out.append(f"feature    dim {feature.list_size}, {feature.value_type}")
+    for f in schema:  # `feature` for images; clip_<name> (and frame_features) for videos
+        if pa.types.is_fixed_size_list(f.type):
+            out.append(f"feature    {f.name}: dim {f.type.list_size}, {f.type.value_type}")
     out.append("schema")
     out += [f"  {f.name}: {f.type}" for f in schema]
     files = dataset.files

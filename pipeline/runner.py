@@ -14,10 +14,12 @@ from ray.data import ActorPoolStrategy, DataContext
 from .config import ConfigError, JobConfig
 from .decode import decode_batch
 from .models import EXTRACTORS, EmbedSpec
+from .models.temporal import TemporalEmbedder
 from .prepare import Prepared, prepare, save_plan
 from .read import read_batch
 from .report import write_job_record
 from .sinks import ParquetCommitSink
+from .video import decode_video_batch
 
 GPU_BATCH, CPU_BATCH = 256, 32
 
@@ -140,22 +142,48 @@ def build_dataset(prepared: Prepared, layout: Layout) -> ray.data.Dataset:
     job, res = prepared.job, prepared.job.resources
     plan = prepared.plan
     blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
+    media = "video" if job.is_video else "image"
+    ds = ray.data.from_arrow(blocks).map_batches(
         read_batch,
-        fn_kwargs={"storage_options": job.source.storage_options, "rows_per_batch": res.decode_batch_size},
+        fn_kwargs={"storage_options": job.source.storage_options, "rows_per_batch": res.decode_batch_size,
+                   "media": media},
         batch_size=res.decode_batch_size,
         batch_format="numpy",
         num_cpus=res.decode_cpus,
     )
+    if job.is_video:
+        decode, kwargs = decode_video_batch, {"spec": prepared.frames, "cfg": job.video,
+                                              "windowed": bool(job.video.window_s)}
+    else:
+        decode, kwargs = decode_batch, {"spec": prepared.image}
+    ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=res.decode_batch_size, batch_format="numpy",
+                        num_cpus=res.decode_cpus)
     ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"spec": prepared.image},
-        batch_size=res.decode_batch_size,
+        EXTRACTORS["torchvision"],
+        fn_constructor_args=(_embed_spec(prepared, layout),),
+        # a batch of clips holds num_frames images each
+        batch_size=max(1, layout.batch_size // job.video.num_frames) if job.is_video else layout.batch_size,
         batch_format="numpy",
-        num_cpus=res.decode_cpus,
+        compute=ActorPoolStrategy(size=layout.actors),
+        **({"num_gpus": 1} if layout.gpus else {"num_cpus": layout.actor_cpus}),
     )
-    spec = EmbedSpec(
+    if not job.is_video:
+        return ds
+    # The temporal heads are small next to the CNN: their own single actor, claiming no CPU.
+    return ds.map_batches(
+        TemporalEmbedder,
+        fn_constructor_kwargs={"heads": prepared.heads, "storage_options": job.source.storage_options,
+                               "dtype": job.output.dtype, "keep_frame_features": job.output.frame_features},
+        batch_size=layout.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=0,
+    )
+
+
+def _embed_spec(prepared: Prepared, layout: Layout) -> EmbedSpec:
+    job = prepared.job
+    return EmbedSpec(
         model=job.model,
         weights=prepared.weights,
         crop=prepared.image.crop,
@@ -165,13 +193,4 @@ def build_dataset(prepared: Prepared, layout: Layout) -> ray.data.Dataset:
         dtype=job.output.dtype,
         torch_threads=layout.torch_threads,
         storage_options=job.source.storage_options,
-    )
-    gpu_args = {"num_gpus": 1} if layout.gpus else {"num_cpus": layout.actor_cpus}
-    return ds.map_batches(
-        EXTRACTORS["torchvision"],
-        fn_constructor_args=(spec,),
-        batch_size=layout.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=layout.actors),
-        **gpu_args,
     )

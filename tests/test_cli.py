@@ -139,7 +139,7 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir):
     assert "job        cli-small (complete), planned 8" in text
     assert "rows       6" in text
     assert any(line.split() == ["split=demo", "6"] for line in text)
-    assert "feature    dim 512, halffloat" in text
+    assert "feature    feature: dim 512, halffloat" in text
     assert "errors     2" in text
     assert "  model: resnet18" in text and "  dim: 512" in text
     kinds = [line.split() for line in text if line.startswith("  decode/")]
