@@ -43,10 +43,13 @@ def _parser() -> argparse.ArgumentParser:
                          help='fsspec options for the output\'s store, e.g. \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="generate sample images and run jobs/demo.yaml on them")
+    demo = sub.add_parser("demo", help="generate sample images and videos and run the demo jobs on them")
     demo.add_argument("--job", default="jobs/demo.yaml")
     demo.add_argument("--data", default="demo-data/images", help="where the sample images go")
     demo.add_argument("--images", type=int, default=300)
+    demo.add_argument("--video-job", default="jobs/demo_video.yaml", help="'' to skip the video demo")
+    demo.add_argument("--video-data", default="demo-data/videos")
+    demo.add_argument("--videos", type=int, default=12)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -103,27 +106,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import shutil
-
-    from .report import format_summary
-    from .samples import make_image_folder
+    from .samples import make_image_folder, make_video_folder
 
     counts = make_image_folder(args.data, n=args.images)
     print(f"sample data  {args.data}: {counts['images']} images in {counts['classes']} classes, "
           f"{counts['broken']} broken files among them")
-    job = load_job(args.job)
-    shutil.rmtree(job.output.uri, ignore_errors=True)  # the demo's own output from an earlier run
-    code, summary = _run(args.job, [f"source.uri={args.data}"], None, False)
+    code = _demo_job(args.job, args.data)
+    if code != EXIT_OK or not args.video_job:
+        return code
+    counts = make_video_folder(args.video_data, n=args.videos)
+    print(f"\nsample data  {args.video_data}: {counts['videos']} videos (MPEG-4 in AVI) in "
+          f"{counts['classes']} classes, {counts['broken']} broken file among them")
+    return _demo_job(args.video_job, args.video_data)
+
+
+def _demo_job(job_path: str, data: str) -> int:
+    """Run one demo job on its generated data (replacing its own earlier output), then say how to read it."""
+    import shutil
+
+    from .report import format_summary
+
+    out = load_job(job_path).output.uri
+    shutil.rmtree(out, ignore_errors=True)
+    code, summary = _run(job_path, [f"source.uri={data}"], None, False)
     if summary is None:
         return code
     print(format_summary(summary))
     print(
-        "\nread it:\n"
-        f"  featurize inspect {job.output.uri}\n"
+        "read it:\n"
+        f"  featurize inspect {out}\n"
         f"  python -c \"import pyarrow.dataset as ds; "
-        f"print(ds.dataset('{job.output.uri}/features', partitioning='hive').to_table().to_pandas().head())\"\n"
-        f"  duckdb -c \"select split, label, count(*) from read_parquet('{job.output.uri}/features/**/*.parquet', "
-        "hive_partitioning=true) group by all\""
+        f"print(ds.dataset('{out}/features', partitioning='hive').to_table().to_pandas().head())\"\n"
+        f"  python -c \"import duckdb; duckdb.sql(\\\"select split, label, count(*) from "
+        f"read_parquet('{out}/features/**/*.parquet', hive_partitioning=true) group by all\\\").show()\""
     )
     return EXIT_OK
 

@@ -79,12 +79,14 @@ def _iso(t: float) -> str:
 
 
 def format_summary(summary: "Summary") -> str:
+    rate = (f"throughput   {summary.throughput:.1f} samples/s over {summary.wall_s:.1f} s "
+            f"(+{summary.startup_s:.1f} s to plan and start Ray)")
+    if summary.steady_throughput:  # needs two commits or more
+        rate += (f"; {summary.steady_throughput:.1f} samples/s once the first batch was committed "
+                 f"after {summary.first_commit_s:.1f} s")
     lines = [
         f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)",
-        f"throughput   {summary.throughput:.1f} samples/s over {summary.wall_s:.1f} s "
-        f"(+{summary.startup_s:.1f} s to plan and start Ray); "
-        f"{summary.steady_throughput:.1f} samples/s once the first batch was committed "
-        f"after {summary.first_commit_s:.1f} s",
+        rate,
     ]
     for kind, n in summary.errors.items():
         lines.append(f"  error      {n:>5}  {kind}")

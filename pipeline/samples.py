@@ -119,3 +119,19 @@ def encode_video(frames: int, width: int = 320, height: int = 240, fps: int = 25
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def make_video_folder(root: str, n: int = 12, seed: int = 0) -> Dict[str, int]:
+    """UCF101-style clips (320x240, 25 fps, MPEG-4 in AVI) in class folders, and one broken file."""
+    classes = ("ApplyEyeMakeup", "Basketball", "Drumming")
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cls = classes[i % len(classes)]
+        path = os.path.join(root, cls, f"v_{cls}_g{i // len(classes) + 1:02d}_c01.avi")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(encode_video(int(rng.integers(40, 90))))
+    with open(os.path.join(root, classes[0], "v_broken.avi"), "wb") as f:
+        f.write(b"RIFF\x00\x00\x00\x00AVI not really" * 20)
+    return {"videos": n, "classes": len(classes), "broken": 1}
