@@ -1,4 +1,4 @@
-"""Wires the Ray Data pipeline from a prepared job: read -> decode -> embed -> commit."""
+"""Wires the Ray Data pipeline from a prepared job: read -> decode -> embed (-> temporal) -> commit."""
 from __future__ import annotations
 
 import logging
