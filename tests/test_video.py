@@ -156,3 +156,41 @@ def test_the_decoder_goes_on_after_errors(ucf_like):
     with IsolatedCall(fail, timeout_s=30) as call:
         with pytest.raises(ChildError, match="bad file"):
             call.call()
+
+
+def hang_on_poison(source, spec, cfg):
+    """decode_video, except that a file named poison* hangs the decoder."""
+    if "poison" in str(source):
+        time.sleep(60)
+    return decode_video(source, spec, cfg)
+
+
+def crash_on_poison(source, spec, cfg):
+    if "poison" in str(source):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return decode_video(source, spec, cfg)
+
+
+@pytest.mark.parametrize("target, kind", [(hang_on_poison, "timeout"), (crash_on_poison, "crash")])
+def test_the_stage_turns_a_hanging_or_crashing_file_into_one_error_row(tmp_path, ucf_like, monkeypatch, target, kind):
+    import pipeline.video as video
+
+    good, poison = tmp_path / "good.avi", tmp_path / "poison.avi"
+    good.write_bytes(ucf_like)
+    poison.write_bytes(ucf_like)
+    names = [str(poison), str(good)]
+    batch = {"sample_id": np.array(["poison.avi", "good.avi"], dtype=object),
+             "uri": np.array(names, dtype=object), "label": np.array(["a", "a"], dtype=object),
+             "split": np.array(["all", "all"], dtype=object), "data": np.array([b"", b""], dtype=object),
+             "error_stage": np.array(["", ""], dtype=object), "error_type": np.array(["", ""], dtype=object),
+             "error_message": np.array(["", ""], dtype=object)}
+    call = IsolatedCall(target, timeout_s=3.0)
+    monkeypatch.setattr(video, "_DECODER", call)
+    try:
+        out = video.decode_video_batch(batch, SPEC, VideoConfig(num_frames=4), windowed=False)
+    finally:
+        call.close()
+    assert list(out["sample_id"]) == ["poison.avi", "good.avi"]
+    assert list(out["error_stage"]) == ["decode", ""] and out["error_type"][0] == kind
+    assert out["frames"].shape == (2, 4, 112, 112, 3) and out["frames"][1].any()
+    assert out["decoder"][1] == "decord" and out["num_frames"][1] == 4
