@@ -62,7 +62,9 @@ def models_alone(clips: np.ndarray, batch_clips: int) -> float:
     cfg = ModelConfig(arch="resnet18", weights="none")
     dim = feature_dim(cfg, SPEC.crop)
     cnn = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), SPEC.crop, dim, MEAN, STD, torch_threads=os.cpu_count() or 1))
-    heads = TemporalEmbedder(resolve_heads([TemporalConfig(**LSTM)], dim), dtype="float16")
+    # torch's thread count is per process: the heads get every core too, as the CNN does
+    heads = TemporalEmbedder(resolve_heads([TemporalConfig(**LSTM)], dim), dtype="float16",
+                             torch_threads=os.cpu_count() or 1)
     n, frames = clips.shape[:2]
     cnn.embed(clips[:1].reshape(-1, *clips.shape[2:]))  # warm-up
     t = time.perf_counter()

@@ -124,7 +124,9 @@ def plan_resources(job: JobConfig, planned: int) -> Layout:
     actors_per_node = math.ceil(actors / cpu_nodes)
     threads = res.torch_threads if res.torch_threads != "auto" else max(1, int(node_cpus // actors_per_node))
     # Enough read tasks to keep every core busy, none larger than read_block_size rows.
-    rows = max(1, min(res.read_block_size, math.ceil(planned / max(2.0, 2 * cpus))))
+    # A video row carries num_frames images: keep read tasks' outputs about as large as for images.
+    per_row = job.video.num_frames if job.is_video else 1
+    rows = max(1, min(res.read_block_size // per_row, math.ceil(planned / max(2.0, 2 * cpus))))
     return Layout(gpus, cpus, actors, batch, threads, _actor_cpus(res.decode_cpus, node_cpus, actors_per_node, gpus), rows)
 
 
@@ -145,9 +147,9 @@ def build_dataset(prepared: Prepared, layout: Layout) -> ray.data.Dataset:
     media = "video" if job.is_video else "image"
     ds = ray.data.from_arrow(blocks).map_batches(
         read_batch,
-        fn_kwargs={"storage_options": job.source.storage_options, "rows_per_batch": res.decode_batch_size,
-                   "media": media},
-        batch_size=res.decode_batch_size,
+        fn_kwargs={"storage_options": job.source.storage_options,
+                   "rows_per_batch": min(res.decode_batch_size, layout.rows_per_read_task), "media": media},
+        batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
         batch_format="numpy",
         num_cpus=res.decode_cpus,
     )
@@ -156,8 +158,8 @@ def build_dataset(prepared: Prepared, layout: Layout) -> ray.data.Dataset:
                                               "windowed": bool(job.video.window_s)}
     else:
         decode, kwargs = decode_batch, {"spec": prepared.image}
-    ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=res.decode_batch_size, batch_format="numpy",
-                        num_cpus=res.decode_cpus)
+    ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
+                        batch_format="numpy", num_cpus=res.decode_cpus)
     ds = ds.map_batches(
         EXTRACTORS["torchvision"],
         fn_constructor_args=(_embed_spec(prepared, layout),),
