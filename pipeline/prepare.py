@@ -20,13 +20,14 @@ from .decode import ImageSpec
 from .models import check_arch, feature_dim
 from .models.temporal import HeadInfo, resolve_heads
 from .models.weights import Weights, resolve
+from .report import JOB_FILE
 from .sinks import SinkSpec, image_columns, video_columns
 from .sources import filesystem, plan_source
 from .video import FrameSpec
 
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-JOB_FILE, PLAN_FILE = "_job.json", "_plan.parquet"
+PLAN_FILE = "_plan.parquet"
 
 
 class OutputExists(RuntimeError):

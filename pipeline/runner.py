@@ -119,9 +119,9 @@ def plan_resources(job: JobConfig, planned: int) -> Layout:
     batch = res.batch_size if res.batch_size != "auto" else (GPU_BATCH if gpus else CPU_BATCH)
     # A CPU actor claims one logical CPU but runs torch on the cores of its node that the decode
     # tasks leave; decode is a small share of the model's cost, so that is nearly all of them.
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=cpus)
-    cpu_nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
-    actors_per_node = math.ceil(actors / cpu_nodes)
+    node_cpu_counts = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+    node_cpus = max(node_cpu_counts, default=cpus)
+    actors_per_node = math.ceil(actors / max(1, len(node_cpu_counts)))
     threads = res.torch_threads if res.torch_threads != "auto" else max(1, int(node_cpus // actors_per_node))
     # Enough read tasks to keep every core busy, none larger than read_block_size rows.
     # A video row carries num_frames images: keep read tasks' outputs about as large as for images.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -175,9 +175,6 @@ def _pyav_probe(source) -> Tuple[int, float, Tuple[int, int]]:
         total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
     return int(total), fps, size
 
-
-def frame_spec(resize: int, crop: int, size: Optional[int] = None) -> FrameSpec:
-    return FrameSpec(resize=size or resize, crop=crop)
 
 
 # ---------------------------------------------------------------- the Ray Data stage
