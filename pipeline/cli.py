@@ -1,7 +1,9 @@
-"""`featurize run | inspect | demo`.
+"""`featurize run | status | inspect | demo`.
 
 Exit codes: 0 when the job completed (some samples may be error rows), 2 when it could not run
-(bad job file, unreachable source, unknown model, output already taken), 1 when it failed midway.
+(bad job file, unreachable source, unknown model, output holding another job's), 1 when it failed
+midway (run the same command again to resume), 130 when interrupted (the same).
+`featurize status` exits 0 when the output is complete, 1 when it is not, 2 when there is none.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("featurize: interrupted", file=sys.stderr)
+        print("featurize: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 
@@ -35,7 +37,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a job key, e.g. --set model.arch=resnet18 (repeatable)")
     run.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
     run.add_argument("--progress", action="store_true", help="show Ray Data's progress bars")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace another job's output in output.uri, once the new one is complete")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="process again the samples in the errors table (after a fix or an outage)")
     run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="planned, committed, errored and remaining counts of an output root")
+    status.add_argument("out", help="output root (local path or URI)")
+    status.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for the output's store")
+    status.set_defaults(func=cmd_status)
 
     inspect = sub.add_parser("inspect", help="describe an output root")
     inspect.add_argument("out", help="output root (local path or URI)")
@@ -57,13 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from .report import format_summary
 
-    code, summary = _run(args.job, args.overrides, args.address, args.progress)
+    code, summary = _run(args.job, args.overrides, args.address, args.progress,
+                         overwrite=args.overwrite, retry_failed=args.retry_failed)
     if summary is not None:
         print(format_summary(summary))
     return code
 
 
-def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool):
+def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool, **modes):
     """Run a job: (exit code, summary or None); a job that cannot run or fails gets one line."""
     try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
         job = load_job(job_path, overrides)
@@ -74,28 +86,59 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     from .models import ModelError
     from .models.temporal import TemporalError
     from .models.weights import WeightsError
-    from .prepare import OutputExists
+    from .output import OutputExists
     from .runner import run_job
     from .sources import SourceError
 
     try:
-        return EXIT_OK, run_job(job, address=address, progress=progress)
+        return EXIT_OK, run_job(job, address=address, progress=progress, **modes)
     except (ConfigError, SourceError, ModelError, WeightsError, TemporalError, OutputExists) as e:
         print(f"featurize: {e}", file=sys.stderr)
         return EXIT_REFUSED, None
     except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        print(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}", file=sys.stderr)
+        print(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}\n"
+              "featurize: what was committed is kept; run the same command again to resume", file=sys.stderr)
         return EXIT_FAILED, None
+
+
+def _storage_options(text: str):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        print(f"featurize: --storage-options: not JSON ({e})", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .output import status
+
+    options = _storage_options(args.storage_options)
+    if options is None:
+        return EXIT_REFUSED
+    try:
+        st = status(args.out, options)
+    except FileNotFoundError as e:
+        print(f"featurize: {args.out}: no output there ({e})", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"output     {args.out}\n"
+          f"job        {st['name']} ({st['status']})\n"
+          f"planned    {st['planned']}\n"
+          f"committed  {st['features']} feature rows, {st['errors']} error rows\n"
+          f"remaining  {st['remaining']} planned samples not yet committed\n"
+          f"complete   {'yes' if st['complete'] else 'no: run the job again to resume'}")
+    if st["staged_files"]:
+        print(f"staged     {st['staged_files']} files written but not published; the next run publishes them")
+    if st["overwrite_pending"]:
+        print(f"overwrite  an --overwrite run is under way in {args.out}/_overwrite; the old output stays until it completes")
+    return EXIT_OK if st["complete"] else EXIT_FAILED
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .report import inspect_output
 
-    try:
-        options = json.loads(args.storage_options)
-    except ValueError as e:
-        print(f"featurize: --storage-options: not JSON ({e})", file=sys.stderr)
+    options = _storage_options(args.storage_options)
+    if options is None:
         return EXIT_REFUSED
     try:
         print(inspect_output(args.out, options))

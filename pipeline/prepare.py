@@ -1,18 +1,14 @@
-"""Everything resolved on the driver before any work starts.
+"""Everything about the model and its input resolved on the driver before any work starts.
 
-A job that cannot run (unknown model or layer, missing weights, unreachable source, an output
-root that already holds a job) is refused here, with the key or path in the message.
+A job that cannot run (unknown model or layer, missing weights, bad temporal heads) is refused
+here, with the key or path in the message; the source and the output root are output.py's.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import __version__
 from .config import ConfigError, JobConfig, output_storage_options
@@ -20,19 +16,11 @@ from .decode import ImageSpec
 from .models import check_arch, feature_dim
 from .models.temporal import HeadInfo, resolve_heads
 from .models.weights import Weights, resolve
-from .report import JOB_FILE
 from .sinks import SinkSpec, image_columns, video_columns
-from .sources import filesystem, plan_source
 from .video import FrameSpec
 
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-PLAN_FILE = "_plan.parquet"
-
-
-class OutputExists(RuntimeError):
-    """The output root already holds a job's output."""
-
 
 @dataclass
 class Prepared:
@@ -42,7 +30,6 @@ class Prepared:
     mean: list
     std: list
     dim: int
-    plan: pa.Table
     out_options: Dict[str, Any]
     heads: List[HeadInfo] = field(default_factory=list)  # videos: the temporal heads
 
@@ -99,9 +86,6 @@ def prepare(job: JobConfig) -> Prepared:
     image = _resolve_image(job, weights.transforms)
     dim = feature_dim(job.model, image.crop, weights, job.source.storage_options)  # layer and fit too
     heads = resolve_heads(job.temporal, dim, job.source.storage_options) if job.is_video else []
-    out_options = output_storage_options(job)
-    _refuse_existing_output(job.output.uri, out_options)
-    plan = plan_source(job.source)
     return Prepared(
         job=job,
         weights=weights,
@@ -109,8 +93,7 @@ def prepare(job: JobConfig) -> Prepared:
         mean=job.preprocess.mean or weights.transforms.get("mean", IMAGENET_MEAN),
         std=job.preprocess.std or weights.transforms.get("std", IMAGENET_STD),
         dim=dim,
-        plan=plan,
-        out_options=out_options,
+        out_options=output_storage_options(job),
         heads=heads,
     )
 
@@ -128,24 +111,3 @@ def _resolve_image(job: JobConfig, defaults: Dict[str, Any]) -> ImageSpec:
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         interpolation = "bilinear"  # torchvision modes Pillow lacks (none among its weights today)
     return ImageSpec(resize=resize, crop=crop, interpolation=interpolation)
-
-
-def _refuse_existing_output(uri: str, options: Dict[str, Any]) -> None:
-    try:
-        fs, root = filesystem(uri, options)
-        taken = [name for name in (JOB_FILE, "features", "errors") if fs.exists(f"{root.rstrip('/')}/{name}")]
-    except Exception as e:
-        raise OutputExists(f"output.uri {uri}: cannot be reached ({type(e).__name__}: {e})") from None
-    if taken:
-        raise OutputExists(
-            f"output.uri {uri} already holds a job's output ({', '.join(taken)}); "
-            "choose another output.uri or remove it first"
-        )
-
-
-def save_plan(prepared: Prepared) -> None:
-    fs, root = filesystem(prepared.job.output.uri, prepared.out_options)
-    buf = io.BytesIO()
-    pq.write_table(prepared.plan, buf)
-    fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root.rstrip('/')}/{PLAN_FILE}", buf.getvalue())

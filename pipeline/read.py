@@ -18,7 +18,11 @@ from fsspec.implementations.local import LocalFileSystem
 from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
 
 Batch = Dict[str, np.ndarray]
-SAMPLE_COLUMNS = ("sample_id", "uri", "label", "split")
+PLAN_COLUMNS = ("sample_id", "uri", "label", "split")
+# unit: the plan row a sample comes from (a tar shard, a video cut into windows, or itself);
+# unit_rows: how many rows that unit yields, 0 while unknown (see commit.py);
+# attempts: how many earlier runs failed on the sample (--retry-failed).
+SAMPLE_COLUMNS = (*PLAN_COLUMNS, "unit", "unit_rows", "attempts")
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 MAX_MESSAGE = 500
 
@@ -53,8 +57,15 @@ def read_batch(
     extensions = IMAGE_EXTENSIONS if media == "image" else VIDEO_EXTENSIONS
     for i, container in enumerate(batch["container"]):
         if container == "tar":
-            shard = {k: batch[k][i] for k in SAMPLE_COLUMNS}
-            yield from _chunks(_read_tar(shard, storage_options, extensions), rows_per_batch)
+            skip = frozenset(batch["skip"][i]) if "skip" in batch else frozenset()
+            yield from _chunks(_read_tar(_sample(batch, i), storage_options, extensions, skip), rows_per_batch)
+
+
+def _sample(batch: Batch, i: int) -> Dict[str, Any]:
+    """The sample columns of plan row i: a unit of one row until a later stage says otherwise."""
+    row = {k: str(batch[k][i]) for k in PLAN_COLUMNS}
+    attempts = int(batch["attempts"][i]) if "attempts" in batch else 0
+    return {**row, "unit": row["sample_id"], "unit_rows": 1, "attempts": attempts}
 
 
 def _read_files(
@@ -68,11 +79,11 @@ def _read_files(
         fs = group[0][0]
         if media == "video" and isinstance(fs, LocalFileSystem):
             for _, path, i in group:  # opened by the decoder
-                yield {**{k: str(batch[k][i]) for k in SAMPLE_COLUMNS}, "data": b"", **OK}
+                yield {**_sample(batch, i), "data": b"", **OK}
             continue
         contents = fs.cat([path for _, path, _ in group], on_error="return")
         for _, path, i in group:
-            row = {k: str(batch[k][i]) for k in SAMPLE_COLUMNS}
+            row = _sample(batch, i)
             data = contents.get(path, FileNotFoundError(path))
             if isinstance(data, BaseException):
                 yield {**row, "data": b"", **error_fields("read", data)}
@@ -80,8 +91,27 @@ def _read_files(
                 yield {**row, "data": data, **OK}
 
 
-def _read_tar(shard: Dict[str, Any], storage_options: Dict[str, Any], extensions: frozenset) -> Iterator[Dict[str, Any]]:
-    """Stream a webdataset shard: consecutive members sharing a key form one sample."""
+def _read_tar(
+    shard: Dict[str, Any], storage_options: Dict[str, Any], extensions: frozenset, skip: frozenset = frozenset()
+) -> Iterator[Dict[str, Any]]:
+    """Stream a webdataset shard: consecutive members sharing a key form one sample; samples in
+    `skip` (committed by an earlier run) are passed over unread.
+
+    The shard is one unit: its last row, yielded once the stream ends, says how many it has.
+    """
+    count, last = 0, None
+    for row in _tar_rows(shard, storage_options, extensions, skip):
+        if last is not None:
+            yield last
+        count, last = count + 1, row
+    if last is not None:
+        last["unit_rows"] = count
+        yield last
+
+
+def _tar_rows(
+    shard: Dict[str, Any], storage_options: Dict[str, Any], extensions: frozenset, skip: frozenset
+) -> Iterator[Dict[str, Any]]:
     shard_name = str(shard["sample_id"])
     fs, path = filesystem(str(shard["uri"]), storage_options)
     try:
@@ -91,6 +121,8 @@ def _read_tar(shard: Dict[str, Any], storage_options: Dict[str, Any], extensions
                 if not info.isfile():
                     continue
                 member_key, ext = _split_key(info.name)
+                if f"{shard_name}/{member_key}" in skip:
+                    continue
                 if member_key != key and key is not None:
                     yield _tar_sample(shard, shard_name, key, members, extensions)
                     members = {}
@@ -99,7 +131,7 @@ def _read_tar(shard: Dict[str, Any], storage_options: Dict[str, Any], extensions
             if key is not None:
                 yield _tar_sample(shard, shard_name, key, members, extensions)
     except Exception as e:  # unreadable or truncated shard: one error row for what is left
-        yield {**{k: str(shard[k]) for k in SAMPLE_COLUMNS}, "data": b"", **error_fields("read", e)}
+        yield {**shard, "data": b"", **error_fields("read", e)}
 
 
 def _split_key(name: str):
@@ -113,10 +145,11 @@ def _tar_sample(
     shard: Dict[str, Any], shard_name: str, key: str, members: Dict[str, bytes], extensions: frozenset
 ) -> Dict[str, Any]:
     row = {
+        **shard,
         "sample_id": f"{shard_name}/{key}",
         "uri": f"{shard['uri']}#{key}",
         "label": _member_label(members),
-        "split": str(shard["split"]),
+        "unit_rows": 0,
     }
     media_ext = next((e for e in members if e.rsplit(".", 1)[-1] in extensions), None)
     if media_ext is None:
@@ -157,7 +190,9 @@ def _chunks(rows: Iterator[Dict[str, Any]], size: int) -> Iterator[Batch]:
 
 
 def _to_batch(rows: List[Dict[str, Any]]) -> Batch:
-    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in (*SAMPLE_COLUMNS, *ERROR_COLUMNS)}
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in (*PLAN_COLUMNS, "unit", *ERROR_COLUMNS)}
+    batch["unit_rows"] = np.array([r["unit_rows"] for r in rows], dtype=np.int64)
+    batch["attempts"] = np.array([r["attempts"] for r in rows], dtype=np.int64)
     data = np.empty(len(rows), dtype=object)
     data[:] = [r["data"] for r in rows]
     batch["data"] = data

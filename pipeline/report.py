@@ -12,14 +12,15 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from . import __version__
+from .commit import write_atomic
 from .config import to_dict
+from .output import JOB_FILE
 from .sources import filesystem
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
+    from .output import Workspace
     from .prepare import Prepared
     from .runner import Summary
-
-JOB_FILE = "_job.json"
 
 
 def versions() -> Dict[str, str]:
@@ -39,14 +40,23 @@ def versions() -> Dict[str, str]:
 
 
 def write_job_record(
-    prepared: "Prepared", status: str, started_at: float,
+    prepared: "Prepared", ws: "Workspace", status: str, started_at: float,
     summary: Optional["Summary"] = None, error: Optional[str] = None,
 ) -> None:
+    """OUT/_job.json: the job, its settings (a later run compares them), counts and timings.
+    Earlier runs into the same OUT (interrupted, resumed, retried) are kept under `runs`."""
+    from .output import settings
+
+    runs = list((ws.previous or {}).get("runs", []))
+    run: Dict[str, Any] = {"started_at": _iso(started_at), "status": status, "todo": len(ws.todo),
+                           "skipped_as_done": ws.skipped}
+    if error is not None:
+        run["error"] = error
     record: Dict[str, Any] = {
         "name": prepared.job.name,
         "status": status,
-        "started_at": _iso(started_at),
         "config": to_dict(prepared.job),  # secrets redacted
+        "settings": settings(prepared),
         "resolved": {
             "weights": {"id": prepared.weights.id, "sha256": prepared.weights.sha256},
             "preprocess": {"resize": prepared.image.resize, "crop": prepared.image.crop,
@@ -54,24 +64,23 @@ def write_job_record(
             "dim": prepared.dim,
         },
         "versions": versions(),
-        "counts": {"planned": len(prepared.plan)},
+        "counts": {"planned": len(ws.plan)},
+        "runs": runs + [run],
     }
     if error is not None:
         record["error"] = error
     if summary is not None:
-        record["finished_at"] = _iso(time.time())
-        record["counts"].update(
-            samples=summary.samples, features=summary.features,
-            errors=sum(summary.errors.values()), errors_by_kind=summary.errors,
-        )
+        record["finished_at"] = run["finished_at"] = _iso(time.time())
+        record["counts"].update(summary.output_rows)  # features and errors in OUT, all runs
+        run.update(samples=summary.samples, features=summary.features, errors=sum(summary.errors.values()),
+                   errors_by_kind=summary.errors, duplicates_dropped=summary.duplicates)
         record["timings"] = {
             "startup_s": round(summary.startup_s, 3), "wall_s": round(summary.wall_s, 3),
             "first_commit_s": round(summary.first_commit_s, 3), "samples_per_s": round(summary.throughput, 2),
             "steady_samples_per_s": round(summary.steady_throughput, 2),
         }
         record["layout"] = summary.layout
-    fs, root = filesystem(prepared.job.output.uri, prepared.out_options)
-    fs.pipe_file(f"{root.rstrip('/')}/{JOB_FILE}", json.dumps(record, indent=2).encode())
+    write_atomic(ws.fs, f"{ws.root}/{JOB_FILE}", json.dumps(record, indent=2).encode())
 
 
 def _iso(t: float) -> str:
@@ -84,10 +93,12 @@ def format_summary(summary: "Summary") -> str:
     if summary.steady_throughput:  # needs two commits or more
         rate += (f"; {summary.steady_throughput:.1f} samples/s once the first batch was committed "
                  f"after {summary.first_commit_s:.1f} s")
-    lines = [
-        f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)",
-        rate,
-    ]
+    lines = [f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)"]
+    if summary.skipped:
+        lines.append(f"skipped      {summary.skipped} planned samples already committed by an earlier run")
+    if summary.duplicates:
+        lines.append(f"dropped      {summary.duplicates} rows that Ray computed twice (already committed)")
+    lines.append(rate)
     for kind, n in summary.errors.items():
         lines.append(f"  error      {n:>5}  {kind}")
     lines.append(f"output       {summary.out_uri}")

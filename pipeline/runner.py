@@ -1,6 +1,7 @@
 """Wires the Ray Data pipeline from a prepared job: read -> decode -> embed (-> temporal) -> commit."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -10,12 +11,15 @@ from typing import Any, Dict, Optional
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import ConfigError, JobConfig
 from .decode import decode_batch
 from .models import EXTRACTORS, EmbedSpec
 from .models.temporal import TemporalEmbedder
-from .prepare import Prepared, prepare, save_plan
+from .commit import Committer, Ledger, remaining
+from .output import Workspace, finish, multi_row_units, open_output, table_rows
+from .prepare import Prepared, prepare
 from .read import read_batch
 from .report import write_job_record
 from .sinks import ParquetCommitSink
@@ -41,10 +45,13 @@ class Layout:
 class Summary:
     out_uri: str
     planned: int
-    features: int
-    errors: Dict[str, int]  # "stage/error_type" -> count
+    features: int  # committed by this run
+    errors: Dict[str, int]  # "stage/error_type" -> count, committed by this run
     wall_s: float  # from the start of execution to the last commit
     startup_s: float  # planning and Ray start, before execution
+    skipped: int = 0  # planned samples an earlier run had committed
+    duplicates: int = 0  # rows Ray computed twice, dropped by the committer
+    output_rows: Dict[str, int] = field(default_factory=dict)  # features and errors in OUT, all runs
     first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
     steady_throughput: float = 0.0  # samples/s between the first and the last commit
     layout: Dict[str, Any] = field(default_factory=dict)
@@ -58,34 +65,77 @@ class Summary:
         return self.samples / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False) -> Summary:
+class IncompleteOutput(RuntimeError):
+    """The run ended with planned samples neither committed nor in the errors table."""
+
+
+def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False,
+            overwrite: bool = False, retry_failed: bool = False) -> Summary:
     t0 = time.time()
     prepared = prepare(job)  # refuses a bad job before Ray starts
+    ws = open_output(prepared, overwrite=overwrite, retry_failed=retry_failed)
+    if not len(ws.todo):  # all done already: no need for Ray
+        return _finish(prepared, ws, t0, time.time(), {}, None)
     _init_ray(address)
-    layout = plan_resources(job, len(prepared.plan))
-    save_plan(prepared)
-    write_job_record(prepared, status="running", started_at=t0)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    sink = ParquetCommitSink(prepared.sink_spec())
+    layout = plan_resources(job, len(ws.todo))
+    write_job_record(prepared, ws, status="running", started_at=t0)
+    DataContext.get_current().enable_progress_bars = progress
+    committer, _state = _start_committer(ws, prepared.out_options)  # _state: held for the actor's restarts
+    sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri), committer)
     t1 = time.time()
     try:
-        build_dataset(prepared, layout).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        build_dataset(prepared, layout, ws.todo).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
+        _check_complete(ws, job.is_video and bool(job.video.window_s))
     except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
-        write_job_record(prepared, status="failed", started_at=t0, error=f"{type(e).__name__}: {e}"[:2000])
+        _record_failure(prepared, ws, t0, e)
         raise
+    return _finish(prepared, ws, t0, t1, sink.totals, layout)
+
+
+def _start_committer(ws: Workspace, storage_options: Dict[str, Any]):
+    """The job's one Committer, on the driver's node (workers may come and go), restarted on failure."""
+    state = ray.put((ws.ledger.rows, ws.ledger.units))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
+    return actor.remote(ws.uri, storage_options, state), state
+
+
+def _check_complete(ws: Workspace, windowed: bool) -> None:
+    """Ray Data finished every write task: every unit this run took up is now committed."""
+    ws.ledger.complete_units(multi_row_units(ws.todo, windowed))
+    left = remaining(ws.plan, ws.ledger.rows, ws.ledger.units)
+    if len(left):
+        raise IncompleteOutput(f"{len(left)} planned samples were neither committed nor recorded as errors "
+                               f"(first: {left['sample_id'][0]}); run the same command again to finish them")
+
+
+def _record_failure(prepared: Prepared, ws: Workspace, t0: float, e: BaseException) -> None:
+    reason = f"{type(e).__name__}: {e}"[:2000]
+    try:
+        write_job_record(prepared, ws, status="failed", started_at=t0, error=reason)
+    except Exception as e2:  # the store itself may be what failed; the job's own error matters more
+        logging.getLogger(__name__).warning("could not record the failure in %s: %s", ws.uri, e2)
+
+
+def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dict[str, Any],
+            layout: Optional[Layout]) -> Summary:
     t2 = time.time()
     summary = Summary(
-        out_uri=job.output.uri,
-        planned=len(prepared.plan),
-        features=sink.totals["features"],
-        errors={f"{stage}/{kind}": n for (stage, kind), n in sorted(sink.totals["errors"].items())},
+        out_uri=prepared.job.output.uri,
+        planned=len(ws.plan),
+        features=totals.get("features", 0),
+        errors=dict(sorted(totals.get("errors", {}).items())),
         wall_s=t2 - t1,
         startup_s=t1 - t0,
-        layout=vars(layout),
-        **_steady_state(sink.totals["commits"], t1),
+        skipped=ws.skipped,
+        duplicates=totals.get("duplicates", 0),
+        output_rows=table_rows(ws.fs, ws.root),
+        layout=vars(layout) if layout else {},
+        **_steady_state(totals.get("commits", []), t1),
     )
-    write_job_record(prepared, status="complete", started_at=t0, summary=summary)
+    write_job_record(prepared, ws, status="complete", started_at=t0, summary=summary)
+    finish(ws)  # and an --overwrite output replaces the old one now
     return summary
 
 
@@ -140,9 +190,8 @@ def _actor_cpus(decode_cpus: float, node_cpus: float, actors_per_node: int, gpus
     return min(1.0, (node_cpus - decode_cpus) / actors_per_node) or 0.01
 
 
-def build_dataset(prepared: Prepared, layout: Layout) -> ray.data.Dataset:
+def build_dataset(prepared: Prepared, layout: Layout, plan) -> ray.data.Dataset:
     job, res = prepared.job, prepared.job.resources
-    plan = prepared.plan
     blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]
     media = "video" if job.is_video else "image"
     ds = ray.data.from_arrow(blocks).map_batches(

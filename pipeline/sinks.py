@@ -1,16 +1,11 @@
 """Commit stage: a Ray Data Datasink that writes the features and errors tables.
 
 Why a custom sink rather than `write_parquet`: Ray's writer streams files to their final names
-(a reader can see a partial file) and a rerun appends copies. Here every file is made visible
-only when complete, by an atomic rename on local disk or by a single completed PUT (or multipart
-upload) on object stores, and its name is derived from the sample ids it holds, so a retried
-write task replaces its own file instead of adding a duplicate.
+(a reader can see a partial file) and a rerun appends copies. Here each write task stages whole
+files and the job's committer publishes them, each sample exactly once (see commit.py).
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import os
 import time
 import uuid
 from collections import Counter
@@ -20,11 +15,11 @@ from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
+import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
+from .commit import STAGING, Staged, parquet_bytes, part_name, write_atomic
 from .sources import filesystem
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
@@ -74,26 +69,33 @@ def features_schema(spec: SinkSpec) -> pa.Schema:
 
 
 class ParquetCommitSink(Datasink):
-    def __init__(self, spec: SinkSpec):
+    """Stages each block's tables whole, then has the committer publish them (see commit.py)."""
+
+    def __init__(self, spec: SinkSpec, committer: Any):
         self.spec = spec
-        self.totals: Dict[str, Any] = {"features": 0, "errors": Counter(), "files": 0, "commits": []}
+        self.committer = committer  # the job's Committer actor
+        self.totals: Dict[str, Any] = {"features": 0, "errors": Counter(), "files": 0, "duplicates": 0, "commits": []}
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> Dict[str, Any]:
         fs, root = filesystem(self.spec.out_uri, self.spec.storage_options)
+        staging = f"{root.rstrip('/')}/{STAGING}/{uuid.uuid4().hex}"
         schema = features_schema(self.spec)
-        result = {"features": 0, "errors": Counter(), "files": 0}
+        staged: List[Staged] = []
         for block in blocks:
             batch = BlockAccessor.for_block(block).to_batch_format("numpy")
             ok = batch["error_stage"] == ""
-            for path, table in self._feature_tables(batch, ok, schema):
-                _write_parquet_atomic(fs, f"{root}/{path}", table)
-                result["features"] += table.num_rows
-                result["files"] += 1
+            tables = list(self._feature_tables(batch, ok, schema))
             if (~ok).any():
-                errors = _errors_table(batch, ~ok)
-                _write_parquet_atomic(fs, f"{root}/errors/{_part_name(errors)}", errors)
-                result["errors"].update(zip(errors["stage"].to_pylist(), errors["error_type"].to_pylist()))
-                result["files"] += 1
+                tables.append(("errors", _errors_table(batch, ~ok), np.flatnonzero(~ok)))
+            for folder, table, rows in tables:
+                ids = table["sample_id"].to_pylist()
+                rel = f"{folder}/{part_name(ids)}"
+                write_atomic(fs, f"{staging}/{rel}", parquet_bytes(table))
+                kinds = [f"{s}/{k}" for s, k in zip(table["stage"].to_pylist(), table["error_type"].to_pylist())] \
+                    if folder == "errors" else []
+                staged.append(Staged(f"{staging}/{rel}", rel, ids, kinds, _unit_rows(batch, rows)))
+        result = ray.get(self.committer.commit.remote(staged)) if staged else \
+            {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
         result["committed_at"] = time.time()  # for the steady-state throughput
         return result
 
@@ -102,19 +104,31 @@ class ParquetCommitSink(Datasink):
             self.totals["features"] += r["features"]
             self.totals["errors"].update(r["errors"])
             self.totals["files"] += r["files"]
+            self.totals["duplicates"] += r["duplicates"]
             self.totals["commits"].append((r["committed_at"], r["features"] + sum(r["errors"].values())))
 
     def _feature_tables(self, batch: Dict[str, np.ndarray], ok: np.ndarray, schema: pa.Schema):
-        """One table per partition, with the path it is written to."""
+        """One table per partition: (folder relative to OUT, table, batch rows in it)."""
         keys = self.spec.partition_by
         groups: Dict[tuple, List[int]] = {}
         for i in np.flatnonzero(ok):
             groups.setdefault(tuple(str(batch[k][i]) for k in keys), []).append(i)
         for values, rows in sorted(groups.items()):
             idx = np.asarray(rows)
-            table = _features_table(batch, idx, schema)
             folder = "/".join(f"{k}={quote(v, safe='') if v else HIVE_NULL}" for k, v in zip(keys, values))
-            yield "/".join(p for p in ("features", folder, _part_name(table)) if p), table
+            yield "/".join(p for p in ("features", folder) if p), _features_table(batch, idx, schema), idx
+
+
+def _unit_rows(batch: Dict[str, np.ndarray], rows: np.ndarray) -> List[Tuple[str, str, int]]:
+    """(sample_id, unit, rows in the unit) for the rows that are part of a multi-row unit."""
+    if "unit" not in batch:
+        return []
+    out = []
+    for i in rows:
+        sid, unit, n = str(batch["sample_id"][i]), str(batch["unit"][i]), int(batch["unit_rows"][i])
+        if unit != sid or n != 1:
+            out.append((sid, unit, n))
+    return out
 
 
 def _features_table(batch: Dict[str, np.ndarray], idx: np.ndarray, schema: pa.Schema) -> pa.Table:
@@ -137,8 +151,14 @@ def _arrow(values: np.ndarray, typ: pa.DataType) -> pa.Array:
     return pa.array(values.tolist(), type=typ)
 
 
+def _attempts(batch: Dict[str, np.ndarray], bad: np.ndarray) -> List[int]:
+    """This attempt's number: one more than the earlier runs that failed on the sample."""
+    if "attempts" not in batch:
+        return [1] * int(bad.sum())
+    return [int(a) + 1 for a in batch["attempts"][bad]]
+
+
 def _errors_table(batch: Dict[str, np.ndarray], bad: np.ndarray) -> pa.Table:
-    n = int(bad.sum())
     return pa.table(
         {
             "sample_id": batch["sample_id"][bad].tolist(),
@@ -146,31 +166,7 @@ def _errors_table(batch: Dict[str, np.ndarray], bad: np.ndarray) -> pa.Table:
             "stage": batch["error_stage"][bad].tolist(),
             "error_type": batch["error_type"][bad].tolist(),
             "message": batch["error_message"][bad].tolist(),
-            "attempts": [1] * n,
+            "attempts": _attempts(batch, bad),
         },
         schema=ERRORS_SCHEMA,
     )
-
-
-def _part_name(table: pa.Table) -> str:
-    """Named by the sample ids it holds: a retried write lands on the same name."""
-    digest = hashlib.sha1("\n".join(table["sample_id"].to_pylist()).encode()).hexdigest()[:20]
-    return f"part-{digest}.parquet"
-
-
-def _write_parquet_atomic(fs, path: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
-    if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")  # readers skip dot files
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        # Object stores publish a key only when its PUT (or multipart upload) completes.
-        fs.pipe_file(path, data)

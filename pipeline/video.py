@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from . import faults
 from .config import VideoConfig
 from .isolate import ChildError, DecoderCrashed, DecodeTimeout, IsolatedCall
-from .read import ERROR_COLUMNS, OK, SAMPLE_COLUMNS, error_fields, ragged
+from .read import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 
 @dataclass(frozen=True)
 class FrameSpec:
@@ -89,6 +90,7 @@ def _sample(first: int, last: int, fps: float, cfg: VideoConfig) -> np.ndarray:
 
 def decode_video(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
     """All windows of one video (a path or bytes); decord first, PyAV once if decord fails."""
+    faults.point("decode", source if isinstance(source, str) else "")  # runs in the isolated child
     if isinstance(source, (bytes, bytearray)) and not source:
         raise VideoDecodeError("empty file (0 bytes)")
     try:
@@ -197,6 +199,8 @@ def decode_video_batch(
     rows = []
     for i in range(len(batch["sample_id"])):
         base = {k: batch[k][i] for k in SAMPLE_COLUMNS}
+        if windowed and base["unit"] != base["sample_id"]:
+            base["unit_rows"] = -1  # windows of a tar member: the shard's row count is unknowable
         if batch["error_stage"][i]:
             rows.append(_error_row(base, {k: batch[k][i] for k in ERROR_COLUMNS}))
             continue
@@ -205,6 +209,8 @@ def decode_video_batch(
         except Exception as e:  # this video's error row; the task goes on with the next
             rows.append(_error_row(base, _video_error(e)))
             continue
+        if windowed and base["unit_rows"] == 1:  # the video is a unit of len(clips) rows
+            base["unit_rows"] = len(clips)
         rows.extend(_clip_row(base, clip, windowed) for clip in clips)
     return _to_columns(rows, spec, cfg)
 
@@ -243,7 +249,9 @@ def _error_row(base: Dict[str, Any], error: Dict[str, str]) -> Dict[str, Any]:
 
 
 def _to_columns(rows: List[Dict[str, Any]], spec: FrameSpec, cfg: VideoConfig) -> Dict[str, np.ndarray]:
-    out = {k: np.array([r[k] for r in rows], dtype=object) for k in (*SAMPLE_COLUMNS, "decoder", *ERROR_COLUMNS)}
+    out = {k: np.array([r[k] for r in rows], dtype=object) for k in (*PLAN_COLUMNS, "unit", "decoder", *ERROR_COLUMNS)}
+    out["unit_rows"] = np.array([r["unit_rows"] for r in rows], np.int64)
+    out["attempts"] = np.array([r["attempts"] for r in rows], np.int64)
     out["start_s"] = np.array([r["start_s"] for r in rows], np.float64)
     out["end_s"] = np.array([r["end_s"] for r in rows], np.float64)
     out["num_frames"] = np.array([r["num_frames"] for r in rows], np.int32)

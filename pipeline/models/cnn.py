@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from .. import faults
 from ..config import ModelConfig
 from ..read import ERROR_COLUMNS, error_fields, ragged
 from .weights import Weights, WeightsError, load_state_dict
@@ -159,6 +160,7 @@ class CnnEmbedder:
         return out.float().cpu().numpy()
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        faults.point("embed")
         if "frames" in batch:
             return self._call_frames(batch)
         pixels = batch.pop("pixels")

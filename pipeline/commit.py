@@ -1,0 +1,239 @@
+"""The commit protocol: every planned sample exactly once across OUT/features and OUT/errors.
+
+Write tasks stage each Parquet file whole under `OUT/_staging/` and hand it to one Committer
+actor. The committer holds the set of committed sample ids (read back from the files when it
+starts) and publishes a staged file by a rename on local disk or a server-side copy on object
+stores, both of which make a file visible only whole. Rows it has already published, because
+Ray re-ran a task after an actor, worker or node died and the blocks came out cut differently,
+are dropped before publishing, so no sample ever lands twice. The published files themselves
+are the record of what is done: nothing else has to be kept in step with them.
+
+A plan row can yield several rows: a tar shard its members, a video its windows. Such a unit is
+done when all its rows are committed; rows say how many their unit has (`unit_rows`, set on the
+shard's last member once the stream ends, or on every window), and completed units are recorded
+in `OUT/_units/` so that a resumed run skips them without reading them again.
+
+Why not Ray Data's own checkpointing: it filters rows only for `read_*` sources, and for a
+custom datasink it records ids after the data is written (at least once), so it cannot keep a
+row that Ray re-executes from being written twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from . import faults
+
+STAGING, UNITS = "_staging", "_units"
+TABLES = ("features", "errors")
+
+
+@dataclass
+class Staged:
+    """A whole Parquet file under _staging, waiting for the committer."""
+
+    path: str  # where it is staged
+    rel: str  # where it is published, relative to OUT: features/split=train/part-....parquet
+    ids: List[str]  # its rows' sample ids, in order
+    kinds: List[str] = field(default_factory=list)  # errors: "stage/error_type" per row
+    units: List[Tuple[str, str, int]] = field(default_factory=list)  # rows of multi-row units
+
+
+def part_name(ids: Iterable[str]) -> str:
+    """Named by the sample ids it holds, so the same rows always land on the same name."""
+    return f"part-{hashlib.sha1(chr(10).join(ids).encode()).hexdigest()[:20]}.parquet"
+
+
+def is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Make `path` appear whole or not at all."""
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")  # readers skip dot files
+        with open(tmp, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            faults.point("write", path)  # the fault-injection tests fail a write half done
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        faults.point("write", path)
+        fs.pipe_file(path, data)  # an object store publishes a key only when its PUT completes
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def move(fs, src: str, dst: str) -> None:
+    if is_local(fs):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+    else:
+        fs.copy(src, dst)  # server-side; the new key appears whole
+        fs.rm(src)
+
+
+def parquet_files(fs, folder: str) -> List[str]:
+    """Published Parquet files under a folder (readers skip names starting with . or _)."""
+    fs.invalidate_cache(folder)
+    try:
+        paths = fs.find(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in paths if p.endswith(".parquet") and not _hidden(p[len(folder):]))
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+
+def read_column(fs, files: List[str], column: str) -> pa.ChunkedArray:
+    if not files:
+        return pa.chunked_array([], pa.string())
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[column])[column]
+
+
+class Ledger:
+    """What OUT holds: committed sample ids and completed multi-row units; publishes staged files."""
+
+    def __init__(self, fs, root: str, state: Optional[Tuple[Set[str], Set[str]]] = None):
+        self.fs, self.root = fs, root.rstrip("/")
+        if state is None:
+            files = [f for t in TABLES for f in parquet_files(fs, f"{self.root}/{t}")]
+            state = (set(read_column(fs, files, "sample_id").to_pylist()),
+                     set(read_column(fs, parquet_files(fs, f"{self.root}/{UNITS}"), "unit").to_pylist()))
+        self.rows, self.units = state
+        self.pending: Dict[str, Tuple[Set[str], int]] = {}  # unit -> (its rows seen, rows expected)
+
+    def recover(self) -> int:
+        """Publish (or drop, if already there) whatever an interrupted run left staged."""
+        staging = f"{self.root}/{STAGING}"
+        published = 0
+        for path in parquet_files(self.fs, staging):
+            rel = path[len(staging) + 1:].split("/", 1)[1]  # drop the write task's folder
+            ids = pq.read_table(path, columns=["sample_id"], filesystem=self.fs)["sample_id"].to_pylist()
+            kinds = []
+            if rel.startswith("errors/"):
+                t = pq.read_table(path, columns=["stage", "error_type"], filesystem=self.fs)
+                kinds = [f"{s}/{k}" for s, k in zip(t["stage"].to_pylist(), t["error_type"].to_pylist())]
+            published += self._publish(Staged(path, rel, ids, kinds))[0]
+        return published
+
+    def clear_staging(self) -> None:
+        try:
+            self.fs.rm(f"{self.root}/{STAGING}", recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def commit(self, staged: List[Staged]) -> Dict[str, Any]:
+        result: Dict[str, Any] = {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
+        for s in staged:
+            new, kinds = self._publish(s)
+            if s.rel.startswith("errors/"):
+                result["errors"].update(kinds)
+            else:
+                result["features"] += new
+            result["duplicates"] += len(s.ids) - new
+            result["files"] += int(new > 0)
+        self.complete_units(self._track_units(u for s in staged for u in s.units))
+        return result
+
+    def complete_units(self, units: Iterable[str]) -> None:
+        done = sorted(set(units) - self.units)
+        if done:
+            table = pa.table({"unit": done})
+            write_atomic(self.fs, f"{self.root}/{UNITS}/{part_name(done)}", parquet_bytes(table))
+            self.units.update(done)
+
+    def _publish(self, s: Staged) -> Tuple[int, List[str]]:
+        """(rows published, their error kinds); rows already committed are dropped first."""
+        keep = [i for i, sid in enumerate(s.ids) if sid not in self.rows]
+        final = f"{self.root}/{s.rel}"
+        try:
+            if len(keep) == len(s.ids):
+                move(self.fs, s.path, final)
+            elif keep:
+                table = pq.read_table(s.path, filesystem=self.fs).take(keep)
+                final = posixpath.join(posixpath.dirname(final), part_name(table["sample_id"].to_pylist()))
+                write_atomic(self.fs, final, parquet_bytes(table))
+                self.fs.rm(s.path)
+            else:
+                self.fs.rm(s.path)
+        except FileNotFoundError:  # recovered by a restarted committer, or a twin task's file
+            if keep:
+                raise
+        self.rows.update(s.ids[i] for i in keep)
+        return len(keep), [s.kinds[i] for i in keep] if s.kinds else []
+
+    def _track_units(self, rows: Iterable[Tuple[str, str, int]]) -> List[str]:
+        completed = []
+        for sample_id, unit, expected in rows:
+            seen, known = self.pending.get(unit, (set(), 0))
+            seen.add(sample_id)
+            known = known or expected
+            self.pending[unit] = (seen, known)
+            if known > 0 and len(seen) >= known:
+                completed.append(unit)
+                del self.pending[unit]
+        return completed
+
+
+def remaining(plan: pa.Table, rows: Set[str], units: Set[str]) -> pa.Table:
+    """The plan rows not yet done: a tar shard is done when recorded complete in _units, a
+    file when its row is committed or (a windowed video) its unit is complete."""
+    ids = plan["sample_id"]
+    in_units = pc.is_in(ids, value_set=pa.array(sorted(units), pa.string()))
+    in_rows = pc.is_in(ids, value_set=pa.array(sorted(rows), pa.string()))
+    is_file = pc.equal(plan["container"], "")
+    done = pc.or_(in_units, pc.and_(is_file, in_rows))
+    return plan.filter(pc.invert(done))
+
+
+class Committer:
+    """The Ray actor around a Ledger: one, so that publishing is serial and needs no locks.
+
+    On its first start it takes the driver's ledger state; restarted after a failure, it reads
+    the state back from OUT (the files are the truth) and publishes what was left staged.
+    """
+
+    def __init__(self, out_uri: str, storage_options: Dict[str, Any], state: Tuple[Set[str], Set[str]]):
+        import ray
+
+        from .sources import filesystem
+
+        fs, root = filesystem(out_uri, storage_options)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self.ledger = Ledger(fs, root)
+            self.ledger.recover()
+        else:
+            self.ledger = Ledger(fs, root, state)
+
+    def commit(self, staged: List[Staged]) -> Dict[str, Any]:
+        return self.ledger.commit(staged)
+
+    def complete_units(self, units: List[str]) -> None:
+        self.ledger.complete_units(units)
+
+    def state(self) -> Tuple[Set[str], Set[str]]:
+        return self.ledger.rows, self.ledger.units

@@ -1,0 +1,62 @@
+"""Failpoints for the fault-injection tests, in the manner of etcd's gofail or TiKV's fail-rs.
+
+A stage calls `point(name, key)` where a fault can strike. A test arms a point by writing
+`<name>.json` into the folder that FEATURIZE_FAULTS names, for example
+`{"action": "exit", "after": 3}`: the process that reaches the point for the third time exits.
+A point fires once (the file is claimed by an atomic rename, so one process wins) unless the
+spec says `"once": false`; `"match"` limits it to keys (sample URIs) containing that text.
+With the variable unset, the normal case, a point costs one environment lookup.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+ENV = "FEATURIZE_FAULTS"
+_hits: Counter = Counter()
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a point armed with `"action": "raise"`."""
+
+
+def point(name: str, key: str = "") -> None:
+    folder = os.environ.get(ENV)
+    if not folder:
+        return
+    path = os.path.join(folder, f"{name}.json")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (FileNotFoundError, ValueError):  # not armed, or being written
+        return
+    if spec.get("match") and spec["match"] not in key:
+        return
+    _hits[name] += 1
+    if _hits[name] < spec.get("after", 1):
+        return
+    if spec.get("once", True):
+        try:
+            os.rename(path, f"{path}.fired")
+        except FileNotFoundError:  # another process fired it first
+            return
+    _act(name, spec)
+
+
+def _act(name: str, spec: dict) -> None:
+    action = spec["action"]
+    if action == "exit":
+        os._exit(13)
+    if action == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if action == "hang":
+        time.sleep(10**6)
+    if action == "sleep":
+        time.sleep(float(spec.get("seconds", 1.0)))
+        return
+    if action == "raise":
+        raise InjectedFault(f"fault injected at {name}")
+    raise ValueError(f"unknown fault action {action!r}")

@@ -1,0 +1,292 @@
+"""The output root across runs: start, resume, retry the failures, overwrite, and its status.
+
+A run into an OUT that holds the same job's output resumes it: the plan saved there is used (the
+source is never listed again) and only the samples not yet committed are processed. A different
+job's output is refused, naming the settings that differ, unless `--overwrite`: then the new
+output is built in `OUT/_overwrite/` and replaces the old one only once it is complete.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .commit import STAGING, TABLES, UNITS, Ledger, move, parquet_bytes, parquet_files, read_column, \
+    remaining, write_atomic
+from .sources import filesystem, plan_source
+
+JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
+OVERWRITE, SWAP_FILE = "_overwrite", "_swap.json"
+
+
+class OutputExists(RuntimeError):
+    """The output root holds another job's output, or cannot be used as asked."""
+
+
+@dataclass
+class Workspace:
+    """Where this run writes and what it still has to do."""
+
+    uri: str  # OUT, or OUT/_overwrite
+    fs: Any
+    root: str
+    plan: pa.Table  # every planned sample
+    todo: pa.Table  # the plan rows still to process, with `attempts` and `skip`
+    ledger: Ledger
+    previous: Optional[Dict[str, Any]]  # the _job.json an earlier run left, if any
+    replaces: Optional[str] = None  # OUT's root, when this run overwrites it
+
+    @property
+    def skipped(self) -> int:
+        return len(self.plan) - len(self.todo)
+
+
+def settings(prepared) -> Dict[str, Any]:
+    """The settings that decide what the output holds (not how fast it is made)."""
+    job = prepared.job
+    out = {
+        "source.uri": job.source.uri, "source.format": job.source.format, "source.split": job.source.split,
+        "source.split_files": job.source.split_files, "source.media": job.source.media,
+        "preprocess.resize": prepared.image.resize, "preprocess.crop": prepared.image.crop,
+        "preprocess.mean": list(prepared.mean), "preprocess.std": list(prepared.std),
+        "preprocess.interpolation": prepared.image.interpolation,
+        "model.arch": job.model.arch, "model.weights": prepared.weights.id,
+        "model.weights_sha256": prepared.weights.sha256, "model.layer": job.model.layer,
+        "model.pool": job.model.pool, "output.dtype": job.output.dtype,
+        "output.partition_by": list(job.output.partition_by), "output.frame_features": job.output.frame_features,
+    }
+    if job.is_video:
+        out.update({f"video.{k}": v for k, v in vars(job.video).items() if k != "decode_timeout_s"})
+        out["temporal"] = [h.provenance() for h in prepared.heads]
+    return json.loads(json.dumps(out))  # as _job.json holds them: lists, not tuples
+
+
+def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    return [f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def read_record(fs, root: str) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
+    except FileNotFoundError:
+        return None
+
+
+def open_output(prepared, overwrite: bool = False, retry_failed: bool = False) -> Workspace:
+    """Decide how this run uses OUT: start it, resume it, retry its failures, or overwrite it."""
+    job = prepared.job
+    if overwrite and retry_failed:
+        raise OutputExists("--overwrite and --retry-failed: choose one")
+    fs, out = filesystem(job.output.uri, prepared.out_options)
+    out = out.rstrip("/")
+    try:
+        finish_swap(fs, out)  # an earlier --overwrite stopped while swapping: finish it first
+        previous = read_record(fs, out)
+        taken = previous is not None or any(parquet_files(fs, f"{out}/{t}") for t in TABLES)
+    except Exception as e:
+        raise OutputExists(f"output.uri {job.output.uri}: cannot be reached ({type(e).__name__}: {e})") from None
+    wanted = settings(prepared)
+    if overwrite and taken:
+        uri, root = f"{job.output.uri.rstrip('/')}/{OVERWRITE}", f"{out}/{OVERWRITE}"
+        earlier = read_record(fs, root)
+        if earlier is not None and earlier.get("settings") != wanted:  # another job's overwrite
+            fs.rm(root, recursive=True)
+            earlier = None
+        ws = _workspace(prepared, fs, root, uri, wanted, earlier)
+        ws.replaces = out
+        return ws
+    if taken:
+        _refuse_other_job(job.output.uri, previous, wanted)
+    elif retry_failed:
+        raise OutputExists(f"--retry-failed: output.uri {job.output.uri} holds no output to retry")
+    if retry_failed:
+        _forget_errors(fs, out, previous)
+    return _workspace(prepared, fs, out, job.output.uri, wanted, previous)
+
+
+def _refuse_other_job(uri: str, previous: Optional[Dict[str, Any]], wanted: Dict[str, Any]) -> None:
+    if previous is None:
+        raise OutputExists(f"output.uri {uri} holds features or errors but no {JOB_FILE}: not this "
+                           "job's output; choose another output.uri, or --overwrite to replace it")
+    diff = differences(previous.get("settings", {}), wanted)
+    if diff:
+        raise OutputExists(f"output.uri {uri} holds the output of job {previous.get('name')!r} with different "
+                           f"settings: {'; '.join(diff)}. Choose another output.uri, or --overwrite to replace it")
+
+
+def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previous) -> Workspace:
+    resuming = previous is not None and previous.get("settings") == wanted
+    plan = _load_plan(fs, root) if resuming else None
+    if plan is None:
+        plan = plan_source(prepared.job.source)
+        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
+        previous = None
+    ledger = Ledger(fs, root)
+    ledger.recover()  # what a stopped run left staged is published, not redone
+    todo = remaining(plan, ledger.rows, ledger.units)
+    todo = _with_attempts(fs, root, _with_skip(todo, ledger.rows))
+    return Workspace(uri, fs, root, plan, todo, ledger, previous)
+
+
+def _load_plan(fs, root: str) -> Optional[pa.Table]:
+    try:
+        return pq.read_table(f"{root}/{PLAN_FILE}", filesystem=fs)
+    except FileNotFoundError:
+        return None
+
+
+def _with_skip(todo: pa.Table, committed) -> pa.Table:
+    """Tar shards list their members already committed, which the read stage passes over."""
+    shards = [i for i, c in enumerate(todo["container"].to_pylist()) if c == "tar"]
+    skip: List[List[str]] = [[] for _ in range(len(todo))]
+    if shards:
+        done = sorted(committed)
+        ids = todo["sample_id"].to_pylist()
+        for i in shards:
+            lo, hi = bisect.bisect_left(done, ids[i] + "/"), bisect.bisect_left(done, ids[i] + "0")
+            skip[i] = done[lo:hi]  # "0" follows "/": the ids under the shard
+    return todo.append_column("skip", pa.array(skip, pa.list_(pa.string())))
+
+
+def _with_attempts(fs, root: str, todo: pa.Table) -> pa.Table:
+    """How many runs already failed on each sample (a tar shard: the most among its members)."""
+    try:
+        retry = pq.read_table(f"{root}/{RETRY_FILE}", filesystem=fs).to_pylist()
+    except FileNotFoundError:
+        retry = []
+    prior: Dict[str, int] = {}
+    for r in retry:
+        unit = r["unit"]
+        prior[unit] = max(prior.get(unit, 0), r["attempts"])
+    attempts = [prior.get(s, 0) for s in todo["sample_id"].to_pylist()]
+    return todo.append_column("attempts", pa.array(attempts, pa.int64()))
+
+
+def _forget_errors(fs, root: str, previous: Dict[str, Any]) -> None:
+    """--retry-failed: note the failures' attempts in _retry.parquet, then remove the errors
+    table (and reopen the units they belong to), so that the run takes them up as not done.
+    Each step can be repeated, so a retry that is interrupted is simply run again."""
+    files = parquet_files(fs, f"{root}/errors")
+    if not files:
+        return
+    errors = pq.ParquetDataset(files, filesystem=fs).read(columns=["sample_id", "attempts"])
+    plan = pq.read_table(f"{root}/{PLAN_FILE}", filesystem=fs, columns=["sample_id", "container"])
+    units = _units_of(errors["sample_id"].to_pylist(), plan)
+    retry = pa.table({"unit": units, "sample_id": errors["sample_id"], "attempts": errors["attempts"]})
+    write_atomic(fs, f"{root}/{RETRY_FILE}", parquet_bytes(retry))
+    _reopen_units(fs, root, set(units))
+    for f in files:
+        fs.rm(f)
+
+
+def _units_of(ids: List[str], plan: pa.Table) -> List[str]:
+    """The plan row each sample id comes from: itself, its tar shard, or its windowed video."""
+    planned = set(plan["sample_id"].to_pylist())
+    shards = {s for s, c in zip(plan["sample_id"].to_pylist(), plan["container"].to_pylist()) if c == "tar"}
+    out = []
+    for sid in ids:
+        unit = sid if sid in planned else sid.rsplit("#w", 1)[0]
+        parts = sid.split("/")
+        for n in range(1, len(parts)):
+            if "/".join(parts[:n]) in shards:
+                unit = "/".join(parts[:n])
+                break
+        out.append(unit)
+    return out
+
+
+def _reopen_units(fs, root: str, units: set) -> None:
+    files = parquet_files(fs, f"{root}/{UNITS}")
+    done = set(read_column(fs, files, "unit").to_pylist())
+    if not done & units:
+        return
+    keep = sorted(done - units)
+    write_atomic(fs, f"{root}/{UNITS}/part-reopened.parquet", parquet_bytes(pa.table({"unit": pa.array(keep, pa.string())})))
+    for f in files:
+        if not f.endswith("/part-reopened.parquet"):
+            fs.rm(f)
+
+
+def finish(ws: Workspace) -> None:
+    """After a run that completed: drop what only the run needed, and swap an --overwrite
+    output into place."""
+    ws.ledger.clear_staging()
+    if ws.fs.exists(f"{ws.root}/{RETRY_FILE}"):
+        ws.fs.rm(f"{ws.root}/{RETRY_FILE}")
+    if ws.replaces:
+        start_swap(ws.fs, ws.replaces)
+
+
+def multi_row_units(todo: pa.Table, windowed: bool) -> List[str]:
+    """The units of this run that may yield several rows: tar shards, and videos cut into windows."""
+    if windowed:
+        return todo["sample_id"].to_pylist()
+    return todo.filter(pc.equal(todo["container"], "tar"))["sample_id"].to_pylist()
+
+
+# --overwrite: the swap. `_swap.json` lists the new output's files before anything moves, so a
+# swap that stops midway is finished by the next run instead of being left half done. Old files
+# that the new output lacks go first, then the new ones move in (same names replace atomically),
+# so a reader sees some files missing for a moment but never a sample twice.
+
+ENTRIES = ("features", "errors", UNITS)
+
+
+def start_swap(fs, out: str) -> None:
+    new = f"{out}/{OVERWRITE}"
+    files = [f[len(new) + 1:] for e in ENTRIES for f in parquet_files(fs, f"{new}/{e}")]
+    write_atomic(fs, f"{out}/{SWAP_FILE}", json.dumps({"files": files}).encode())
+    finish_swap(fs, out)
+
+
+def finish_swap(fs, out: str) -> None:
+    try:
+        files = set(json.loads(fs.cat_file(f"{out}/{SWAP_FILE}"))["files"])
+    except FileNotFoundError:
+        return
+    new = f"{out}/{OVERWRITE}"
+    for e in ENTRIES:
+        for f in parquet_files(fs, f"{out}/{e}"):
+            if f[len(out) + 1:] not in files:
+                fs.rm(f)
+    for rel in sorted(files):
+        if fs.exists(f"{new}/{rel}"):
+            move(fs, f"{new}/{rel}", f"{out}/{rel}")
+    for name in (PLAN_FILE, JOB_FILE):  # the job record last: it says the swap is done
+        if fs.exists(f"{new}/{name}"):
+            move(fs, f"{new}/{name}", f"{out}/{name}")
+    if fs.exists(new):
+        fs.rm(new, recursive=True)
+    fs.rm(f"{out}/{SWAP_FILE}")
+
+
+def table_rows(fs, root: str) -> Dict[str, int]:
+    """Rows in OUT/features and OUT/errors, from the files' footers."""
+    return {t: sum(pq.read_metadata(f, filesystem=fs).num_rows for f in parquet_files(fs, f"{root}/{t}"))
+            for t in TABLES}
+
+
+def status(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Planned, committed, errored and remaining counts of an output root."""
+    fs, root = filesystem(uri, storage_options or {})
+    root = root.rstrip("/")
+    record = read_record(fs, root)
+    plan = _load_plan(fs, root)
+    if record is None or plan is None:
+        raise FileNotFoundError(f"{uri}: no {JOB_FILE} and {PLAN_FILE} there")
+    ledger = Ledger(fs, root)
+    rows = table_rows(fs, root)
+    left = len(remaining(plan, ledger.rows, ledger.units))
+    return {
+        "name": record.get("name"), "status": record.get("status"), "planned": len(plan),
+        "features": rows["features"], "errors": rows["errors"], "remaining": left,
+        "staged_files": len(parquet_files(fs, f"{root}/{STAGING}")),
+        "overwrite_pending": fs.exists(f"{root}/{OVERWRITE}"),
+        "complete": record.get("status") == "complete" and left == 0,
+    }
