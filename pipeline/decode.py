@@ -16,6 +16,7 @@ from typing import Dict, Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import faults
 from .read import ERROR_COLUMNS, error_fields
 
 ORIENTATION_TAG = 0x0112
@@ -116,6 +117,7 @@ def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec) -> Dict[str, np.
     for i, data in enumerate(batch["data"]):
         if stage[i]:
             continue
+        faults.point("decode", str(batch["uri"][i]))
         try:
             pixels[i], width[i], height[i] = decode_image(data, spec)
         except Exception as e:  # any failure of this one file is its error row, never the job's

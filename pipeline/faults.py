@@ -3,8 +3,11 @@
 A stage calls `point(name, key)` where a fault can strike. A test arms a point by writing
 `<name>.json` into the folder that FEATURIZE_FAULTS names, for example
 `{"action": "exit", "after": 3}`: the process that reaches the point for the third time exits.
+Actions: exit, crash (SIGSEGV), hang, sleep (`seconds`), raise, and record (append the key to
+`<name>.log`, so a test can count what a stage processed).
 A point fires once (the file is claimed by an atomic rename, so one process wins) unless the
-spec says `"once": false`; `"match"` limits it to keys (sample URIs) containing that text.
+spec says `"once": false`; `"match"` limits it to keys (sample URIs) containing that text. The
+file may hold a list of specs: the first that matches applies.
 With the variable unset, the normal case, a point costs one environment lookup.
 """
 from __future__ import annotations
@@ -30,24 +33,30 @@ def point(name: str, key: str = "") -> None:
     path = os.path.join(folder, f"{name}.json")
     try:
         with open(path) as f:
-            spec = json.load(f)
+            specs = json.load(f)
     except (FileNotFoundError, ValueError):  # not armed, or being written
         return
-    if spec.get("match") and spec["match"] not in key:
-        return
-    _hits[name] += 1
-    if _hits[name] < spec.get("after", 1):
-        return
-    if spec.get("once", True):
-        try:
-            os.rename(path, f"{path}.fired")
-        except FileNotFoundError:  # another process fired it first
+    for spec in specs if isinstance(specs, list) else [specs]:  # a list: the first that matches
+        if spec.get("match") and spec["match"] not in key:
+            continue
+        _hits[name] += 1
+        if _hits[name] < spec.get("after", 1):
             return
-    _act(name, spec)
+        if spec.get("once", True):
+            try:
+                os.rename(path, f"{path}.fired")
+            except FileNotFoundError:  # another process fired it first
+                return
+        _act(name, spec, path, key)
+        return
 
 
-def _act(name: str, spec: dict) -> None:
+def _act(name: str, spec: dict, path: str, key: str) -> None:
     action = spec["action"]
+    if action == "record":
+        with open(path[: -len(".json")] + ".log", "a") as f:
+            f.write(key + "\n")
+        return
     if action == "exit":
         os._exit(13)
     if action == "crash":

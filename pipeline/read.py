@@ -27,6 +27,18 @@ ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 MAX_MESSAGE = 500
 
 
+class StoreError(RuntimeError):
+    """The store kept failing (throttling, dropped connections, 5xx) after its client's retries.
+    That is no fault of the sample: the task fails, the job stops resumable, and the sample is
+    not recorded as an error."""
+
+
+def _sample_fault(exc: BaseException) -> bool:
+    """Errors that belong to the sample (missing, denied, malformed), not to the store."""
+    return not isinstance(exc, OSError) or isinstance(exc, (FileNotFoundError, PermissionError,
+                                                             IsADirectoryError, NotADirectoryError))
+
+
 def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
     message = str(exc) or repr(exc)
     return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message[:MAX_MESSAGE]}
@@ -85,6 +97,8 @@ def _read_files(
         for _, path, i in group:
             row = _sample(batch, i)
             data = contents.get(path, FileNotFoundError(path))
+            if isinstance(data, BaseException) and not _sample_fault(data):
+                raise StoreError(f"{batch['uri'][i]}: {type(data).__name__}: {data}") from data
             if isinstance(data, BaseException):
                 yield {**row, "data": b"", **error_fields("read", data)}
             else:
@@ -131,6 +145,8 @@ def _tar_rows(
             if key is not None:
                 yield _tar_sample(shard, shard_name, key, members, extensions)
     except Exception as e:  # unreadable or truncated shard: one error row for what is left
+        if not _sample_fault(e):
+            raise StoreError(f"{shard['uri']}: {type(e).__name__}: {e}") from e
         yield {**shard, "data": b"", **error_fields("read", e)}
 
 

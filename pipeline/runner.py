@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -89,7 +90,11 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
         _check_complete(ws, job.is_video and bool(job.video.window_s))
     except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
         _record_failure(prepared, ws, t0, e)
-        raise
+        # Ray Data stops a failed execution without killing its actors, which go when nothing refers
+        # to them; the traceback would keep them (and their CPUs) for as long as the caller keeps it.
+        e.__traceback__ = None
+        gc.collect()
+        raise e
     return _finish(prepared, ws, t0, t1, sink.totals, layout)
 
 

@@ -25,14 +25,40 @@ SMALL_RESOURCES = {"batch_size": 16, "decode_batch_size": 8}
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def faults_dir(tmp_path_factory):
+    """The folder FEATURIZE_FAULTS names in every Ray worker of the session (see pipeline/faults.py)."""
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture
+def faults(faults_dir):
+    """arm(point, **spec) arms a failpoint for this test; everything armed is disarmed after it."""
+    import json
+
+    def arm(point: str, **spec):
+        (faults_dir / f"{point}.json").write_text(json.dumps(spec))
+
+    yield arm
+    for f in faults_dir.iterdir():
+        f.unlink()
+
+
+def recorded(faults_dir, point: str) -> List[str]:
+    """Keys a failpoint armed with action "record" has logged."""
+    log = faults_dir / f"{point}.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture(scope="session")
+def ray_session(faults_dir):
     """One local Ray for the whole session; `run_job` finds it initialised and reuses it."""
     import ray
 
     if ray.is_initialized():  # pragma: no cover - someone else started it in this process
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"FEATURIZE_FAULTS": str(faults_dir)}})
     try:
         yield ray
     finally:
@@ -104,12 +130,35 @@ def job_dict(source_uri: str, output_uri: str, *, name: str = "e2e", source: Opt
     }
 
 
-def run(data: Dict[str, Any]):
+def run(data: Dict[str, Any], **modes):
     """parse_job + run_job on the Ray the caller's `ray_session` fixture started."""
     from pipeline.config import parse_job
     from pipeline.runner import run_job
 
-    return run_job(parse_job(data))
+    return run_job(parse_job(data), **modes)
+
+
+def assert_whole_files(out: str, fs=None) -> None:
+    """Every file under OUT/features and OUT/errors is a complete Parquet file, and nothing else is
+    there (no temporary or partial files), read by pyarrow and by DuckDB alike."""
+    import duckdb
+    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = fs or LocalFileSystem()
+    for table in ("features", "errors"):
+        path = f"{_strip(fs, out)}/{table}"
+        if not fs.exists(path):
+            continue
+        files = fs.find(path)
+        names = [f.rsplit("/", 1)[-1] for f in files]
+        assert all(n.startswith("part-") and n.endswith(".parquet") for n in names), names
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                pq.read_table(fh)  # a truncated file fails here
+        if isinstance(fs, LocalFileSystem):
+            n = duckdb.sql(f"select count(*) from read_parquet('{path}/**/*.parquet')").fetchall()[0][0]
+            assert n == sum(pq.read_metadata(f).num_rows for f in files)
 
 
 def _strip(fs, uri: str) -> str:

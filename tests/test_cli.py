@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SMALL_MODEL, SMALL_PREPROCESS, job_dict
+from conftest import SMALL_MODEL, SMALL_PREPROCESS, job_dict, tree
 from pipeline.samples import make_image_folder
 
 FEATURIZE = Path(sys.executable).with_name("featurize")
@@ -145,8 +145,21 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir):
     kinds = [line.split() for line in text if line.startswith("  decode/")]
     assert sum(int(parts[-1]) for parts in kinds) == 2
 
-    # and a second run into the same output is refused, without touching it
-    before = sorted(p.name for p in out.rglob("*"))
-    result = featurize("run", str(job), env_extra={"RAY_TMPDIR": str(ray_tmpdir)}, timeout=60)
-    assert result.returncode == 2 and "already holds" in result.stderr
-    assert sorted(p.name for p in out.rglob("*")) == before
+    result = featurize("status", str(out), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "planned    8" in result.stdout and "remaining  0 planned samples not yet committed" in result.stdout
+    assert "complete   yes" in result.stdout
+
+    # the same job again finds everything done: it skips all, starts no Ray, changes no file
+    before = tree(out / "features")
+    result = featurize("run", str(job), "--set", "resources.batch_size=4", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "skipped      8 planned samples already committed" in result.stdout
+    assert tree(out / "features") == before
+
+    # another job into the same output is refused, naming what differs, and changes nothing
+    before = tree(out)
+    result = featurize("run", str(job), "--set", "model.pool=max", timeout=60)
+    assert result.returncode == 2
+    assert 'model.pool ("avg" -> "max")' in result.stderr and "--overwrite" in result.stderr
+    assert tree(out) == before

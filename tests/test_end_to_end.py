@@ -181,11 +181,17 @@ def test_image_folder_files_metadata_and_job_record(image_folder_run):
 
 
 @pytest.mark.timeout(120)
-def test_rerun_into_same_output_is_refused(image_folder_run):
+def test_rerun_finds_everything_done_and_another_job_is_refused(image_folder_run):
     r = image_folder_run
+    before = tree(os.path.join(r["out"], "features"))
+    summary = run(r["job"])
+    assert summary.samples == 0 and summary.skipped == len(_files_under(r["src"]))
+    assert tree(os.path.join(r["out"], "features")) == before
     before = tree(r["out"])
-    with pytest.raises(OutputExists, match="already holds"):
-        run(r["job"])
+    other = json.loads(json.dumps(r["job"]))
+    other["model"]["pool"] = "max"
+    with pytest.raises(OutputExists, match=r'different settings: model.pool \("avg" -> "max"\)'):
+        run(other)
     assert tree(r["out"]) == before
 
 

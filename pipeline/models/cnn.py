@@ -160,7 +160,7 @@ class CnnEmbedder:
         return out.float().cpu().numpy()
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        faults.point("embed")
+        faults.point("embed", "\n".join(map(str, batch["sample_id"])))
         if "frames" in batch:
             return self._call_frames(batch)
         pixels = batch.pop("pixels")

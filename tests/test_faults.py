@@ -1,0 +1,255 @@
+"""Fault injection: the issue's six faults, each on a real Ray, each bounded in time.
+
+After each, OUT is read back with pyarrow and DuckDB: every planned sample exactly once across
+features and errors (I1), only whole, published files (I2); the resumed runs recompute nothing
+already committed (I3); a hanging or crashing decoder costs one error row (I4).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (S3_BUCKET, assert_exactly_once, assert_whole_files, job_dict, recorded, run, s3_options)
+from faultproxy import FaultProxy
+from pipeline.output import JOB_FILE
+from pipeline.samples import make_image_folder, make_video_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def planned(src: Path):
+    return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+
+
+def images(tmp_path, n=60) -> Path:
+    src = tmp_path / "images"
+    make_image_folder(str(src), n=n, broken=2)
+    return src
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def committed_files(out: Path):
+    return list((out / "features").rglob("*.parquet")) if (out / "features").exists() else []
+
+
+@pytest.mark.timeout(300)
+def test_1_model_actor_killed_mid_job(ray_session, faults, faults_dir, tmp_path):
+    src, out = images(tmp_path), tmp_path / "out"
+    faults("embed", action="exit", after=3)  # the actor's process exits on its third batch
+    summary = run(job_dict(str(src), str(out)))
+    assert (faults_dir / "embed.json.fired").exists()
+    assert_exactly_once(str(out), planned(src))
+    assert_whole_files(str(out))
+    assert summary.features + sum(summary.errors.values()) == len(planned(src))
+
+
+@pytest.mark.timeout(300)
+def test_5_exception_while_writing_a_parquet_file(ray_session, faults, faults_dir, tmp_path):
+    src, out = images(tmp_path), tmp_path / "out"
+    faults("write", action="raise", after=2)
+    with pytest.raises(Exception, match="fault injected at write"):
+        run(job_dict(str(src), str(out)))
+    assert json.loads((out / JOB_FILE).read_text())["status"] == "failed"
+    assert_whole_files(str(out))  # the half-written file never shows
+    first = {p.name for p in committed_files(out)}
+    summary = run(job_dict(str(src), str(out)))  # the same job again: resumes
+    assert summary.skipped + summary.samples == len(planned(src))
+    assert first <= {p.name for p in committed_files(out)}  # nothing committed was rewritten
+    assert_exactly_once(str(out), planned(src))
+    assert_whole_files(str(out))
+
+
+@pytest.mark.timeout(300)
+def test_6_poisoned_video_hangs_or_crashes_its_decoder(ray_session, faults, faults_dir, tmp_path):
+    src, out = tmp_path / "videos", tmp_path / "out"
+    make_video_folder(str(src), n=4)
+    good = next((src / "ApplyEyeMakeup").glob("v_*_c01.avi")).read_bytes()
+    for name in ("poison_hang.avi", "poison_crash.avi"):  # decodable files; the failpoint poisons them
+        (src / "ApplyEyeMakeup" / name).write_bytes(good)
+    faults_file = faults_dir / "decode.json"
+    faults_file.write_text(json.dumps([{"action": "hang", "match": "poison_hang", "once": False},
+                                       {"action": "crash", "match": "poison_crash", "once": False}]))
+    data = job_dict(str(src), str(out), source={"format": "video_folder"})
+    data["video"] = {"num_frames": 4, "size": 64, "decode_timeout_s": 5}
+    data["temporal"] = [{"kind": "mean"}]
+    summary = run(data)
+    errors = {r["sample_id"]: r for r in _errors(out)}
+    assert errors["ApplyEyeMakeup/poison_hang.avi"]["error_type"] == "timeout"
+    assert errors["ApplyEyeMakeup/poison_hang.avi"]["stage"] == "decode"
+    assert errors["ApplyEyeMakeup/poison_crash.avi"]["error_type"] == "crash"
+    assert errors["ApplyEyeMakeup/poison_crash.avi"]["stage"] == "decode"
+    assert_exactly_once(str(out), planned(src))
+    assert_whole_files(str(out))
+    assert summary.features >= 4
+
+
+def _errors(out: Path):
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(out / "errors"), format="parquet").to_table().to_pylist()
+
+
+CLUSTER_JOB = textwrap.dedent('''
+    import json, os, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipeline.config import parse_job
+    from pipeline.runner import run_job
+
+    job, out = json.loads(sys.argv[1]), sys.argv[2]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    worker = cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+
+    def kill_worker_after_first_commit():
+        deadline = time.time() + 180
+        while time.time() < deadline and not any(
+                n.endswith(".parquet") for _, _, names in os.walk(os.path.join(out, "features")) for n in names):
+            time.sleep(0.1)
+        cluster.remove_node(worker, allow_graceful=False)
+        print("worker node removed", flush=True)
+
+    threading.Thread(target=kill_worker_after_first_commit, daemon=True).start()
+    try:
+        summary = run_job(parse_job(job))
+        print("RESULT " + json.dumps({"features": summary.features, "errors": sum(summary.errors.values()),
+                                      "nodes_alive": sum(n["Alive"] for n in ray.nodes())}), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+''')
+
+
+def _env(faults_folder: Path, **extra):
+    env = {**os.environ, "FEATURIZE_FAULTS": str(faults_folder), "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": str(ROOT), **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _slow_model(tmp_path: Path, seconds: float) -> Path:
+    """A failpoint folder that makes every model batch sleep, so a fault lands mid-job."""
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    (folder / "embed.json").write_text(json.dumps({"action": "sleep", "seconds": seconds, "once": False}))
+    return folder
+
+
+@pytest.mark.timeout(400)
+def test_2_worker_node_killed_mid_job(tmp_path):
+    src, out = images(tmp_path, n=100), tmp_path / "out"
+    job = job_dict(str(src), str(out))
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_JOB, json.dumps(job), str(out)], cwd=ROOT,
+                          env=_env(_slow_model(tmp_path, 0.7)), capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker node removed" in proc.stdout
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["nodes_alive"] == 1  # it finished on the head alone
+    assert_exactly_once(str(out), planned(src))
+    assert_whole_files(str(out))
+
+
+@pytest.mark.timeout(400)
+def test_3_driver_sigkilled_then_the_same_command_resumes(ray_session, faults, faults_dir, tmp_path):
+    import tempfile
+
+    import yaml
+
+    from conftest import accounted, read_errors, read_features
+
+    src, out = images(tmp_path, n=100), tmp_path / "out"
+    job = job_dict(str(src), str(out))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    ray_tmp = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")  # Ray's socket paths must stay short
+    featurize = Path(sys.executable).with_name("featurize")
+    proc = subprocess.Popen([str(featurize), "run", str(job_file)], env=_env(_slow_model(tmp_path, 0.7), RAY_TMPDIR=ray_tmp),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(committed_files(out)) >= 2, 240, "the first commits")
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray goes down with it
+        proc.wait(30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of that Ray left over
+        except ProcessLookupError:
+            pass
+    features, errors = accounted(str(out))
+    done_ids = set(features) | set(errors)
+    assert 0 < len(done_ids) < len(planned(src))
+    done_uris = set(read_features(str(out), columns=["uri"])["uri"].to_pylist())
+    if errors:
+        done_uris |= set(read_errors(str(out))["uri"].to_pylist())
+
+    faults("decode", action="record", once=False)  # log what the second run decodes and embeds
+    faults("embed", action="record", once=False)
+    summary = run(job)
+    decoded, embedded = set(recorded(faults_dir, "decode")), set(recorded(faults_dir, "embed"))
+    assert decoded and embedded
+    assert not decoded & done_uris, "the second run decoded samples the first had committed"
+    assert not embedded & done_ids, "the second run embedded samples the first had committed"
+    assert summary.skipped >= len(done_ids)
+    assert summary.skipped + summary.samples == len(planned(src))
+    assert_exactly_once(str(out), planned(src))
+    assert_whole_files(str(out))
+
+
+def _store_options(proxy: FaultProxy):
+    return {**s3_options(proxy.endpoint), "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
+
+
+@pytest.mark.timeout(400)
+def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_path):
+    fs, _ = s3
+    src = images(tmp_path, n=40)
+    for path in planned(src):
+        fs.pipe_file(f"{S3_BUCKET}/images/{path}", (src / path).read_bytes())
+    fs.invalidate_cache()
+    out = f"s3://{S3_BUCKET}/out"
+    with FaultProxy(s3_server, fault_rate=0.2, seed=7) as proxy:
+        job = job_dict(f"s3://{S3_BUCKET}/images/", out, source={"storage_options": _store_options(proxy)})
+        run(job)
+        assert proxy.resets > 0 and proxy.slowdowns > 0  # both kinds of fault happened, retries absorbed them
+    fs.invalidate_cache()
+    assert_exactly_once(out, planned(src), fs)
+    assert_whole_files(out, fs)
+
+    # a permanent outage mid-job: the job fails with the store's error, and OUT stays resumable
+    out2 = f"s3://{S3_BUCKET}/out2"
+    with FaultProxy(s3_server) as proxy:
+        job = job_dict(f"s3://{S3_BUCKET}/images/", out2, source={"storage_options": _store_options(proxy)},
+                       resources={"batch_size": 4})
+
+        def outage_after_first_commit():
+            wait_for(lambda: fs.invalidate_cache() or bool(fs.glob(f"{S3_BUCKET}/out2/features/**.parquet")),
+                     240, "the first commit")
+            proxy.down = True
+
+        threading.Thread(target=outage_after_first_commit, daemon=True).start()
+        started = time.time()
+        with pytest.raises(Exception, match="SlowDown|reduce your request rate|503|Service Unavailable"):
+            run(job)
+        assert time.time() - started < 300
+        proxy.down = False
+        summary = run(job)  # the outage is over: the same job resumes
+    fs.invalidate_cache()
+    assert summary.skipped > 0
+    assert_exactly_once(out2, planned(src), fs)
+    assert_whole_files(out2, fs)

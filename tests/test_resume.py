@@ -1,0 +1,105 @@
+"""Runs into an output root that already holds output: resume, --retry-failed, --overwrite, status."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from conftest import (assert_exactly_once, assert_whole_files, job_dict, read_errors, read_features, recorded, run,
+                      tree)
+from pipeline.output import JOB_FILE, OutputExists, status
+from pipeline.samples import encode, make_image_folder, photo
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def planned(src):
+    return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+
+
+@pytest.mark.timeout(300)
+def test_retry_failed_moves_fixed_samples_from_errors_to_features(tmp_path):
+    src, out = tmp_path / "images", tmp_path / "out"
+    make_image_folder(str(src), n=20, broken=2)
+    good = encode(photo(90, 70, seed=3))
+    (src / "late.jpg").write_bytes(good[:200])  # truncated while it was being uploaded
+    job = job_dict(str(src), str(out))
+    run(job)
+    assert "late.jpg" in read_errors(str(out))["sample_id"].to_pylist()
+    with pytest.raises(OutputExists, match="holds no output"):
+        run(job_dict(str(src), str(tmp_path / "empty")), retry_failed=True)
+
+    (src / "late.jpg").write_bytes(good)  # the upload finished
+    summary = run(job, retry_failed=True)
+    assert summary.skipped == len(planned(src)) - 3  # only the three errors were taken up again
+    assert summary.features == 1 and sum(summary.errors.values()) == 2
+    errors = read_errors(str(out)).to_pylist()
+    assert "late.jpg" not in [e["sample_id"] for e in errors]
+    assert all(e["attempts"] == 2 for e in errors)  # the still-broken ones, tried twice now
+    assert "late.jpg" in read_features(str(out), columns=["sample_id"])["sample_id"].to_pylist()
+    assert_exactly_once(str(out), planned(src))
+    assert not (out / "_retry.parquet").exists()
+
+
+@pytest.mark.timeout(400)
+def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(tmp_path, faults):
+    src, out = tmp_path / "images", tmp_path / "out"
+    make_image_folder(str(src), n=30, broken=1)
+    run(job_dict(str(src), str(out)))
+    old = tree(out / "features")
+    other = job_dict(str(src), str(out))
+    other["model"]["pool"] = "max"
+
+    faults("write", action="raise", after=2)  # the overwriting run fails midway
+    with pytest.raises(Exception, match="fault injected"):
+        run(other, overwrite=True)
+    assert tree(out / "features") == old  # the old output is untouched
+    assert json.loads((out / JOB_FILE).read_text())["settings"]["model.pool"] == "avg"
+    st = status(str(out))
+    assert st["complete"] and st["overwrite_pending"]
+
+    summary = run(other, overwrite=True)  # again: resumes the overwrite, then swaps it in
+    assert summary.skipped > 0
+    record = json.loads((out / JOB_FILE).read_text())
+    assert record["settings"]["model.pool"] == "max" and record["status"] == "complete"
+    assert not (out / "_overwrite").exists()
+    assert_exactly_once(str(out), planned(src))
+    assert_whole_files(str(out))
+    assert status(str(out))["complete"]
+
+
+def _shards(folder, n_shards=3, per_shard=8):
+    folder.mkdir()
+    ids = []
+    for s in range(n_shards):
+        with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
+            for k in range(per_shard):
+                for name, data in ((f"s{s}k{k}.jpg", encode(photo(60 + k, 50 + s, seed=s * 10 + k))),
+                                   (f"s{s}k{k}.cls", str(k % 3).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                ids.append(f"shard-{s:03d}.tar/s{s}k{k}")
+    return ids
+
+
+@pytest.mark.timeout(300)
+def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults_dir):
+    src, out = tmp_path / "shards", tmp_path / "out"
+    ids = _shards(src)
+    job = job_dict(str(src), str(out), source={"format": "webdataset"}, resources={"batch_size": 4})
+    faults("write", action="raise", after=3)
+    with pytest.raises(Exception, match="fault injected"):
+        run(job)
+    done = set(read_features(str(out), columns=["sample_id"])["sample_id"].to_pylist())
+    assert done and status(str(out))["remaining"] > 0
+
+    faults("decode", action="record", once=False)
+    summary = run(job)
+    decoded = recorded(faults_dir, "decode")
+    assert decoded and not {u.split("#", 1)[1] for u in decoded} & {d.rsplit("/", 1)[1] for d in done}
+    assert summary.samples == len(ids) - len(done)
+    assert_exactly_once(str(out), ids)
+    assert status(str(out))["complete"]
