@@ -228,6 +228,16 @@ class Committer:
             self.ledger.recover()
         else:
             self.ledger = Ledger(fs, root, state)
+        self.actors: List[Any] = []
+
+    def register(self, actor: Any) -> None:
+        """A model actor of this job: Ray Data leaves a failed job's actors running (its forced
+        shutdown comes after a non-forced one and is skipped), so the driver stops them itself."""
+        self.actors.append(actor)
+
+    def registered(self) -> List[Any]:
+        actors, self.actors = self.actors, []
+        return actors
 
     def commit(self, staged: List[Staged]) -> Dict[str, Any]:
         return self.ledger.commit(staged)

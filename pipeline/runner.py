@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 import os
@@ -85,17 +84,25 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
     sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri), committer)
     t1 = time.time()
     try:
-        build_dataset(prepared, layout, ws.todo).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        build_dataset(prepared, layout, ws.todo, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
         _check_complete(ws, job.is_video and bool(job.video.window_s))
     except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
         _record_failure(prepared, ws, t0, e)
-        # Ray Data stops a failed execution without killing its actors, which go when nothing refers
-        # to them; the traceback would keep them (and their CPUs) for as long as the caller keeps it.
-        e.__traceback__ = None
-        gc.collect()
-        raise e
+        raise
+    finally:
+        _stop(committer)
     return _finish(prepared, ws, t0, t1, sink.totals, layout)
+
+
+def _stop(committer) -> None:
+    """Free the job's actors and their CPUs now, also after a failure (see Committer.register)."""
+    try:
+        for actor in ray.get(committer.registered.remote(), timeout=30):
+            ray.kill(actor)
+        ray.kill(committer)
+    except Exception as e:  # the job's own outcome matters more
+        logging.getLogger(__name__).warning("could not stop the job's actors: %s", e)
 
 
 def _start_committer(ws: Workspace, storage_options: Dict[str, Any]):
@@ -195,7 +202,7 @@ def _actor_cpus(decode_cpus: float, node_cpus: float, actors_per_node: int, gpus
     return min(1.0, (node_cpus - decode_cpus) / actors_per_node) or 0.01
 
 
-def build_dataset(prepared: Prepared, layout: Layout, plan) -> ray.data.Dataset:
+def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> ray.data.Dataset:
     job, res = prepared.job, prepared.job.resources
     blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]
     media = "video" if job.is_video else "image"
@@ -216,7 +223,7 @@ def build_dataset(prepared: Prepared, layout: Layout, plan) -> ray.data.Dataset:
                         batch_format="numpy", num_cpus=res.decode_cpus)
     ds = ds.map_batches(
         EXTRACTORS["torchvision"],
-        fn_constructor_args=(_embed_spec(prepared, layout),),
+        fn_constructor_args=(dataclasses.replace(_embed_spec(prepared, layout), committer=committer),),
         # a batch of clips holds num_frames images each
         batch_size=max(1, layout.batch_size // job.video.num_frames) if job.is_video else layout.batch_size,
         batch_format="numpy",

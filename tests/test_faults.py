@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (S3_BUCKET, assert_exactly_once, assert_whole_files, job_dict, recorded, run, s3_options)
+from conftest import (S3_BUCKET, S3_SECRET, assert_exactly_once, assert_whole_files, job_dict, recorded, run, s3_options)
 from faultproxy import FaultProxy
 from pipeline.output import JOB_FILE
 from pipeline.samples import make_image_folder, make_video_folder
@@ -88,7 +88,7 @@ def test_6_poisoned_video_hangs_or_crashes_its_decoder(ray_session, faults, faul
                                        {"action": "crash", "match": "poison_crash", "once": False}]))
     data = job_dict(str(src), str(out), source={"format": "video_folder"})
     data["video"] = {"num_frames": 4, "size": 64, "decode_timeout_s": 5}
-    data["temporal"] = [{"kind": "mean"}]
+    data["temporal"] = [{"kind": "mean", "name": "mean"}]
     summary = run(data)
     errors = {r["sample_id"]: r for r in _errors(out)}
     assert errors["ApplyEyeMakeup/poison_hang.avi"]["error_type"] == "timeout"
@@ -216,7 +216,7 @@ def _store_options(proxy: FaultProxy):
 
 
 @pytest.mark.timeout(400)
-def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_path):
+def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_path, capfd):
     fs, _ = s3
     src = images(tmp_path, n=40)
     for path in planned(src):
@@ -253,3 +253,20 @@ def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_pat
     assert summary.skipped > 0
     assert_exactly_once(out2, planned(src), fs)
     assert_whole_files(out2, fs)
+    _assert_secret_nowhere(fs, [f"{S3_BUCKET}/out", f"{S3_BUCKET}/out2"], capfd)
+
+
+def _assert_secret_nowhere(fs, prefixes, capfd):
+    """The secret key given in storage options is in no output file, no Ray log, no printed line."""
+    import ray
+
+    secret = S3_SECRET.encode()
+    for prefix in prefixes:
+        for key in fs.find(prefix):
+            assert secret not in fs.cat_file(key), key
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in logs.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path
+    captured = capfd.readouterr()
+    assert S3_SECRET not in captured.out + captured.err

@@ -39,6 +39,7 @@ class EmbedSpec:
     dtype: str = "float16"
     torch_threads: int = 1
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    committer: Any = None  # the job's Committer, where the actor registers so a failed job can stop it
 
 
 def classification_models() -> List[str]:
@@ -136,6 +137,10 @@ class CnnEmbedder:
 
     def __init__(self, spec: EmbedSpec):
         self.spec = spec
+        if spec.committer is not None:
+            import ray
+
+            spec.committer.register.remote(ray.get_runtime_context().current_actor)
         self.device = _device(spec.model.device)
         if self.device.type == "cpu":
             torch.set_num_threads(spec.torch_threads)
