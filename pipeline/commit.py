@@ -96,7 +96,7 @@ def move(fs, src: str, dst: str) -> None:
 
 def parquet_files(fs, folder: str) -> List[str]:
     """Published Parquet files under a folder (readers skip names starting with . or _)."""
-    fs.invalidate_cache(folder)
+    fs.invalidate_cache()  # all of it: s3fs answers for a file from its parent's cached listing
     try:
         paths = fs.find(folder)
     except FileNotFoundError:

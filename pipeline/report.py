@@ -88,17 +88,20 @@ def _iso(t: float) -> str:
 
 
 def format_summary(summary: "Summary") -> str:
-    rate = (f"throughput   {summary.throughput:.1f} samples/s over {summary.wall_s:.1f} s "
-            f"(+{summary.startup_s:.1f} s to plan and start Ray)")
-    if summary.steady_throughput:  # needs two commits or more
-        rate += (f"; {summary.steady_throughput:.1f} samples/s once the first batch was committed "
-                 f"after {summary.first_commit_s:.1f} s")
     lines = [f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)"]
     if summary.skipped:
         lines.append(f"skipped      {summary.skipped} planned samples already committed by an earlier run")
     if summary.duplicates:
         lines.append(f"dropped      {summary.duplicates} rows that Ray computed twice (already committed)")
-    lines.append(rate)
+    if summary.samples:
+        rate = (f"throughput   {summary.throughput:.1f} samples/s over {summary.wall_s:.1f} s "
+                f"(+{summary.startup_s:.1f} s to plan and start Ray)")
+        if summary.steady_throughput:  # needs two commits or more
+            rate += (f"; {summary.steady_throughput:.1f} samples/s once the first batch was committed "
+                     f"after {summary.first_commit_s:.1f} s")
+        lines.append(rate)
+    else:
+        lines.append(f"nothing to do: every planned sample is committed ({summary.startup_s:.1f} s to check)")
     for kind, n in summary.errors.items():
         lines.append(f"  error      {n:>5}  {kind}")
     lines.append(f"output       {summary.out_uri}")

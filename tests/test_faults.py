@@ -238,8 +238,12 @@ def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_pat
                        resources={"batch_size": 4})
 
         def outage_after_first_commit():
-            wait_for(lambda: fs.invalidate_cache() or bool(fs.glob(f"{S3_BUCKET}/out2/features/**.parquet")),
-                     240, "the first commit")
+            def committed():
+                fs.invalidate_cache()
+                return fs.exists(f"{S3_BUCKET}/out2/features") and any(
+                    k.endswith(".parquet") for k in fs.find(f"{S3_BUCKET}/out2/features"))
+
+            wait_for(committed, 240, "the first commit")
             proxy.down = True
 
         threading.Thread(target=outage_after_first_commit, daemon=True).start()
