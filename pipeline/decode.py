@@ -117,7 +117,7 @@ def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec) -> Dict[str, np.
     for i, data in enumerate(batch["data"]):
         if stage[i]:
             continue
-        faults.point("decode", str(batch["uri"][i]))
+        faults.point("decode", str(batch["uri"][i]) if "uri" in batch else "")
         try:
             pixels[i], width[i], height[i] = decode_image(data, spec)
         except Exception as e:  # any failure of this one file is its error row, never the job's

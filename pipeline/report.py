@@ -71,7 +71,8 @@ def write_job_record(
         record["error"] = error
     if summary is not None:
         record["finished_at"] = run["finished_at"] = _iso(time.time())
-        record["counts"].update(summary.output_rows)  # features and errors in OUT, all runs
+        rows = summary.output_rows  # features and errors in OUT, all runs together
+        record["counts"].update(samples=sum(rows.values()), **rows, errors_by_kind=summary.errors)
         run.update(samples=summary.samples, features=summary.features, errors=sum(summary.errors.values()),
                    errors_by_kind=summary.errors, duplicates_dropped=summary.duplicates)
         record["timings"] = {

@@ -257,7 +257,7 @@ def test_webdataset_shards(tmp_path):
     assert {k: v for k, v in after.items() if not k.startswith("out" + os.sep)} == outside_before
     for rel in _files_under(str(out)):
         assert rel in ("_job.json", "_plan.parquet") or (
-            rel.startswith(("features/split=train/part-", "errors/part-")) and rel.count("/") <= 2
+            rel.startswith(("features/split=train/part-", "errors/part-", "_units/part-")) and rel.count("/") <= 2
         ), rel
 
 
