@@ -198,7 +198,8 @@ def decode_video_batch(
         _DECODER = IsolatedCall(decode_video, timeout_s=cfg.decode_timeout_s)
     rows = []
     for i in range(len(batch["sample_id"])):
-        base = {k: batch[k][i] for k in SAMPLE_COLUMNS}
+        base = {"unit": batch["sample_id"][i], "unit_rows": 1, "attempts": 0,  # when not read by read.py
+                **{k: batch[k][i] for k in SAMPLE_COLUMNS if k in batch}}
         if windowed and base["unit"] != base["sample_id"]:
             base["unit_rows"] = -1  # windows of a tar member: the shard's row count is unknowable
         if batch["error_stage"][i]:
