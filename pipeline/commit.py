@@ -51,6 +51,11 @@ class Staged:
     units: List[Tuple[str, str, int]] = field(default_factory=list)  # rows of multi-row units
 
 
+def error_kinds(table: pa.Table) -> List[str]:
+    """"stage/error_type" of each row of an errors table."""
+    return [f"{s}/{k}" for s, k in zip(table["stage"].to_pylist(), table["error_type"].to_pylist())]
+
+
 def part_name(ids: Iterable[str]) -> str:
     """Named by the sample ids it holds, so the same rows always land on the same name."""
     return f"part-{hashlib.sha1(chr(10).join(ids).encode()).hexdigest()[:20]}.parquet"
@@ -135,8 +140,7 @@ class Ledger:
             ids = pq.read_table(path, columns=["sample_id"], filesystem=self.fs)["sample_id"].to_pylist()
             kinds = []
             if rel.startswith("errors/"):
-                t = pq.read_table(path, columns=["stage", "error_type"], filesystem=self.fs)
-                kinds = [f"{s}/{k}" for s, k in zip(t["stage"].to_pylist(), t["error_type"].to_pylist())]
+                kinds = error_kinds(pq.read_table(path, columns=["stage", "error_type"], filesystem=self.fs))
             published += self._publish(Staged(path, rel, ids, kinds))[0]
         return published
 

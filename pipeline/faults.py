@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections import Counter
+from typing import Callable, Union
 
 ENV = "FEATURIZE_FAULTS"
 _hits: Counter = Counter()
@@ -26,7 +27,8 @@ class InjectedFault(RuntimeError):
     """Raised by a point armed with `"action": "raise"`."""
 
 
-def point(name: str, key: str = "") -> None:
+def point(name: str, key: Union[str, Callable[[], str]] = "") -> None:
+    """`key` may be a function, called only when the point is armed (it costs nothing otherwise)."""
     folder = os.environ.get(ENV)
     if not folder:
         return
@@ -36,6 +38,8 @@ def point(name: str, key: str = "") -> None:
             specs = json.load(f)
     except (FileNotFoundError, ValueError):  # not armed, or being written
         return
+    if callable(key):
+        key = key()
     for spec in specs if isinstance(specs, list) else [specs]:  # a list: the first that matches
         if spec.get("match") and spec["match"] not in key:
             continue

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .commit import write_atomic
 from .config import to_dict
-from .output import JOB_FILE
+from .output import JOB_FILE, settings
 from .sources import filesystem
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
@@ -45,8 +45,6 @@ def write_job_record(
 ) -> None:
     """OUT/_job.json: the job, its settings (a later run compares them), counts and timings.
     Earlier runs into the same OUT (interrupted, resumed, retried) are kept under `runs`."""
-    from .output import settings
-
     runs = list((ws.previous or {}).get("runs", []))
     run: Dict[str, Any] = {"started_at": _iso(started_at), "status": status, "todo": len(ws.todo),
                            "skipped_as_done": ws.skipped}

@@ -19,7 +19,7 @@ import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from .commit import STAGING, Staged, parquet_bytes, part_name, write_atomic
+from .commit import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
 from .sources import filesystem
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
@@ -91,8 +91,7 @@ class ParquetCommitSink(Datasink):
                 ids = table["sample_id"].to_pylist()
                 rel = f"{folder}/{part_name(ids)}"
                 write_atomic(fs, f"{staging}/{rel}", parquet_bytes(table))
-                kinds = [f"{s}/{k}" for s, k in zip(table["stage"].to_pylist(), table["error_type"].to_pylist())] \
-                    if folder == "errors" else []
+                kinds = error_kinds(table) if folder == "errors" else []
                 staged.append(Staged(f"{staging}/{rel}", rel, ids, kinds, _unit_rows(batch, rows)))
         result = ray.get(self.committer.commit.remote(staged)) if staged else \
             {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}

@@ -165,7 +165,7 @@ class CnnEmbedder:
         return out.float().cpu().numpy()
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        faults.point("embed", "\n".join(map(str, batch["sample_id"])))
+        faults.point("embed", lambda: "\n".join(map(str, batch["sample_id"])))
         if "frames" in batch:
             return self._call_frames(batch)
         pixels = batch.pop("pixels")
