@@ -1,18 +1,20 @@
-"""`featurize run | status | inspect | demo`.
+"""`featurize run | submit | status | inspect | demo`.
 
 Exit codes: 0 when the job completed (some samples may be error rows), 2 when it could not run
 (bad job file, unreachable source, unknown model, output holding another job's), 1 when it failed
 midway (run the same command again to resume), 130 when interrupted (the same).
+`featurize submit --wait` exits with the job's own code; without --wait, 0 once the cluster took it.
 `featurize status` exits 0 when the output is complete, 1 when it is not, 2 when there is none.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
-from .config import ConfigError, load_job
+from .config import ConfigError, load_job, parse_job, read_job_file
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
@@ -42,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="process again the samples in the errors table (after a fix or an outage)")
     run.set_defaults(func=cmd_run)
+
+    submit = sub.add_parser("submit", help="submit a job file to a Ray cluster through its Jobs API")
+    submit.add_argument("job", help="job file (YAML)")
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        required="RAY_API_SERVER_ADDRESS" not in os.environ,
+                        help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a job key (repeatable), applied before submission")
+    submit.add_argument("--wait", action="store_true",
+                        help="stream the job's logs and exit with its outcome")
+    submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="planned, committed, errored and remaining counts of an output root")
     status.add_argument("out", help="output root (local path or URI)")
@@ -100,6 +113,24 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
         print(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}\n"
               "featurize: what was committed is kept; run the same command again to resume", file=sys.stderr)
         return EXIT_FAILED, None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import SubmitError, shipped_job, submit
+
+    try:  # the whole job file is checked here: a bad one never reaches the cluster
+        raw = read_job_file(args.job)
+        parse_job(raw, args.overrides)
+        data = shipped_job(raw, args.overrides, os.getcwd())
+        job = parse_job(data)
+    except ConfigError as e:
+        print(f"featurize: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        return submit(job, data, args.address, args.wait)
+    except SubmitError as e:
+        print(f"featurize: {e}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 def _storage_options(text: str):

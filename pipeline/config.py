@@ -89,9 +89,14 @@ class TemporalConfig:
 @dataclass
 class ResourcesConfig:
     batch_size: Union[int, Auto] = "auto"  # model batch
-    actors: Union[int, Auto] = "auto"  # model actors; auto: one per GPU, else one
+    actors: Union[int, Auto] = "auto"  # model actors; auto: 1 up to GPUs x actors_per_gpu as load asks, else one
+    actors_per_gpu: int = 1  # model actors sharing one GPU (each claims 1/actors_per_gpu of it)
     decode_batch_size: int = 32
     decode_cpus: float = 0.5  # logical CPUs claimed by each read+decode task
+    max_decode_cpus: Optional[float] = None  # cap on the CPUs all decode tasks claim at once; None: no cap
+    decode_on: Literal["auto", "cpu_nodes", "any"] = "auto"  # auto: CPU-only nodes when the cluster has both kinds
+    task_memory: Union[int, str, None] = None  # memory reserved per read+decode task: bytes or "2GiB"
+    actor_memory: Union[int, str, None] = None  # memory reserved per model actor
     torch_threads: Union[int, Auto] = "auto"  # CPU actor threads; auto: the cores decode leaves
     read_block_size: int = 256  # at most this many planned rows (files or shards) per read task
 
@@ -119,14 +124,17 @@ _SECRET = re.compile(r"key|secret|token|password|passwd|credential|session", re.
 
 
 def load_job(path: str, overrides: Optional[List[str]] = None) -> JobConfig:
+    return parse_job(read_job_file(path), overrides)
+
+
+def read_job_file(path: str) -> Any:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read job file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"job file {path} is not valid YAML: {e}") from None
-    return parse_job(data, overrides)
 
 
 def parse_job(data: Any, overrides: Optional[List[str]] = None) -> JobConfig:
@@ -251,8 +259,15 @@ def _check(job: JobConfig) -> None:
         value = getattr(res, key)
         if isinstance(value, int) and value < 1:
             raise ConfigError(f"resources.{key}: must be at least 1, got {value}")
+    if res.actors_per_gpu < 1:
+        raise ConfigError(f"resources.actors_per_gpu: must be at least 1, got {res.actors_per_gpu}")
     if res.decode_cpus <= 0:
         raise ConfigError(f"resources.decode_cpus: must be positive, got {res.decode_cpus}")
+    if res.max_decode_cpus is not None and res.max_decode_cpus < res.decode_cpus:
+        raise ConfigError(f"resources.max_decode_cpus: {res.max_decode_cpus} leaves no room for one decode "
+                          f"task of resources.decode_cpus {res.decode_cpus}")
+    for key in ("task_memory", "actor_memory"):
+        memory_bytes(getattr(res, key), f"resources.{key}")
     _check_video(job)
     if job.model.weights_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", job.model.weights_sha256):
         raise ConfigError("model.weights_sha256: expected 64 hexadecimal digits")
@@ -278,6 +293,20 @@ def _check_video(job: JobConfig) -> None:
             raise ConfigError(f"temporal[{i}].name: {t.name!r} must be unique and made of letters, digits, _")
     if job.is_video and not job.temporal:
         raise ConfigError("temporal: a video job needs at least one head, e.g. [{kind: mean, name: mean}]")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def memory_bytes(value: Union[int, str, None], key: str) -> Optional[int]:
+    """Bytes from 2147483648, "2GiB" or "512 MB"; None stays None."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{key}: {value!r} is not a size (bytes, or a number with KB, MB, GB, KiB, MiB, GiB ...)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def output_storage_options(job: JobConfig) -> Dict[str, Any]:

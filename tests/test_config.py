@@ -28,6 +28,11 @@ def test_defaults_fill_in():
         (job(model={"pool": "mean"}), "model.pool"),
         (job(resources={"batch_size": "big"}), "resources.batch_size"),
         (job(resources={"batch_size": 0}), "resources.batch_size"),
+        (job(resources={"actors_per_gpu": 0}), "resources.actors_per_gpu"),
+        (job(resources={"decode_on": "gpu_nodes"}), "resources.decode_on"),
+        (job(resources={"max_decode_cpus": 0.25}), "resources.max_decode_cpus"),
+        (job(resources={"task_memory": "lots"}), "resources.task_memory"),
+        (job(resources={"actor_memory": "-2GiB"}), "resources.actor_memory"),
         (job(preprocess={"crop": 300, "resize": 256}), "preprocess.crop"),
         (job(preprocess={"crop": "224"}), "preprocess.crop"),
         (job(preprocess={"mean": [0.5, 0.5]}), "preprocess.mean"),
@@ -45,6 +50,14 @@ def test_bad_values_are_refused_naming_the_key(data, key):
     with pytest.raises(ConfigError) as err:
         parse_job(data)
     assert key in str(err.value)
+
+
+def test_memory_sizes_read_as_bytes():
+    from pipeline.config import memory_bytes
+
+    assert memory_bytes("2GiB", "k") == 2 * 2**30
+    assert memory_bytes("512 MB", "k") == 512 * 10**6
+    assert memory_bytes(1024, "k") == 1024 and memory_bytes(None, "k") is None
 
 
 def test_overrides_parse_yaml_values():

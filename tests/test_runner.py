@@ -1,8 +1,9 @@
-"""How the pipeline is laid onto the local Ray's 2 CPUs (the shared session from conftest)."""
+"""How the pipeline is laid onto a cluster: the local Ray's 2 CPUs (the shared session from conftest),
+and hand-built node lists of heterogeneous clusters (no Ray needed)."""
 import pytest
 
 from pipeline.config import ConfigError, parse_job
-from pipeline.runner import plan_resources
+from pipeline.runner import _decode_args, _model_args, plan_resources
 
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
 
@@ -38,3 +39,60 @@ def test_explicit_settings_win(ray_session):
 def test_decode_tasks_larger_than_a_node_are_refused(ray_session):
     with pytest.raises(ConfigError, match="resources.decode_cpus"):
         layout(ray_session, decode_cpus=4.0)
+
+
+def node(node_id, cpus, gpus=0, alive=True):
+    return {"NodeID": node_id, "Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+CLUSTER = [node("head", 8), node("cpu1", 32), node("cpu2", 32), node("gpu1", 16, 4), node("gpu2", 16, 4),
+           node("gone", 64, 8, alive=False)]
+
+
+def plan(nodes, planned=10**6, model=None, **resources):
+    return plan_resources(parse_job({**BASE, "model": model or {}, "resources": resources}), planned, nodes)
+
+
+def test_decode_stays_off_gpu_nodes_and_the_actor_pool_scales_to_the_gpus():
+    lay = plan(CLUSTER)
+    assert lay.gpus == 8 and (lay.actors, lay.max_actors) == (1, 8) and lay.gpus_per_actor == 1.0
+    assert lay.decode_selector == {"ray.io/node-id": "!in(gpu1,gpu2)"}
+    assert lay.decode_on == "CPU-only nodes (3 of 5)"
+    assert lay.batch_size == 256 and lay.actor_cpus == 0.0
+    assert _decode_args(lay, parse_job(BASE).resources)["label_selector"] == lay.decode_selector
+    assert _model_args(lay, parse_job(BASE).resources) == {"num_gpus": 1.0}
+
+
+def test_several_actors_share_a_gpu():
+    lay = plan(CLUSTER, actors_per_gpu=2)
+    assert (lay.actors, lay.max_actors, lay.gpus_per_actor) == (1, 16, 0.5)
+    assert plan(CLUSTER, actors=3).actors == plan(CLUSTER, actors=3).max_actors == 3
+
+
+def test_decode_runs_anywhere_when_asked_or_when_every_node_has_gpus():
+    assert plan(CLUSTER, decode_on="any").decode_selector == {}
+    assert plan([node("g1", 8, 1), node("g2", 8, 1)]).decode_selector == {}
+    with pytest.raises(ConfigError, match="resources.decode_on"):
+        plan([node("g1", 8, 1)], decode_on="cpu_nodes")
+
+
+def test_a_cpu_model_ignores_the_gpus():
+    lay = plan(CLUSTER, model={"device": "cpu"})
+    assert lay.gpus == 0 and lay.gpus_per_actor == 0 and lay.max_actors == 1 and lay.decode_selector == {}
+    assert _model_args(lay, parse_job(BASE).resources) == {"num_cpus": 1.0}
+
+
+def test_cuda_asks_for_a_gpu_before_the_autoscaler_has_brought_one():
+    lay = plan([node("head", 4)], model={"device": "cuda"})
+    assert lay.gpus == 0 and lay.gpus_per_actor == 1.0 and lay.max_actors == 1 and lay.batch_size == 256
+
+
+def test_decode_cpus_and_memory_caps():
+    res = {"max_decode_cpus": 16, "decode_cpus": 0.5, "task_memory": "2GiB", "actor_memory": "24GiB"}
+    lay = plan(CLUSTER, planned=3200, **res)
+    assert lay.decode_tasks == 32
+    assert lay.rows_per_read_task == 100  # tasks for 2x the capped 16 CPUs, not for all 72 decode CPUs
+    resources = parse_job({**BASE, "resources": res}).resources
+    args = _decode_args(lay, resources)
+    assert args["compute"].size == 32 and args["memory"] == 2 * 2**30 and args["num_cpus"] == 0.5
+    assert _model_args(lay, resources)["memory"] == 24 * 2**30
