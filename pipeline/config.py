@@ -89,7 +89,9 @@ class TemporalConfig:
 @dataclass
 class ResourcesConfig:
     batch_size: Union[int, Auto] = "auto"  # model batch
-    actors: Union[int, Auto] = "auto"  # model actors; auto: 1 up to GPUs x actors_per_gpu as load asks, else one
+    actors: Union[int, Auto] = "auto"  # model actors; auto: from 1 up to max_actors as the load asks
+    max_actors: Optional[int] = None  # for actors: auto; None: the GPUs at the start x actors_per_gpu (or 1
+    #                                   CPU actor). Set it when an autoscaler adds GPU nodes during the job.
     actors_per_gpu: int = 1  # model actors sharing one GPU (each claims 1/actors_per_gpu of it)
     decode_batch_size: int = 32
     decode_cpus: float = 0.5  # logical CPUs claimed by each read+decode task
@@ -255,7 +257,7 @@ def _check(job: JobConfig) -> None:
         if col not in PARTITION_COLUMNS:
             raise ConfigError(f"output.partition_by: {col!r} is not one of {', '.join(PARTITION_COLUMNS)}")
     res = job.resources
-    for key in ("batch_size", "actors", "torch_threads", "decode_batch_size", "read_block_size"):
+    for key in ("batch_size", "actors", "max_actors", "torch_threads", "decode_batch_size", "read_block_size"):
         value = getattr(res, key)
         if isinstance(value, int) and value < 1:
             raise ConfigError(f"resources.{key}: must be at least 1, got {value}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def local_cluster():
         yield _client_env(state, env)
     finally:
         subprocess.run([str(LOCAL_SH), "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def featurize(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -85,6 +85,8 @@ def test_a_cpu_model_ignores_the_gpus():
 def test_cuda_asks_for_a_gpu_before_the_autoscaler_has_brought_one():
     lay = plan([node("head", 4)], model={"device": "cuda"})
     assert lay.gpus == 0 and lay.gpus_per_actor == 1.0 and lay.max_actors == 1 and lay.batch_size == 256
+    lay = plan([node("head", 4)], model={"device": "cuda"}, max_actors=8)  # the GPUs the autoscaler may add
+    assert (lay.actors, lay.max_actors) == (1, 8)
 
 
 def test_decode_cpus_and_memory_caps():
