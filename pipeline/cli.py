@@ -92,6 +92,9 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     """Run a job: (exit code, summary or None); a job that cannot run or fails gets one line."""
     try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
         job = load_job(job_path, overrides)
+        if address and address.startswith("ray://"):  # the driver runs on the head: absolute paths
+            from .submit import shipped_job
+            job = parse_job(shipped_job(read_job_file(job_path), overrides, os.getcwd()))
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
         return EXIT_REFUSED, None

@@ -103,8 +103,19 @@ def format_summary(summary: "Summary") -> str:
         lines.append(f"nothing to do: every planned sample is committed ({summary.startup_s:.1f} s to check)")
     for kind, n in summary.errors.items():
         lines.append(f"  error      {n:>5}  {kind}")
+    if summary.layout:
+        lines.append(f"layout       {format_layout(summary.layout)}")
     lines.append(f"output       {summary.out_uri}")
     return "\n".join(lines)
+
+
+def format_layout(layout: Dict[str, Any]) -> str:
+    """Where the stages ran: "1 to 8 model actors, 1 GPU each; decode on CPU-only nodes (3 of 11), 0.5 CPU a task"."""
+    n = f"{layout['actors']}" if layout["actors"] == layout["max_actors"] else f"{layout['actors']} to {layout['max_actors']}"
+    on = (f"{layout['gpus_per_actor']:g} GPU each" if layout["gpus_per_actor"]
+          else f"on CPU with {layout['torch_threads']} torch threads")
+    return (f"{n} model actor{'s' if layout['max_actors'] > 1 else ''}, {on}, batch {layout['batch_size']}; "
+            f"decode on {layout['decode_on']}; {layout['cpus']:g} CPUs in the cluster")
 
 
 def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> str:

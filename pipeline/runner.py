@@ -76,6 +76,8 @@ class IncompleteOutput(RuntimeError):
 
 def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False,
             overwrite: bool = False, retry_failed: bool = False) -> Summary:
+    if address and address.startswith("ray://"):
+        return _run_on_head(job, address, progress=progress, overwrite=overwrite, retry_failed=retry_failed)
     t0 = time.time()
     prepared = prepare(job)  # refuses a bad job before Ray starts
     ws = open_output(prepared, overwrite=overwrite, retry_failed=retry_failed)
@@ -98,6 +100,23 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
     finally:
         _stop(committer)
     return _finish(prepared, ws, t0, t1, sink.totals, layout)
+
+
+def _run_on_head(job: JobConfig, address: str, **modes) -> Summary:
+    """Through Ray Client, the driver itself runs as a task on the head node: Ray Data's executor
+    needs a core worker, which a client process does not have. Ctrl-C here cancels the task, and
+    with it the job's actors (they belong to it)."""
+    from .submit import PACKAGE
+
+    ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE)]}, logging_level=logging.WARNING,
+             log_to_driver=False)
+    driver = ray.remote(run_job).options(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})
+    ref = driver.remote(job, **modes)
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
 
 
 def _stop(committer) -> None:

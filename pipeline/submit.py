@@ -46,7 +46,7 @@ def shipped_job(data: Dict[str, Any], overrides: List[str], base: str) -> Dict[s
         if isinstance(node, dict) and _relative_local(node.get(key), base, must_exist=key == "weights"):
             node[key] = os.path.join(base, node[key])
     for entry in data.get("temporal") or []:
-        if isinstance(entry, dict) and _relative_local(entry.get("checkpoint"), base, must_exist=True):
+        if isinstance(entry, dict) and _relative_local(entry.get("checkpoint"), base, must_exist=False):
             entry["checkpoint"] = os.path.join(base, entry["checkpoint"])
     split_files = (data.get("source") or {}).get("split_files") or {}
     for split, path in split_files.items():

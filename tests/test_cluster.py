@@ -94,6 +94,23 @@ def test_submit_wait_runs_the_demo_job_on_the_cluster(local_cluster, tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
 
 
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("how", ["auto", "ray://"])
+def test_run_drives_the_job_on_an_existing_cluster(local_cluster, tmp_path, how):
+    """`--address auto`: this process joins the cluster as its driver (RAY_ADDRESS from local.sh env);
+    `ray://`: through Ray Client, the driver runs as a task on the head."""
+    src, out = tmp_path / "images", tmp_path / "out"
+    make_image_folder(str(src), n=24, broken=1)
+    address = "auto" if how == "auto" else f"ray://127.0.0.1:{local_cluster['CLIENT_PORT']}"
+    proc = featurize(local_cluster, "run", "jobs/demo.yaml", "--address", address,
+                     "--set", f"source.uri={src}", "--set", f"output.uri={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "samples      25 (24 features, 1 errors)" in proc.stdout
+    assert_exactly_once(str(out), planned(src))
+    record = json.loads((out / "_job.json").read_text())
+    assert record["status"] == "complete" and record["layout"]["cpus"] == 3.0  # head 2 + worker 1
+
+
 @pytest.mark.timeout(300)
 def test_a_job_that_fails_on_the_cluster_exits_with_its_reason(local_cluster, tmp_path):
     proc = featurize(local_cluster, "submit", "jobs/demo.yaml", "--wait",
