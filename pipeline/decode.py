@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from . import faults
 from .read import ERROR_COLUMNS, error_fields
+from .timing import timed
 
 ORIENTATION_TAG = 0x0112
 
@@ -103,6 +104,7 @@ def _resize_center_crop(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
+@timed("decode")
 def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec) -> Dict[str, np.ndarray]:
     """Ray Data map_batches function: `data` bytes -> `pixels`, failures become error rows.
 

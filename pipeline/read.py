@@ -16,6 +16,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
+from .timing import timed
 
 Batch = Dict[str, np.ndarray]
 PLAN_COLUMNS = ("sample_id", "uri", "label", "split")
@@ -55,6 +56,7 @@ def ragged(arrays: List[np.ndarray]) -> np.ndarray:
     return out
 
 
+@timed("read")
 def read_batch(
     batch: Batch, storage_options: Dict[str, Any], rows_per_batch: int, media: str = "image"
 ) -> Iterator[Batch]:

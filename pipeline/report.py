@@ -5,7 +5,7 @@ import json
 import platform
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -79,6 +79,7 @@ def write_job_record(
             "steady_samples_per_s": round(summary.steady_throughput, 2),
         }
         record["layout"] = summary.layout
+        record["stages"] = summary.stages
     write_atomic(ws.fs, f"{ws.root}/{JOB_FILE}", json.dumps(record, indent=2).encode())
 
 
@@ -105,6 +106,8 @@ def format_summary(summary: "Summary") -> str:
         lines.append(f"  error      {n:>5}  {kind}")
     if summary.layout:
         lines.append(f"layout       {format_layout(summary.layout)}")
+    if summary.stages.get("bound"):
+        lines += format_stages(summary.stages)
     lines.append(f"output       {summary.out_uri}")
     return "\n".join(lines)
 
@@ -116,6 +119,17 @@ def format_layout(layout: Dict[str, Any]) -> str:
           else f"on CPU with {layout['torch_threads']} torch threads")
     return (f"{n} model actor{'s' if layout['max_actors'] > 1 else ''}, {on}, batch {layout['batch_size']}; "
             f"decode on {layout['decode_on']}; {layout['cpus']:g} CPUs in the cluster")
+
+
+def format_stages(stages: Dict[str, Any]) -> List[str]:
+    """One line per stage: busy seconds, workers, the rate they could sustain, the share of the run."""
+    lines = []
+    for name, s in stages["stages"].items():
+        mark = "  <- bounds the run" if name == stages["bound"] else ""
+        lines.append(f"  {name:<9} {s['busy_s']:>8.1f} s busy over {s['workers']} worker{'s' if s['workers'] > 1 else ' '}"
+                     f" {s['busy_share']:>5.0%} of the run, {s['samples_per_s']:>8.1f} samples/s{mark}")
+    return ["time         per stage (all workers' busy seconds; the busiest share bounds the run)", *lines,
+            f"suggestion   {stages['suggestion']}"]
 
 
 def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> str:

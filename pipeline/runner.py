@@ -23,6 +23,7 @@ from .prepare import Prepared, prepare
 from .read import read_batch
 from .report import write_job_record
 from .sinks import ParquetCommitSink
+from .timing import breakdown
 from .video import decode_video_batch
 
 GPU_BATCH, CPU_BATCH = 256, 32
@@ -42,6 +43,7 @@ class Layout:
     actor_cpus: float
     rows_per_read_task: int
     decode_tasks: Optional[int] = None  # cap on concurrent read+decode tasks (resources.max_decode_cpus)
+    decode_slots: int = 1  # read+decode tasks that can run at once
     decode_on: str = "any node"
     decode_selector: Dict[str, str] = field(default_factory=dict)  # Ray label selector for decode tasks
 
@@ -60,6 +62,7 @@ class Summary:
     first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
     steady_throughput: float = 0.0  # samples/s between the first and the last commit
     layout: Dict[str, Any] = field(default_factory=dict)
+    stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
 
     @property
     def samples(self) -> int:
@@ -170,9 +173,18 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
         layout=vars(layout) if layout else {},
         **_steady_state(totals.get("commits", []), t1),
     )
+    if layout is not None:
+        summary.stages = breakdown(dict(totals.get("seconds", {})), summary.samples, summary.wall_s,
+                                   _workers(layout, prepared.job), gpu=layout.gpus_per_actor > 0)
     write_job_record(prepared, ws, status="complete", started_at=t0, summary=summary)
     finish(ws)  # and an --overwrite output replaces the old one now
     return summary
+
+
+def _workers(layout: Layout, job: JobConfig) -> Dict[str, int]:
+    """How many of each stage ran at once, at most (write tasks come as blocks do, like decode's)."""
+    return {"read": layout.decode_slots, "decode": layout.decode_slots, "model": layout.max_actors,
+            "temporal": 1 if job.is_video else 0, "write": layout.decode_slots}
 
 
 def _steady_state(commits, started: float) -> Dict[str, float]:
@@ -224,11 +236,13 @@ def plan_resources(job: JobConfig, planned: int, nodes: Optional[List[Dict[str, 
     # A video row carries num_frames images: keep read tasks' outputs about as large as for images.
     per_row = job.video.num_frames if job.is_video else 1
     rows = max(1, min(res.read_block_size // per_row, math.ceil(planned / max(2.0, 2 * decode_cpus))))
+    actor_cpus = _actor_cpus(res.decode_cpus, node_cpus, actors_per_node, use_gpus)
+    decode_slots = max(1, int((decode_cpus - actor_cpus * max_actors) // res.decode_cpus))  # beside CPU actors
     return Layout(
         gpus=gpus, cpus=cpus, actors=actors, max_actors=max_actors,
         gpus_per_actor=1.0 / res.actors_per_gpu if use_gpus else 0.0, batch_size=batch, torch_threads=threads,
-        actor_cpus=_actor_cpus(res.decode_cpus, node_cpus, actors_per_node, use_gpus), rows_per_read_task=rows,
-        decode_tasks=decode_tasks, decode_on=where, decode_selector=selector)
+        actor_cpus=actor_cpus, rows_per_read_task=rows, decode_tasks=decode_tasks,
+        decode_slots=min(decode_slots, decode_tasks or decode_slots), decode_on=where, decode_selector=selector)
 
 
 def _decode_nodes(decode_on: str, nodes, gpu_nodes):

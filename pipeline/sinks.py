@@ -21,6 +21,7 @@ from ray.data.datasource import Datasink
 
 from .commit import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
 from .sources import filesystem
+from .timing import block_seconds
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 ERRORS_SCHEMA = pa.schema(
@@ -74,15 +75,18 @@ class ParquetCommitSink(Datasink):
     def __init__(self, spec: SinkSpec, committer: Any):
         self.spec = spec
         self.committer = committer  # the job's Committer actor
-        self.totals: Dict[str, Any] = {"features": 0, "errors": Counter(), "files": 0, "duplicates": 0, "commits": []}
+        self.totals: Dict[str, Any] = {"features": 0, "errors": Counter(), "files": 0, "duplicates": 0, "commits": [],
+                                       "seconds": Counter()}  # busy seconds per stage (timing.py)
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> Dict[str, Any]:
+        started, seconds = time.perf_counter(), Counter()
         fs, root = filesystem(self.spec.out_uri, self.spec.storage_options)
         staging = f"{root.rstrip('/')}/{STAGING}/{uuid.uuid4().hex}"
         schema = features_schema(self.spec)
         staged: List[Staged] = []
         for block in blocks:
             batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+            seconds.update(block_seconds(batch))
             ok = batch["error_stage"] == ""
             tables = list(self._feature_tables(batch, ok, schema))
             if (~ok).any():
@@ -96,6 +100,8 @@ class ParquetCommitSink(Datasink):
         result = ray.get(self.committer.commit.remote(staged)) if staged else \
             {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
         result["committed_at"] = time.time()  # for the steady-state throughput
+        seconds["write"] += time.perf_counter() - started
+        result["seconds"] = dict(seconds)
         return result
 
     def on_write_complete(self, write_result) -> None:
@@ -105,6 +111,7 @@ class ParquetCommitSink(Datasink):
             self.totals["files"] += r["files"]
             self.totals["duplicates"] += r["duplicates"]
             self.totals["commits"].append((r["committed_at"], r["features"] + sum(r["errors"].values())))
+            self.totals["seconds"].update(r["seconds"])
 
     def _feature_tables(self, batch: Dict[str, np.ndarray], ok: np.ndarray, schema: pa.Schema):
         """One table per partition: (folder relative to OUT, table, batch rows in it)."""

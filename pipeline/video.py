@@ -19,6 +19,7 @@ from . import faults
 from .config import VideoConfig
 from .isolate import ChildError, DecoderCrashed, DecodeTimeout, IsolatedCall
 from .read import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
+from .timing import timed
 
 @dataclass(frozen=True)
 class FrameSpec:
@@ -184,6 +185,7 @@ def _pyav_probe(source) -> Tuple[int, float, Tuple[int, int]]:
 _DECODER = None  # one isolated decoder process per Ray worker, reused across batches
 
 
+@timed("decode")
 def decode_video_batch(
     batch: Dict[str, np.ndarray], spec: FrameSpec, cfg: VideoConfig, windowed: bool
 ) -> Dict[str, np.ndarray]:

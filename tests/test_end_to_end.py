@@ -175,6 +175,12 @@ def test_image_folder_files_metadata_and_job_record(image_folder_run):
     assert sum(counts["errors_by_kind"].values()) == counts["errors"]
     assert record["config"]["model"]["arch"] == "resnet18"
     assert record["resolved"]["dim"] == 512
+    # where the time went: every image stage was timed, and one of them bounds the run
+    stages = record["stages"]
+    assert set(stages["stages"]) == {"read", "decode", "model", "write"}
+    assert all(s["busy_s"] > 0 and s["samples_per_s"] > 0 for s in stages["stages"].values())
+    assert stages["bound"] in stages["stages"] and stages["suggestion"]
+    assert stages == r["summary"].stages
 
     plan = pq.read_table(os.path.join(out, "_plan.parquet"))
     assert sorted(plan["sample_id"].to_pylist()) == _files_under(r["src"])

@@ -19,6 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from .. import faults
 from ..config import ModelConfig
 from ..read import ERROR_COLUMNS, error_fields, ragged
+from ..timing import timed
 from .weights import Weights, WeightsError, load_state_dict
 
 
@@ -164,6 +165,7 @@ class CnnEmbedder:
             out = pool(self.module(x), self.spec.model.pool)
         return out.float().cpu().numpy()
 
+    @timed("model")
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         faults.point("embed", lambda: "\n".join(map(str, batch["sample_id"])))
         if "frames" in batch:

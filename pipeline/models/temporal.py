@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..config import TemporalConfig
 from ..read import ERROR_COLUMNS, error_fields
 from ..sources import filesystem
+from ..timing import timed
 from .weights import WeightsError, read_bytes
 
 SUFFIX = ".safetensors"
@@ -268,6 +269,7 @@ class TemporalEmbedder:
         with torch.inference_mode():
             return {info.column: head(x, n).float().cpu().numpy() for info, head in self.heads}
 
+    @timed("temporal")
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         features = batch["frame_features"] if self.keep else batch.pop("frame_features")
         # The sequence each head sees is the sampled frames (repeats included for short videos,
