@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import ray
-from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from ray.data import ActorPoolStrategy, DataContext
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .config import ConfigError, JobConfig, memory_bytes
+from .config import JobConfig
 from .decode import decode_batch
+from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
 from .models import EXTRACTORS, EmbedSpec
 from .models.temporal import TemporalEmbedder
 from .commit import Committer, Ledger, remaining
@@ -25,28 +24,6 @@ from .report import write_job_record
 from .sinks import ParquetCommitSink
 from .timing import breakdown
 from .video import decode_video_batch
-
-GPU_BATCH, CPU_BATCH = 256, 32
-
-
-@dataclass
-class Layout:
-    """How the pipeline is laid onto the cluster's resources."""
-
-    gpus: int  # GPUs the model actors share; 0: the model runs on CPUs
-    cpus: float
-    actors: int  # model actors at the start ...
-    max_actors: int  # ... and at most, as Ray Data scales the pool with the load
-    gpus_per_actor: float
-    batch_size: int
-    torch_threads: int
-    actor_cpus: float
-    rows_per_read_task: int
-    decode_tasks: Optional[int] = None  # cap on concurrent read+decode tasks (resources.max_decode_cpus)
-    decode_slots: int = 1  # read+decode tasks that can run at once
-    decode_on: str = "any node"
-    decode_selector: Dict[str, str] = field(default_factory=dict)  # Ray label selector for decode tasks
-
 
 @dataclass
 class Summary:
@@ -175,16 +152,10 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
     )
     if layout is not None:
         summary.stages = breakdown(dict(totals.get("seconds", {})), summary.samples, summary.wall_s,
-                                   _workers(layout, prepared.job), gpu=layout.gpus_per_actor > 0)
+                                   stage_workers(layout, prepared.job), gpu=layout.gpus_per_actor > 0)
     write_job_record(prepared, ws, status="complete", started_at=t0, summary=summary)
     finish(ws)  # and an --overwrite output replaces the old one now
     return summary
-
-
-def _workers(layout: Layout, job: JobConfig) -> Dict[str, int]:
-    """How many of each stage ran at once, at most (write tasks come as blocks do, like decode's)."""
-    return {"read": layout.decode_slots, "decode": layout.decode_slots, "model": layout.max_actors,
-            "temporal": 1 if job.is_video else 0, "write": layout.decode_slots}
 
 
 def _steady_state(commits, started: float) -> Dict[str, float]:
@@ -208,80 +179,18 @@ def _init_ray(address: Optional[str]) -> None:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
 
 
-def plan_resources(job: JobConfig, planned: int, nodes: Optional[List[Dict[str, Any]]] = None) -> Layout:
-    """Lay the job onto the cluster's alive nodes (`ray.nodes()` unless given)."""
-    res = job.resources
-    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n["Alive"]]
-    gpu_nodes = [n for n in nodes if n["Resources"].get("GPU", 0) > 0]
-    gpus = int(sum(n["Resources"]["GPU"] for n in gpu_nodes)) if job.model.device != "cpu" else 0
-    # model.device: cuda on a cluster with no GPU node yet: ask for GPUs anyway, an autoscaler brings them
-    use_gpus = gpus > 0 or job.model.device == "cuda"
-    slots = res.max_actors or (max(1, gpus) * res.actors_per_gpu if use_gpus else 1)
-    actors, max_actors = (1, slots) if res.actors == "auto" else (res.actors, res.actors)
-    decode_nodes, selector, where = _decode_nodes(res.decode_on, nodes, gpu_nodes if use_gpus else [])
-    cpus = float(sum(n["Resources"].get("CPU", 0) for n in nodes)) or float(os.cpu_count() or 1)
-    decode_cpus = float(sum(n["Resources"].get("CPU", 0) for n in decode_nodes)) or cpus
-    decode_tasks = None
-    if res.max_decode_cpus is not None:
-        decode_tasks = max(1, int(res.max_decode_cpus // res.decode_cpus))
-        decode_cpus = min(decode_cpus, res.max_decode_cpus)
-    batch = res.batch_size if res.batch_size != "auto" else (GPU_BATCH if use_gpus else CPU_BATCH)
-    # A CPU actor claims one logical CPU but runs torch on the cores of its node that the decode
-    # tasks leave; decode is a small share of the model's cost, so that is nearly all of them.
-    cpu_counts = [n["Resources"]["CPU"] for n in nodes if n["Resources"].get("CPU")]
-    node_cpus = max(cpu_counts, default=cpus)
-    actors_per_node = math.ceil(max_actors / max(1, len(cpu_counts)))
-    threads = res.torch_threads if res.torch_threads != "auto" else max(1, int(node_cpus // actors_per_node))
-    # Enough read tasks to keep every decode core busy, none larger than read_block_size rows.
-    # A video row carries num_frames images: keep read tasks' outputs about as large as for images.
-    per_row = job.video.num_frames if job.is_video else 1
-    rows = max(1, min(res.read_block_size // per_row, math.ceil(planned / max(2.0, 2 * decode_cpus))))
-    actor_cpus = _actor_cpus(res.decode_cpus, node_cpus, actors_per_node, use_gpus)
-    decode_slots = max(1, int((decode_cpus - actor_cpus * max_actors) // res.decode_cpus))  # beside CPU actors
-    return Layout(
-        gpus=gpus, cpus=cpus, actors=actors, max_actors=max_actors,
-        gpus_per_actor=1.0 / res.actors_per_gpu if use_gpus else 0.0, batch_size=batch, torch_threads=threads,
-        actor_cpus=actor_cpus, rows_per_read_task=rows, decode_tasks=decode_tasks,
-        decode_slots=min(decode_slots, decode_tasks or decode_slots), decode_on=where, decode_selector=selector)
-
-
-def _decode_nodes(decode_on: str, nodes, gpu_nodes):
-    """Where read+decode tasks run: (nodes, Ray label selector, description).
-
-    On a cluster with GPU and CPU-only nodes, decode stays off the GPU nodes, so their CPUs feed
-    the model (copies, batching) rather than compete with it. GPU nodes that join later are not
-    in the selector and may take decode tasks too."""
-    cpu_only = [n for n in nodes if n["Resources"].get("CPU") and not n["Resources"].get("GPU")]
-    if decode_on == "cpu_nodes" and not cpu_only:
-        raise ConfigError("resources.decode_on: cpu_nodes, but the cluster has no CPU-only node")
-    if decode_on == "any" or not (gpu_nodes and cpu_only):
-        return nodes, {}, "any node"
-    avoid = ",".join(n["NodeID"] for n in gpu_nodes)
-    return cpu_only, {"ray.io/node-id": f"!in({avoid})"}, f"CPU-only nodes ({len(cpu_only)} of {len(nodes)})"
-
-
-def _actor_cpus(decode_cpus: float, node_cpus: float, actors_per_node: int, gpus: bool) -> float:
-    """Logical CPUs a model actor claims: never so many that no decode task fits beside them
-    (then the job would wait forever); write tasks claim none, so they always fit."""
-    if decode_cpus > node_cpus:
-        raise ConfigError(f"resources.decode_cpus: {decode_cpus} is more than a node's {node_cpus} CPUs")
-    if gpus:
-        return 0.0
-    return min(1.0, (node_cpus - decode_cpus) / actors_per_node) or 0.01
-
-
 def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> ray.data.Dataset:
     job, res = prepared.job, prepared.job.resources
     blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]
     media = "video" if job.is_video else "image"
-    decode_args = _decode_args(layout, res)
+    task_args = decode_args(layout, res)
     ds = ray.data.from_arrow(blocks).map_batches(
         read_batch,
         fn_kwargs={"storage_options": job.source.storage_options,
                    "rows_per_batch": min(res.decode_batch_size, layout.rows_per_read_task), "media": media},
         batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
         batch_format="numpy",
-        **decode_args,
+        **task_args,
     )
     if job.is_video:
         decode, kwargs = decode_video_batch, {"spec": prepared.frames, "cfg": job.video,
@@ -289,7 +198,7 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
     else:
         decode, kwargs = decode_batch, {"spec": prepared.image}
     ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
-                        batch_format="numpy", **decode_args)
+                        batch_format="numpy", **task_args)
     ds = ds.map_batches(
         EXTRACTORS["torchvision"],
         fn_constructor_args=(dataclasses.replace(_embed_spec(prepared, layout), committer=committer),),
@@ -297,7 +206,7 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
         batch_size=max(1, layout.batch_size // job.video.num_frames) if job.is_video else layout.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=layout.actors, max_size=layout.max_actors),
-        **_model_args(layout, res),
+        **model_args(layout, res),
     )
     if not job.is_video:
         return ds
@@ -311,25 +220,6 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
         compute=ActorPoolStrategy(size=1),
         num_cpus=0,
     )
-
-
-def _decode_args(layout: Layout, res) -> Dict[str, Any]:
-    """Ray arguments of the read and decode tasks (the same for both, so Ray Data fuses them)."""
-    args: Dict[str, Any] = {"num_cpus": res.decode_cpus}
-    if layout.decode_selector:
-        args["label_selector"] = layout.decode_selector
-    if layout.decode_tasks:
-        args["compute"] = TaskPoolStrategy(size=layout.decode_tasks)
-    if res.task_memory is not None:
-        args["memory"] = memory_bytes(res.task_memory, "resources.task_memory")
-    return args
-
-
-def _model_args(layout: Layout, res) -> Dict[str, Any]:
-    args: Dict[str, Any] = {"num_gpus": layout.gpus_per_actor} if layout.gpus_per_actor else {"num_cpus": layout.actor_cpus}
-    if res.actor_memory is not None:
-        args["memory"] = memory_bytes(res.actor_memory, "resources.actor_memory")
-    return args
 
 
 def _embed_spec(prepared: Prepared, layout: Layout) -> EmbedSpec:

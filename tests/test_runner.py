@@ -3,7 +3,7 @@ and hand-built node lists of heterogeneous clusters (no Ray needed)."""
 import pytest
 
 from pipeline.config import ConfigError, parse_job
-from pipeline.runner import _decode_args, _model_args, plan_resources
+from pipeline.layout import decode_args, model_args, plan_resources
 
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
 
@@ -59,8 +59,8 @@ def test_decode_stays_off_gpu_nodes_and_the_actor_pool_scales_to_the_gpus():
     assert lay.decode_selector == {"ray.io/node-id": "!in(gpu1,gpu2)"}
     assert lay.decode_on == "CPU-only nodes (3 of 5)"
     assert lay.batch_size == 256 and lay.actor_cpus == 0.0
-    assert _decode_args(lay, parse_job(BASE).resources)["label_selector"] == lay.decode_selector
-    assert _model_args(lay, parse_job(BASE).resources) == {"num_gpus": 1.0}
+    assert decode_args(lay, parse_job(BASE).resources)["label_selector"] == lay.decode_selector
+    assert model_args(lay, parse_job(BASE).resources) == {"num_gpus": 1.0}
 
 
 def test_several_actors_share_a_gpu():
@@ -79,7 +79,7 @@ def test_decode_runs_anywhere_when_asked_or_when_every_node_has_gpus():
 def test_a_cpu_model_ignores_the_gpus():
     lay = plan(CLUSTER, model={"device": "cpu"})
     assert lay.gpus == 0 and lay.gpus_per_actor == 0 and lay.max_actors == 1 and lay.decode_selector == {}
-    assert _model_args(lay, parse_job(BASE).resources) == {"num_cpus": 1.0}
+    assert model_args(lay, parse_job(BASE).resources) == {"num_cpus": 1.0}
 
 
 def test_cuda_asks_for_a_gpu_before_the_autoscaler_has_brought_one():
@@ -95,6 +95,6 @@ def test_decode_cpus_and_memory_caps():
     assert lay.decode_tasks == 32
     assert lay.rows_per_read_task == 100  # tasks for 2x the capped 16 CPUs, not for all 72 decode CPUs
     resources = parse_job({**BASE, "resources": res}).resources
-    args = _decode_args(lay, resources)
+    args = decode_args(lay, resources)
     assert args["compute"].size == 32 and args["memory"] == 2 * 2**30 and args["num_cpus"] == 0.5
-    assert _model_args(lay, resources)["memory"] == 24 * 2**30
+    assert model_args(lay, resources)["memory"] == 24 * 2**30

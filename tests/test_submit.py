@@ -1,5 +1,4 @@
 """What `featurize submit` sends, without a cluster: the job as shipped, and the layout line."""
-from pathlib import Path
 
 from pipeline.config import parse_job
 from pipeline.report import format_layout
