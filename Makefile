@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/images.py
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) out demo-data .pytest_cache

@@ -1,0 +1,220 @@
+"""This project against its peers, side by side, on the same JPEGs and the same model.
+
+    .venv/bin/python bench/peers.py [--images 2000] [--models resnet18:112 resnet18:224 resnet50:224]
+
+For each model it runs, each in a fresh process whose whole process tree's memory is sampled
+(Ray's raylet and workers included; they descend from the driver of an embedded Ray):
+
+- model alone: the ceiling, `CnnEmbedder.embed` on uint8 batches already in memory, all cores;
+- featurize: this project's pipeline, JPEG files to committed Parquet on an embedded local Ray;
+- dataloader: a plain PyTorch loop, `DataLoader(num_workers=cores)` decoding with PIL and
+  torchvision transforms, the model in the main process;
+- ray data example: Ray Data's documented batch inference (`read_images`, a preprocessing
+  `map_batches`, a model class on an actor pool, `write_parquet`);
+- one at a time: open, transform and embed each image in turn.
+
+Throughput counts from the first image read to the last feature (written, for the Ray ones);
+process start, imports, `ray.init` and model construction are reported apart as start-up. Prints
+images/s, the ratio to the model alone, start-up and peak RSS of all the run's processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONTENDERS = ("model alone", "featurize", "dataloader", "ray data example", "one at a time")
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+# --- the contenders, each run in its own process ------------------------------------------------
+
+def _model(arch: str):
+    import torch
+    import torchvision
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = torchvision.models.get_model(arch, weights=None)
+    model.fc = torch.nn.Identity()  # penultimate features, as featurize's default layer
+    return model.eval()
+
+
+def _transform(crop: int):
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(int(crop * 256 / 224)), transforms.CenterCrop(crop),
+                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def run_model_alone(arch, crop, paths, batch):
+    from images import model_alone
+
+    t = time.perf_counter()
+    rate = model_alone(arch, crop, paths, batch)
+    return {"rate": rate, "startup_s": 0.0, "wall_s": time.perf_counter() - t}
+
+
+def run_featurize(arch, crop, paths, batch):
+    from images import pipeline
+
+    run = pipeline(arch, crop, os.path.dirname(os.path.dirname(paths[0])), len(paths), batch, [])
+    return {"rate": run["execution"], "steady": run["steady"], "startup_s": run["startup_s"]}
+
+
+def run_dataloader(arch, crop, paths, batch):
+    import torch
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    model, tf = _model(arch), _transform(crop)
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return tf(Image.open(paths[i]).convert("RGB"))
+
+    loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=os.cpu_count() or 1)
+    t1, n = time.perf_counter(), 0
+    with torch.inference_mode():
+        for x in loader:
+            n += len(model(x))
+    return {"rate": n / (time.perf_counter() - t1), "startup_s": t1 - t0}
+
+
+def run_one_at_a_time(arch, crop, paths, batch):
+    import torch
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    model, tf = _model(arch), _transform(crop)
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        for p in paths:
+            model(tf(Image.open(p).convert("RGB")).unsqueeze(0))
+    return {"rate": len(paths) / (time.perf_counter() - t1), "startup_s": t1 - t0}
+
+
+def run_ray_data_example(arch, crop, paths, batch):
+    """Ray Data's batch inference example (docs: "Image Classification Batch Inference with PyTorch")."""
+    import numpy as np
+    import ray
+    import torch
+
+    t0 = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    tf = _transform(crop)
+
+    def preprocess(row):
+        from PIL import Image
+
+        row["transformed"] = tf(Image.fromarray(row["image"])).numpy()
+        return {"transformed": row["transformed"]}
+
+    class ResnetModel:
+        def __init__(self):
+            self.model = _model(arch)
+
+        def __call__(self, batch):
+            with torch.inference_mode():
+                out = self.model(torch.as_tensor(np.stack(batch["transformed"])))
+            return {"feature": out.numpy()}
+
+    out = os.path.join(HERE, "out", "peer-ray-data")
+    shutil.rmtree(out, ignore_errors=True)
+    t1 = time.perf_counter()
+    ds = ray.data.read_images(os.path.dirname(os.path.dirname(paths[0])), mode="RGB")
+    ds = ds.map(preprocess).map_batches(ResnetModel, compute=ray.data.ActorPoolStrategy(size=1),
+                                        batch_size=batch)
+    ds.write_parquet(out)
+    rate = len(paths) / (time.perf_counter() - t1)
+    ray.shutdown()
+    return {"rate": rate, "startup_s": t1 - t0}
+
+
+RUNNERS = {"model alone": run_model_alone, "featurize": run_featurize, "dataloader": run_dataloader,
+           "ray data example": run_ray_data_example, "one at a time": run_one_at_a_time}
+
+
+# --- the harness --------------------------------------------------------------------------------
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants, from /proc."""
+    children, rss = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/statm") as f:
+                rss[int(pid)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+def contend(name: str, arch: str, crop: int, images: int, batch: int) -> dict:
+    """Run one contender in a fresh process; its result and the peak RSS of its process tree."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--images", str(images),
+           "--models", f"{arch}:{crop}", "--batch", str(batch)]
+    env = {**os.environ, "PYTHONPATH": HERE, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    out, _ = proc.communicate()
+    done.set()
+    result = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {"rate": float("nan")}
+    return {**result, "peak_rss": peak[0], "ok": proc.returncode == 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--models", nargs="+", default=["resnet18:112", "resnet18:224", "resnet50:224"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)  # internal: run one contender
+    args = parser.parse_args()
+    from images import make_jpegs
+
+    paths = make_jpegs(os.path.join(HERE, "out", f"jpegs-{args.images}"), args.images)
+    if args.one:
+        arch, crop = args.models[0].split(":")
+        print(json.dumps(RUNNERS[args.one](arch, int(crop), paths, args.batch)), flush=True)
+        return
+    print(f"{os.cpu_count()} cores, {args.images} JPEGs 500x375, batch {args.batch}, random-init weights")
+    print(f"{'model':<14} {'contender':<17} {'images/s':>9} {'ratio':>6} {'start-up':>9} {'peak RSS':>9}")
+    for model in args.models:
+        arch, crop = model.split(":")
+        results = {name: contend(name, arch, int(crop), args.images, args.batch) for name in args.only}
+        ceiling = results.get("model alone", {}).get("rate") or float("nan")
+        for name, r in results.items():
+            rate = f"{r['rate']:>9.1f}" if r["ok"] else f"{'failed':>9}"
+            steady = f"  (steady {r['steady']:.1f}/s, {r['steady'] / ceiling:.2f})" if r.get("steady") else ""
+            print(f"{model:<14} {name:<17} {rate} {r['rate'] / ceiling:>6.2f} {r.get('startup_s', 0):>8.1f}s "
+                  f"{r['peak_rss'] / 2**30:>7.2f} GB{steady}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
