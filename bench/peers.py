@@ -13,6 +13,10 @@ For each model it runs, each in a fresh process whose whole process tree's memor
   `map_batches`, a model class on an actor pool, `write_parquet`);
 - one at a time: open, transform and embed each image in turn.
 
+Then the same for videos (`--clips`, default 120; 0 skips them): decoding alone (a process per
+core), the models alone (ResNet-18 + LSTM on decoded clips), featurize, a DataLoader loop over the
+same decoder, and one clip at a time; the ratio is to the slower of decoding alone and the models.
+
 Throughput counts from the first image read to the last feature (written, for the Ray ones);
 process start, imports, `ray.init` and model construction are reported apart as start-up. Prints
 images/s, the ratio to the model alone, start-up and peak RSS of all the run's processes.
@@ -145,6 +149,85 @@ RUNNERS = {"model alone": run_model_alone, "featurize": run_featurize, "dataload
            "ray data example": run_ray_data_example, "one at a time": run_one_at_a_time}
 
 
+# --- videos: UCF101-like clips, 16 frames at 112, ResNet-18 + LSTM (bench/video.py's data and models) ---
+
+def _video_models():
+    """clips (N, T, H, W, 3) uint8 -> clip features, as the pipeline's CNN and LSTM compute them."""
+    import numpy as np
+    from pipeline.config import ModelConfig, TemporalConfig
+    from pipeline.models import CnnEmbedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads
+    from pipeline.models.weights import resolve
+    from video import LSTM, SPEC
+
+    cfg, cores = ModelConfig(arch="resnet18", weights="none"), os.cpu_count() or 1
+    dim = feature_dim(cfg, SPEC.crop)
+    cnn = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), SPEC.crop, dim, MEAN, STD, torch_threads=cores))
+    heads = TemporalEmbedder(resolve_heads([TemporalConfig(**LSTM)], dim), dtype="float16", torch_threads=cores)
+
+    def embed(clips):
+        feats = cnn.embed(clips.reshape(-1, *clips.shape[2:])).reshape(len(clips), clips.shape[1], -1)
+        return heads.clip_features(feats, np.full(len(clips), clips.shape[1]))
+    return embed
+
+
+def run_video_decode_alone(paths, frames):
+    from video import decode_alone
+
+    return {"rate": decode_alone(paths, frames)[0], "startup_s": 0.0}
+
+
+def run_video_models_alone(paths, frames):
+    from video import decode_alone, models_alone
+
+    return {"rate": models_alone(decode_alone(paths, frames)[1], batch_clips=max(1, 32 // frames)), "startup_s": 0.0}
+
+
+def run_video_featurize(paths, frames):
+    from video import pipeline
+
+    run = pipeline(os.path.dirname(os.path.dirname(paths[0])), len(paths), frames)
+    return {"rate": run["execution"], "steady": run["steady"], "startup_s": run["startup"]}
+
+
+def run_video_dataloader(paths, frames):
+    import numpy as np
+    import torch
+    from video import _decode
+
+    t0 = time.perf_counter()
+    embed = _video_models()
+
+    class Clips(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return _decode((paths[i], frames))
+
+    loader = torch.utils.data.DataLoader(Clips(), batch_size=max(1, 32 // frames), collate_fn=np.stack,
+                                         num_workers=os.cpu_count() or 1)
+    t1 = time.perf_counter()
+    for clips in loader:
+        embed(clips)
+    return {"rate": len(paths) / (time.perf_counter() - t1), "startup_s": t1 - t0}
+
+
+def run_video_one_at_a_time(paths, frames):
+    from video import _decode
+
+    t0 = time.perf_counter()
+    embed = _video_models()
+    t1 = time.perf_counter()
+    for p in paths:
+        embed(_decode((p, frames))[None])
+    return {"rate": len(paths) / (time.perf_counter() - t1), "startup_s": t1 - t0}
+
+
+VIDEO_RUNNERS = {"decode alone": run_video_decode_alone, "models alone": run_video_models_alone,
+                 "featurize": run_video_featurize, "dataloader": run_video_dataloader,
+                 "one at a time": run_video_one_at_a_time}
+
+
 # --- the harness --------------------------------------------------------------------------------
 
 def tree_rss(root: int) -> int:
@@ -167,10 +250,10 @@ def tree_rss(root: int) -> int:
     return total
 
 
-def contend(name: str, arch: str, crop: int, images: int, batch: int) -> dict:
+def contend(name: str, arch: str, crop: int, images: int, batch: int, clips: int = 0) -> dict:
     """Run one contender in a fresh process; its result and the peak RSS of its process tree."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--images", str(images),
-           "--models", f"{arch}:{crop}", "--batch", str(batch)]
+           "--models", f"{arch}:{crop}", "--batch", str(batch)] + (["--clips", str(clips)] if clips else [])
     env = {**os.environ, "PYTHONPATH": HERE, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)
@@ -194,10 +277,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18:112", "resnet18:224", "resnet50:224"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)  # internal: run one contender
+    parser.add_argument("--clips", type=int, default=120, help="then the video contenders on this many clips (0: none)")
+    parser.add_argument("--one", choices=sorted(set(CONTENDERS) | set(VIDEO_RUNNERS)),
+                        help=argparse.SUPPRESS)  # internal: run one contender
     args = parser.parse_args()
     from images import make_jpegs
 
+    if args.one and "--clips" in sys.argv:  # internal: one video contender
+        from video import make_clips
+
+        clips = make_clips(os.path.join(HERE, "out", f"clips-{args.clips}"), args.clips)
+        print(json.dumps(VIDEO_RUNNERS[args.one](clips, 16)), flush=True)
+        return
     paths = make_jpegs(os.path.join(HERE, "out", f"jpegs-{args.images}"), args.images)
     if args.one:
         arch, crop = args.models[0].split(":")
@@ -214,6 +305,20 @@ def main() -> None:
             steady = f"  (steady {r['steady']:.1f}/s, {r['steady'] / ceiling:.2f})" if r.get("steady") else ""
             print(f"{model:<14} {name:<17} {rate} {r['rate'] / ceiling:>6.2f} {r.get('startup_s', 0):>8.1f}s "
                   f"{r['peak_rss'] / 2**30:>7.2f} GB{steady}", flush=True)
+    if args.clips:
+        videos(args.clips)
+
+
+def videos(clips: int) -> None:
+    """The video contenders; the ratio is to the slower of decoding alone and the models alone."""
+    print(f"\n{clips} UCF101-like clips (320x240, 25 fps, 7 s, MPEG-4 in AVI), 16 frames at 112, ResNet-18 + LSTM")
+    print(f"{'contender':<17} {'clips/s':>9} {'ratio':>6} {'start-up':>9} {'peak RSS':>9}")
+    results = {name: contend(name, "resnet18", 112, 0, 32, clips=clips) for name in VIDEO_RUNNERS}
+    ceiling = min(results["decode alone"]["rate"], results["models alone"]["rate"])
+    for name, r in results.items():
+        steady = f"  (steady {r['steady']:.1f}/s, {r['steady'] / ceiling:.2f})" if r.get("steady") else ""
+        print(f"{name:<17} {r['rate']:>9.1f} {r['rate'] / ceiling:>6.2f} {r.get('startup_s', 0):>8.1f}s "
+              f"{r['peak_rss'] / 2**30:>7.2f} GB{steady}", flush=True)
 
 
 if __name__ == "__main__":
