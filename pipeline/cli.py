@@ -34,9 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a job file")
-    run.add_argument("job", help="job file (YAML)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a job key, e.g. --set model.arch=resnet18 (repeatable)")
+    _job_arguments(run)
     run.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
     run.add_argument("--progress", action="store_true", help="show Ray Data's progress bars")
     run.add_argument("--overwrite", action="store_true",
@@ -46,12 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     submit = sub.add_parser("submit", help="submit a job file to a Ray cluster through its Jobs API")
-    submit.add_argument("job", help="job file (YAML)")
+    _job_arguments(submit)
     submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                         required="RAY_API_SERVER_ADDRESS" not in os.environ,
                         help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS)")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a job key (repeatable), applied before submission")
     submit.add_argument("--wait", action="store_true",
                         help="stream the job's logs and exit with its outcome")
     submit.set_defaults(func=cmd_submit)
@@ -78,6 +74,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="job file (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a job key, e.g. --set model.arch=resnet18 (repeatable)")
+
+
+def _load(job_path: str, overrides: List[str], ship: bool):
+    """(job, None), or for a driver elsewhere (submit, ray://) (job, the mapping it is sent) with
+    relative local paths made absolute. A bad job is refused here, naming the key."""
+    raw = read_job_file(job_path)
+    job = parse_job(raw, overrides)
+    if not ship:
+        return job, None
+    from .submit import shipped_job
+
+    data = shipped_job(raw, overrides, os.getcwd())
+    return parse_job(data), data
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .report import format_summary
 
@@ -91,10 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool, **modes):
     """Run a job: (exit code, summary or None); a job that cannot run or fails gets one line."""
     try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
-        job = load_job(job_path, overrides)
-        if address and address.startswith("ray://"):  # the driver runs on the head: absolute paths
-            from .submit import shipped_job
-            job = parse_job(shipped_job(read_job_file(job_path), overrides, os.getcwd()))
+        job, _ = _load(job_path, overrides, ship=bool(address and address.startswith("ray://")))
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
         return EXIT_REFUSED, None
@@ -119,13 +131,10 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import SubmitError, shipped_job, submit
+    from .submit import SubmitError, submit
 
     try:  # the whole job file is checked here: a bad one never reaches the cluster
-        raw = read_job_file(args.job)
-        parse_job(raw, args.overrides)
-        data = shipped_job(raw, args.overrides, os.getcwd())
-        job = parse_job(data)
+        job, data = _load(args.job, args.overrides, ship=True)
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
         return EXIT_REFUSED

@@ -45,8 +45,8 @@ def plan_resources(job: JobConfig, planned: int, nodes: Optional[List[Dict[str, 
     gpus = int(sum(n["Resources"]["GPU"] for n in gpu_nodes)) if job.model.device != "cpu" else 0
     # model.device: cuda on a cluster with no GPU node yet: ask for GPUs anyway, an autoscaler brings them
     use_gpus = gpus > 0 or job.model.device == "cuda"
-    slots = res.max_actors or (max(1, gpus) * res.actors_per_gpu if use_gpus else 1)
-    actors, max_actors = (1, slots) if res.actors == "auto" else (res.actors, res.actors)
+    actor_slots = res.max_actors or (max(1, gpus) * res.actors_per_gpu if use_gpus else 1)
+    actors, max_actors = (1, actor_slots) if res.actors == "auto" else (res.actors, res.actors)
     decode_nodes, selector, where = _decode_nodes(res.decode_on, nodes, gpu_nodes if use_gpus else [])
     cpus = float(sum(n["Resources"].get("CPU", 0) for n in nodes)) or float(os.cpu_count() or 1)
     decode_cpus = float(sum(n["Resources"].get("CPU", 0) for n in decode_nodes)) or cpus

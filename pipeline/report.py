@@ -113,7 +113,7 @@ def format_summary(summary: "Summary") -> str:
 
 
 def format_layout(layout: Dict[str, Any]) -> str:
-    """Where the stages ran: "1 to 8 model actors, 1 GPU each; decode on CPU-only nodes (3 of 11), 0.5 CPU a task"."""
+    """Where the stages ran: "1 to 8 model actors, 1 GPU each, batch 256; decode on CPU-only nodes (3 of 11); ..."."""
     n = f"{layout['actors']}" if layout["actors"] == layout["max_actors"] else f"{layout['actors']} to {layout['max_actors']}"
     on = (f"{layout['gpus_per_actor']:g} GPU each" if layout["gpus_per_actor"]
           else f"on CPU with {layout['torch_threads']} torch threads")

@@ -199,6 +199,11 @@ def accounted(out: str, fs=None) -> Tuple[List[str], List[str]]:
     )
 
 
+def planned(src) -> List[str]:
+    """The sample ids an image or video folder plans: every file's path relative to it."""
+    return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+
+
 def assert_exactly_once(out: str, expected, fs=None) -> Tuple[List[str], List[str]]:
     """Every expected sample id appears exactly once across features and errors, nothing else."""
     features, errors = accounted(out, fs)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _free_port, assert_exactly_once, assert_whole_files
+from conftest import _free_port, assert_exactly_once, assert_whole_files, planned
 from pipeline.samples import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,10 +68,6 @@ def jobs(env: dict):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def planned(src: Path):
-    return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
 
 
 @pytest.mark.timeout(400)

@@ -18,16 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (S3_BUCKET, S3_SECRET, assert_exactly_once, assert_whole_files, job_dict, recorded, run, s3_options)
+from conftest import (S3_BUCKET, S3_SECRET, assert_exactly_once, assert_whole_files, job_dict, planned, recorded, run,
+                      s3_options)
 from faultproxy import FaultProxy
 from pipeline.output import JOB_FILE
 from pipeline.samples import make_image_folder, make_video_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def planned(src: Path):
-    return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
 
 
 def images(tmp_path, n=60) -> Path:

@@ -7,16 +7,12 @@ import tarfile
 
 import pytest
 
-from conftest import (assert_exactly_once, assert_whole_files, job_dict, read_errors, read_features, recorded, run,
-                      tree)
+from conftest import (assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, read_features, recorded,
+                      run, tree)
 from pipeline.output import JOB_FILE, OutputExists, status
 from pipeline.samples import encode, make_image_folder, photo
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def planned(src):
-    return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
 
 
 @pytest.mark.timeout(300)
