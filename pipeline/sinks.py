@@ -85,7 +85,10 @@ class ParquetCommitSink(Datasink):
         schema = features_schema(self.spec)
         staged: List[Staged] = []
         for block in blocks:
-            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+            accessor = BlockAccessor.for_block(block)
+            if accessor.num_rows() == 0:  # e.g. a resumed tar shard whose members were all committed
+                continue
+            batch = accessor.to_batch_format("numpy")
             seconds.update(block_seconds(batch))
             ok = batch["error_stage"] == ""
             tables = list(self._feature_tables(batch, ok, schema))

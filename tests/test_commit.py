@@ -110,3 +110,14 @@ def test_a_write_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
         write_atomic(FS, str(target), parquet_bytes(pa.table({"sample_id": ["a"] * 1000})))
     assert not target.exists()
     assert parquet_files(FS, str(tmp_path / "out" / "features")) == []  # the half-written temp is hidden
+
+
+def test_the_sink_passes_over_an_empty_block(tmp_path):
+    """A read task can yield nothing (a resumed tar shard whose members are all committed); Ray
+    Data then hands the sink a block without columns, which holds nothing to write."""
+    from pipeline.sinks import ParquetCommitSink, SinkSpec, image_columns
+
+    spec = SinkSpec(str(tmp_path / "out"), {}, ["split"], image_columns("float16", 4))
+    result = ParquetCommitSink(spec, committer=None).write([pa.table({})], ctx=None)
+    assert (result["features"], result["files"], sum(result["errors"].values())) == (0, 0, 0)
+    assert not (tmp_path / "out" / "features").exists()
