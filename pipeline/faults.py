@@ -7,7 +7,9 @@ Actions: exit, crash (SIGSEGV), hang, sleep (`seconds`), raise, and record (appe
 `<name>.log`, so a test can count what a stage processed).
 A point fires once (the file is claimed by an atomic rename, so one process wins) unless the
 spec says `"once": false`; `"match"` limits it to keys (sample URIs) containing that text. The
-file may hold a list of specs: the first that matches applies.
+file may hold a list of specs: the first that matches applies. `after` counts the hits in one
+process since the point was armed: arming it again (a new file) starts the count afresh, also
+in the long-lived processes (a test session's driver, Ray's pooled workers) that saw an earlier one.
 With the variable unset, the normal case, a point costs one environment lookup.
 """
 from __future__ import annotations
@@ -36,15 +38,17 @@ def point(name: str, key: Union[str, Callable[[], str]] = "") -> None:
     try:
         with open(path) as f:
             specs = json.load(f)
+            armed = os.fstat(f.fileno())
     except (FileNotFoundError, ValueError):  # not armed, or being written
         return
+    arming = (name, armed.st_ino, armed.st_mtime_ns)
     if callable(key):
         key = key()
     for spec in specs if isinstance(specs, list) else [specs]:  # a list: the first that matches
         if spec.get("match") and spec["match"] not in key:
             continue
-        _hits[name] += 1
-        if _hits[name] < spec.get("after", 1):
+        _hits[arming] += 1
+        if _hits[arming] < spec.get("after", 1):
             return
         if spec.get("once", True):
             try:

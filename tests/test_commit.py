@@ -112,6 +112,20 @@ def test_a_write_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
     assert parquet_files(FS, str(tmp_path / "out" / "features")) == []  # the half-written temp is hidden
 
 
+def test_a_failpoint_counts_its_hits_afresh_each_time_it_is_armed(tmp_path, monkeypatch):
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    monkeypatch.setenv(faults.ENV, str(folder))
+    for _ in range(2):  # a process that saw an earlier arming must not carry its count over
+        spec = folder / "write.json"
+        spec.unlink(missing_ok=True)
+        spec.write_text('{"action": "raise", "after": 2}')
+        faults.point("write", "a")  # hit 1 of this arming: nothing happens
+        with pytest.raises(faults.InjectedFault):
+            faults.point("write", "b")
+        (folder / "write.json.fired").unlink()
+
+
 def test_the_sink_passes_over_an_empty_block(tmp_path):
     """A read task can yield nothing (a resumed tar shard whose members are all committed); Ray
     Data then hands the sink a block without columns, which holds nothing to write."""
