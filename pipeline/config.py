@@ -96,7 +96,8 @@ class ResourcesConfig:
     decode_batch_size: int = 32
     decode_cpus: float = 0.5  # logical CPUs claimed by each read+decode task
     max_decode_cpus: Optional[float] = None  # cap on the CPUs all decode tasks claim at once; None: no cap
-    decode_on: Literal["auto", "cpu_nodes", "any"] = "auto"  # auto: CPU-only nodes when the cluster has both kinds
+    # auto: images for a CPU model decode in the model actor; else CPU-only nodes when the cluster has both kinds
+    decode_on: Literal["auto", "actor", "cpu_nodes", "any"] = "auto"
     task_memory: Union[int, str, None] = None  # memory reserved per read+decode task: bytes or "2GiB"
     actor_memory: Union[int, str, None] = None  # memory reserved per model actor
     torch_threads: Union[int, Auto] = "auto"  # CPU actor threads; auto: the cores decode leaves
@@ -268,6 +269,8 @@ def _check(job: JobConfig) -> None:
     if res.max_decode_cpus is not None and res.max_decode_cpus < res.decode_cpus:
         raise ConfigError(f"resources.max_decode_cpus: {res.max_decode_cpus} leaves no room for one decode "
                           f"task of resources.decode_cpus {res.decode_cpus}")
+    if res.decode_on == "actor" and job.is_video:
+        raise ConfigError("resources.decode_on: actor is for images; videos decode in their own isolated tasks")
     for key in ("task_memory", "actor_memory"):
         memory_bytes(getattr(res, key), f"resources.{key}")
     _check_video(job)

@@ -34,6 +34,7 @@ class Layout:
     decode_tasks: Optional[int] = None  # cap on concurrent read+decode tasks (resources.max_decode_cpus)
     decode_slots: int = 1  # read+decode tasks that can run at once
     decode_on: str = "any node"
+    decode_in_actor: bool = False  # images decode in the model actor, beside the model, not in tasks
     decode_selector: Dict[str, str] = field(default_factory=dict)  # Ray label selector for decode tasks
 
 
@@ -47,6 +48,7 @@ def plan_resources(job: JobConfig, planned: int, nodes: Optional[List[Dict[str, 
     use_gpus = gpus > 0 or job.model.device == "cuda"
     actor_slots = res.max_actors or (max(1, gpus) * res.actors_per_gpu if use_gpus else 1)
     actors, max_actors = (1, actor_slots) if res.actors == "auto" else (res.actors, res.actors)
+    in_actor = res.decode_on == "actor" or (res.decode_on == "auto" and not use_gpus and not job.is_video)
     decode_nodes, selector, where = _decode_nodes(res.decode_on, nodes, gpu_nodes if use_gpus else [])
     cpus = float(sum(n["Resources"].get("CPU", 0) for n in nodes)) or float(os.cpu_count() or 1)
     decode_cpus = float(sum(n["Resources"].get("CPU", 0) for n in decode_nodes)) or cpus
@@ -71,7 +73,8 @@ def plan_resources(job: JobConfig, planned: int, nodes: Optional[List[Dict[str, 
         gpus=gpus, cpus=cpus, actors=actors, max_actors=max_actors,
         gpus_per_actor=1.0 / res.actors_per_gpu if use_gpus else 0.0, batch_size=batch, torch_threads=threads,
         actor_cpus=actor_cpus, rows_per_read_task=rows, decode_tasks=decode_tasks,
-        decode_slots=min(decode_slots, decode_tasks or decode_slots), decode_on=where, decode_selector=selector)
+        decode_slots=min(decode_slots, decode_tasks or decode_slots), decode_selector=selector,
+        decode_on="the model actor" if in_actor else where, decode_in_actor=in_actor)
 
 
 def _decode_nodes(decode_on: str, nodes, gpu_nodes):
@@ -79,11 +82,12 @@ def _decode_nodes(decode_on: str, nodes, gpu_nodes):
 
     On a cluster with GPU and CPU-only nodes, decode stays off the GPU nodes, so their CPUs feed
     the model (copies, batching) rather than compete with it. GPU nodes that join later are not
-    in the selector and may take decode tasks too."""
+    in the selector and may take decode tasks too. Images decoded in the model actor (`actor`)
+    leave only reads to the tasks, which may run anywhere."""
     cpu_only = [n for n in nodes if n["Resources"].get("CPU") and not n["Resources"].get("GPU")]
     if decode_on == "cpu_nodes" and not cpu_only:
         raise ConfigError("resources.decode_on: cpu_nodes, but the cluster has no CPU-only node")
-    if decode_on == "any" or not (gpu_nodes and cpu_only):
+    if decode_on in ("any", "actor") or not (gpu_nodes and cpu_only):
         return nodes, {}, "any node"
     avoid = ",".join(n["NodeID"] for n in gpu_nodes)
     return cpu_only, {"ray.io/node-id": f"!in({avoid})"}, f"CPU-only nodes ({len(cpu_only)} of {len(nodes)})"
@@ -120,5 +124,6 @@ def model_args(layout: Layout, res: ResourcesConfig) -> Dict[str, Any]:
 
 def stage_workers(layout: Layout, job: JobConfig) -> Dict[str, int]:
     """How many of each stage ran at once, at most (write tasks come as blocks do, like decode's)."""
-    return {"read": layout.decode_slots, "decode": layout.decode_slots, "model": layout.max_actors,
+    decode = layout.max_actors if layout.decode_in_actor else layout.decode_slots
+    return {"read": layout.decode_slots, "decode": decode, "model": layout.max_actors,
             "temporal": 1 if job.is_video else 0, "write": layout.decode_slots}

@@ -197,8 +197,9 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
                                               "windowed": bool(job.video.window_s)}
     else:
         decode, kwargs = decode_batch, {"spec": prepared.image}
-    ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
-                        batch_format="numpy", **task_args)
+    if not layout.decode_in_actor:
+        ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
+                            batch_format="numpy", **task_args)
     ds = ds.map_batches(
         EXTRACTORS["torchvision"],
         fn_constructor_args=(dataclasses.replace(_embed_spec(prepared, layout), committer=committer),),
@@ -234,4 +235,5 @@ def _embed_spec(prepared: Prepared, layout: Layout) -> EmbedSpec:
         dtype=job.output.dtype,
         torch_threads=layout.torch_threads,
         storage_options=job.source.storage_options,
+        image=prepared.image if layout.decode_in_actor else None,
     )

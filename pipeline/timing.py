@@ -54,7 +54,13 @@ def timed(stage: str) -> Callable:
             carried = _carried(args[batch_at])
             t = time.perf_counter()
             out = fn(*args, **kwargs)
-            return _stamp(out, carried, stage, time.perf_counter() - t)
+            seconds = time.perf_counter() - t
+            # A stage may run another inside it (the model actor decoding its own batch): that
+            # one's seconds are in the output already, and are not this stage's own.
+            inner = {c: max(v, carried.get(c, 0.0)) for c, v in _carried(out).items()}
+            totals = {**carried, **inner}
+            nested = sum(totals.values()) - sum(carried.values())
+            return _stamp(out, totals, stage, max(0.0, seconds - nested))
         return function
     return decorate
 

@@ -30,6 +30,7 @@ def test_defaults_fill_in():
         (job(resources={"batch_size": 0}), "resources.batch_size"),
         (job(resources={"actors_per_gpu": 0}), "resources.actors_per_gpu"),
         (job(resources={"decode_on": "gpu_nodes"}), "resources.decode_on"),
+        (job(source={"uri": "v", "media": "video"}, resources={"decode_on": "actor"}), "resources.decode_on"),
         (job(resources={"max_decode_cpus": 0.25}), "resources.max_decode_cpus"),
         (job(resources={"task_memory": "lots"}), "resources.task_memory"),
         (job(resources={"actor_memory": "-2GiB"}), "resources.actor_memory"),

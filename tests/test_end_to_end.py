@@ -181,6 +181,7 @@ def test_image_folder_files_metadata_and_job_record(image_folder_run):
     assert all(s["busy_s"] > 0 and s["samples_per_s"] > 0 for s in stages["stages"].values())
     assert stages["bound"] in stages["stages"] and stages["suggestion"]
     assert stages == r["summary"].stages
+    assert record["layout"]["decode_in_actor"]  # a CPU model: its actor decodes, errors and all
 
     plan = pq.read_table(os.path.join(out, "_plan.parquet"))
     assert sorted(plan["sample_id"].to_pylist()) == _files_under(r["src"])
@@ -282,14 +283,16 @@ def test_s3_source_and_output(s3):
     fs.invalidate_cache()
     out_uri = f"s3://{S3_BUCKET}/out/job1"
 
+    # decode_on: any: here decode runs in its own tasks (the cluster layout), elsewhere in the actor
     summary = run(job_dict(f"s3://{S3_BUCKET}/images/", out_uri, name="e2e-s3",
-                           source={"storage_options": options}))
+                           source={"storage_options": options}, resources={"decode_on": "any"}))
 
     fs.invalidate_cache()
     expected = {k[len("images/"):] for k in (*good, *bad)}
     features, errors = assert_exactly_once(out_uri, expected, fs)
     assert set(features) == {k[len("images/"):] for k in good}
     assert summary.features == len(good) and sum(summary.errors.values()) == len(bad)
+    assert not summary.layout["decode_in_actor"]
 
     root = f"{S3_BUCKET}/out/job1"
     dataset = pads.dataset(f"{root}/features", filesystem=fs, format="parquet", partitioning="hive")

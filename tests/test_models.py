@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import pickle
 
@@ -9,8 +10,11 @@ from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.config import ModelConfig
+from pipeline.decode import ImageSpec, decode_image
 from pipeline.models import CnnEmbedder, EmbedSpec, ModelError, feature_dim
 from pipeline.models.weights import WeightsError, resolve
+from pipeline.samples import encode, photo
+from pipeline.timing import block_seconds
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -68,6 +72,32 @@ def test_batch_call_skips_failed_rows_and_drops_pixels(resnet18_state):
     assert not out["feature"][1].any()
     ref = reference_features(state, pixels[[0, 2]])
     np.testing.assert_allclose(out["feature"][[0, 2]].astype(np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_an_actor_that_decodes_its_own_batch_matches_decoding_first(resnet18_state):
+    """resources.decode_on: actor: bytes in, features out, rows in order across the decode threads,
+    a broken file one decode error row, and the decode seconds apart from the model's."""
+    state, folder = resnet18_state
+    cfg = ModelConfig(arch="resnet18", weights=str(folder / "r18.pth"))
+    image = ImageSpec(resize=73, crop=64)
+    embedder = CnnEmbedder(dataclasses.replace(spec_for(cfg, 512), image=image))
+    files = [encode(photo(120 + 7 * i, 90 + 5 * i, seed=i)) for i in range(7)]
+    files[3] = b"not an image"
+    n = len(files)
+    batch = {"sample_id": np.array([f"s{i}" for i in range(n)], dtype=object),
+             "data": np.array(files, dtype=object),
+             "error_stage": np.array([""] * n, dtype=object), "error_type": np.array([""] * n, dtype=object),
+             "error_message": np.array([""] * n, dtype=object)}
+    out = embedder(batch)
+    assert "data" not in out and "pixels" not in out
+    assert list(out["error_stage"]) == ["", "", "", "decode", "", "", ""]
+    assert out["error_type"][3] == "UnidentifiedImageError" and not out["feature"][3].any()
+    good = [i for i in range(n) if i != 3]
+    pixels = np.stack([decode_image(files[i], image)[0] for i in good])
+    np.testing.assert_allclose(out["feature"][good], reference_features(state, pixels), rtol=1e-4, atol=1e-5)
+    assert list(out["width"][good]) == [120 + 7 * i for i in good]
+    seconds = block_seconds(out)
+    assert seconds["decode"] > 0 and seconds["model"] > 0
 
 
 @pytest.mark.parametrize(

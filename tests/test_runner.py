@@ -3,7 +3,7 @@ and hand-built node lists of heterogeneous clusters (no Ray needed)."""
 import pytest
 
 from pipeline.config import ConfigError, parse_job
-from pipeline.layout import decode_args, model_args, plan_resources
+from pipeline.layout import decode_args, model_args, plan_resources, stage_workers
 
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
 
@@ -17,6 +17,18 @@ def test_cpu_defaults_use_every_core_and_leave_room_for_decode(ray_session):
     assert lay.gpus == 0 and lay.actors == 1 and lay.batch_size == 32
     assert lay.torch_threads == 2  # Ray's default of one thread per actor would halve the model
     assert lay.actor_cpus + 0.5 <= 2  # at least one decode task always fits beside the actor
+
+
+def test_images_for_a_cpu_model_decode_in_the_actor_videos_and_gpus_in_tasks(ray_session):
+    lay = layout(ray_session)
+    assert lay.decode_in_actor and lay.decode_on == "the model actor"
+    assert stage_workers(lay, parse_job(BASE))["decode"] == lay.max_actors
+    assert not layout(ray_session, decode_on="any").decode_in_actor
+    video = parse_job({**BASE, "source": {"uri": "v/", "media": "video"}, "temporal": [{"kind": "mean", "name": "mean"}]})
+    assert not plan_resources(video, 100).decode_in_actor
+    assert not plan(CLUSTER).decode_in_actor  # GPUs: CPU nodes decode, the GPU nodes' CPUs feed the model
+    lay = plan(CLUSTER, decode_on="actor")
+    assert lay.decode_in_actor and lay.decode_selector == {}
 
 
 def test_several_cpu_actors_share_the_cores(ray_session):

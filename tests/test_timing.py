@@ -45,6 +45,26 @@ def test_seconds_follow_the_rows_through_regrouping_stages():
     assert all(len(b[column("model")]) == len(b["x"]) for b in out)
 
 
+class DecodingModel:
+    """A model actor that decodes its own batch: the decode seconds are not the model's."""
+
+    @timed("model")
+    def __call__(self, batch):
+        batch = explode(batch)  # 10 ms of decode
+        time.sleep(0.03)
+        return batch
+
+
+def test_a_stage_run_inside_another_keeps_its_own_seconds():
+    t = time.perf_counter()
+    out = DecodingModel()({"x": np.arange(2), column("read"): np.full(2, 0.5)})
+    elapsed = time.perf_counter() - t
+    seconds = block_seconds(out)
+    assert len(out["x"]) == 4 and seconds["read"] == 1.0  # carried, through a stage that dropped it
+    assert seconds["decode"] >= 0.01 and seconds["model"] >= 0.03
+    assert seconds["decode"] + seconds["model"] <= elapsed  # decode's 10 ms counted once, not twice
+
+
 def test_the_busiest_stage_bounds_the_run_and_the_suggestion_fits_it():
     cpu = breakdown({"read": 1.0, "decode": 20.0, "model": 40.0, "write": 1.0}, 1000, 45.0,
                     {"read": 2, "decode": 2, "model": 1, "write": 2}, gpu=False)
