@@ -19,7 +19,8 @@ same decoder, and one clip at a time; the ratio is to the slower of decoding alo
 
 Throughput counts from the first image read to the last feature (written, for the Ray ones);
 process start, imports, `ray.init` and model construction are reported apart as start-up. Prints
-images/s, the ratio to the model alone, start-up and peak RSS of all the run's processes.
+images/s, the ratio to the model alone (run again between the contenders; each one's ratio is to
+the runs just before and after it), start-up and peak RSS of all the run's processes.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONTENDERS = ("model alone", "featurize", "dataloader", "ray data example", "one at a time")
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+FEATURIZE_SET: list = []  # --set overrides for featurize's job, e.g. resources.decode_on=actor on a GPU
 
 
 # --- the contenders, each run in its own process ------------------------------------------------
@@ -69,7 +71,7 @@ def run_model_alone(arch, crop, paths, batch):
 def run_featurize(arch, crop, paths, batch):
     from images import pipeline
 
-    run = pipeline(arch, crop, os.path.dirname(os.path.dirname(paths[0])), len(paths), batch, [])
+    run = pipeline(arch, crop, os.path.dirname(os.path.dirname(paths[0])), len(paths), batch, FEATURIZE_SET)
     return {"rate": run["execution"], "steady": run["steady"], "startup_s": run["startup_s"]}
 
 
@@ -254,6 +256,7 @@ def contend(name: str, arch: str, crop: int, images: int, batch: int, clips: int
     """Run one contender in a fresh process; its result and the peak RSS of its process tree."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--images", str(images),
            "--models", f"{arch}:{crop}", "--batch", str(batch)] + (["--clips", str(clips)] if clips else [])
+    cmd += [arg for kv in FEATURIZE_SET for arg in ("--set", kv)]
     env = {**os.environ, "PYTHONPATH": HERE, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)
@@ -280,7 +283,10 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=120, help="then the video contenders on this many clips (0: none)")
     parser.add_argument("--one", choices=sorted(set(CONTENDERS) | set(VIDEO_RUNNERS)),
                         help=argparse.SUPPRESS)  # internal: run one contender
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of featurize's job (e.g. resources.decode_on=actor)")
     args = parser.parse_args()
+    FEATURIZE_SET.extend(args.set)
     from images import make_jpegs
 
     if args.one and "--clips" in sys.argv:  # internal: one video contender
@@ -295,23 +301,35 @@ def main() -> None:
         print(json.dumps(RUNNERS[args.one](arch, int(crop), paths, args.batch)), flush=True)
         return
     print(f"{os.cpu_count()} cores, {args.images} JPEGs 500x375, batch {args.batch}, random-init weights")
-    print(f"{'model':<14} {'contender':<17} {'images/s':>9} {'ratio':>6} {'start-up':>9} {'peak RSS':>9}")
+    print(f"{'model':<14} {'contender':<17} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'start-up':>9} {'peak RSS':>9}")
     for model in args.models:
         arch, crop = model.split(":")
-        results = {name: contend(name, arch, int(crop), args.images, args.batch) for name in args.only}
-        if "model alone" in results and len(results) > 1:  # the host drifts: the ceiling before and after
-            before, after = results["model alone"]["rate"], contend("model alone", arch, int(crop), args.images,
-                                                                    args.batch)["rate"]
-            results["model alone"]["rate"] = (before + after) / 2
-            print(f"{model:<14} model alone before the others {before:.1f}/s, after {after:.1f}/s", flush=True)
-        ceiling = results.get("model alone", {}).get("rate") or float("nan")
-        for name, r in results.items():
+        for name, r in bracketed(args.only, arch, int(crop), args.images, args.batch).items():
             rate = f"{r['rate']:>9.1f}" if r["ok"] else f"{'failed':>9}"
+            ceiling = r.get("ceiling", float("nan"))
             steady = f"  (steady {r['steady']:.1f}/s, {r['steady'] / ceiling:.2f})" if r.get("steady") else ""
-            print(f"{model:<14} {name:<17} {rate} {r['rate'] / ceiling:>6.2f} {r.get('startup_s', 0):>8.1f}s "
-                  f"{r['peak_rss'] / 2**30:>7.2f} GB{steady}", flush=True)
+            print(f"{model:<14} {name:<17} {rate} {ceiling:>8.1f} {r['rate'] / ceiling:>6.2f} "
+                  f"{r.get('startup_s', 0):>8.1f}s {r['peak_rss'] / 2**30:>7.2f} GB{steady}", flush=True)
     if args.clips:
         videos(args.clips)
+
+
+def bracketed(names, arch: str, crop: int, images: int, batch: int) -> dict:
+    """Each contender between two runs of the model alone; its ratio is to their mean. This host's
+    speed drifts by a third within minutes, so one ceiling for the whole table would not do."""
+    if "model alone" not in names:
+        return {name: contend(name, arch, crop, images, batch) for name in names}
+    ceilings = [contend("model alone", arch, crop, images, batch)]
+    results = {}
+    for name in [n for n in names if n != "model alone"]:
+        results[name] = contend(name, arch, crop, images, batch)
+        ceilings.append(contend("model alone", arch, crop, images, batch))
+        results[name]["ceiling"] = (ceilings[-2]["rate"] + ceilings[-1]["rate"]) / 2
+    rates = [c["rate"] for c in ceilings]
+    alone = {**ceilings[0], "rate": sum(rates) / len(rates), "ceiling": sum(rates) / len(rates)}
+    print(f"{arch}:{crop} model alone, before and after each contender: "
+          + ", ".join(f"{r:.1f}" for r in rates), flush=True)
+    return {"model alone": alone, **results}
 
 
 def videos(clips: int) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import faults
 from .read import ERROR_COLUMNS, error_fields
@@ -37,14 +37,7 @@ class DecodeError(Exception):
 
 def decode_image(data: bytes, spec: ImageSpec) -> Tuple[np.ndarray, int, int]:
     """Return (crop x crop x 3 uint8 array, original width, original height)."""
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Pillow's decompression-bomb limit is kept as it is; its warning zone (between the
-        # limit and twice it) is an error too, so a bomb is never decoded.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-    with img:
+    with open_image(data) as img:
         img.seek(0)  # animated images: the first frame
         width, height = _displayed_size(img)
         if img.format == "JPEG":
@@ -53,6 +46,20 @@ def decode_image(data: bytes, spec: ImageSpec) -> Tuple[np.ndarray, int, int]:
         rgb = _to_rgb(ImageOps.exif_transpose(img))
         pixels = _resize_center_crop(rgb, spec)
     return pixels, width, height
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image's header read, its pixels not yet decoded."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow's decompression-bomb limit is kept as it is; its warning zone (between the
+        # limit and twice it) is an error too, so a bomb is never decoded.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:  # Pillow's message names a buffer's address, new each run
+            raise UnidentifiedImageError("cannot identify image file: not an image Pillow can read") from None
 
 
 def _displayed_size(img: Image.Image) -> Tuple[int, int]:
@@ -108,9 +115,13 @@ def _resize_center_crop(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 @timed("decode")
 def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[Executor] = None,
                  parts: int = 1) -> Dict[str, np.ndarray]:
-    """Ray Data map_batches function: `data` bytes -> `pixels`, failures become error rows.
+    """Ray Data map_batches function: `data` bytes -> `pixels`, failures become error rows."""
+    return decode_rows(batch, spec, pool, parts)
 
-    Rows that failed to decode keep a zero image so the column stays one dense array; their
+
+def decode_rows(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[Executor] = None,
+                parts: int = 1) -> Dict[str, np.ndarray]:
+    """Rows that failed to decode keep a zero image so the column stays one dense array; their
     `error_stage` tells every later stage to skip them. With a thread `pool`, the rows are split in
     `parts` decoded at once (Pillow releases the GIL while it decodes and resizes).
     """

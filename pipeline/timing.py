@@ -108,7 +108,7 @@ def suggestion(bound: Optional[str], gpu: bool) -> str:
     if bound == "decode":
         return ("decoding bounds the run: more CPUs for decode (CPU nodes, resources.max_decode_cpus, "
                 "a lower resources.decode_cpus), or a smaller preprocess.resize / video.size"
-                + ("; decoding JPEGs on the GPU is planned" if gpu else ""))
+                + ("; or JPEGs decoded on the GPU itself (resources.decode_on: actor)" if gpu else ""))
     if bound == "model":
         if gpu:
             return ("the model bounds the run: a larger resources.batch_size, more GPUs "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +20,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from .. import faults
 from ..decode import ImageSpec, decode_batch
+from ..device_decode import decode_on_device
 from ..config import ModelConfig
 from ..read import ERROR_COLUMNS, error_fields, ragged
 from ..timing import timed
@@ -158,12 +160,14 @@ class CnnEmbedder:
         self.out_dtype = np.float16 if spec.dtype == "float16" else np.float32
         # Decoding here, between forward passes, on the cores the model's threads use: on a node
         # where decode tasks would run beside the model they preempt its threads (each op waits
-        # for its slowest thread), so taking turns is faster than sharing the cores.
+        # for its slowest thread), so taking turns is faster than sharing the cores. On a GPU the
+        # JPEGs are decoded on it (device_decode.py); the threads take the other formats.
         self.decoders = ThreadPoolExecutor(spec.torch_threads) if spec.image else None
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> features (N, D) as float32 numpy."""
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+    def embed(self, pixels) -> np.ndarray:
+        """uint8 NHWC (numpy, or a tensor already on the device) -> features (N, D) as float32 numpy."""
+        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         x = (x.float() - self.mean) / self.std
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -176,7 +180,8 @@ class CnnEmbedder:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         faults.point("embed", lambda: "\n".join(map(str, batch["sample_id"])))
         if "data" in batch:  # bytes: this actor decodes them (resources.decode_on: actor)
-            batch = decode_batch(batch, self.spec.image, self.decoders, self.spec.torch_threads)
+            decode = partial(decode_on_device, device=self.device) if self.device.type == "cuda" else decode_batch
+            batch = decode(batch, self.spec.image, pool=self.decoders, parts=self.spec.torch_threads)
         if "frames" in batch:
             return self._call_frames(batch)
         pixels = batch.pop("pixels")
@@ -185,7 +190,8 @@ class CnnEmbedder:
         batch["feature"] = np.zeros((len(ok), self.spec.dim), dtype=self.out_dtype)
         if ok.any():
             try:
-                batch["feature"][ok] = self.embed(np.ascontiguousarray(pixels[ok]))
+                rows = pixels[torch.from_numpy(ok).to(pixels.device)] if torch.is_tensor(pixels) else pixels[ok]
+                batch["feature"][ok] = self.embed(rows)
             except Exception as e:  # the batch's samples become model errors; the job goes on
                 _fail_rows(batch, ok, e)
         return batch

@@ -1,0 +1,105 @@
+"""JPEGs decoded in batches on the model's device (nvJPEG on a GPU), resized and cropped there.
+
+On a GPU the CPU decode bounds the run: one GPU embeds ResNet-50 faster than dozens of cores
+decode JPEGs. So a GPU actor that decodes its own batch (`resources.decode_on: actor`) takes the
+encoded bytes, reads each header on the CPU (format, colour mode and Pillow's decompression-bomb
+limit: cheap, no pixels), decodes the RGB and greyscale JPEGs in one
+`torchvision.io.decode_jpeg(device=...)` call and resizes them on the device. Everything else
+(PNG, CMYK JPEGs, a file the device decoder refuses) takes the CPU path, `decode.decode_rows`,
+so such a file gets the same pixels, or the same error row, as it would there.
+
+The device's pixels differ from the CPU path's by rounding: libjpeg's reduced-scale decoding
+(`draft`) and Pillow's resampling against a full decode and torch's antialiased interpolation.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from . import faults
+from .decode import ImageSpec, decode_rows, open_image
+from .read import ERROR_COLUMNS
+from .timing import timed
+
+DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB the way Pillow does
+
+
+@timed("decode")
+def decode_on_device(batch: Dict[str, np.ndarray], spec: ImageSpec, device: torch.device,
+                     pool: Optional[Executor] = None, parts: int = 1) -> Dict[str, object]:
+    """`data` bytes -> `pixels`, a (N, crop, crop, 3) uint8 tensor on `device`; failures are error rows."""
+    n = len(batch["data"])
+    out = {k: v for k, v in batch.items() if k != "data"}
+    out.update(width=np.zeros(n, dtype=np.int32), height=np.zeros(n, dtype=np.int32),
+               **{k: batch[k].copy() for k in ERROR_COLUMNS})
+    pixels = torch.zeros((n, spec.crop, spec.crop, 3), dtype=torch.uint8, device=device)
+    jpegs, elsewhere = _sort_rows(batch)
+    for i, img in zip(jpegs, _decode_jpegs([batch["data"][i] for i in jpegs], device)):
+        if img is None:
+            elsewhere.append(i)
+            continue
+        out["height"][i], out["width"][i] = img.shape[1:]
+        pixels[i] = _resize_center_crop(img, spec).permute(1, 2, 0)
+    if elsewhere:
+        rows = np.array(sorted(elsewhere))
+        done = decode_rows({k: v[rows] for k, v in batch.items()}, spec, pool, parts)
+        pixels[torch.from_numpy(rows).to(device)] = torch.from_numpy(done["pixels"]).to(device)
+        for col in ("width", "height", *ERROR_COLUMNS):
+            out[col][rows] = done[col]
+    out["pixels"] = pixels
+    return out
+
+
+def _sort_rows(batch: Dict[str, np.ndarray]):
+    """(rows the device decodes, rows the CPU path takes); rows that failed earlier are in neither."""
+    jpegs: List[int] = []
+    elsewhere: List[int] = []
+    for i, data in enumerate(batch["data"]):
+        if batch["error_stage"][i]:
+            continue
+        try:
+            with open_image(data) as img:
+                plain = img.format == "JPEG" and img.mode in DEVICE_MODES
+        except Exception:  # the CPU path raises it again, and records it as this row's error
+            plain = False
+        if plain:
+            faults.point("decode", str(batch["uri"][i]) if "uri" in batch else "")
+        (jpegs if plain else elsewhere).append(i)
+    return jpegs, elsewhere
+
+
+def _decode_jpegs(files: List[bytes], device: torch.device) -> List[Optional[torch.Tensor]]:
+    """(3, H, W) uint8 on `device` per file, EXIF orientation applied; None where decoding failed.
+    One call for the batch; if any file fails it, each file alone, to find which."""
+    if not files:
+        return []
+    tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+    except RuntimeError:
+        out: List[Optional[torch.Tensor]] = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def _resize_center_crop(img: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """The region of the image that Resize(resize) + CenterCrop(crop) keeps, scaled to crop x crop
+    (as decode._resize_center_crop does with Pillow)."""
+    height, width = img.shape[1:]
+    side = spec.crop * min(width, height) / spec.resize
+    left, top = max(0, round((width - side) / 2)), max(0, round((height - side) / 2))
+    right, bottom = min(width, max(left + 1, round(left + side))), min(height, max(top + 1, round(top + side)))
+    region = img[:, top:bottom, left:right].unsqueeze(0).float()
+    mode = spec.interpolation if spec.interpolation != "nearest" else "nearest-exact"
+    out = F.interpolate(region, size=(spec.crop, spec.crop), mode=mode, antialias=mode != "nearest-exact",
+                        **({} if mode == "nearest-exact" else {"align_corners": False}))
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
