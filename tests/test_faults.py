@@ -120,13 +120,19 @@ CLUSTER_JOB = textwrap.dedent('''
         while time.time() < deadline and not any(
                 n.endswith(".parquet") for _, _, names in os.walk(os.path.join(out, "features")) for n in names):
             time.sleep(0.1)
+        removing.append(time.time())
         cluster.remove_node(worker, allow_graceful=False)
         print("worker node removed", flush=True)
 
-    threading.Thread(target=kill_worker_after_first_commit, daemon=True).start()
+    removing = []
+    killer = threading.Thread(target=kill_worker_after_first_commit, daemon=True)
+    killer.start()
     try:
         summary = run_job(parse_job(job))
+        finished = time.time()
+        killer.join(timeout=120)  # the removal may still be under way: Ray waits for the node's processes
         print("RESULT " + json.dumps({"features": summary.features, "errors": sum(summary.errors.values()),
+                                      "removed_mid_job": bool(removing) and removing[0] < finished,
                                       "nodes_alive": sum(n["Alive"] for n in ray.nodes())}), flush=True)
     finally:
         ray.shutdown()
@@ -157,8 +163,8 @@ def test_2_worker_node_killed_mid_job(tmp_path):
                           env=_env(_slow_model(tmp_path, 0.7)), capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "worker node removed" in proc.stdout
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    assert result["nodes_alive"] == 1  # it finished on the head alone
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["removed_mid_job"] and result["nodes_alive"] == 1  # it finished on the head alone
     assert_exactly_once(str(out), planned(src))
     assert_whole_files(str(out))
 
