@@ -57,8 +57,8 @@ def plan_resources(job: JobConfig, planned: int, nodes: Optional[List[Dict[str, 
         decode_tasks = max(1, int(res.max_decode_cpus // res.decode_cpus))
         decode_cpus = min(decode_cpus, res.max_decode_cpus)
     batch = res.batch_size if res.batch_size != "auto" else (GPU_BATCH if use_gpus else CPU_BATCH)
-    # A CPU actor claims one logical CPU but runs torch on the cores of its node that the decode
-    # tasks leave; decode is a small share of the model's cost, so that is nearly all of them.
+    # A CPU actor claims one logical CPU but runs torch on its node's cores: it decodes its own
+    # images between forward passes, or decode tasks beside it take a small share of them.
     cpu_counts = [n["Resources"]["CPU"] for n in nodes if n["Resources"].get("CPU")]
     node_cpus = max(cpu_counts, default=cpus)
     actors_per_node = math.ceil(max_actors / max(1, len(cpu_counts)))

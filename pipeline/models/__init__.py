@@ -1,7 +1,8 @@
 """Feature extractors, chosen from a registry by model family.
 
 Each extractor is a Ray Data actor class: built once from an EmbedSpec, then called on batches
-of uint8 `pixels`; it drops `pixels` and adds the columns it declares in OUTPUT_COLUMNS.
+of uint8 `pixels` (or of encoded `data` it decodes itself); it drops them and adds the columns it
+declares in OUTPUT_COLUMNS.
 Temporal heads (temporal.py, registry HEADS) then map per-frame features to `clip_<name>` columns.
 """
 from .cnn import CnnEmbedder, EmbedSpec, ModelError, build_backbone, check_arch, feature_dim, feature_module, pool

@@ -2,14 +2,15 @@
 
 The layer is chosen by torchvision's feature-extraction node names (`layer3`, `features.29`);
 no layer means the penultimate one, the input of the final classifier. Pixels arrive as uint8
-NHWC and are normalised on the actor's device, so only bytes cross the object store.
+NHWC and are normalised on the actor's device, so only bytes cross the object store; or they
+arrive still encoded and the actor decodes them itself (resources.decode_on: actor).
 """
 from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, List, Optional
 
 import numpy as np
