@@ -100,7 +100,7 @@ class ResourcesConfig:
     decode_on: Literal["auto", "actor", "cpu_nodes", "any"] = "auto"
     task_memory: Union[int, str, None] = None  # memory reserved per read+decode task: bytes or "2GiB"
     actor_memory: Union[int, str, None] = None  # memory reserved per model actor
-    torch_threads: Union[int, Auto] = "auto"  # CPU actor threads, and its decode threads; auto: the node's cores over its actors
+    torch_threads: Union[int, Auto] = "auto"  # CPU actor (and decode) threads; auto: node cores / actors
     read_block_size: int = 256  # at most this many planned rows (files or shards) per read task
 
 
