@@ -118,7 +118,8 @@ def format_layout(layout: Dict[str, Any]) -> str:
     on = (f"{layout['gpus_per_actor']:g} GPU each" if layout["gpus_per_actor"]
           else f"on CPU with {layout['torch_threads']} torch threads")
     return (f"{n} model actor{'s' if layout['max_actors'] > 1 else ''}, {on}, batch {layout['batch_size']}; "
-            f"decode on {layout['decode_on']}; {layout['cpus']:g} CPUs in the cluster")
+            f"decode {'in' if layout.get('decode_in_actor') else 'on'} {layout['decode_on']}; "
+            f"{layout['cpus']:g} CPUs in the cluster")
 
 
 def format_stages(stages: Dict[str, Any]) -> List[str]:

@@ -46,3 +46,6 @@ def test_the_layout_line_says_where_each_stage_runs():
     cpu = {**gpu, "max_actors": 1, "gpus_per_actor": 0.0, "batch_size": 32, "decode_on": "any node", "cpus": 2.0}
     assert format_layout(cpu) == ("1 model actor, on CPU with 2 torch threads, batch 32; "
                                   "decode on any node; 2 CPUs in the cluster")
+    in_actor = {**cpu, "decode_on": "the model actor", "decode_in_actor": True}
+    assert format_layout(in_actor) == ("1 model actor, on CPU with 2 torch threads, batch 32; "
+                                       "decode in the model actor; 2 CPUs in the cluster")
