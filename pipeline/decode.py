@@ -121,8 +121,8 @@ def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[E
 
 def decode_rows(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[Executor] = None,
                 parts: int = 1) -> Dict[str, np.ndarray]:
-    """Rows that failed to decode keep a zero image so the column stays one dense array; their
-    `error_stage` tells every later stage to skip them. With a thread `pool`, the rows are split in
+    """`data` bytes -> `pixels`. Rows that failed to decode keep a zero image so the column stays
+    one dense array; their `error_stage` tells every later stage to skip them. With a thread `pool`, the rows are split in
     `parts` decoded at once (Pillow releases the GIL while it decodes and resizes).
     """
     n = len(batch["data"])
@@ -132,13 +132,14 @@ def decode_rows(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[Ex
     chunks = np.array_split(np.arange(n), max(1, min(parts, n)))
     if pool is None or len(chunks) == 1:
         for rows in chunks:
-            _decode_rows(batch, out, rows, spec)
+            _decode_into(out, batch, rows, spec)
     else:
-        list(pool.map(lambda rows: _decode_rows(batch, out, rows, spec), chunks))
+        list(pool.map(lambda rows: _decode_into(out, batch, rows, spec), chunks))
     return out
 
 
-def _decode_rows(batch: Dict[str, np.ndarray], out: Dict[str, np.ndarray], rows: np.ndarray, spec: ImageSpec) -> None:
+def _decode_into(out: Dict[str, np.ndarray], batch: Dict[str, np.ndarray], rows: np.ndarray,
+                 spec: ImageSpec) -> None:
     for i in rows:
         if out["error_stage"][i]:
             continue
