@@ -122,13 +122,13 @@ def decode_batch(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[E
 def decode_rows(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[Executor] = None,
                 parts: int = 1) -> Dict[str, np.ndarray]:
     """`data` bytes -> `pixels`. Rows that failed to decode keep a zero image so the column stays
-    one dense array; their `error_stage` tells every later stage to skip them. With a thread `pool`, the rows are split in
-    `parts` decoded at once (Pillow releases the GIL while it decodes and resizes).
+    one dense array; their `error_stage` tells every later stage to skip them. With a thread
+    `pool`, the rows are split in `parts` decoded at once (Pillow releases the GIL while it
+    decodes and resizes).
     """
     n = len(batch["data"])
-    out = {k: v for k, v in batch.items() if k != "data"}
-    out.update(pixels=np.zeros((n, spec.crop, spec.crop, 3), dtype=np.uint8), width=np.zeros(n, dtype=np.int32),
-               height=np.zeros(n, dtype=np.int32), **{k: batch[k].copy() for k in ERROR_COLUMNS})
+    out = decoded_columns(batch)
+    out["pixels"] = np.zeros((n, spec.crop, spec.crop, 3), dtype=np.uint8)
     chunks = np.array_split(np.arange(n), max(1, min(parts, n)))
     if pool is None or len(chunks) == 1:
         for rows in chunks:
@@ -138,12 +138,26 @@ def decode_rows(batch: Dict[str, np.ndarray], spec: ImageSpec, pool: Optional[Ex
     return out
 
 
+def decoded_columns(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """A decoder's output but its pixels: the batch without `data`, zero sizes, its own error columns."""
+    n = len(batch["data"])
+    out = {k: v for k, v in batch.items() if k != "data"}
+    out.update(width=np.zeros(n, dtype=np.int32), height=np.zeros(n, dtype=np.int32),
+               **{k: batch[k].copy() for k in ERROR_COLUMNS})
+    return out
+
+
+def fault_point(batch: Dict[str, np.ndarray], i: int) -> None:
+    """The decode failpoint, keyed by the row's URI (tests/test_faults.py)."""
+    faults.point("decode", str(batch["uri"][i]) if "uri" in batch else "")
+
+
 def _decode_into(out: Dict[str, np.ndarray], batch: Dict[str, np.ndarray], rows: np.ndarray,
                  spec: ImageSpec) -> None:
     for i in rows:
         if out["error_stage"][i]:
             continue
-        faults.point("decode", str(batch["uri"][i]) if "uri" in batch else "")
+        fault_point(batch, i)
         try:
             out["pixels"][i], out["width"][i], out["height"][i] = decode_image(batch["data"][i], spec)
         except Exception as e:  # any failure of this one file is its error row, never the job's

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from . import faults
-from .decode import ImageSpec, decode_rows, open_image
+from .decode import ImageSpec, decode_rows, decoded_columns, fault_point, open_image
 from .read import ERROR_COLUMNS
 from .timing import timed
 
@@ -33,11 +32,8 @@ DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB the way Pillow do
 def decode_on_device(batch: Dict[str, np.ndarray], spec: ImageSpec, device: torch.device,
                      pool: Optional[Executor] = None, parts: int = 1) -> Dict[str, object]:
     """`data` bytes -> `pixels`, a (N, crop, crop, 3) uint8 tensor on `device`; failures are error rows."""
-    n = len(batch["data"])
-    out = {k: v for k, v in batch.items() if k != "data"}
-    out.update(width=np.zeros(n, dtype=np.int32), height=np.zeros(n, dtype=np.int32),
-               **{k: batch[k].copy() for k in ERROR_COLUMNS})
-    pixels = torch.zeros((n, spec.crop, spec.crop, 3), dtype=torch.uint8, device=device)
+    out = decoded_columns(batch)
+    pixels = torch.zeros((len(batch["data"]), spec.crop, spec.crop, 3), dtype=torch.uint8, device=device)
     jpegs, elsewhere = _sort_rows(batch)
     for i, img in zip(jpegs, _decode_jpegs([batch["data"][i] for i in jpegs], device)):
         if img is None:
@@ -67,8 +63,8 @@ def _sort_rows(batch: Dict[str, np.ndarray]):
                 plain = img.format == "JPEG" and img.mode in DEVICE_MODES
         except Exception:  # the CPU path raises it again, and records it as this row's error
             plain = False
-        if plain:
-            faults.point("decode", str(batch["uri"][i]) if "uri" in batch else "")
+        if plain:  # the CPU path's rows meet the failpoint there
+            fault_point(batch, i)
         (jpegs if plain else elsewhere).append(i)
     return jpegs, elsewhere
 

@@ -192,12 +192,12 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
         batch_format="numpy",
         **task_args,
     )
-    if job.is_video:
-        decode, kwargs = decode_video_batch, {"spec": prepared.frames, "cfg": job.video,
-                                              "windowed": bool(job.video.window_s)}
-    else:
-        decode, kwargs = decode_batch, {"spec": prepared.image}
-    if not layout.decode_in_actor:
+    if not layout.decode_in_actor:  # else the model actor decodes the bytes itself
+        if job.is_video:
+            decode, kwargs = decode_video_batch, {"spec": prepared.frames, "cfg": job.video,
+                                                  "windowed": bool(job.video.window_s)}
+        else:
+            decode, kwargs = decode_batch, {"spec": prepared.image}
         ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
                             batch_format="numpy", **task_args)
     ds = ds.map_batches(

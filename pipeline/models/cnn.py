@@ -164,6 +164,7 @@ class CnnEmbedder:
         # for its slowest thread), so taking turns is faster than sharing the cores. On a GPU the
         # JPEGs are decoded on it (device_decode.py); the threads take the other formats.
         self.decoders = ThreadPoolExecutor(spec.torch_threads) if spec.image else None
+        self.decode = partial(decode_on_device, device=self.device) if self.device.type == "cuda" else decode_batch
 
     def embed(self, pixels) -> np.ndarray:
         """uint8 NHWC (numpy, or a tensor already on the device) -> features (N, D) as float32 numpy."""
@@ -181,8 +182,7 @@ class CnnEmbedder:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         faults.point("embed", lambda: "\n".join(map(str, batch["sample_id"])))
         if "data" in batch:  # bytes: this actor decodes them (resources.decode_on: actor)
-            decode = partial(decode_on_device, device=self.device) if self.device.type == "cuda" else decode_batch
-            batch = decode(batch, self.spec.image, pool=self.decoders, parts=self.spec.torch_threads)
+            batch = self.decode(batch, self.spec.image, pool=self.decoders, parts=self.spec.torch_threads)
         if "frames" in batch:
             return self._call_frames(batch)
         pixels = batch.pop("pixels")
