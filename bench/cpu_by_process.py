@@ -14,26 +14,11 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
+
+from peers import descendants  # bench/ is this script's folder, first on sys.path
 
 HZ = os.sysconf("SC_CLK_TCK")
-
-
-def tree(root: int) -> List[int]:
-    children = defaultdict(list)
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                children[int(f.read().rsplit(")", 1)[1].split()[1])].append(int(pid))
-        except OSError:  # gone meanwhile
-            pass
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
 
 
 def sample(pid: int) -> Optional[Tuple[float, int, str]]:
@@ -56,7 +41,7 @@ def main() -> None:
     history = []
     t0 = time.time()
     while proc.poll() is None:
-        for pid in tree(proc.pid):
+        for pid in descendants(proc.pid):
             s = sample(pid)
             if s:
                 seen[pid] = s

@@ -232,23 +232,32 @@ VIDEO_RUNNERS = {"decode alone": run_video_decode_alone, "models alone": run_vid
 
 # --- the harness --------------------------------------------------------------------------------
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of a process and all its descendants, from /proc."""
-    children, rss = {}, {}
+def descendants(root: int) -> list:
+    """A process and all its descendants, from /proc (an embedded Ray's processes descend from its driver)."""
+    children = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/statm") as f:
-                rss[int(pid)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
             continue
-        children.setdefault(ppid, []).append(int(pid))
-    total, todo = 0, [root]
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        out.append(pid)
         todo += children.get(pid, [])
+    return out
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    total = 0
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
     return total
 
 
