@@ -4,6 +4,8 @@ the task that holds many good ones.
 One long-lived child per decode task (a spawned process: forking a multi-threaded Ray worker is
 unsafe) takes one job at a time over a pipe. A job that outlives its limit kills the child; a
 child that dies takes only its current job with it. Either way the next job gets a fresh child.
+A child's start (a Python interpreter importing the decoders, seconds on a busy node) is not
+charged to any file: the child says it is ready before the first job's clock starts.
 Python's ProcessPoolExecutor cannot kill a hung worker, hence this small hand-written pool of one.
 """
 from __future__ import annotations
@@ -20,6 +22,10 @@ class DecoderCrashed(Exception):
     """The decoder's process died on this file (a segfault, an abort, out of memory)."""
 
 
+class DecoderUnavailable(RuntimeError):
+    """The decoder's process could not start: the node's fault, not a file's, so the task fails."""
+
+
 class ChildError(Exception):
     """The decoder raised in the child; `error_type` is its exception's class name."""
 
@@ -29,6 +35,7 @@ class ChildError(Exception):
 
 
 def _serve(conn, target: Callable[..., Any]) -> None:
+    conn.send(("ready", None))  # `target`'s module was imported while the child unpickled it
     while True:
         try:
             args = conn.recv()
@@ -43,9 +50,10 @@ def _serve(conn, target: Callable[..., Any]) -> None:
 class IsolatedCall:
     """`call(*args)` runs `target(*args)` in the child; `target` must be importable by name."""
 
-    def __init__(self, target: Callable[..., Any], timeout_s: float):
+    def __init__(self, target: Callable[..., Any], timeout_s: float, start_timeout_s: float = 120.0):
         self.target = target
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
         self._ctx = mp.get_context("spawn")
         self._proc: Optional[mp.process.BaseProcess] = None
         self._conn = None
@@ -56,6 +64,17 @@ class IsolatedCall:
         self._proc.start()
         child.close()
         self._conn = parent
+        try:
+            ready = parent.poll(self.start_timeout_s) and parent.recv()[0] == "ready"
+        except (EOFError, ConnectionResetError):
+            ready = False
+        if not ready:
+            self._proc.join(timeout=1)
+            code = self._proc.exitcode
+            self.close()
+            why = (f"did not start within {self.start_timeout_s:g} s" if code is None
+                   else f"died while starting (exit code {code})")
+            raise DecoderUnavailable(f"the decoder process {why}")
 
     def call(self, *args: Any) -> Any:
         if self._proc is None or not self._proc.is_alive():

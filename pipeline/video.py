@@ -17,7 +17,7 @@ import numpy as np
 
 from . import faults
 from .config import VideoConfig
-from .isolate import ChildError, DecoderCrashed, DecodeTimeout, IsolatedCall
+from .isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
 from .read import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 from .timing import timed
 
@@ -209,6 +209,8 @@ def decode_video_batch(
             continue
         try:
             clips = _DECODER.call(_source(batch["data"][i], str(base["uri"])), spec, cfg)
+        except DecoderUnavailable:  # no file's fault: the task fails and Ray retries it
+            raise
         except Exception as e:  # this video's error row; the task goes on with the next
             rows.append(_error_row(base, _video_error(e)))
             continue

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import VideoConfig
-from pipeline.isolate import ChildError, DecoderCrashed, DecodeTimeout, IsolatedCall
+from pipeline.isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
 from pipeline.samples import encode_video
 from pipeline.video import FrameSpec, VideoDecodeError, _decode_pyav, decode_video, plan_windows
 
@@ -156,6 +156,22 @@ def test_the_decoder_goes_on_after_errors(ucf_like):
     with IsolatedCall(fail, timeout_s=30) as call:
         with pytest.raises(ChildError, match="bad file"):
             call.call()
+
+
+def test_the_decoders_start_up_is_not_charged_to_the_first_file():
+    from slow_to_import import echo  # a 3 s import, in the child too: longer than the file's limit
+
+    with IsolatedCall(echo, timeout_s=1.0) as call:
+        assert call.call("first") == "first"
+
+
+def test_a_decoder_that_cannot_start_fails_the_task_not_the_file(monkeypatch):
+    from slow_to_import import echo
+
+    monkeypatch.setenv("FAIL_CHILD_IMPORT", "1")  # the spawned child inherits it; this process has the module
+    with IsolatedCall(echo, timeout_s=1.0) as call:
+        with pytest.raises(DecoderUnavailable, match="died while starting"):
+            call.call("first")
 
 
 def hang_on_poison(source, spec, cfg):
