@@ -34,8 +34,10 @@ class ChildError(Exception):
         self.error_type = error_type
 
 
-def _serve(conn, target: Callable[..., Any]) -> None:
-    conn.send(("ready", None))  # `target`'s module was imported while the child unpickled it
+def _serve(conn, target: Callable[..., Any], prepare: Optional[Callable[[], Any]]) -> None:
+    if prepare is not None:  # `target`'s module was imported while the child unpickled it
+        prepare()
+    conn.send(("ready", None))
     while True:
         try:
             args = conn.recv()
@@ -48,10 +50,14 @@ def _serve(conn, target: Callable[..., Any]) -> None:
 
 
 class IsolatedCall:
-    """`call(*args)` runs `target(*args)` in the child; `target` must be importable by name."""
+    """`call(*args)` runs `target(*args)` in the child; `target` must be importable by name, as
+    must `prepare`, which a new child runs before its first job (to import what `target` imports
+    lazily, for example)."""
 
-    def __init__(self, target: Callable[..., Any], timeout_s: float, start_timeout_s: float = 120.0):
+    def __init__(self, target: Callable[..., Any], timeout_s: float, start_timeout_s: float = 120.0,
+                 prepare: Optional[Callable[[], Any]] = None):
         self.target = target
+        self.prepare = prepare
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self._ctx = mp.get_context("spawn")
@@ -60,7 +66,7 @@ class IsolatedCall:
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_serve, args=(child, self.target), daemon=True)
+        self._proc = self._ctx.Process(target=_serve, args=(child, self.target, self.prepare), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent

@@ -105,6 +105,12 @@ def decode_video(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
             ) from None
 
 
+def import_decoders() -> None:
+    """Imported by a new decoder process before its first file, so no file's limit pays for it."""
+    import av  # noqa: F401
+    import decord  # noqa: F401
+
+
 def _short(exc: BaseException) -> str:
     text = (str(exc) or type(exc).__name__).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
@@ -197,7 +203,7 @@ def decode_video_batch(
     """
     global _DECODER
     if _DECODER is None:
-        _DECODER = IsolatedCall(decode_video, timeout_s=cfg.decode_timeout_s)
+        _DECODER = IsolatedCall(decode_video, timeout_s=cfg.decode_timeout_s, prepare=import_decoders)
     rows = []
     for i in range(len(batch["sample_id"])):
         base = {"unit": batch["sample_id"][i], "unit_rows": 1, "attempts": 0,  # when not read by read.py

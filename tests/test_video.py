@@ -158,10 +158,14 @@ def test_the_decoder_goes_on_after_errors(ucf_like):
             call.call()
 
 
+def nap():
+    time.sleep(2)
+
+
 def test_the_decoders_start_up_is_not_charged_to_the_first_file():
     from slow_to_import import echo  # a 3 s import, in the child too: longer than the file's limit
 
-    with IsolatedCall(echo, timeout_s=1.0) as call:
+    with IsolatedCall(echo, timeout_s=1.0, prepare=nap) as call:  # and a 2 s `prepare`
         assert call.call("first") == "first"
 
 
