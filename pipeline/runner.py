@@ -88,8 +88,7 @@ def _run_on_head(job: JobConfig, address: str, **modes) -> Summary:
     with it the job's actors (they belong to it)."""
     from .submit import PACKAGE
 
-    ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE)]}, logging_level=logging.WARNING,
-             log_to_driver=False)
+    _connect_client(address, runtime_env={"py_modules": [str(PACKAGE)]})
     driver = ray.remote(run_job).options(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})
     ref = driver.remote(job, **modes)
     try:
@@ -97,6 +96,22 @@ def _run_on_head(job: JobConfig, address: str, **modes) -> Summary:
     except KeyboardInterrupt:
         ray.cancel(ref, force=True)
         raise
+
+
+def _connect_client(address: str, runtime_env: Dict[str, Any], attempts: int = 2) -> None:
+    """Ray Client starts a server process on the head for each connection; on a busy head that
+    start can fail ("Starting Ray client server failed"). It is the head's moment, not the job's:
+    try once more before giving up."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+            return
+        except ConnectionAbortedError as e:
+            if attempt == attempts or "Starting Ray client server failed" not in str(e):
+                raise
+            logging.getLogger(__name__).warning("%s: the head could not start a client server; trying again", address)
+            ray.shutdown()
+            time.sleep(2.0)
 
 
 def _stop(committer) -> None:

@@ -110,3 +110,33 @@ def test_decode_cpus_and_memory_caps():
     args = decode_args(lay, resources)
     assert args["compute"].size == 32 and args["memory"] == 2 * 2**30 and args["num_cpus"] == 0.5
     assert model_args(lay, resources)["memory"] == 24 * 2**30
+
+
+def test_a_client_connection_whose_server_failed_to_start_is_tried_once_more(monkeypatch):
+    """Ray Client's per-connection server can fail to start on a busy head; no Ray needed here."""
+    import ray
+
+    from pipeline import runner
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) == 1:
+            raise ConnectionAbortedError("Initialization failure from server:\nStarting Ray client server failed.")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    runner._connect_client("ray://head:10001", runtime_env={})
+    assert calls == ["ray://head:10001"] * 2
+
+    def refused(**kwargs):
+        calls.append(kwargs["address"])
+        raise ConnectionAbortedError("Initialization failure from server:\nversion mismatch")
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(ConnectionAbortedError, match="version mismatch"):
+        runner._connect_client("ray://head:10001", runtime_env={})
+    assert len(calls) == 1  # any other refusal is the user's to see at once
