@@ -204,6 +204,7 @@ def decode_video_batch(
     global _DECODER
     if _DECODER is None:
         _DECODER = IsolatedCall(decode_video, timeout_s=cfg.decode_timeout_s, prepare=import_decoders)
+    _DECODER.timeout_s = cfg.decode_timeout_s  # a pooled worker may have served a job with another limit
     rows = []
     for i in range(len(batch["sample_id"])):
         base = {"unit": batch["sample_id"][i], "unit_rows": 1, "attempts": 0,  # when not read by read.py

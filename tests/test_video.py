@@ -214,3 +214,34 @@ def test_the_stage_turns_a_hanging_or_crashing_file_into_one_error_row(tmp_path,
     assert list(out["error_stage"]) == ["decode", ""] and out["error_type"][0] == kind
     assert out["frames"].shape == (2, 4, 112, 112, 3) and out["frames"][1].any()
     assert out["decoder"][1] == "decord" and out["num_frames"][1] == 4
+
+
+def test_each_job_gets_its_own_decode_time_limit_in_a_reused_worker(tmp_path, ucf_like, monkeypatch):
+    """Ray reuses workers across the jobs of one driver: the decoder process a worker kept from a
+    job with a 60 s limit must apply the next job's 2 s limit."""
+    import json
+
+    import pipeline.video as video
+
+    monkeypatch.setenv("FEATURIZE_FAULTS", str(tmp_path))  # read by the decoder process it spawns
+    (tmp_path / "decode.json").write_text(json.dumps({"action": "hang", "match": "poison", "once": False}))
+    good, poison = tmp_path / "good.avi", tmp_path / "poison.avi"
+    good.write_bytes(ucf_like)
+    poison.write_bytes(ucf_like)
+
+    def batch(path):
+        row = {"sample_id": path.name, "uri": str(path), "label": "a", "split": "all", "data": b"",
+               "error_stage": "", "error_type": "", "error_message": ""}
+        return {k: np.array([v], dtype=object) for k, v in row.items()}
+
+    monkeypatch.setattr(video, "_DECODER", None)
+    try:
+        first = video.decode_video_batch(batch(good), SPEC, VideoConfig(num_frames=4, decode_timeout_s=60), windowed=False)
+        assert list(first["error_stage"]) == [""]
+        t = time.time()
+        second = video.decode_video_batch(batch(poison), SPEC, VideoConfig(num_frames=4, decode_timeout_s=2),
+                                          windowed=False)
+        assert list(second["error_type"]) == ["timeout"] and time.time() - t < 30
+    finally:
+        if video._DECODER is not None:
+            video._DECODER.close()
