@@ -191,23 +191,31 @@ def crash_on_poison(source, spec, cfg):
     return decode_video(source, spec, cfg)
 
 
+def good_and_poison(folder, video):
+    """Two copies of one decodable video; the one named poison* is what a failpoint strikes."""
+    good, poison = folder / "good.avi", folder / "poison.avi"
+    good.write_bytes(video)
+    poison.write_bytes(video)
+    return good, poison
+
+
+def video_batch(*paths):
+    """The decode stage's input for local videos: URIs only, no bytes (the decoder opens them)."""
+    rows = [{"sample_id": p.name, "uri": str(p), "label": "a", "split": "all", "data": b"",
+             "error_stage": "", "error_type": "", "error_message": ""} for p in paths]
+    return {k: np.array([row[k] for row in rows], dtype=object) for k in rows[0]}
+
+
 @pytest.mark.parametrize("target, kind", [(hang_on_poison, "timeout"), (crash_on_poison, "crash")])
 def test_the_stage_turns_a_hanging_or_crashing_file_into_one_error_row(tmp_path, ucf_like, monkeypatch, target, kind):
     import pipeline.video as video
 
-    good, poison = tmp_path / "good.avi", tmp_path / "poison.avi"
-    good.write_bytes(ucf_like)
-    poison.write_bytes(ucf_like)
-    names = [str(poison), str(good)]
-    batch = {"sample_id": np.array(["poison.avi", "good.avi"], dtype=object),
-             "uri": np.array(names, dtype=object), "label": np.array(["a", "a"], dtype=object),
-             "split": np.array(["all", "all"], dtype=object), "data": np.array([b"", b""], dtype=object),
-             "error_stage": np.array(["", ""], dtype=object), "error_type": np.array(["", ""], dtype=object),
-             "error_message": np.array(["", ""], dtype=object)}
+    good, poison = good_and_poison(tmp_path, ucf_like)
     call = IsolatedCall(target, timeout_s=3.0)
     monkeypatch.setattr(video, "_DECODER", call)
     try:
-        out = video.decode_video_batch(batch, SPEC, VideoConfig(num_frames=4), windowed=False)
+        out = video.decode_video_batch(video_batch(poison, good), SPEC, VideoConfig(num_frames=4, decode_timeout_s=3),
+                                       windowed=False)
     finally:
         call.close()
     assert list(out["sample_id"]) == ["poison.avi", "good.avi"]
@@ -225,21 +233,14 @@ def test_each_job_gets_its_own_decode_time_limit_in_a_reused_worker(tmp_path, uc
 
     monkeypatch.setenv("FEATURIZE_FAULTS", str(tmp_path))  # read by the decoder process it spawns
     (tmp_path / "decode.json").write_text(json.dumps({"action": "hang", "match": "poison", "once": False}))
-    good, poison = tmp_path / "good.avi", tmp_path / "poison.avi"
-    good.write_bytes(ucf_like)
-    poison.write_bytes(ucf_like)
-
-    def batch(path):
-        row = {"sample_id": path.name, "uri": str(path), "label": "a", "split": "all", "data": b"",
-               "error_stage": "", "error_type": "", "error_message": ""}
-        return {k: np.array([v], dtype=object) for k, v in row.items()}
-
+    good, poison = good_and_poison(tmp_path, ucf_like)
     monkeypatch.setattr(video, "_DECODER", None)
     try:
-        first = video.decode_video_batch(batch(good), SPEC, VideoConfig(num_frames=4, decode_timeout_s=60), windowed=False)
+        first = video.decode_video_batch(video_batch(good), SPEC, VideoConfig(num_frames=4, decode_timeout_s=60),
+                                         windowed=False)
         assert list(first["error_stage"]) == [""]
         t = time.time()
-        second = video.decode_video_batch(batch(poison), SPEC, VideoConfig(num_frames=4, decode_timeout_s=2),
+        second = video.decode_video_batch(video_batch(poison), SPEC, VideoConfig(num_frames=4, decode_timeout_s=2),
                                           windowed=False)
         assert list(second["error_type"]) == ["timeout"] and time.time() - t < 30
     finally:
