@@ -206,7 +206,7 @@ class CnnEmbedder:
         rows = [i for i in np.flatnonzero(ok) if len(clips[i])]
         if rows:
             try:
-                flat = self.embed(np.ascontiguousarray(np.concatenate([clips[i] for i in rows])))
+                flat = self.embed(np.concatenate([clips[i] for i in rows]))
                 for i, part in zip(rows, np.split(flat, np.cumsum([len(clips[i]) for i in rows])[:-1])):
                     out[i] = part
             except Exception as e:
