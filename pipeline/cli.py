@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="replace another job's output in output.uri, once the new one is complete")
     run.add_argument("--retry-failed", action="store_true",
                      help="process again the samples in the errors table (after a fix or an outage)")
+    run.add_argument("--incremental", action="store_true",
+                     help="list the source again and process only the samples added since it was planned")
     run.set_defaults(func=cmd_run)
 
     submit = sub.add_parser("submit", help="submit a job file to a Ray cluster through its Jobs API")
@@ -97,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .report import format_summary
 
     code, summary = _run(args.job, args.overrides, args.address, args.progress,
-                         overwrite=args.overwrite, retry_failed=args.retry_failed)
+                         overwrite=args.overwrite, retry_failed=args.retry_failed, incremental=args.incremental)
     if summary is not None:
         print(format_summary(summary))
     return code

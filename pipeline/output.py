@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,6 +40,8 @@ class Workspace:
     ledger: Ledger
     previous: Optional[Dict[str, Any]]  # the _job.json an earlier run left, if any
     replaces: Optional[str] = None  # OUT's root, when this run overwrites it
+    added: int = 0  # --incremental: samples new in the source, added to the plan by this run
+    gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
 
     @property
     def skipped(self) -> int:
@@ -78,11 +80,15 @@ def read_record(fs, root: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def open_output(prepared, overwrite: bool = False, retry_failed: bool = False) -> Workspace:
-    """Decide how this run uses OUT: start it, resume it, retry its failures, or overwrite it."""
+def open_output(prepared, overwrite: bool = False, retry_failed: bool = False,
+                incremental: bool = False) -> Workspace:
+    """Decide how this run uses OUT: start it, resume it, retry its failures, overwrite it, or
+    (incremental) add the samples the source gained since it was planned."""
     job = prepared.job
     if overwrite and retry_failed:
         raise OutputExists("--overwrite and --retry-failed: choose one")
+    if overwrite and incremental:
+        raise OutputExists("--overwrite and --incremental: choose one (--overwrite lists the source anew anyway)")
     fs, out = filesystem(job.output.uri, prepared.out_options)
     out = out.rstrip("/")
     try:
@@ -107,7 +113,7 @@ def open_output(prepared, overwrite: bool = False, retry_failed: bool = False) -
         raise OutputExists(f"--retry-failed: output.uri {job.output.uri} holds no output to retry")
     if retry_failed:
         _forget_errors(fs, out, previous)
-    return _workspace(prepared, fs, out, job.output.uri, wanted, previous)
+    return _workspace(prepared, fs, out, job.output.uri, wanted, previous, incremental)
 
 
 def _refuse_other_job(uri: str, previous: Optional[Dict[str, Any]], wanted: Dict[str, Any]) -> None:
@@ -120,18 +126,37 @@ def _refuse_other_job(uri: str, previous: Optional[Dict[str, Any]], wanted: Dict
                            f"settings: {'; '.join(diff)}. Choose another output.uri, or --overwrite to replace it")
 
 
-def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previous) -> Workspace:
+def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previous,
+               incremental: bool = False) -> Workspace:
     resuming = previous is not None and previous.get("settings") == wanted
     plan = _load_plan(fs, root) if resuming else None
+    added = gone = 0
     if plan is None:
         plan = plan_source(prepared.job.source)
         write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
         previous = None
+    elif incremental:
+        plan, added, gone = extend_plan(fs, root, plan, prepared.job.source)
     ledger = Ledger(fs, root)
     ledger.recover()  # what a stopped run left staged is published, not redone
     todo = remaining(plan, ledger.rows, ledger.units)
     todo = _with_attempts(fs, root, _with_skip(todo, ledger.rows))
-    return Workspace(uri, fs, root, plan, todo, ledger, previous)
+    return Workspace(uri, fs, root, plan, todo, ledger, previous, added=added, gone=gone)
+
+
+def extend_plan(fs, root: str, plan: pa.Table, source) -> Tuple[pa.Table, int, int]:
+    """--incremental: list the source again; samples it gained join the plan (saved before any
+    work, so an interrupted run resumes them), samples it lost stay planned and keep their rows.
+    Returns (plan, added, gone). A tar shard is one planned sample: a shard that grew is not reread."""
+    listed = plan_source(source)
+    known = pc.is_in(listed["sample_id"], value_set=plan["sample_id"])
+    new = listed.filter(pc.invert(known))
+    gone = len(plan) - pc.sum(known.cast(pa.int64())).as_py()
+    if len(new):
+        # promote: a plan saved by an older version may lack a column the listing has now
+        plan = pa.concat_tables([plan, new], promote_options="default").sort_by("sample_id")
+        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
+    return plan, len(new), gone
 
 
 def _load_plan(fs, root: str) -> Optional[pa.Table]:

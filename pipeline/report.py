@@ -48,6 +48,8 @@ def write_job_record(
     runs = list((ws.previous or {}).get("runs", []))
     run: Dict[str, Any] = {"started_at": _iso(started_at), "status": status, "todo": len(ws.todo),
                            "skipped_as_done": ws.skipped}
+    if ws.added or ws.gone:  # --incremental
+        run.update(added_to_plan=ws.added, gone_from_source=ws.gone)
     if error is not None:
         run["error"] = error
     record: Dict[str, Any] = {
@@ -91,6 +93,9 @@ def format_summary(summary: "Summary") -> str:
     lines = [f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)"]
     if summary.skipped:
         lines.append(f"skipped      {summary.skipped} planned samples already committed by an earlier run")
+    if summary.added or summary.gone:
+        lines.append(f"incremental  {summary.added} samples new in the source planned and taken up; "
+                     f"{summary.gone} planned samples no longer in the source (their rows stay in the output)")
     if summary.duplicates:
         lines.append(f"dropped      {summary.duplicates} rows that Ray computed twice (already committed)")
     if summary.samples:

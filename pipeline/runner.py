@@ -34,6 +34,8 @@ class Summary:
     wall_s: float  # from the start of execution to the last commit
     startup_s: float  # planning and Ray start, before execution
     skipped: int = 0  # planned samples an earlier run had committed
+    added: int = 0  # --incremental: samples new in the source, planned by this run
+    gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
     duplicates: int = 0  # rows Ray computed twice, dropped by the committer
     output_rows: Dict[str, int] = field(default_factory=dict)  # features and errors in OUT, all runs
     first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
@@ -55,12 +57,13 @@ class IncompleteOutput(RuntimeError):
 
 
 def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False,
-            overwrite: bool = False, retry_failed: bool = False) -> Summary:
+            overwrite: bool = False, retry_failed: bool = False, incremental: bool = False) -> Summary:
     if address and address.startswith("ray://"):
-        return _run_on_head(job, address, progress=progress, overwrite=overwrite, retry_failed=retry_failed)
+        return _run_on_head(job, address, progress=progress, overwrite=overwrite, retry_failed=retry_failed,
+                            incremental=incremental)
     t0 = time.time()
     prepared = prepare(job)  # refuses a bad job before Ray starts
-    ws = open_output(prepared, overwrite=overwrite, retry_failed=retry_failed)
+    ws = open_output(prepared, overwrite=overwrite, retry_failed=retry_failed, incremental=incremental)
     if not len(ws.todo):  # all done already: no need for Ray
         return _finish(prepared, ws, t0, time.time(), {}, None)
     _init_ray(address)
@@ -160,6 +163,8 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
         wall_s=t2 - t1,
         startup_s=t1 - t0,
         skipped=ws.skipped,
+        added=ws.added,
+        gone=ws.gone,
         duplicates=totals.get("duplicates", 0),
         output_rows=table_rows(ws.fs, ws.root),
         layout=vars(layout) if layout else {},

@@ -1,0 +1,71 @@
+"""--incremental: a growing dataset's new samples are planned and processed, each exactly once."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_features, run, tree
+from pipeline.output import JOB_FILE, OutputExists, status
+from pipeline.samples import encode, make_image_folder, photo
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _add_images(folder, names, seed=50):
+    for k, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(encode(photo(70 + k, 60, seed=seed + k)))
+
+
+@pytest.mark.timeout(300)
+def test_incremental_run_takes_up_only_what_the_source_gained(tmp_path, faults):
+    src, out = tmp_path / "images", tmp_path / "out"
+    make_image_folder(str(src), n=10, broken=1)
+    job = job_dict(str(src), str(out))
+    run(job)
+    first = planned(src)
+
+    new = ["n01440764/new_0.jpg", "n01440764/new_1.jpg", "late/new_2.jpg"]
+    _add_images(src, new)
+    gone = sorted(first)[:2]  # one committed feature row and one more; deleted from the source
+    for sid in gone:
+        (src / sid).unlink()
+    assert run(job).samples == 0  # a plain run keeps to its plan: nothing new is taken up
+    before = tree(out / "features")
+
+    faults("write", action="raise", after=1)  # the incremental run fails midway ...
+    with pytest.raises(Exception, match="fault injected"):
+        run(job, incremental=True)
+    # ... having saved the grown plan: a plain rerun finishes it
+    summary = run(job)
+    assert summary.samples + summary.skipped == len(first) + len(new)
+    features = assert_exactly_once(str(out), first + new)[0]
+    assert set(new) <= set(features)
+    assert all(tree(out / "features").get(rel) == v for rel, v in before.items())  # old files untouched
+    assert_whole_files(str(out))
+    assert status(str(out))["complete"]
+
+    summary = run(job, incremental=True)  # listed again: nothing new; the deleted files stay gone ...
+    assert (summary.added, summary.gone, summary.samples) == (0, len(gone), 0)
+    assert_exactly_once(str(out), first + new)  # ... and keep their rows
+
+
+@pytest.mark.timeout(300)
+def test_incremental_reports_what_it_added_and_what_is_gone(tmp_path):
+    src, out = tmp_path / "images", tmp_path / "out"
+    make_image_folder(str(src), n=6, broken=0)
+    job = job_dict(str(src), str(out))
+    run(job)
+    _add_images(src, ["n02102040/extra.jpg"])
+    (src / planned(src)[0]).unlink()
+
+    summary = run(job, incremental=True)
+    assert (summary.added, summary.gone, summary.features) == (1, 1, 1)
+    record = json.loads((out / JOB_FILE).read_text())
+    assert record["runs"][-1]["added_to_plan"] == 1 and record["runs"][-1]["gone_from_source"] == 1
+    assert record["counts"]["planned"] == 7  # the gone sample stays planned, and its row stays
+    assert len(read_features(str(out), columns=["sample_id"])) == 7
+
+    with pytest.raises(OutputExists, match="choose one"):
+        run(job, incremental=True, overwrite=True)
