@@ -194,8 +194,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import check, claim
     from .samples import make_image_folder, make_video_folder
 
+    folders = [(args.job, args.data, "--data")]
+    if args.video_job:
+        folders.append((args.video_job, args.video_data, "--video-data"))
+    try:  # every folder is checked before anything is written to any of them
+        for job, data, key in folders:
+            check(data, key)
+            check(load_job(job).output.uri, f"{job}: output.uri")
+        for _, data, key in folders:
+            claim(data, key)
+    except ConfigError as e:
+        print(f"featurize: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     counts = make_image_folder(args.data, n=args.images)
     print(f"sample data  {args.data}: {counts['images']} images in {counts['classes']} classes, "
           f"{counts['broken']} broken files among them")
@@ -210,12 +223,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_job(job_path: str, data: str) -> int:
     """Run one demo job on its generated data (replacing its own earlier output), then say how to read it."""
-    import shutil
-
+    from .demo import claim
     from .report import format_summary
 
-    out = load_job(job_path).output.uri
-    shutil.rmtree(out, ignore_errors=True)
+    try:
+        out = load_job(job_path).output.uri
+        claim(out, f"{job_path}: output.uri", clear=True)
+    except ConfigError as e:
+        print(f"featurize: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     code, summary = _run(job_path, [f"source.uri={data}"], None, False)
     if summary is None:
         return code

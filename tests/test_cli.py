@@ -163,3 +163,34 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir):
     assert result.returncode == 2
     assert 'model.pool ("avg" -> "max")' in result.stderr and "--overwrite" in result.stderr
     assert tree(out) == before
+
+
+def test_demo_never_removes_or_adds_to_what_it_did_not_create(tmp_path, capsys):
+    """`featurize demo --job X` used to rmtree X's output.uri: a user's output was replaced by demo data."""
+    from pipeline.cli import main
+    from pipeline.demo import MARK, claim
+
+    theirs = tmp_path / "their-output"
+    (theirs / "features").mkdir(parents=True)
+    (theirs / "features" / "part-1.parquet").write_bytes(b"their data")
+    job = write_job(tmp_path / "job.yaml", {"name": "theirs", "source": {"uri": str(tmp_path / "data")},
+                                            "output": {"uri": str(theirs)}})
+    before = tree(tmp_path)
+    code = main(["demo", "--job", str(job), "--data", str(tmp_path / "data"), "--video-job", ""])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds files the demo did not create" in err[0] and str(theirs) in err[0]
+    assert tree(tmp_path) == before  # nothing removed, and no sample data written either
+
+    data = tmp_path / "their-images"  # a data folder of someone else's is refused the same way
+    data.mkdir()
+    (data / "cat.jpg").write_bytes(b"x")
+    assert main(["demo", "--data", str(data), "--video-job", ""]) == 2
+    assert [p.name for p in data.iterdir()] == ["cat.jpg"]
+
+    ours = tmp_path / "demo-out"  # the demo's own earlier output is replaced
+    claim(str(ours), "output.uri")
+    (ours / "features").mkdir()
+    (ours / "features" / "old.parquet").write_bytes(b"old demo output")
+    claim(str(ours), "output.uri", clear=True)
+    assert sorted(p.name for p in ours.iterdir()) == [MARK]
