@@ -9,7 +9,6 @@ resampling detail.
 from __future__ import annotations
 
 import io
-import warnings
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -52,14 +51,30 @@ def open_image(data: bytes) -> Image.Image:
     """The image's header read, its pixels not yet decoded."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Pillow's decompression-bomb limit is kept as it is; its warning zone (between the
-        # limit and twice it) is an error too, so a bomb is never decoded.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            return Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:  # Pillow's message names a buffer's address, new each run
-            raise UnidentifiedImageError("cannot identify image file: not an image Pillow can read") from None
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # Pillow's message names a buffer's address, new each run
+        raise UnidentifiedImageError("cannot identify image file: not an image Pillow can read") from None
+    try:
+        _check_pixels(img)
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def _check_pixels(img: Image.Image) -> None:
+    """Refuse an image over Pillow's decompression-bomb limit, from its header, before any pixel is
+    decoded. Pillow itself only warns between the limit and twice it, and a warnings filter to
+    make that an error would change process-wide state under the concurrent decode threads.
+    Only the first frame is ever decoded (decode_image), and `size` is that frame's (for ICO and
+    ICNS, the largest entry, the one Pillow loads)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"image size {width}x{height} ({width * height} pixels) exceeds limit of {limit} pixels, "
+            "could be decompression bomb DOS attack")
 
 
 def _displayed_size(img: Image.Image) -> Tuple[int, int]:

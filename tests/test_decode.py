@@ -1,9 +1,11 @@
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.decode import ImageSpec, decode_batch, decode_image
+from pipeline.decode import ImageSpec, decode_batch, decode_image, decode_rows
 from pipeline.read import ERROR_COLUMNS
 from pipeline.samples import encode, image_cases, photo
 
@@ -113,3 +115,40 @@ def test_decode_batch_keeps_order_and_marks_errors():
     assert out["error_type"][3] == "FileNotFoundError"
     assert out["width"][0] == 96 and out["height"][0] == 64
     assert out["pixels"][1].max() == 0
+
+
+def _batch(blobs):
+    data = np.empty(len(blobs), dtype=object)
+    data[:] = blobs
+    batch = {"sample_id": np.array([str(i) for i in range(len(blobs))], dtype=object), "data": data}
+    for col in ERROR_COLUMNS:
+        batch[col] = np.array([""] * len(blobs), dtype=object)
+    return batch
+
+
+def test_bomb_limit_holds_under_concurrent_decode_threads(monkeypatch):
+    """Issue 12 case 11: the limit is checked from the header in every thread; no process-wide
+    warnings filter that another decode thread could be restoring at that moment."""
+    limit = 250_000  # lowered to keep the test fast; 100-megapixel PNGs behave the same
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    over = encode(Image.new("RGB", (limit // 400 + 1, 400), (90, 120, 30)), "PNG")  # Pillow only warns here
+    at_limit = encode(Image.new("RGB", (500, 500), (90, 120, 30)), "PNG")  # exactly the limit: decodes
+    batch = _batch([over] * 16 + [at_limit] * 4)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave often, as busy decode threads do
+    try:
+        _decode_repeatedly(batch)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _decode_repeatedly(batch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(30):
+            out = decode_rows(batch, SPEC, pool, parts=4)
+            assert list(out["error_stage"][:16]) == ["decode"] * 16, "an over-limit image was decoded"
+            assert all("exceeds limit" in m for m in out["error_message"][:16])
+            assert list(out["error_stage"][16:]) == [""] * 4
+            assert (out["width"][16:] == 500).all() and out["pixels"][16:].max() > 0
