@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
 
+from .redact import redact
+
 Auto = Literal["auto"]
 
 
@@ -30,6 +32,10 @@ class SourceConfig:
     split: Optional[str] = None  # fixed split; None: the manifest's `split` column, else "all"
     split_files: Dict[str, str] = field(default_factory=dict)  # split -> list of relative paths (UCF101's)
     media: Literal["auto", "image", "video"] = "auto"  # auto: video for video_folder or temporal heads
+    read_timeout_s: float = 120.0  # a read (file, or a shard's next sample) taking longer: an error row (timeout)
+    max_sample_bytes: Union[int, str] = "256MiB"  # a larger file or tar member: an error row, never read
+    allow_uris: List[str] = field(default_factory=list)  # manifest URIs may also lie under these prefixes
+    follow_symlinks: bool = False  # folders: read symlinks whose target leaves source.uri
 
 
 @dataclass
@@ -123,7 +129,6 @@ class JobConfig:
 
 
 PARTITION_COLUMNS = ("split", "label")
-_SECRET = re.compile(r"key|secret|token|password|passwd|credential|session", re.I)
 
 
 def load_job(path: str, overrides: Optional[List[str]] = None) -> JobConfig:
@@ -133,11 +138,10 @@ def load_job(path: str, overrides: Optional[List[str]] = None) -> JobConfig:
 def read_job_file(path: str) -> Any:
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read job file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"job file {path} is not valid YAML: {e}") from None
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read job file {path}: {getattr(e, 'strerror', None) or e}") from None
+    return load_yaml(text, f"job file {path}")
 
 
 def parse_job(data: Any, overrides: Optional[List[str]] = None) -> JobConfig:
@@ -154,13 +158,67 @@ def apply_override(data: Dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.arch=resnet18")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--set {key}: the job is not a mapping")
     node = data
     *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a mapping")
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    node[leaf] = load_yaml(raw, f"--set {key}") if raw else ""
+
+
+MAX_YAML_NODES = 100_000  # a job file is a few hundred; aliases nested to expand further are refused
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Safe YAML (no Python tags) whose expansion, aliases followed, stays under MAX_YAML_NODES:
+    a few hundred bytes of nested aliases ("billion laughs") would otherwise grow without bound."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, set())
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{what}: its aliases expand to more than {MAX_YAML_NODES} values; refused")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: not valid YAML ({_one_line(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: Dict[int, int], open_: set) -> int:
+    """Values in the document once every alias is expanded, without expanding them (memoised per node)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise yaml.YAMLError("an alias refers to a value that contains it")
+    open_.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_)
+        if total > MAX_YAML_NODES:  # stop counting: already too big
+            break
+    open_.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+        context = f"{e.context}: " if e.context else ""
+        return " ".join(f"{context}{e.problem}{where}".split())
+    return " ".join(str(e).split())
 
 
 def _build(cls, data: Any, path: str):
@@ -273,9 +331,19 @@ def _check(job: JobConfig) -> None:
         raise ConfigError("resources.decode_on: actor is for images; videos decode in their own isolated tasks")
     for key in ("task_memory", "actor_memory"):
         memory_bytes(getattr(res, key), f"resources.{key}")
+    _check_source(job.source)
     _check_video(job)
     if job.model.weights_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", job.model.weights_sha256):
         raise ConfigError("model.weights_sha256: expected 64 hexadecimal digits")
+
+
+def _check_source(src: SourceConfig) -> None:
+    if src.read_timeout_s <= 0:
+        raise ConfigError(f"source.read_timeout_s: must be positive, got {src.read_timeout_s}")
+    memory_bytes(src.max_sample_bytes, "source.max_sample_bytes")
+    for i, prefix in enumerate(src.allow_uris):
+        if not prefix.strip():
+            raise ConfigError(f"source.allow_uris[{i}]: must not be empty")
 
 
 def _check_video(job: JobConfig) -> None:
@@ -324,15 +392,6 @@ def output_storage_options(job: JobConfig) -> Dict[str, Any]:
 
 def _protocol(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
-
-
-def redact(value: Any) -> Any:
-    """A copy with every secret-looking mapping value replaced, for logs and _job.json."""
-    if isinstance(value, dict):
-        return {k: ("***" if _SECRET.search(str(k)) and v else redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def to_dict(job: JobConfig) -> Dict[str, Any]:

@@ -108,3 +108,97 @@ def test_output_inherits_source_storage_options_on_the_same_store_only():
     assert output_storage_options(local) == {}
     own = parse_job(job(source={"uri": "s3://a/", "storage_options": opts}, output={"uri": "s3://b/", "storage_options": {"anon": True}}))
     assert output_storage_options(own) == {"anon": True}
+
+
+# Issue 12 cases 14 and 15: hostile or malformed YAML is bad input: exit 2, one line naming where.
+
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n"
+                 for i in range(9))  # 9**9 values once expanded, from under 600 bytes
+
+
+def refused(capsys, *argv: str) -> str:
+    """pipeline.cli.main(argv) exits 2 with exactly one line on stderr, no traceback; returns it."""
+    from pipeline.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 2, (code, captured.err)
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("featurize: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+def test_yaml_bomb_job_file_is_refused_before_anything(tmp_path, capsys):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(LAUGHS + "name: t\nsource: {uri: data/}\noutput: {uri: out/}\n")
+    assert len(bomb.read_bytes()) < 1000
+    line = refused(capsys, "run", str(bomb))
+    assert str(bomb) in line and "expand" in line
+    assert not (tmp_path / "out").exists()
+    # the same guard on --set, and on a value that names itself
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(BASE))
+    bomb_value = "{" + LAUGHS.replace("\n", ", ").rstrip(", ") + "}"
+    assert "--set source.storage_options" in refused(capsys, "run", str(job_file), "--set", f"source.storage_options={bomb_value}")
+    assert "--set model.arch" in refused(capsys, "run", str(job_file), "--set", "model.arch=&a [*a]")
+
+
+def test_a_job_file_with_a_few_anchors_still_loads(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\n"
+                    "source: {uri: 's3://a/', storage_options: &s3 {anon: true, client_kwargs: {endpoint_url: 'http://x'}}}\n"
+                    "output: {uri: 's3://b/', storage_options: {<<: *s3, anon: false}}\n"
+                    "temporal: [&head {kind: mean, name: m1}, {<<: *head, name: m2}]\n")
+    cfg = load_job(str(path))
+    assert cfg.source.storage_options == {"anon": True, "client_kwargs": {"endpoint_url": "http://x"}}
+    assert cfg.output.storage_options == {"anon": False, "client_kwargs": {"endpoint_url": "http://x"}}
+    assert [t.name for t in cfg.temporal] == ["m1", "m2"]
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("[", "not valid YAML"),
+    ("{a: 1", "not valid YAML"),
+    ("!!python/object/apply:os.system ['touch /tmp/featurize-pwned']", "not valid YAML"),
+    ("!!python/name:os.system", "not valid YAML"),
+])
+def test_bad_set_values_are_refused_naming_the_key(tmp_path, capsys, value, needle):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(BASE))
+    line = refused(capsys, "run", str(job_file), "--set", f"model.arch={value}")
+    assert line.startswith("featurize: --set model.arch: ") and needle in line, line
+    with pytest.raises(ConfigError, match=r"^--set model\.arch: not valid YAML"):
+        parse_job(BASE, [f"model.arch={value}"])
+
+
+def test_bad_yaml_job_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\nsource: !!python/object:os.system {}\n")
+    line = refused(capsys, "run", str(bad))
+    assert str(bad) in line and "not valid YAML" in line
+
+
+def test_garbage_weights_and_head_checkpoints_are_refused_before_any_work(tmp_path, capsys):
+    """Random bytes named .safetensors (or .pth) are bad input, found on the driver by prepare:
+    exit 2 naming the key, not "failed midway ... run again"."""
+    import json
+    import os
+
+    junk = os.urandom(4096)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({**BASE, "output": {"uri": str(tmp_path / "out")},
+                                        "model": {"arch": "resnet18"}, "preprocess": {"resize": 64, "crop": 56}}))
+    for name in ("w.safetensors", "w.pth"):
+        (tmp_path / name).write_bytes(junk)
+        line = refused(capsys, "run", str(job_file), "--set", f"model.weights={tmp_path / name}")
+        assert line.startswith(f"featurize: model.weights: {tmp_path / name} is not a ")
+    (tmp_path / "head.safetensors").write_bytes(junk)
+    (tmp_path / "head.json").write_text(json.dumps({"kind": "lstm", "input_size": 512, "hidden_size": 8}))
+    video = ["--set", "source.format=video_folder", "--set", "model.weights=none",
+             "--set", f"temporal=[{{kind: lstm, name: h, checkpoint: '{tmp_path / 'head.safetensors'}'}}]"]
+    line = refused(capsys, "run", str(job_file), *video)
+    assert line.startswith("featurize: temporal[0].checkpoint: ") and "safetensors" in line
+    (tmp_path / "head.json").write_bytes(junk)  # its config, garbage too
+    line = refused(capsys, "run", str(job_file), *video)
+    assert line.startswith("featurize: temporal[0].checkpoint: ") and "head.json is not valid JSON" in line
+    assert not (tmp_path / "out").exists()

@@ -206,8 +206,8 @@ def _read_checkpoint(cfg: TemporalConfig, input_dim: int, storage_options: Dict[
     where = _json_path(cfg.checkpoint)
     try:
         config = json.loads(_read(where, storage_options, key))
-    except json.JSONDecodeError as e:
-        raise TemporalError(f"{key}.checkpoint: {where} is not valid JSON ({e})") from None
+    except ValueError as e:  # not JSON, or not even text
+        raise TemporalError(f"{key}.checkpoint: {where} is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict) or config.get("kind") != cfg.kind:
         found = config.get("kind") if isinstance(config, dict) else config
         raise TemporalError(f"{key}.checkpoint: {where} is for kind {found!r}, the entry says {cfg.kind!r}")
@@ -241,7 +241,12 @@ def _load(module: nn.Module, data: bytes, key: str) -> nn.Module:
     from safetensors.torch import load
 
     try:
-        module.load_state_dict(load(data), strict=True)
+        state = load(data)
+    except Exception as e:  # random bytes, a truncated download
+        raise TemporalError(f"{key}.checkpoint: not a valid safetensors file ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    try:
+        module.load_state_dict(state, strict=True)
     except Exception as e:  # not safetensors, or weights of another shape: one line, the first problem
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise TemporalError(f"{key}.checkpoint: weights do not fit the JSON config ({' '.join(lines[:2])})") from None

@@ -145,15 +145,25 @@ def _parse_state_dict(data: bytes, name: str) -> Dict[str, torch.Tensor]:
     if name.lower().endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
-        return load_safetensors(data)
+        try:
+            return load_safetensors(data)
+        except Exception as e:  # random bytes, a truncated download, an HTML error page
+            raise WeightsError(f"model.weights: {name} is not a valid safetensors file ({_first_line(e)})") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # includes pickles that would run code: refused, never unpickled
-        raise WeightsError(f"model.weights: {name} is not a plain state dict ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"model.weights: {name} is not a plain state dict ({_first_line(e)})") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
         raise WeightsError(f"model.weights: {name} holds a {type(obj).__name__}, not a state dict")
+    odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise WeightsError(f"model.weights: {name} is not a plain state dict ({odd[0]!r} is not a tensor)")
     return obj
 
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
