@@ -15,6 +15,8 @@ import sys
 from typing import List, Optional
 
 from .config import ConfigError, load_job, parse_job, read_job_file
+from .interrupt import sigterm_as_interrupt
+from .redact import redact_text
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
@@ -22,11 +24,17 @@ EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    sigterm_as_interrupt()  # SIGTERM (schedulers, kubectl) stops a command as Ctrl-C does
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("featurize: interrupted; run the same command again to resume", file=sys.stderr)
+        _say("featurize: interrupted; run the same command again to resume")
         return 130
+
+
+def _say(line: str) -> None:
+    """A message for the user on stderr, credentials masked (exceptions often quote a URL)."""
+    print(redact_text(line), file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,7 +118,7 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
         job, _ = _load(job_path, overrides, ship=bool(address and address.startswith("ray://")))
     except ConfigError as e:
-        print(f"featurize: {e}", file=sys.stderr)
+        _say(f"featurize: {e}")
         return EXIT_REFUSED, None
 
     from .models import ModelError
@@ -123,12 +131,12 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     try:
         return EXIT_OK, run_job(job, address=address, progress=progress, **modes)
     except (ConfigError, SourceError, ModelError, WeightsError, TemporalError, OutputExists) as e:
-        print(f"featurize: {e}", file=sys.stderr)
+        _say(f"featurize: {e}")
         return EXIT_REFUSED, None
     except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        print(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}\n"
-              "featurize: what was committed is kept; run the same command again to resume", file=sys.stderr)
+        _say(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}\n"
+              "featurize: what was committed is kept; run the same command again to resume")
         return EXIT_FAILED, None
 
 
@@ -138,12 +146,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:  # the whole job file is checked here: a bad one never reaches the cluster
         job, data = _load(args.job, args.overrides, ship=True)
     except ConfigError as e:
-        print(f"featurize: {e}", file=sys.stderr)
+        _say(f"featurize: {e}")
         return EXIT_REFUSED
     try:
         return submit(job, data, args.address, args.wait)
     except SubmitError as e:
-        print(f"featurize: {e}", file=sys.stderr)
+        _say(f"featurize: {e}")
         return EXIT_REFUSED
 
 
@@ -151,7 +159,7 @@ def _storage_options(text: str):
     try:
         return json.loads(text)
     except ValueError as e:
-        print(f"featurize: --storage-options: not JSON ({e})", file=sys.stderr)
+        _say(f"featurize: --storage-options: not JSON ({e})")
         return None
 
 
@@ -164,7 +172,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         st = status(args.out, options)
     except FileNotFoundError as e:
-        print(f"featurize: {args.out}: no output there ({e})", file=sys.stderr)
+        _say(f"featurize: {args.out}: no output there ({e})")
         return EXIT_REFUSED
     print(f"output     {args.out}\n"
           f"job        {st['name']} ({st['status']})\n"
@@ -188,7 +196,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         print(inspect_output(args.out, options))
     except FileNotFoundError as e:
-        print(f"featurize: {args.out}: no output there ({e})", file=sys.stderr)
+        _say(f"featurize: {args.out}: no output there ({e})")
         return EXIT_REFUSED
     return EXIT_OK
 
@@ -207,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for _, data, key in folders:
             claim(data, key)
     except ConfigError as e:
-        print(f"featurize: {e}", file=sys.stderr)
+        _say(f"featurize: {e}")
         return EXIT_REFUSED
     counts = make_image_folder(args.data, n=args.images)
     print(f"sample data  {args.data}: {counts['images']} images in {counts['classes']} classes, "
@@ -230,7 +238,7 @@ def _demo_job(job_path: str, data: str) -> int:
         out = load_job(job_path).output.uri
         claim(out, f"{job_path}: output.uri", clear=True)
     except ConfigError as e:
-        print(f"featurize: {e}", file=sys.stderr)
+        _say(f"featurize: {e}")
         return EXIT_REFUSED
     code, summary = _run(job_path, [f"source.uri={data}"], None, False)
     if summary is None:
