@@ -19,14 +19,17 @@ row that Ray re-executes from being written twice.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import json
+import logging
 import os
 import posixpath
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +41,10 @@ from . import faults
 
 STAGING, UNITS = "_staging", "_units"
 TABLES = ("features", "errors")
+
+
+class CommitConflict(RuntimeError):
+    """A file was about to be published onto a name that already holds a committed file."""
 
 
 @dataclass
@@ -57,16 +64,23 @@ def error_kinds(table: pa.Table) -> List[str]:
 
 
 def part_name(ids: Iterable[str]) -> str:
-    """Named by the sample ids it holds, so the same rows always land on the same name."""
-    return f"part-{hashlib.sha1(chr(10).join(ids).encode()).hexdigest()[:20]}.parquet"
+    """Named by the sample ids it holds, so the same rows always land on the same name.
+
+    The ids are hashed as a JSON list, an encoding no two different lists share (a newline or a
+    comma inside an id is escaped, not a separator; ASCII escapes also carry the lone surrogates
+    that undecodable file names become). 32 hex digits (128 bits) make an accidental SHA-256
+    collision negligible at any dataset size; should one happen, publishing refuses it."""
+    key = json.dumps(list(ids), ensure_ascii=True, separators=(",", ":"))
+    return f"part-{hashlib.sha256(key.encode('ascii')).hexdigest()[:32]}.parquet"
 
 
 def is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def write_atomic(fs, path: str, data: bytes) -> None:
-    """Make `path` appear whole or not at all."""
+def write_atomic(fs, path: str, data: bytes, exclusive: bool = False) -> None:
+    """Make `path` appear whole or not at all; `exclusive`: only if nothing is there yet, else
+    FileExistsError (local: a hard link, which cannot replace; object stores: If-None-Match)."""
     if is_local(fs):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -78,10 +92,35 @@ def write_atomic(fs, path: str, data: bytes) -> None:
             f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_then_unlink(fs, tmp, path)
+        else:
+            os.replace(tmp, path)
     else:
         faults.point("write", path)
-        fs.pipe_file(path, data)  # an object store publishes a key only when its PUT completes
+        # an object store publishes a key only when its PUT completes; "create" sends If-None-Match: *
+        fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
+
+
+def _link_then_unlink(fs, src: str, dst: str) -> None:
+    """Rename src to dst unless dst exists (FileExistsError; src is then left where it is)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        if src.rsplit("/", 1)[-1].startswith(".tmp-"):
+            os.unlink(src)
+        raise
+    except OSError as e:  # a file system without hard links: check, then rename; safe because
+        if e.errno not in _NO_LINKS:  # the lease makes this process OUT's only writer
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
+        os.replace(src, dst)
+        return
+    os.unlink(src)
+
+
+_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -97,6 +136,18 @@ def move(fs, src: str, dst: str) -> None:
     else:
         fs.copy(src, dst)  # server-side; the new key appears whole
         fs.rm(src)
+
+
+def publish(fs, src: str, dst: str) -> None:
+    """Move a staged file to its published name, never onto a file there (FileExistsError)."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        _link_then_unlink(fs, src, dst)
+    else:  # CopyObject takes no If-None-Match: check, then copy, under the lease's single writer
+        fs.invalidate_cache(dst)
+        if fs.exists(dst):
+            raise FileExistsError(errno.EEXIST, "file exists", dst)
+        move(fs, src, dst)
 
 
 def parquet_files(fs, folder: str) -> List[str]:
@@ -119,29 +170,55 @@ def read_column(fs, files: List[str], column: str) -> pa.ChunkedArray:
     return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[column])[column]
 
 
-class Ledger:
-    """What OUT holds: committed sample ids and completed multi-row units; publishes staged files."""
+def committed_ids(fs, root: str) -> List[str]:
+    """The sample ids in OUT/features and OUT/errors as the files on the store hold them (a
+    list, so that an id committed twice shows twice)."""
+    files = [f for t in TABLES for f in parquet_files(fs, f"{root}/{t}")]
+    return read_column(fs, files, "sample_id").to_pylist()
 
-    def __init__(self, fs, root: str, state: Optional[Tuple[Set[str], Set[str]]] = None):
-        self.fs, self.root = fs, root.rstrip("/")
+
+def staging_folder(job: str, run: str) -> str:
+    """Where a run's write tasks stage, relative to OUT/_staging: named for the job (a hash of
+    the settings that decide the output) and the run, so recovery can tell its own files."""
+    return f"{job}/{run}"
+
+
+class Ledger:
+    """What OUT holds: committed sample ids and completed multi-row units; publishes staged files.
+
+    `job` is this job's fingerprint (output.fingerprint): recovery publishes only files staged
+    under it. `fence`, when given, is called before each commit and raises if this run no longer
+    holds OUT's lease (lease.Fence), so a run that lost it cannot publish."""
+
+    def __init__(self, fs, root: str, state: Optional[Tuple[Set[str], Set[str]]] = None, job: str = "",
+                 fence: Optional[Callable[[], None]] = None):
+        self.fs, self.root, self.job, self.fence = fs, root.rstrip("/"), job, fence
         if state is None:
-            files = [f for t in TABLES for f in parquet_files(fs, f"{self.root}/{t}")]
-            state = (set(read_column(fs, files, "sample_id").to_pylist()),
+            state = (set(committed_ids(fs, self.root)),
                      set(read_column(fs, parquet_files(fs, f"{self.root}/{UNITS}"), "unit").to_pylist()))
         self.rows, self.units = state
         self.pending: Dict[str, Tuple[Set[str], int]] = {}  # unit -> (its rows seen, rows expected)
 
     def recover(self) -> int:
-        """Publish (or drop, if already there) whatever an interrupted run left staged."""
+        """Publish (or drop, if already there) what an interrupted run of this job left staged;
+        remove what another job left (a killed job whose output was then overwritten)."""
         staging = f"{self.root}/{STAGING}"
-        published = 0
+        published = foreign = 0
         for path in parquet_files(self.fs, staging):
-            rel = path[len(staging) + 1:].split("/", 1)[1]  # drop the write task's folder
+            parts = path[len(staging) + 1:].split("/")  # job / run / write task / rel
+            if not self.job or len(parts) < 5 or parts[0] != self.job or parts[3] not in TABLES:
+                self.fs.rm(path)
+                foreign += 1
+                continue
+            rel = "/".join(parts[3:])
             ids = pq.read_table(path, columns=["sample_id"], filesystem=self.fs)["sample_id"].to_pylist()
             kinds = []
             if rel.startswith("errors/"):
                 kinds = error_kinds(pq.read_table(path, columns=["stage", "error_type"], filesystem=self.fs))
             published += self._publish(Staged(path, rel, ids, kinds))[0]
+        if foreign:
+            logging.getLogger(__name__).warning("%s: removed %d staged files of another job or an older version",
+                                                staging, foreign)
         return published
 
     def clear_staging(self) -> None:
@@ -151,6 +228,8 @@ class Ledger:
             pass
 
     def commit(self, staged: List[Staged]) -> Dict[str, Any]:
+        if self.fence is not None:
+            self.fence()
         result: Dict[str, Any] = {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
         for s in staged:
             new, kinds = self._publish(s)
@@ -176,14 +255,17 @@ class Ledger:
         final = f"{self.root}/{s.rel}"
         try:
             if len(keep) == len(s.ids):
-                move(self.fs, s.path, final)
+                publish(self.fs, s.path, final)
             elif keep:
                 table = pq.read_table(s.path, filesystem=self.fs).take(keep)
                 final = posixpath.join(posixpath.dirname(final), part_name(table["sample_id"].to_pylist()))
-                write_atomic(self.fs, final, parquet_bytes(table))
+                write_atomic(self.fs, final, parquet_bytes(table), exclusive=True)
                 self.fs.rm(s.path)
             else:
                 self.fs.rm(s.path)
+        except FileExistsError:  # never replace a committed file: its rows would be lost
+            raise CommitConflict(f"{final} already holds committed rows; refusing to replace it with "
+                                 f"{len(keep)} new rows (first: {s.ids[keep[0]]!r})") from None
         except FileNotFoundError:  # recovered by a restarted committer, or a twin task's file
             if keep:
                 raise
@@ -214,24 +296,42 @@ def remaining(plan: pa.Table, rows: Set[str], units: Set[str]) -> pa.Table:
     return plan.filter(pc.invert(done))
 
 
+def audit(fs, root: str, plan: pa.Table) -> Dict[str, Any]:
+    """What the files on the store hold against the plan: planned samples missing (count and
+    first) and sample ids committed more than once across features and errors."""
+    ids = committed_ids(fs, root)
+    units = set(read_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit").to_pylist())
+    left = remaining(plan, set(ids), units)
+    return {"missing": len(left), "first_missing": left["sample_id"][0].as_py() if len(left) else None,
+            "duplicates": sorted(k for k, n in Counter(ids).items() if n > 1)}
+
+
 class Committer:
     """The Ray actor around a Ledger: one, so that publishing is serial and needs no locks.
 
     On its first start it takes the driver's ledger state; restarted after a failure, it reads
     the state back from OUT (the files are the truth) and publishes what was left staged.
+    `job` is the job's fingerprint; `lease` (OUT's uri, the run's id) fences every commit.
     """
 
-    def __init__(self, out_uri: str, storage_options: Dict[str, Any], state: Tuple[Set[str], Set[str]]):
+    def __init__(self, out_uri: str, storage_options: Dict[str, Any], state: Tuple[Set[str], Set[str]],
+                 job: str = "", lease: Optional[Tuple[str, str]] = None):
         import ray
 
+        from .lease import Fence
         from .sources import filesystem
 
         fs, root = filesystem(out_uri, storage_options)
+        fence = None
+        if lease is not None:
+            fence = Fence(*filesystem(lease[0], storage_options), run_id=lease[1])
         if ray.get_runtime_context().was_current_actor_reconstructed:
-            self.ledger = Ledger(fs, root)
+            self.ledger = Ledger(fs, root, job=job, fence=fence)
+            if fence is not None:
+                fence()
             self.ledger.recover()
         else:
-            self.ledger = Ledger(fs, root, state)
+            self.ledger = Ledger(fs, root, state, job=job, fence=fence)
         self.actors: List[Any] = []
 
     def register(self, actor: Any) -> None:

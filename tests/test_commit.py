@@ -6,22 +6,27 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import faults
-from pipeline.commit import Ledger, Staged, parquet_bytes, parquet_files, part_name, remaining, write_atomic
+from conftest import S3_BUCKET
+from pipeline.commit import (CommitConflict, Ledger, Staged, audit, parquet_bytes, parquet_files, part_name, remaining,
+                             write_atomic)
 from pipeline.sources import PLAN_SCHEMA
 
 FS = LocalFileSystem()
+JOB = "job0fingerprint"  # output.fingerprint of the job the tests' ledgers belong to
 
 
-def stage(root, rel_folder, ids, units=()):
+def stage(root, rel_folder, ids, units=(), job=JOB):
     columns = {"sample_id": ids, "value": list(range(len(ids)))}
     if rel_folder == "errors":
         columns.update(stage=["decode"] * len(ids), error_type=["Broken"] * len(ids))
     table = pa.table(columns)
     rel = f"{rel_folder}/{part_name(ids)}"
-    path = f"{root}/_staging/task-{len(ids)}-{ids[0]}/{rel}"
+    path = f"{root}/_staging/{job}/run1/task-{len(ids)}-{ids[0]}/{rel}"
     write_atomic(FS, path, parquet_bytes(table))
     kinds = ["decode/Broken"] * len(ids) if rel_folder == "errors" else []
     return Staged(path, rel, list(ids), kinds, list(units))
@@ -34,7 +39,7 @@ def published_ids(root):
 
 def test_publish_moves_staged_files_and_counts(tmp_path):
     root = str(tmp_path)
-    ledger = Ledger(FS, root)
+    ledger = Ledger(FS, root, job=JOB)
     result = ledger.commit([stage(root, "features/split=a", ["a1", "a2"]), stage(root, "errors", ["b1"])])
     assert result["features"] == 2 and result["errors"] == {"decode/Broken": 1} and result["duplicates"] == 0
     assert published_ids(root) == ["a1", "a2", "b1"]
@@ -43,7 +48,7 @@ def test_publish_moves_staged_files_and_counts(tmp_path):
 
 def test_rows_already_committed_are_dropped_whole_or_in_part(tmp_path):
     root = str(tmp_path)
-    ledger = Ledger(FS, root)
+    ledger = Ledger(FS, root, job=JOB)
     ledger.commit([stage(root, "features", ["x1", "x2", "x3"])])
     # Ray re-ran the task and cut its blocks differently: one file all old, one half old
     result = ledger.commit([stage(root, "features", ["x1", "x2"]), stage(root, "features", ["x3", "x4"])])
@@ -56,7 +61,7 @@ def test_rows_already_committed_are_dropped_whole_or_in_part(tmp_path):
 
 def test_an_error_and_a_feature_for_one_sample_keep_the_first(tmp_path):
     root = str(tmp_path)
-    ledger = Ledger(FS, root)
+    ledger = Ledger(FS, root, job=JOB)
     ledger.commit([stage(root, "errors", ["s1"])])
     assert ledger.commit([stage(root, "features", ["s1"])])["features"] == 0
     assert published_ids(root) == ["s1"]
@@ -64,10 +69,10 @@ def test_an_error_and_a_feature_for_one_sample_keep_the_first(tmp_path):
 
 def test_a_new_ledger_reads_back_what_is_committed_and_publishes_leftovers(tmp_path):
     root = str(tmp_path)
-    Ledger(FS, root).commit([stage(root, "features", ["a", "b"])])
+    Ledger(FS, root, job=JOB).commit([stage(root, "features", ["a", "b"])])
     stage(root, "features", ["b", "c"])  # staged by a run that was killed before committing
     stage(root, "errors", ["d"])
-    ledger = Ledger(FS, root)
+    ledger = Ledger(FS, root, job=JOB)
     assert ledger.rows == {"a", "b"}
     assert ledger.recover() == 2  # c and d; b was already there
     assert published_ids(root) == ["a", "b", "c", "d"]
@@ -77,14 +82,14 @@ def test_a_new_ledger_reads_back_what_is_committed_and_publishes_leftovers(tmp_p
 
 def test_units_complete_when_all_their_rows_are_committed_in_any_order(tmp_path):
     root = str(tmp_path)
-    ledger = Ledger(FS, root)
+    ledger = Ledger(FS, root, job=JOB)
     # shard.tar has three members; only the last one read knows the count
     ledger.commit([stage(root, "features", ["shard.tar/k3"], [("shard.tar/k3", "shard.tar", 3)])])
     ledger.commit([stage(root, "features", ["shard.tar/k1"], [("shard.tar/k1", "shard.tar", 0)])])
     assert "shard.tar" not in ledger.units
     ledger.commit([stage(root, "errors", ["shard.tar/k2"], [("shard.tar/k2", "shard.tar", 0)])])
     assert "shard.tar" in ledger.units
-    assert Ledger(FS, root).units == {"shard.tar"}  # recorded in _units
+    assert Ledger(FS, root, job=JOB).units == {"shard.tar"}  # recorded in _units
 
 
 def test_remaining_plan_rows():
@@ -135,3 +140,87 @@ def test_the_sink_passes_over_an_empty_block(tmp_path):
     result = ParquetCommitSink(spec, committer=None).write([pa.table({})], ctx=None)
     assert (result["features"], result["files"], sum(result["errors"].values())) == (0, 0, 0)
     assert not (tmp_path / "out" / "features").exists()
+
+
+# --- issue 12: names that cannot collide, no replacing a committed file, only this job's staging ---
+
+ID = st.text(alphabet=st.sampled_from(["a", "b", "é", "猫", "\n", ",", "\x00", "/", '"', "\\", "[", "]", " ", "\udcff"]),
+             max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(ID, max_size=5), st.lists(ID, max_size=5))
+def test_different_id_lists_never_share_a_part_name(a, b):
+    assert (part_name(a) == part_name(b)) == (a == b)
+    assert part_name(list(a)) == part_name(tuple(a))  # deterministic: the same rows, the same name
+
+
+def test_an_id_holding_a_separator_does_not_name_the_file_of_two_ids():
+    assert part_name(["a.jpg\nb.jpg"]) != part_name(["a.jpg", "b.jpg"])
+    assert part_name(["a,b"]) != part_name(["a", "b"]) and part_name([]) != part_name([""])
+
+
+def test_publishing_onto_a_committed_file_refuses_and_keeps_it(tmp_path):
+    root = str(tmp_path)
+    ledger = Ledger(FS, root, job=JOB)
+    ledger.commit([stage(root, "features", ["a.jpg", "b.jpg"])])
+    name = f"{root}/features/{part_name(['a.jpg', 'b.jpg'])}"
+    before = open(name, "rb").read()
+    clash = stage(root, "features", ["c.jpg"])  # staged under the committed file's name
+    clash.rel = f"features/{part_name(['a.jpg', 'b.jpg'])}"
+    with pytest.raises(CommitConflict, match="already holds committed rows"):
+        ledger.commit([clash])
+    assert open(name, "rb").read() == before
+    assert published_ids(root) == ["a.jpg", "b.jpg"]
+    with pytest.raises(FileExistsError):  # the rewrite of a half-new file is exclusive too
+        write_atomic(FS, name, b"x", exclusive=True)
+    assert open(name, "rb").read() == before
+
+
+def test_publishing_onto_a_committed_key_refuses_on_s3(s3):
+    fs, _ = s3
+    root = f"{S3_BUCKET}/out"
+    rel = f"features/{part_name(['a'])}"
+    for ids in (["a"], ["b"]):  # the second is staged under the first's published name
+        write_atomic(fs, f"{root}/_staging/{JOB}/r/t{ids[0]}/{rel}", parquet_bytes(pa.table({"sample_id": ids})))
+    ledger = Ledger(fs, root, job=JOB)
+    ledger.commit([Staged(f"{root}/_staging/{JOB}/r/ta/{rel}", rel, ["a"])])
+    with pytest.raises(CommitConflict):
+        ledger.commit([Staged(f"{root}/_staging/{JOB}/r/tb/{rel}", rel, ["b"])])
+    with pytest.raises(FileExistsError):  # PUT If-None-Match: *
+        write_atomic(fs, f"{root}/{rel}", b"x", exclusive=True)
+    assert pq.read_table(f"{root}/{rel}", filesystem=fs)["sample_id"].to_pylist() == ["a"]
+
+
+def test_recovery_publishes_only_its_own_jobs_staged_files(tmp_path):
+    root = str(tmp_path)
+    stage(root, "features", ["mine"])
+    stage(root, "features", ["theirs"], job="otherjobfingerprint")  # a killed job A's leftover
+    os.makedirs(f"{root}/_staging/old-task/features")  # the layout before job folders
+    write_atomic(FS, f"{root}/_staging/old-task/features/{part_name(['old'])}",
+                 parquet_bytes(pa.table({"sample_id": ["old"]})))
+    ledger = Ledger(FS, root, job=JOB)
+    assert ledger.recover() == 1
+    assert published_ids(root) == ["mine"]
+    assert parquet_files(FS, f"{root}/_staging") == []  # the foreign files are gone, not left to publish later
+
+
+def test_a_ledger_that_lost_its_lease_publishes_nothing(tmp_path):
+    root = str(tmp_path)
+
+    def fence():
+        raise RuntimeError("lease lost")
+
+    staged = stage(root, "features", ["a"])
+    with pytest.raises(RuntimeError, match="lease lost"):
+        Ledger(FS, root, job=JOB, fence=fence).commit([staged])
+    assert published_ids(root) == []
+
+
+def test_audit_reads_duplicates_and_gaps_from_the_files(tmp_path):
+    root = str(tmp_path)
+    plan = pa.Table.from_pylist([{"sample_id": s, "uri": "", "label": "", "split": "", "container": ""}
+                                 for s in ("a", "b", "c")], schema=PLAN_SCHEMA)
+    write_atomic(FS, f"{root}/features/{part_name(['a', 'b'])}", parquet_bytes(pa.table({"sample_id": ["a", "b"]})))
+    write_atomic(FS, f"{root}/errors/{part_name(['b'])}", parquet_bytes(pa.table({"sample_id": ["b"]})))
+    assert audit(FS, root, plan) == {"missing": 1, "first_missing": "c", "duplicates": ["b"]}

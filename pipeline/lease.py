@@ -1,0 +1,212 @@
+"""OUT's single writer: a lease in `OUT/_lease.json` that one run holds while it writes.
+
+A run takes the lease before it touches OUT, with an exclusive create (local disk: a hard link,
+which never replaces a file; object stores: a PUT with `If-None-Match: *`), renews its heartbeat
+from a thread while it runs, and removes it at the end, also on failure or interrupt. Another run
+into the same OUT refuses (exit 2), naming the holder and since when. A lease whose holder is
+gone is taken over: its heartbeat is older than its expiry ($FEATURIZE_LEASE_EXPIRY_S, default
+60 s), or it names a process of this host that no longer exists (a driver killed with SIGKILL),
+so that a rerun on the same machine need not wait.
+
+Taking over: two runs may see the same stale lease at once. Each exclusive-creates a token named
+for that lease's exact bytes (`_lease.takeover/<hash>`); one wins and writes its own lease, the
+other reads the new one and refuses. The committer checks before each commit that the lease still
+names its run (Fence), so a run that lost its lease (its heartbeat stalled past the expiry and
+another run took over) fails instead of publishing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from .commit import write_atomic
+from .output import OutputExists
+
+LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"
+EXPIRY_ENV, DEFAULT_EXPIRY_S = "FEATURIZE_LEASE_EXPIRY_S", 60.0
+log = logging.getLogger(__name__)
+
+
+class LeaseHeld(OutputExists):
+    """Another run is writing into this output root."""
+
+
+class LeaseLost(RuntimeError):
+    """This run no longer holds the output root's lease: another run took it over."""
+
+
+def expiry_s() -> float:
+    text = os.environ.get(EXPIRY_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_EXPIRY_S
+    except ValueError:
+        raise OutputExists(f"{EXPIRY_ENV}={text!r}: not a number of seconds") from None
+    if value <= 0:
+        raise OutputExists(f"{EXPIRY_ENV}={text!r}: must be more than 0 seconds")
+    return value
+
+
+def read(fs, root: str) -> Tuple[bytes, Optional[Dict[str, Any]]]:
+    """(the lease file's bytes, its record): (b"", None) when there is none; {} when unreadable."""
+    try:
+        raw = fs.cat_file(f"{root}/{LEASE_FILE}")
+    except FileNotFoundError:
+        return b"", None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = {}
+    return raw, record if isinstance(record, dict) else {}
+
+
+def describe(uri: str, held: Dict[str, Any]) -> str:
+    age = time.time() - float(held.get("heartbeat", 0))
+    return (f"output.uri {uri} is in use by run {held.get('run_id')} (pid {held.get('pid')} on "
+            f"{held.get('host')}) since {_iso(held.get('started', 0))}, last heartbeat {age:.0f} s ago; "
+            f"wait for it to end (its lease is taken over once its heartbeat is older than "
+            f"{held.get('expiry_s')} s or its process is gone)")
+
+
+def stale(held: Dict[str, Any]) -> Optional[str]:
+    """Why a lease's holder is gone, or None while it is alive."""
+    try:
+        age = time.time() - float(held["heartbeat"])
+        expiry = float(held["expiry_s"])
+    except (KeyError, TypeError, ValueError):
+        return "the lease file is unreadable"
+    if age > expiry:
+        return f"its heartbeat is {age:.0f} s old (expiry {expiry:g} s)"
+    if held.get("host") == socket.gethostname() and not _alive(held.get("pid"), held.get("pid_start")):
+        return f"its process {held.get('pid')} on this host is gone"
+    return None
+
+
+class Lease:
+    """This run's hold on OUT: acquire(), start_heartbeat(), release()."""
+
+    def __init__(self, fs, root: str, uri: str, run_id: str, expiry: Optional[float] = None):
+        self.fs, self.root, self.uri, self.run_id = fs, root.rstrip("/"), uri, run_id
+        now = time.time()
+        self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "pid_start": _start_time(os.getpid()), "started": now, "heartbeat": now,
+                       "expiry_s": expiry or expiry_s()}
+        self.lost: Optional[str] = None  # why the heartbeat found the lease gone
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def path(self) -> str:
+        return f"{self.root}/{LEASE_FILE}"
+
+    def acquire(self, tries: int = 5) -> "Lease":
+        for _ in range(tries):
+            try:
+                write_atomic(self.fs, self.path, self._bytes(), exclusive=True)
+                return self
+            except FileExistsError:
+                pass
+            raw, held = read(self.fs, self.root)
+            if held is None:  # released in the meantime
+                continue
+            reason = stale(held)
+            if reason is None:
+                raise LeaseHeld(describe(self.uri, held))
+            if self._take_over(raw):
+                log.warning("%s: took over the lease of run %s: %s", self.uri, held.get("run_id"), reason)
+                return self
+        raise LeaseHeld(f"output.uri {self.uri}: other runs keep taking its lease; try again later")
+
+    def _take_over(self, raw: bytes) -> bool:
+        """One run wins the token for this stale lease's exact bytes; it alone replaces the lease."""
+        token = f"{self.root}/{TAKEOVER}/{hashlib.sha256(raw).hexdigest()[:32]}"
+        try:
+            write_atomic(self.fs, token, self._bytes(), exclusive=True)
+        except FileExistsError:
+            return False
+        if read(self.fs, self.root)[0] != raw:  # released or replaced since we read it: start over
+            return False
+        write_atomic(self.fs, self.path, self._bytes())
+        return True
+
+    def check(self) -> None:
+        Fence(self.fs, self.root, self.run_id)()
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="featurize-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.record["expiry_s"] / 4):
+            try:
+                held = read(self.fs, self.root)[1]
+                if not held or held.get("run_id") != self.run_id:
+                    self.lost = f"run {held.get('run_id') if held else None} holds it now"
+                    log.error("%s: this run lost the output's lease (%s)", self.uri, self.lost)
+                    return
+                self.record["heartbeat"] = time.time()
+                write_atomic(self.fs, self.path, self._bytes())
+            except Exception as e:  # a store hiccup: the next beat tries again
+                log.warning("%s: could not renew the lease: %s", self.uri, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        try:
+            held = read(self.fs, self.root)[1]
+            if held and held.get("run_id") == self.run_id:
+                self.fs.rm(self.path)
+        except Exception as e:  # the run's own outcome matters more; a stale lease is taken over
+            log.warning("%s: could not release the lease: %s", self.uri, e)
+
+    def _bytes(self) -> bytes:
+        return json.dumps(self.record, sort_keys=True).encode()
+
+
+class Fence:
+    """Raises LeaseLost unless OUT's lease names this run: one small read, before each commit."""
+
+    def __init__(self, fs, root: str, run_id: str):
+        self.fs, self.root, self.run_id = fs, root.rstrip("/"), run_id
+
+    def __call__(self) -> None:
+        held = read(self.fs, self.root)[1]
+        if not held or held.get("run_id") != self.run_id:
+            holder = f"run {held.get('run_id')}" if held else "no run"
+            raise LeaseLost(f"{self.root}: this run ({self.run_id}) no longer holds the output's lease "
+                            f"({holder} does); it stops without publishing")
+
+
+def _alive(pid: Any, started: Any) -> bool:
+    """Whether the process is running and is the one that took the lease (not a reused pid)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True  # someone else's process, or a record we cannot judge: assume alive
+    now = _start_time(int(pid))
+    return now is None or started is None or now == started
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time from /proc (Linux), None where unknown; a zombie counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return "zombie" if fields[0] == "Z" else fields[19]
+
+
+def _iso(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+    except (TypeError, ValueError):
+        return "?"

@@ -1,0 +1,120 @@
+"""OUT's lease without Ray: one writer at a time, refusals that name the holder, safe takeover."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from conftest import S3_BUCKET
+from pipeline.lease import LEASE_FILE, Fence, Lease, LeaseHeld, LeaseLost, read
+from pipeline.output import OutputExists
+
+FS = LocalFileSystem()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def plant(fs, root, **fields):
+    """A lease some other run left: alive on another host unless told otherwise."""
+    now = time.time()
+    record = {"run_id": "other-run", "host": "elsewhere", "pid": 1, "pid_start": None, "started": now - 30,
+              "heartbeat": now, "expiry_s": 60.0, **fields}
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(record).encode())
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return FS, str(tmp_path / "out")
+    fs, _ = request.getfixturevalue("s3")
+    return fs, f"{S3_BUCKET}/out"
+
+
+def test_a_live_lease_refuses_a_second_run_naming_its_holder(store):
+    fs, root = store
+    first = Lease(fs, root, "OUT", "run-one").acquire()
+    with pytest.raises(LeaseHeld, match=r"in use by run run-one \(pid \d+ on .+\) since \d{4}-") as e:
+        Lease(fs, root, "OUT", "run-two").acquire()
+    assert isinstance(e.value, OutputExists)  # the CLI's exit 2
+    first.release()
+    assert read(fs, root)[1] is None
+    Lease(fs, root, "OUT", "run-two").acquire().release()  # free again once released
+
+
+@pytest.mark.parametrize("why", ["dead pid", "expired heartbeat"])
+def test_a_lease_whose_holder_is_gone_is_taken_over(store, why):
+    fs, root = store
+    if why == "dead pid":  # a driver killed with SIGKILL on this host: no need to wait for the expiry
+        plant(fs, root, host=socket.gethostname(), pid=dead_pid())
+    else:  # another host that stopped renewing it
+        plant(fs, root, heartbeat=time.time() - 120)
+    lease = Lease(fs, root, "OUT", "mine").acquire()
+    assert read(fs, root)[1]["run_id"] == "mine"
+    lease.check()
+    lease.release()
+
+
+def test_a_live_lease_on_another_host_is_not_taken_over(tmp_path):
+    root = str(tmp_path)
+    plant(FS, root, pid=dead_pid())  # that pid means nothing on another host
+    with pytest.raises(LeaseHeld, match="other-run"):
+        Lease(FS, root, "OUT", "mine").acquire()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_of_runs_acquiring_at_once_exactly_one_wins(store, stale):
+    fs, root = store
+    if stale:  # all of them see the same stale lease and try to take it over
+        plant(fs, root, host=socket.gethostname(), pid=dead_pid())
+    winners, refused, start = [], [], threading.Barrier(6)
+
+    def contend(i):
+        start.wait()
+        try:
+            winners.append(Lease(fs, root, "OUT", f"run-{i}").acquire())
+        except LeaseHeld:
+            refused.append(i)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and len(refused) == 5
+    assert read(fs, root)[1]["run_id"] == winners[0].run_id
+
+
+def test_the_heartbeat_renews_and_a_run_that_lost_its_lease_is_fenced(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    monkeypatch.setenv("FEATURIZE_LEASE_EXPIRY_S", "0.4")
+    lease = Lease(FS, root, "OUT", "slow-run").acquire()
+    first = read(FS, root)[1]["heartbeat"]
+    lease.start_heartbeat()
+    time.sleep(0.5)
+    assert read(FS, root)[1]["heartbeat"] > first
+    lease._stop.set()  # its driver stalls: the heartbeat stops, the lease expires
+    lease._thread.join()
+    time.sleep(0.5)
+    other = Lease(FS, root, "OUT", "new-run").acquire()
+    with pytest.raises(LeaseLost, match="new-run"):
+        Fence(FS, root, "slow-run")()
+    lease.release()  # does not remove the new holder's lease
+    assert read(FS, root)[1]["run_id"] == "new-run"
+    other.release()
+
+
+def test_a_bad_expiry_setting_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATURIZE_LEASE_EXPIRY_S", "soon")
+    with pytest.raises(OutputExists, match="FEATURIZE_LEASE_EXPIRY_S"):
+        Lease(FS, str(tmp_path), "OUT", "r")
