@@ -7,14 +7,16 @@ absolute paths or `..` cannot escape anywhere). A fetch that fails becomes an er
 from __future__ import annotations
 
 import json
-import posixpath
-import tarfile
+import os
 from collections import defaultdict
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from .redact import redact_text
+from .fetch import TIMED_OUT, Refused, bounded, read_local, read_remote, timeout_error
+from .shards import tar_rows
 from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
 from .timing import timed
 
@@ -41,11 +43,20 @@ def _sample_fault(exc: BaseException) -> bool:
 
 
 def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
-    message = str(exc) or repr(exc)
+    message = redact_text(str(exc) or repr(exc))  # exception texts often quote the URL, credentials and all
     return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message[:MAX_MESSAGE]}
 
 
 OK = {"error_stage": "", "error_type": "", "error_message": ""}
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_MAX_BYTES = 256 * 2**20
+
+
+def _read_error(exc: BaseException) -> Dict[str, str]:
+    """error_fields, with the short error_type that fetch.py's and shards.py's errors name."""
+    fields = error_fields("read", exc)
+    fields["error_type"] = getattr(exc, "error_type", fields["error_type"])
+    return fields
 
 
 def ragged(arrays: List[np.ndarray]) -> np.ndarray:
@@ -58,21 +69,40 @@ def ragged(arrays: List[np.ndarray]) -> np.ndarray:
 
 @timed("read")
 def read_batch(
-    batch: Batch, storage_options: Dict[str, Any], rows_per_batch: int, media: str = "image"
+    batch: Batch, storage_options: Dict[str, Any], rows_per_batch: int, media: str = "image",
+    read_timeout_s: float = DEFAULT_TIMEOUT_S, max_sample_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Iterator[Batch]:
     """Ray Data map_batches generator: yields batches of at most `rows_per_batch` samples.
 
     Local video files are not read here: the decoder opens them itself, so a 10-minute video
-    is never held in memory whole.
+    is never held in memory whole. A read that takes longer than `read_timeout_s`, or a file or
+    tar member over `max_sample_bytes`, becomes an error row.
     """
-    files = [i for i, c in enumerate(batch["container"]) if c == ""]
+    limits = (read_timeout_s, max_sample_bytes)
+    refused = [i for i in range(len(batch["container"])) if _refused(batch, i)]
+    if refused:
+        yield _to_batch([{**_sample(batch, i), "data": b"", **_read_error(Refused(batch["refused"][i]))}
+                         for i in refused])
+    files = [i for i, c in enumerate(batch["container"]) if c == "" and not _refused(batch, i)]
     if files:
-        yield from _chunks(_read_files(batch, files, storage_options, media), rows_per_batch)
+        yield from _chunks(_read_files(batch, files, storage_options, media, limits), rows_per_batch)
     extensions = IMAGE_EXTENSIONS if media == "image" else VIDEO_EXTENSIONS
     for i, container in enumerate(batch["container"]):
-        if container == "tar":
+        if container == "tar" and not _refused(batch, i):
             skip = frozenset(batch["skip"][i]) if "skip" in batch else frozenset()
-            yield from _chunks(_read_tar(_sample(batch, i), storage_options, extensions, skip), rows_per_batch)
+            rows = _read_tar(_sample(batch, i), _path(batch, i, storage_options), extensions, skip, limits)
+            yield from _chunks(rows, rows_per_batch)
+
+
+def _refused(batch: Batch, i: int) -> bool:
+    return "refused" in batch and bool(batch["refused"][i])  # absent, null or "" in older plans
+
+
+def _path(batch: Batch, i: int, storage_options: Dict[str, Any]):
+    """(filesystem, path) of plan row i: a non-UTF-8 local name is opened by its real bytes."""
+    fs, path = filesystem(str(batch["uri"][i]), storage_options)
+    raw = batch["raw_path"][i] if "raw_path" in batch else None
+    return (fs, os.fsdecode(raw)) if raw else (fs, path)
 
 
 def _sample(batch: Batch, i: int) -> Dict[str, Any]:
@@ -83,40 +113,80 @@ def _sample(batch: Batch, i: int) -> Dict[str, Any]:
 
 
 def _read_files(
-    batch: Batch, indices: List[int], storage_options: Dict[str, Any], media: str
+    batch: Batch, indices: List[int], storage_options: Dict[str, Any], media: str, limits
 ) -> Iterator[Dict[str, Any]]:
     by_fs = defaultdict(list)
     for i in indices:
-        fs, path = filesystem(str(batch["uri"][i]), storage_options)
+        fs, path = _path(batch, i, storage_options)
         by_fs[id(fs)].append((fs, path, i))
     for group in by_fs.values():
-        fs = group[0][0]
-        if media == "video" and isinstance(fs, LocalFileSystem):
-            for _, path, i in group:  # opened by the decoder
-                yield {**_sample(batch, i), "data": b"", **OK}
-            continue
-        contents = fs.cat([path for _, path, _ in group], on_error="return")
-        for _, path, i in group:
-            row = _sample(batch, i)
-            data = contents.get(path, FileNotFoundError(path))
-            if isinstance(data, BaseException) and not _sample_fault(data):
-                raise StoreError(f"{batch['uri'][i]}: {type(data).__name__}: {data}") from data
-            if isinstance(data, BaseException):
-                yield {**row, "data": b"", **error_fields("read", data)}
+        local = isinstance(group[0][0], LocalFileSystem)
+        yield from _read_group(batch, group, media, limits, chunk=1 if local else len(group))
+
+
+def _read_group(batch: Batch, group: List, media: str, limits, chunk: int) -> Iterator[Dict[str, Any]]:
+    """Rows for `group` in order. A batch fetch that times out is retried file by file, so
+    that the one file that hangs is the one that gets the timeout row."""
+    timeout_s, _ = limits
+    pending = list(group)
+    while pending:
+        for row in bounded(_fetch_rows(batch, list(pending), media, limits, chunk), timeout_s):  # a copy: popped here
+            if row is not TIMED_OUT:
+                pending.pop(0)
+                yield row
+            elif chunk > 1:
+                chunk = 1
+                break
             else:
-                yield {**row, "data": data, **OK}
+                _, _, i = pending.pop(0)
+                yield {**_sample(batch, i), "data": b"", **_read_error(timeout_error(str(batch["uri"][i]), timeout_s))}
+                break
+
+
+def _fetch_rows(batch: Batch, group: List, media: str, limits, chunk: int) -> Iterator[Dict[str, Any]]:
+    _, cap = limits
+    for k in range(0, len(group), chunk):
+        part = group[k : k + chunk]
+        fs = part[0][0]
+        if isinstance(fs, LocalFileSystem):  # a local video is opened by the decoder, unless its name needs bytes
+            keep = media != "video" or "raw_path" in batch and bool(batch["raw_path"][part[0][2]])
+            contents = [_attempt(read_local, path, cap, keep) for _, path, _ in part]
+        else:
+            contents = read_remote(fs, [path for _, path, _ in part], cap)
+        for (_, _, i), data in zip(part, contents):
+            yield _file_row(batch, i, data)
+
+
+def _attempt(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # judged by _file_row, as fs.cat_ranges returns its errors
+        return e
+
+
+def _file_row(batch: Batch, i: int, data) -> Dict[str, Any]:
+    row = _sample(batch, i)
+    if isinstance(data, BaseException) and not _sample_fault(data):
+        raise StoreError(f"{batch['uri'][i]}: {type(data).__name__}: {data}") from data
+    if isinstance(data, BaseException):
+        return {**row, "data": b"", **_read_error(data)}
+    return {**row, "data": data, **OK}
 
 
 def _read_tar(
-    shard: Dict[str, Any], storage_options: Dict[str, Any], extensions: frozenset, skip: frozenset = frozenset()
+    shard: Dict[str, Any], fs_path, extensions: frozenset, skip: frozenset, limits
 ) -> Iterator[Dict[str, Any]]:
-    """Stream a webdataset shard: consecutive members sharing a key form one sample; samples in
-    `skip` (committed by an earlier run) are passed over unread.
+    """Stream a webdataset shard (shards.py); samples in `skip` (committed by an earlier run)
+    are passed over unread. A shard that makes no progress for the time limit ends with a
+    timeout row under its own id.
 
     The shard is one unit: its last row, yielded once the stream ends, says how many it has.
     """
+    timeout_s, _ = limits
     count, last = 0, None
-    for row in _tar_rows(shard, storage_options, extensions, skip):
+    for row in bounded(_tar_rows(shard, fs_path, extensions, skip, limits), timeout_s):
+        if row is TIMED_OUT:
+            row = {**shard, "data": b"", **_read_error(timeout_error(f"{shard['uri']} after {count} samples", timeout_s))}
         if last is not None:
             yield last
         count, last = count + 1, row
@@ -126,54 +196,37 @@ def _read_tar(
 
 
 def _tar_rows(
-    shard: Dict[str, Any], storage_options: Dict[str, Any], extensions: frozenset, skip: frozenset
+    shard: Dict[str, Any], fs_path, extensions: frozenset, skip: frozenset, limits
 ) -> Iterator[Dict[str, Any]]:
-    shard_name = str(shard["sample_id"])
-    fs, path = filesystem(str(shard["uri"]), storage_options)
+    fs, path = fs_path
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            key, members = None, {}
-            for info in tar:
-                if not info.isfile():
-                    continue
-                member_key, ext = _split_key(info.name)
-                if f"{shard_name}/{member_key}" in skip:
-                    continue
-                if member_key != key and key is not None:
-                    yield _tar_sample(shard, shard_name, key, members, extensions)
-                    members = {}
-                key = member_key
-                members[ext] = tar.extractfile(info).read()
-            if key is not None:
-                yield _tar_sample(shard, shard_name, key, members, extensions)
-    except Exception as e:  # unreadable or truncated shard: one error row for what is left
+        with fs.open(path, "rb") as f:
+            for group in tar_rows(shard, f, limits[1], skip):
+                yield _tar_sample(shard, group, extensions)
+    except Exception as e:  # unreadable shard: one error row for what is left
         if not _sample_fault(e):
             raise StoreError(f"{shard['uri']}: {type(e).__name__}: {e}") from e
-        yield {**shard, "data": b"", **error_fields("read", e)}
+        yield {**shard, "data": b"", **_read_error(e)}
 
 
-def _split_key(name: str):
-    """webdataset's convention: the key is the path up to the first dot of the base name."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem), ext.lower()
-
-
-def _tar_sample(
-    shard: Dict[str, Any], shard_name: str, key: str, members: Dict[str, bytes], extensions: frozenset
-) -> Dict[str, Any]:
+def _tar_sample(shard: Dict[str, Any], group: Dict[str, Any], extensions: frozenset) -> Dict[str, Any]:
+    if group["sample_id"] == shard["sample_id"]:  # the shard's own row: where it stopped
+        return {**shard, "data": b"", **_read_error(group["error"])}
+    members = group["members"]
     row = {
         **shard,
-        "sample_id": f"{shard_name}/{key}",
-        "uri": f"{shard['uri']}#{key}",
+        "sample_id": group["sample_id"],
+        "uri": f"{shard['uri']}#{group['key']}",
         "label": _member_label(members),
         "unit_rows": 0,
     }
+    if group["error"] is not None:
+        return {**row, "data": b"", **_read_error(group["error"])}
     media_ext = next((e for e in members if e.rsplit(".", 1)[-1] in extensions), None)
     if media_ext is None:
         kind = "image" if extensions is IMAGE_EXTENSIONS else "video"
         err = LookupError(f"no {kind} member among {sorted(members)}")
-        return {**row, "data": b"", **error_fields("read", err)}
+        return {**row, "data": b"", **_read_error(err)}
     return {**row, "data": members[media_ext], **OK}
 
 

@@ -11,7 +11,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .config import JobConfig
+from .config import JobConfig, memory_bytes
 from .decode import decode_batch
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
 from .models import EXTRACTORS, EmbedSpec
@@ -207,7 +207,9 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
     ds = ray.data.from_arrow(blocks).map_batches(
         read_batch,
         fn_kwargs={"storage_options": job.source.storage_options,
-                   "rows_per_batch": min(res.decode_batch_size, layout.rows_per_read_task), "media": media},
+                   "rows_per_batch": min(res.decode_batch_size, layout.rows_per_read_task), "media": media,
+                   "read_timeout_s": job.source.read_timeout_s,
+                   "max_sample_bytes": memory_bytes(job.source.max_sample_bytes, "source.max_sample_bytes")},
         batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
         batch_format="numpy",
         **task_args,

@@ -7,6 +7,7 @@ members are discovered while it is streamed.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import re
 from typing import Any, Dict, Iterator, List, Tuple
@@ -16,7 +17,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from fsspec.implementations.local import LocalFileSystem
+
 from .config import SourceConfig
+from .listing import REFUSED_URI, Entry, confine, raw_path, utf8, walk_local
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
@@ -28,6 +32,9 @@ PLAN_SCHEMA = pa.schema(
         ("label", pa.string()),
         ("split", pa.string()),
         ("container", pa.string()),  # "" for a file, "tar" for a webdataset shard
+        # Added later; a plan saved without them reads as null (read.py checks for them):
+        ("refused", pa.string()),  # why the row is an error row never read (listing.py); null/"": read it
+        ("raw_path", pa.binary()),  # the local path's bytes when its name is not UTF-8; else null
     ]
 )
 
@@ -66,7 +73,12 @@ def plan_source(cfg: SourceConfig) -> pa.Table:
 def _check_unique(rows: List[Dict[str, Any]]) -> None:
     for a, b in zip(rows, rows[1:]):
         if a["sample_id"] == b["sample_id"]:
-            raise SourceError(f"sample_id {a['sample_id']!r} appears twice in the source")
+            both = f" (as {_name(a)!r} and {_name(b)!r})" if a.get("raw_path") or b.get("raw_path") else ""
+            raise SourceError(f"sample_id {a['sample_id']!r} appears twice in the source{both}")
+
+
+def _name(row: Dict[str, Any]) -> Any:
+    return row["raw_path"] or row["uri"]
 
 
 def _extension(path: str) -> str:
@@ -88,15 +100,29 @@ def _list_video_folder(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
 
 def _list_folder(cfg: SourceConfig, extensions: frozenset) -> Iterator[Dict[str, Any]]:
     fs, root = filesystem(cfg.uri, cfg.storage_options)
-    root = root.rstrip("/")
+    root = root.rstrip("/") or "/"
     if not fs.isdir(root):
         raise SourceError(f"source.uri {cfg.uri}: not a folder")
-    for path in fs.find(root):
-        if _extension(path) not in extensions:
-            continue
+    if isinstance(fs, LocalFileSystem):
+        entries = walk_local(root, cfg.follow_symlinks)
+    else:  # object stores: no links, FIFOs or devices; "directory" entries are not files
+        entries = (Entry(p) for p, info in sorted(fs.find(root, detail=True).items()) if info.get("type") == "file")
+    for path, refused in entries:
+        if _extension(path) not in extensions and not (refused and os.path.isdir(path)):
+            continue  # a refused link to a folder is planned too: its error row says it was not followed
         rel = posixpath.relpath(path, root)
         parent = posixpath.dirname(rel)
-        yield _row(rel, full_uri(fs, path), posixpath.basename(parent), cfg.split)
+        row = _row(rel, full_uri(fs, path), posixpath.basename(parent), cfg.split)
+        yield _utf8_row(row, path, refused)
+
+
+def _utf8_row(row: Dict[str, Any], path: str, refused: str = "") -> Dict[str, Any]:
+    """Plan strings are Parquet strings, valid UTF-8: a non-UTF-8 name is escaped in sample_id,
+    label and uri, and its real bytes kept for the read stage."""
+    raw = raw_path(path)
+    if raw is not None:
+        row.update(sample_id=utf8(row["sample_id"]), uri=utf8(row["uri"]), label=utf8(row["label"]), raw_path=raw)
+    return {**row, "refused": refused}
 
 
 def _read_split_files(cfg: SourceConfig) -> Dict[str, str]:
@@ -122,24 +148,26 @@ def _list_webdataset(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
         if any(c in path for c in "*?["):
             paths.extend(fs.glob(path))
         elif fs.isdir(path):
-            paths.extend(p for p in fs.find(path) if _extension(p) == "tar")
+            found = walk_local(path, cfg.follow_symlinks) if isinstance(fs, LocalFileSystem) else map(Entry, fs.find(path))
+            paths.extend(p for p, refused in found if _extension(p) == "tar" and not refused)
         elif fs.exists(path):
             paths.append(path)
         else:
             raise SourceError(f"source.uri {cfg.uri}: shard {full_uri(fs, path)} not found")
     root = _common_root(paths)
     for path in paths:
-        yield _row(posixpath.relpath(path, root), full_uri(fs, path), "", cfg.split, container="tar")
+        yield _utf8_row(_row(posixpath.relpath(path, root), full_uri(fs, path), "", cfg.split, container="tar"), path)
 
 
 def _list_manifest(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
     fs, path = filesystem(cfg.uri, cfg.storage_options)
     with fs.open(path, "rb") as f:
         data = f.read()
-    table = pq.read_table(io.BytesIO(data)) if _extension(path) == "parquet" else pacsv.read_csv(io.BytesIO(data))
+    table = pq.read_table(io.BytesIO(data)) if _extension(path) == "parquet" else _read_csv(data)
     if "uri" not in table.column_names:
         raise SourceError(f"source.uri {cfg.uri}: the manifest has no 'uri' column (has {table.column_names})")
     base = posixpath.dirname(path)
+    roots = [full_uri(fs, base), *cfg.allow_uris]
     for rec in table.to_pylist():
         uri = str(rec["uri"])
         if "://" in uri or uri.startswith("/"):
@@ -147,7 +175,17 @@ def _list_manifest(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
         else:  # relative to the manifest's folder
             target = full_uri(fs, posixpath.join(base, uri))
         split = cfg.split or _text(rec.get("split"))
-        yield _row(uri, target, _text(rec.get("label")), split)
+        refused = "" if confine(target, roots) else REFUSED_URI  # the same words whether or not it exists
+        yield {**_row(uri, target, _text(rec.get("label")), split), "refused": refused}
+
+
+def _read_csv(data: bytes) -> pa.Table:
+    """Every column as the text it holds: `007` stays `007`, `true`, `null` and `` stay strings."""
+    parse = pacsv.ParseOptions(newlines_in_values=True)  # a quoted value may span lines
+    names = pacsv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
+    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
+                                   quoted_strings_can_be_null=False)
+    return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
 
 
 def _text(value: Any) -> str:

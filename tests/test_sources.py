@@ -1,4 +1,5 @@
 import io
+import os
 import json
 import tarfile
 
@@ -98,8 +99,11 @@ def test_truncated_shard_keeps_what_was_read_and_reports_the_rest(tmp_path):
     plan = plan_source(SourceConfig(uri=str(tmp_path), format="webdataset"))
     batch = {k: np.array(v, dtype=object) for k, v in plan.to_pydict().items()}
     out = next(read_batch(batch, {}, rows_per_batch=10))
-    assert list(out["sample_id"]) == ["s.tar/a", "s.tar"]
-    assert list(out["error_stage"]) == ["", "read"]
+    # b, cut inside its data, is a row of its own; the shard's row says where the stream stopped
+    assert list(out["sample_id"]) == ["s.tar/a", "s.tar/b", "s.tar"]
+    assert list(out["error_stage"]) == ["", "read", "read"]
+    assert list(out["error_type"]) == ["", "truncated", "truncated"]
+    assert "inside member b.jpg" in out["error_message"][2]
 
 
 def test_manifest_csv_and_parquet(tmp_path):
@@ -130,3 +134,147 @@ def test_read_batch_turns_a_missing_file_into_a_read_error(tmp_path):
     batch = {k: np.array(v, dtype=object) for k, v in plan.to_pydict().items()}
     out = next(read_batch(batch, {}, rows_per_batch=8))
     assert out["error_stage"][0] == "read" and out["error_type"][0] == "FileNotFoundError"
+
+
+# ---------------------------------------------------------------- odd and hostile listings (issue 12)
+
+
+def batch_of(plan):
+    return {k: np.array(v, dtype=object) for k, v in plan.to_pydict().items()}
+
+
+def read_rows(plan, **kw):
+    rows = []
+    for out in read_batch(batch_of(plan), {}, rows_per_batch=4, **kw):
+        rows += [{k: out[k][i] for k in out} for i in range(len(out["sample_id"]))]
+    return {r["sample_id"]: r for r in rows}
+
+
+def test_names_that_are_not_utf8_are_planned_escaped_and_read_by_their_bytes(tmp_path):
+    root = os.fsencode(tmp_path)
+    os.makedirs(root + b"/lab\xe9l")
+    for name, data in ((b"/lab\xe9l/bad\xff.jpg", JPEG), (b"/ok.jpg", JPEG[:-1] + b"\xd9")):
+        with open(root + name, "wb") as f:
+            f.write(data)
+    plan = plan_source(SourceConfig(uri=str(tmp_path)))
+    rows = plan.to_pylist()
+    assert [r["sample_id"] for r in rows] == ["lab\\xe9l/bad\\xff.jpg", "ok.jpg"]
+    assert rows[0]["label"] == "lab\\xe9l" and rows[0]["uri"].endswith("lab\\xe9l/bad\\xff.jpg")
+    assert rows[0]["raw_path"] == root + b"/lab\xe9l/bad\xff.jpg" and rows[1]["raw_path"] is None
+    pq.write_table(plan, tmp_path.parent / f"{tmp_path.name}.plan.parquet")  # every string valid UTF-8
+    assert read_rows(plan)["lab\\xe9l/bad\\xff.jpg"]["data"] == JPEG
+
+    # an escape that meets a real name spelled the same way: refused, naming both
+    with open(root + b"/lab\xe9l/bad\\xff.jpg", "wb") as f:
+        f.write(JPEG)
+    with pytest.raises(SourceError, match="appears twice") as e:
+        plan_source(SourceConfig(uri=str(tmp_path)))
+    assert repr(root + b"/lab\xe9l/bad\xff.jpg") in str(e.value)
+    assert repr(root + b"/lab\xe9l/bad\\xff.jpg") in str(e.value)
+
+
+def test_old_plans_without_the_new_columns_still_read(tmp_path):
+    write(tmp_path / "a.jpg")
+    plan = plan_source(SourceConfig(uri=str(tmp_path))).select(["sample_id", "uri", "label", "split", "container"])
+    assert read_rows(plan)["a.jpg"]["data"] == JPEG
+
+
+def _outside_and_root(tmp_path):
+    outside, root = tmp_path / "outside", tmp_path / "root"
+    write(outside / "secret.jpg")
+    write(outside / "dir" / "s2.jpg")
+    write(root / "n01" / "a.jpg")
+    (root / "n01" / "out.jpg").symlink_to(outside / "secret.jpg")  # a file link leaving the root
+    (root / "n01" / "in.jpg").symlink_to(root / "n01" / "a.jpg")  # a file link inside it
+    (root / "linkdir").symlink_to(outside / "dir")  # a folder link leaving the root
+    (root / "again").symlink_to(root / "n01")  # a folder link inside it (its files are listed already)
+    os.mkfifo(root / "n01" / "fifo.jpg")
+    return outside, root
+
+
+def test_folder_listing_plans_regular_files_and_refuses_links_that_leave_the_root(tmp_path):
+    outside, root = _outside_and_root(tmp_path)
+    plan = plan_source(SourceConfig(uri=str(root)))
+    assert plan["sample_id"].to_pylist() == ["linkdir", "n01/a.jpg", "n01/in.jpg", "n01/out.jpg"]
+    rows = read_rows(plan)
+    assert rows["n01/a.jpg"]["data"] == rows["n01/in.jpg"]["data"] == JPEG
+    for sid in ("linkdir", "n01/out.jpg"):  # error rows that say why, read never
+        assert (rows[sid]["error_stage"], rows[sid]["error_type"], rows[sid]["data"]) == ("read", "refused", b"")
+        assert "source.follow_symlinks" in rows[sid]["error_message"]
+
+    followed = plan_source(SourceConfig(uri=str(root), follow_symlinks=True))["sample_id"].to_pylist()
+    assert followed == ["again/a.jpg", "again/in.jpg", "again/out.jpg", "linkdir/s2.jpg",
+                        "n01/a.jpg", "n01/in.jpg", "n01/out.jpg"]
+
+
+class _Recorder:
+    """A real HTTP server on 127.0.0.1 that notes every request it gets."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(JPEG)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_manifest_uris_are_confined_to_the_manifest_folder_unless_allowed(tmp_path):
+    outside, root = _outside_and_root(tmp_path)
+    (root / "n01" / "fifo.jpg").unlink()
+    with _Recorder() as http:
+        uris = ["n01/a.jpg", str(root / "n01" / "a.jpg"), "n01/../n01/a.jpg",  # inside: read
+                "../outside/secret.jpg", "n01/../../outside/secret.jpg", str(outside / "secret.jpg"),
+                "n01/out.jpg", "/etc/shadow", "/proc/self/environ", "/no/such/file.jpg", "../nope.jpg",
+                f"file://{outside}/secret.jpg", f"{http.url}/x.jpg", f"http://user:pw@127.0.0.1:{http.url.rsplit(':', 1)[1]}/y.jpg"]
+        pq.write_table(pa.table({"uri": uris}), root / "m.parquet")
+        plan = plan_source(SourceConfig(uri=str(root / "m.parquet"), format="manifest"))
+        rows = read_rows(plan)
+        assert http.seen == []  # not one request
+    ok = {"n01/a.jpg", str(root / "n01" / "a.jpg"), "n01/../n01/a.jpg"}
+    for uri in uris:
+        if uri in ok:
+            assert rows[uri]["data"] == JPEG and rows[uri]["error_type"] == ""
+        else:  # one type, one message: the row tells nothing about what exists
+            assert (rows[uri]["error_type"], rows[uri]["data"]) == ("refused", b""), uri
+            assert rows[uri]["error_message"] == rows["/etc/shadow"]["error_message"]
+
+    widened = SourceConfig(uri=str(root / "m.parquet"), format="manifest", allow_uris=[f"{outside}/"])
+    rows = read_rows(plan_source(widened))
+    for uri in ("../outside/secret.jpg", str(outside / "secret.jpg"), "n01/out.jpg", f"file://{outside}/secret.jpg"):
+        assert rows[uri]["data"] == JPEG, uri
+    assert rows["/etc/shadow"]["error_type"] == rows[f"{http.url}/x.jpg"]["error_type"] == "refused"
+
+
+def test_source_limits_are_validated_naming_the_key():
+    from pipeline.config import ConfigError, parse_job
+
+    def job(**source):
+        return parse_job({"name": "j", "source": {"uri": "/d", **source}, "output": {"uri": "/o"}})
+
+    assert job().source.read_timeout_s == 120 and job().source.max_sample_bytes == "256MiB"
+    assert job(max_sample_bytes="4MiB", allow_uris=["s3://b/"], follow_symlinks=True).source.follow_symlinks
+    for bad, key in ((dict(read_timeout_s=0), "source.read_timeout_s"), (dict(max_sample_bytes="lots"), "source.max_sample_bytes"),
+                     (dict(max_sample_bytes=0), "source.max_sample_bytes"), (dict(allow_uris=[""]), r"source.allow_uris\[0\]"),
+                     (dict(follow_symlinks="yes"), "source.follow_symlinks")):
+        with pytest.raises(ConfigError, match=key):
+            job(**bad)
