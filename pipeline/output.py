@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from .commit import STAGING, TABLES, UNITS, Ledger, move, parquet_bytes, parquet_files, read_column, \
     remaining, write_atomic
+from .partitions import folder_key
 from .sources import filesystem, plan_source
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
@@ -62,6 +63,8 @@ def settings(prepared) -> Dict[str, Any]:
         "model.pool": job.model.pool, "output.dtype": job.output.dtype,
         "output.partition_by": list(job.output.partition_by), "output.frame_features": job.output.frame_features,
     }
+    if job.output.partition_by:  # folders `split_dir=`, exact values in the files (an older output had `split=`)
+        out["output.partition_folders"] = [folder_key(c) for c in job.output.partition_by]
     if job.is_video:
         out.update({f"video.{k}": v for k, v in vars(job.video).items() if k != "decode_timeout_s"})
         out["temporal"] = [h.provenance() for h in prepared.heads]

@@ -15,6 +15,7 @@ from . import __version__
 from .commit import write_atomic
 from .config import to_dict
 from .output import JOB_FILE, settings
+from .partitions import column_of
 from .sources import filesystem
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
@@ -156,12 +157,9 @@ def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -
 
 def _describe_features(fs, path: str):
     dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    rows: Counter = Counter()
-    for fragment in dataset.get_fragments():
-        part = pads.get_partition_keys(fragment.partition_expression)
-        key = "/".join(f"{k}={v}" for k, v in sorted(part.items())) or "(unpartitioned)"
-        rows[key] += fragment.metadata.num_rows
-    schema = dataset.schema
+    folders = dataset.partitioning.schema.names if dataset.partitioning else []
+    rows = _rows_per_partition(dataset, [column_of(k) for k in folders])
+    schema = pa.schema([f for f in dataset.schema if f.name not in folders or column_of(f.name) == f.name])
     out = [f"rows       {sum(rows.values())}"]
     out += [f"  {k:<40} {n}" for k, n in sorted(rows.items())]
     for f in schema:  # `feature` for images; clip_<name> (and frame_features) for videos
@@ -176,6 +174,23 @@ def _describe_features(fs, path: str):
         out += [f"  {k.decode()[len('featurize.'):]}: {v.decode()}" for k, v in sorted(meta.items())
                 if k.startswith(b"featurize.")]
     return out
+
+
+def _rows_per_partition(dataset, columns: List[str]) -> Counter:
+    """"split=train/label=cat" -> rows, from the exact values the files hold (an older output's
+    files lack them: then from its `split=` folders, as readers get them)."""
+    if not columns:
+        return Counter({"(unpartitioned)": dataset.count_rows()})
+    counts = dataset.to_table(columns=columns).group_by(columns).aggregate([([], "count_all")])
+    return Counter({"/".join(f"{c}={_shown(v)}" for c, v in zip(columns, values)): n
+                    for *values, n in zip(*(counts[c].to_pylist() for c in columns), counts["count_all"].to_pylist())})
+
+
+def _shown(value: Any) -> str:
+    """A value as is where that is unambiguous; quoted where it is empty, has blanks or control characters."""
+    text = str(value)
+    plain = value is not None and text and text.isprintable() and text.strip() == text
+    return text if plain else json.dumps(value, ensure_ascii=False)
 
 
 def _describe_errors(fs, path: str):

@@ -11,7 +11,6 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -20,10 +19,10 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from .commit import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
+from .partitions import partition_folder
 from .sources import filesystem
 from .timing import block_seconds
 
-HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 ERRORS_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -64,8 +63,8 @@ def video_columns(dtype: str, heads: List[Tuple[str, int]], frame_dim: Optional[
 
 
 def features_schema(spec: SinkSpec) -> pa.Schema:
+    """Every file holds the exact split and label, partitioned or not (why: partitions.py)."""
     fields = [("sample_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("split", pa.string())]
-    fields = [f for f in fields if f[0] not in spec.partition_by]
     return pa.schema(fields + list(spec.columns), metadata=spec.metadata)
 
 
@@ -124,7 +123,7 @@ class ParquetCommitSink(Datasink):
             groups.setdefault(tuple(str(batch[k][i]) for k in keys), []).append(i)
         for values, rows in sorted(groups.items()):
             idx = np.asarray(rows)
-            folder = "/".join(f"{k}={quote(v, safe='') if v else HIVE_NULL}" for k, v in zip(keys, values))
+            folder = partition_folder(keys, values)
             yield "/".join(p for p in ("features", folder) if p), _features_table(batch, idx, schema), idx
 
 

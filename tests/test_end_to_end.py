@@ -92,8 +92,8 @@ def test_image_folder_features_table(image_folder_run):
     r = image_folder_run
     table = read_features(r["out"])
     assert table.schema.field("feature").type == FEATURE_TYPE
-    assert set(table["split"].to_pylist()) == {"train"}  # from the folder split=train only
-    assert sorted(os.listdir(os.path.join(r["out"], "features"))) == ["split=train"]
+    assert set(table["split"].to_pylist()) == {"train"}  # the exact value, in every file
+    assert sorted(os.listdir(os.path.join(r["out"], "features"))) == ["split_dir=train"]
 
     matrix = _feature_matrix(table)
     assert matrix.dtype == np.float16
@@ -162,7 +162,7 @@ def test_image_folder_files_metadata_and_job_record(image_folder_run):
         assert meta["featurize.dtype"] == "float16"
         assert meta["featurize.job"] == "e2e-images"
         assert json.loads(meta["featurize.preprocess"])["crop"] == 56
-        assert "split" not in pf.schema_arrow.names  # lives in the folder name only
+        assert pf.read(columns=["split"])["split"].to_pylist() == ["train"] * pf.metadata.num_rows  # exact, in the file
     assert total == r["summary"].features
 
     record = json.loads(open(os.path.join(out, "_job.json")).read())
@@ -264,7 +264,7 @@ def test_webdataset_shards(tmp_path):
     assert {k: v for k, v in after.items() if not k.startswith("out" + os.sep)} == outside_before
     for rel in _files_under(str(out)):
         assert rel in ("_job.json", "_plan.parquet") or (
-            rel.startswith(("features/split=train/part-", "errors/part-", "_units/part-")) and rel.count("/") <= 2
+            rel.startswith(("features/split_dir=train/part-", "errors/part-", "_units/part-")) and rel.count("/") <= 2
         ), rel
 
 
@@ -354,9 +354,9 @@ def test_manifest_two_splits(tmp_path):
     err = read_errors(str(out)).to_pylist()[0]
     assert err["stage"] == "read" and err["error_type"] == "FileNotFoundError"
 
-    assert sorted(os.listdir(out / "features")) == ["split=train", "split=val"]
+    assert sorted(os.listdir(out / "features")) == ["split_dir=train", "split_dir=val"]
     for split, n in (("train", 5), ("val", 2)):
-        part = pq.ParquetDataset(str(out / "features" / f"split={split}")).read()
+        part = pq.ParquetDataset(str(out / "features" / f"split_dir={split}")).read()
         assert part.num_rows == n
     table = read_features(str(out))
     got = {r["sample_id"]: (r["label"], r["split"]) for r in table.select(["sample_id", "label", "split"]).to_pylist()}
