@@ -11,11 +11,15 @@ import csv
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from hypothesis import given, settings, strategies as st
 
-from conftest import assert_exactly_once, job_dict, run
+from conftest import assert_exactly_once, job_dict, read_features, run
 from pipeline.commit import parquet_bytes, write_atomic
+from pipeline.partitions import folder_value, partition_folder
+from pipeline.report import inspect_output
 from pipeline.samples import encode, photo
 from pipeline.sinks import ParquetCommitSink, SinkSpec, features_schema, image_columns
 
@@ -64,8 +68,6 @@ def _batch(labels, splits):
 def _write_through_sink(root, labels):
     """Each partition table the sink makes, written where the sink would publish it; returns
     sample_id -> (label, split) as written."""
-    from fsspec.implementations.local import LocalFileSystem
-
     spec = SinkSpec(str(root), {}, ["split", "label"], image_columns("float16", 4))
     batch = _batch(labels, SPLITS)
     ok = batch["error_stage"] == ""
@@ -97,13 +99,23 @@ def test_every_reader_gets_the_exact_label(tmp_path, labels):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(max_size=300), min_size=2, max_size=2, unique=True))
 def test_folder_values_fit_and_distinct_values_never_share_one(values):
-    from pipeline.partitions import folder_value, partition_folder
-
     a, b = (folder_value(v) for v in values)
     assert a != b
     for name in (a, b):
         assert name and name != HIVE_NULL and name.isascii() and len(name) <= 120
         assert len(partition_folder(["label"], [name]).encode()) <= 255
+
+
+def test_an_older_output_still_reads_and_inspects(tmp_path):
+    """Outputs written before: `split=<v>` folders, the split column only in the folder name."""
+    for split, ids in (("train", ["a", "b"]), ("val", ["c"])):
+        table = pa.table({"sample_id": ids, "uri": ids, "label": ["x"] * len(ids)})
+        write_atomic(LocalFileSystem(), f"{tmp_path}/features/split={split}/part-0.parquet", parquet_bytes(table))
+    table = read_features(str(tmp_path))
+    assert sorted(zip(table["sample_id"].to_pylist(), table["split"].to_pylist())) == [
+        ("a", "train"), ("b", "train"), ("c", "val")]
+    lines = [line.split() for line in inspect_output(str(tmp_path)).splitlines()]
+    assert ["split=train", "2"] in lines and ["split=val", "1"] in lines and ["rows", "3"] in lines
 
 
 # ---------------------------------------------------------------- end to end
@@ -115,8 +127,6 @@ def test_labels_read_back_exactly_end_to_end(tmp_path):
     """A CSV manifest (no type inference: `007` stays a string) through a real run with
     partition_by [split, label]; Ray is the fifth reader; `featurize inspect` shows exact values."""
     import ray
-
-    from pipeline.report import inspect_output
 
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
