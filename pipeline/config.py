@@ -390,6 +390,12 @@ def output_storage_options(job: JobConfig) -> Dict[str, Any]:
     return job.source.storage_options if same_store else {}
 
 
+def source_store_options(job: JobConfig, uri: str) -> Dict[str, Any]:
+    """Options for a URI other than the source's (weights): the source's when on the same store,
+    else none (an S3 key must never go to an HTTP server, whose client refuses unknown options)."""
+    return job.source.storage_options if _protocol(uri) == _protocol(job.source.uri) else {}
+
+
 def _protocol(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 

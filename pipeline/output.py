@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from .commit import STAGING, TABLES, UNITS, Ledger, move, parquet_bytes, parquet_files, read_column, \
     remaining, write_atomic
 from .partitions import folder_key
+from .redact import redact
 from .sources import filesystem, plan_source
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
@@ -68,7 +69,8 @@ def settings(prepared) -> Dict[str, Any]:
     if job.is_video:
         out.update({f"video.{k}": v for k, v in vars(job.video).items() if k != "decode_timeout_s"})
         out["temporal"] = [h.provenance() for h in prepared.heads]
-    return json.loads(json.dumps(out))  # as _job.json holds them: lists, not tuples
+    # As _job.json holds them: lists, not tuples, credentials masked (a changed password is the same job).
+    return redact(json.loads(json.dumps(out)))
 
 
 def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from . import __version__
-from .config import ConfigError, JobConfig, output_storage_options
+from .config import ConfigError, JobConfig, output_storage_options, source_store_options
 from .decode import ImageSpec
 from .models import check_arch, feature_dim
 from .models.temporal import HeadInfo, resolve_heads
 from .models.weights import Weights, resolve
+from .redact import redact_text
 from .sinks import SinkSpec, image_columns, video_columns
 from .video import FrameSpec
 
@@ -32,6 +33,7 @@ class Prepared:
     dim: int
     out_options: Dict[str, Any]
     heads: List[HeadInfo] = field(default_factory=list)  # videos: the temporal heads
+    model_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options for model.weights
 
     @property
     def frames(self) -> FrameSpec:
@@ -53,6 +55,10 @@ class Prepared:
         )
 
     def provenance(self) -> Dict[str, str]:
+        """The features' Parquet metadata; URIs in it (weights, checkpoints) without credentials."""
+        return {k: redact_text(v) for k, v in self._provenance().items()}
+
+    def _provenance(self) -> Dict[str, str]:
         m = self.job.model
         return {
             "featurize.version": __version__,
@@ -82,9 +88,10 @@ class Prepared:
 
 def prepare(job: JobConfig) -> Prepared:
     check_arch(job.model)  # before fetching weights for a model that does not exist
-    weights = resolve(job.model, job.source.storage_options)
+    model_options = source_store_options(job, job.model.weights)
+    weights = resolve(job.model, model_options)
     image = _resolve_image(job, weights.transforms)
-    dim = feature_dim(job.model, image.crop, weights, job.source.storage_options)  # layer and fit too
+    dim = feature_dim(job.model, image.crop, weights, model_options)  # layer and fit too
     heads = resolve_heads(job.temporal, dim, job.source.storage_options) if job.is_video else []
     return Prepared(
         job=job,
@@ -95,6 +102,7 @@ def prepare(job: JobConfig) -> Prepared:
         dim=dim,
         out_options=output_storage_options(job),
         heads=heads,
+        model_options=model_options,
     )
 
 

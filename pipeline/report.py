@@ -15,6 +15,7 @@ from . import __version__
 from .commit import write_atomic
 from .config import to_dict
 from .output import JOB_FILE, settings
+from .redact import redact_strings, redact_text
 from .partitions import column_of
 from .sources import filesystem
 
@@ -83,6 +84,7 @@ def write_job_record(
         }
         record["layout"] = summary.layout
         record["stages"] = summary.stages
+    record = redact_strings(record)  # URLs in the weights id, the error, the layout: no credentials
     write_atomic(ws.fs, f"{ws.root}/{JOB_FILE}", json.dumps(record, indent=2).encode())
 
 
@@ -115,7 +117,7 @@ def format_summary(summary: "Summary") -> str:
     if summary.stages.get("bound"):
         lines += format_stages(summary.stages)
     lines.append(f"output       {summary.out_uri}")
-    return "\n".join(lines)
+    return redact_text("\n".join(lines))
 
 
 def format_layout(layout: Dict[str, Any]) -> str:
@@ -152,7 +154,7 @@ def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -
     else:
         out.append("features   none")
     out += _describe_errors(fs, f"{root}/errors")
-    return "\n".join(out)
+    return redact_text("\n".join(out))
 
 
 def _describe_features(fs, path: str):

@@ -13,6 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import JobConfig, memory_bytes
 from .decode import decode_batch
+from .interrupt import reclaim_sigterm
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
 from .models import EXTRACTORS, EmbedSpec
 from .models.temporal import TemporalEmbedder
@@ -108,6 +109,7 @@ def _connect_client(address: str, runtime_env: Dict[str, Any], attempts: int = 2
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+            reclaim_sigterm()
             return
         except ConnectionAbortedError as e:
             if attempt == attempts or "Starting Ray client server failed" not in str(e):
@@ -197,6 +199,7 @@ def _init_ray(address: Optional[str]) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # "local": a new embedded Ray, never a cluster `ray start` left on this machine
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    reclaim_sigterm()  # ray.init replaced the CLI's SIGTERM handler (pipeline/interrupt.py)
 
 
 def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> ray.data.Dataset:
@@ -256,6 +259,6 @@ def _embed_spec(prepared: Prepared, layout: Layout) -> EmbedSpec:
         std=prepared.std,
         dtype=job.output.dtype,
         torch_threads=layout.torch_threads,
-        storage_options=job.source.storage_options,
+        storage_options=prepared.model_options,
         image=prepared.image if layout.decode_in_actor else None,
     )
