@@ -184,6 +184,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"staged     {st['staged_files']} files written but not published; the next run publishes them")
     if st["overwrite_pending"]:
         print(f"overwrite  an --overwrite run is under way in {args.out}/_overwrite; the old output stays until it completes")
+    if st["duplicates"]:
+        print(f"duplicates {st['duplicates']} sample ids committed more than once: not exactly once; rebuild with --overwrite")
+    if st["lease"]:
+        print(f"lease      {st['lease']}")
     return EXIT_OK if st["complete"] else EXIT_FAILED
 
 

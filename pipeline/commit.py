@@ -8,6 +8,13 @@ Ray re-ran a task after an actor, worker or node died and the blocks came out cu
 are dropped before publishing, so no sample ever lands twice. The published files themselves
 are the record of what is done: nothing else has to be kept in step with them.
 
+Guards at the edges: a file is named by a hash of its JSON-encoded id list, so two different
+lists never share a name, and publishing never replaces a file (CommitConflict fails the job
+instead of losing committed rows). Runs stage under `_staging/<job fingerprint>/<run id>/`, and
+recovery publishes only its own job's files. The committer publishes only while its run holds
+OUT's lease (lease.py), and a run ends well only if `audit` of the files on the store finds
+every planned sample once.
+
 A plan row can yield several rows: a tar shard its members, a video its windows. Such a unit is
 done when all its rows are committed; rows say how many their unit has (`unit_rows`, set on the
 shard's last member once the stream ends, or on every window), and completed units are recorded
@@ -19,25 +26,20 @@ row that Ray re-executes from being written twice.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
-import io
 import json
 import logging
-import os
 import posixpath
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
-from . import faults
+from .store import (is_local, move, parquet_bytes, parquet_files, publish, read_column,  # noqa: F401 (re-exported)
+                    write_atomic)
 
 STAGING, UNITS = "_staging", "_units"
 TABLES = ("features", "errors")
@@ -72,102 +74,6 @@ def part_name(ids: Iterable[str]) -> str:
     collision negligible at any dataset size; should one happen, publishing refuses it."""
     key = json.dumps(list(ids), ensure_ascii=True, separators=(",", ":"))
     return f"part-{hashlib.sha256(key.encode('ascii')).hexdigest()[:32]}.parquet"
-
-
-def is_local(fs) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def write_atomic(fs, path: str, data: bytes, exclusive: bool = False) -> None:
-    """Make `path` appear whole or not at all; `exclusive`: only if nothing is there yet, else
-    FileExistsError (local: a hard link, which cannot replace; object stores: If-None-Match)."""
-    if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")  # readers skip dot files
-        with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            faults.point("write", path)  # the fault-injection tests fail a write half done
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            _link_then_unlink(fs, tmp, path)
-        else:
-            os.replace(tmp, path)
-    else:
-        faults.point("write", path)
-        # an object store publishes a key only when its PUT completes; "create" sends If-None-Match: *
-        fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
-
-
-def _link_then_unlink(fs, src: str, dst: str) -> None:
-    """Rename src to dst unless dst exists (FileExistsError; src is then left where it is)."""
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        if src.rsplit("/", 1)[-1].startswith(".tmp-"):
-            os.unlink(src)
-        raise
-    except OSError as e:  # a file system without hard links: check, then rename; safe because
-        if e.errno not in _NO_LINKS:  # the lease makes this process OUT's only writer
-            raise
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
-        os.replace(src, dst)
-        return
-    os.unlink(src)
-
-
-_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def move(fs, src: str, dst: str) -> None:
-    if is_local(fs):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.replace(src, dst)
-    else:
-        fs.copy(src, dst)  # server-side; the new key appears whole
-        fs.rm(src)
-
-
-def publish(fs, src: str, dst: str) -> None:
-    """Move a staged file to its published name, never onto a file there (FileExistsError)."""
-    if is_local(fs):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        _link_then_unlink(fs, src, dst)
-    else:  # CopyObject takes no If-None-Match: check, then copy, under the lease's single writer
-        fs.invalidate_cache(dst)
-        if fs.exists(dst):
-            raise FileExistsError(errno.EEXIST, "file exists", dst)
-        move(fs, src, dst)
-
-
-def parquet_files(fs, folder: str) -> List[str]:
-    """Published Parquet files under a folder (readers skip names starting with . or _)."""
-    fs.invalidate_cache()  # all of it: s3fs answers for a file from its parent's cached listing
-    try:
-        paths = fs.find(folder)
-    except FileNotFoundError:
-        return []
-    return sorted(p for p in paths if p.endswith(".parquet") and not _hidden(p[len(folder):]))
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
-
-
-def read_column(fs, files: List[str], column: str) -> pa.ChunkedArray:
-    if not files:
-        return pa.chunked_array([], pa.string())
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[column])[column]
 
 
 def committed_ids(fs, root: str) -> List[str]:

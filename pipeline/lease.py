@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .commit import write_atomic
+from .store import write_atomic
 from .output import OutputExists
 
 LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"
@@ -162,6 +162,9 @@ class Lease:
             held = read(self.fs, self.root)[1]
             if held and held.get("run_id") == self.run_id:
                 self.fs.rm(self.path)
+                # takeover tokens can go: a late contender re-reads the lease after winning one
+                if self.fs.exists(f"{self.root}/{TAKEOVER}"):
+                    self.fs.rm(f"{self.root}/{TAKEOVER}", recursive=True)
         except Exception as e:  # the run's own outcome matters more; a stale lease is taken over
             log.warning("%s: could not release the lease: %s", self.uri, e)
 

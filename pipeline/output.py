@@ -8,6 +8,7 @@ output is built in `OUT/_overwrite/` and replaces the old one only once it is co
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -16,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .commit import STAGING, TABLES, UNITS, Ledger, move, parquet_bytes, parquet_files, read_column, \
+from .commit import STAGING, TABLES, UNITS, Ledger, audit, move, parquet_bytes, parquet_files, read_column, \
     remaining, write_atomic
-from .partitions import folder_key
 from .redact import redact
+from .partitions import folder_key
 from .sources import filesystem, plan_source
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
@@ -71,6 +72,11 @@ def settings(prepared) -> Dict[str, Any]:
         out["temporal"] = [h.provenance() for h in prepared.heads]
     # As _job.json holds them: lists, not tuples, credentials masked (a changed password is the same job).
     return redact(json.loads(json.dumps(out)))
+
+
+def fingerprint(wanted: Dict[str, Any]) -> str:
+    """A job's identity as its settings decide it: names the folder its runs stage in."""
+    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -142,8 +148,8 @@ def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previo
         previous = None
     elif incremental:
         plan, added, gone = extend_plan(fs, root, plan, prepared.job.source)
-    ledger = Ledger(fs, root)
-    ledger.recover()  # what a stopped run left staged is published, not redone
+    ledger = Ledger(fs, root, job=fingerprint(wanted))
+    ledger.recover()  # what a stopped run of this job left staged is published, not redone
     todo = remaining(plan, ledger.rows, ledger.units)
     todo = _with_attempts(fs, root, _with_skip(todo, ledger.rows))
     return Workspace(uri, fs, root, plan, todo, ledger, previous, added=added, gone=gone)
@@ -293,6 +299,9 @@ def finish_swap(fs, out: str) -> None:
             move(fs, f"{new}/{name}", f"{out}/{name}")
     if fs.exists(new):
         fs.rm(new, recursive=True)
+    for left in (STAGING, RETRY_FILE):  # the old job's: never to be published or applied to the new one
+        if fs.exists(f"{out}/{left}"):
+            fs.rm(f"{out}/{left}", recursive=True)
     fs.rm(f"{out}/{SWAP_FILE}")
 
 
@@ -310,13 +319,25 @@ def status(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[s
     plan = _load_plan(fs, root)
     if record is None or plan is None:
         raise FileNotFoundError(f"{uri}: no {JOB_FILE} and {PLAN_FILE} there")
-    ledger = Ledger(fs, root)
+    found = audit(fs, root, plan)
     rows = table_rows(fs, root)
-    left = len(remaining(plan, ledger.rows, ledger.units))
     return {
         "name": record.get("name"), "status": record.get("status"), "planned": len(plan),
-        "features": rows["features"], "errors": rows["errors"], "remaining": left,
+        "features": rows["features"], "errors": rows["errors"], "remaining": found["missing"],
+        "duplicates": len(found["duplicates"]),
         "staged_files": len(parquet_files(fs, f"{root}/{STAGING}")),
         "overwrite_pending": fs.exists(f"{root}/{OVERWRITE}"),
-        "complete": record.get("status") == "complete" and left == 0,
+        "lease": _lease_holder(fs, root),
+        "complete": record.get("status") == "complete" and not found["missing"] and not found["duplicates"],
     }
+
+
+def _lease_holder(fs, root: str) -> Optional[str]:
+    """Who holds OUT's lease, in words, or None."""
+    from .lease import describe, read, stale
+
+    held = read(fs, root)[1]
+    if held is None:
+        return None
+    gone = stale(held)
+    return describe(root, held) if gone is None else f"a stale lease of run {held.get('run_id')} ({gone})"

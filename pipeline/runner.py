@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -17,12 +18,14 @@ from .interrupt import reclaim_sigterm
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
 from .models import EXTRACTORS, EmbedSpec
 from .models.temporal import TemporalEmbedder
-from .commit import Committer, Ledger, remaining
-from .output import Workspace, finish, multi_row_units, open_output, table_rows
+from .commit import Committer, Ledger, audit, staging_folder
+from .lease import Lease
+from .output import OutputExists, Workspace, finish, multi_row_units, open_output, table_rows
 from .prepare import Prepared, prepare
 from .read import read_batch
 from .report import write_job_record
 from .sinks import ParquetCommitSink
+from .sources import filesystem
 from .timing import breakdown
 from .video import decode_video_batch
 
@@ -64,20 +67,47 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
                             incremental=incremental)
     t0 = time.time()
     prepared = prepare(job)  # refuses a bad job before Ray starts
-    ws = open_output(prepared, overwrite=overwrite, retry_failed=retry_failed, incremental=incremental)
+    lease = _take_lease(prepared)  # OUT's single writer, before anything in OUT is touched
+    try:
+        return _run_leased(prepared, lease, t0, address, progress, overwrite=overwrite, retry_failed=retry_failed,
+                           incremental=incremental)
+    finally:
+        lease.release()
+
+
+def _take_lease(prepared: Prepared) -> Lease:
+    fs, root = filesystem(prepared.job.output.uri, prepared.out_options)
+    try:
+        lease = Lease(fs, root, prepared.job.output.uri, uuid.uuid4().hex[:16]).acquire()
+    except OutputExists:
+        raise
+    except Exception as e:
+        raise OutputExists(f"output.uri {prepared.job.output.uri}: cannot be reached ({type(e).__name__}: {e})") from None
+    lease.start_heartbeat()
+    return lease
+
+
+def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[str], progress: bool,
+                **modes) -> Summary:
+    job = prepared.job
+    ws = open_output(prepared, **modes)
     if not len(ws.todo):  # all done already: no need for Ray
+        _verify(ws)
+        lease.check()
         return _finish(prepared, ws, t0, time.time(), {}, None)
     _init_ray(address)
     layout = plan_resources(job, len(ws.todo))
     write_job_record(prepared, ws, status="running", started_at=t0)
     DataContext.get_current().enable_progress_bars = progress
-    committer, _state = _start_committer(ws, prepared.out_options)  # _state: held for the actor's restarts
-    sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri), committer)
+    committer, _state = _start_committer(ws, prepared, lease.run_id)  # _state: held for the actor's restarts
+    sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri,
+                                                 staging=staging_folder(ws.ledger.job, lease.run_id)), committer)
     t1 = time.time()
     try:
         build_dataset(prepared, layout, ws.todo, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
         _check_complete(ws, job.is_video and bool(job.video.window_s))
+        lease.check()  # still OUT's writer: only then record it complete (and swap an --overwrite in)
     except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
         _record_failure(prepared, ws, t0, e)
         raise
@@ -129,21 +159,33 @@ def _stop(committer) -> None:
         logging.getLogger(__name__).warning("could not stop the job's actors: %s", e)
 
 
-def _start_committer(ws: Workspace, storage_options: Dict[str, Any]):
-    """The job's one Committer, on the driver's node (workers may come and go), restarted on failure."""
+def _start_committer(ws: Workspace, prepared: Prepared, run_id: str):
+    """The job's one Committer, on the driver's node (workers may come and go), restarted on failure;
+    it publishes only while this run holds OUT's lease."""
     state = ray.put((ws.ledger.rows, ws.ledger.units))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
-    return actor.remote(ws.uri, storage_options, state), state
+    return actor.remote(ws.uri, prepared.out_options, state, job=ws.ledger.job,
+                        lease=(prepared.job.output.uri, run_id)), state
 
 
 def _check_complete(ws: Workspace, windowed: bool) -> None:
     """Ray Data finished every write task: every unit this run took up is now committed."""
     ws.ledger.complete_units(multi_row_units(ws.todo, windowed))
-    left = remaining(ws.plan, ws.ledger.rows, ws.ledger.units)
-    if len(left):
-        raise IncompleteOutput(f"{len(left)} planned samples were neither committed nor recorded as errors "
-                               f"(first: {left['sample_id'][0]}); run the same command again to finish them")
+    _verify(ws)
+
+
+def _verify(ws: Workspace) -> None:
+    """A run ends well only if the files on the store (not the committer's tally) hold every
+    planned sample, and none twice across features and errors."""
+    found = audit(ws.fs, ws.root, ws.plan)
+    if found["duplicates"]:
+        dup = found["duplicates"]
+        raise IncompleteOutput(f"{len(dup)} sample ids are committed more than once in {ws.uri} (first: {dup[0]!r}); "
+                               "the output is not exactly once: rebuild it with --overwrite")
+    if found["missing"]:
+        raise IncompleteOutput(f"{found['missing']} planned samples were neither committed nor recorded as errors "
+                               f"(first: {found['first_missing']!r}); run the same command again to finish them")
 
 
 def _record_failure(prepared: Prepared, ws: Workspace, t0: float, e: BaseException) -> None:

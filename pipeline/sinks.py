@@ -42,6 +42,7 @@ class SinkSpec:
     partition_by: List[str]
     columns: List[Tuple[str, pa.DataType]]  # after sample_id, uri, label, split
     metadata: Dict[str, str] = field(default_factory=dict)  # provenance, in every file
+    staging: str = ""  # under OUT/_staging: "<job fingerprint>/<run id>" (commit.staging_folder)
 
 
 def feature_type(dtype: str, dim: int) -> pa.DataType:
@@ -80,7 +81,8 @@ class ParquetCommitSink(Datasink):
     def write(self, blocks: Iterable[Any], ctx: Any) -> Dict[str, Any]:
         started, seconds = time.perf_counter(), Counter()
         fs, root = filesystem(self.spec.out_uri, self.spec.storage_options)
-        staging = f"{root.rstrip('/')}/{STAGING}/{uuid.uuid4().hex}"
+        # recovery publishes only what its own job staged: the folder names the job and the run
+        staging = "/".join(p for p in (root.rstrip("/"), STAGING, self.spec.staging, uuid.uuid4().hex) if p)
         schema = features_schema(self.spec)
         staged: List[Staged] = []
         for block in blocks:

@@ -1,0 +1,112 @@
+"""Files on a store (local disk or an object store, through fsspec): whole-or-nothing writes,
+publishing that never replaces a file, and listing the Parquet files a reader sees."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import uuid
+from typing import List
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from . import faults
+
+
+def is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_atomic(fs, path: str, data: bytes, exclusive: bool = False) -> None:
+    """Make `path` appear whole or not at all; `exclusive`: only if nothing is there yet, else
+    FileExistsError (local: a hard link, which cannot replace; object stores: If-None-Match)."""
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")  # readers skip dot files
+        with open(tmp, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            faults.point("write", path)  # the fault-injection tests fail a write half done
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            _link_then_unlink(fs, tmp, path)
+        else:
+            os.replace(tmp, path)
+    else:
+        faults.point("write", path)
+        # an object store publishes a key only when its PUT completes; "create" sends If-None-Match: *
+        fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
+
+
+def _link_then_unlink(fs, src: str, dst: str) -> None:
+    """Rename src to dst unless dst exists (FileExistsError; src is then left where it is)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        if src.rsplit("/", 1)[-1].startswith(".tmp-"):
+            os.unlink(src)
+        raise
+    except OSError as e:  # a file system without hard links: check, then rename; safe because
+        if e.errno not in _NO_LINKS:  # the lease makes this process OUT's only writer
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
+        os.replace(src, dst)
+        return
+    os.unlink(src)
+
+
+_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def move(fs, src: str, dst: str) -> None:
+    if is_local(fs):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+    else:
+        fs.copy(src, dst)  # server-side; the new key appears whole
+        fs.rm(src)
+
+
+def publish(fs, src: str, dst: str) -> None:
+    """Move a staged file to its published name, never onto a file there (FileExistsError)."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        _link_then_unlink(fs, src, dst)
+    else:  # CopyObject takes no If-None-Match: check, then copy, under the lease's single writer
+        fs.invalidate_cache(dst)
+        if fs.exists(dst):
+            raise FileExistsError(errno.EEXIST, "file exists", dst)
+        move(fs, src, dst)
+
+
+def parquet_files(fs, folder: str) -> List[str]:
+    """Published Parquet files under a folder (readers skip names starting with . or _)."""
+    fs.invalidate_cache()  # all of it: s3fs answers for a file from its parent's cached listing
+    try:
+        paths = fs.find(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in paths if p.endswith(".parquet") and not _hidden(p[len(folder):]))
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+
+def read_column(fs, files: List[str], column: str) -> pa.ChunkedArray:
+    if not files:
+        return pa.chunked_array([], pa.string())
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[column])[column]

@@ -1,0 +1,113 @@
+"""Exactly once at the edges (issue 12, cases 2-4): ids whose naming could collide, two runs into
+one OUT, and staged files another job left behind. Each ends with every planned sample exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, run
+from pipeline.commit import staging_folder
+from pipeline.output import JOB_FILE, fingerprint, status
+from pipeline.samples import encode, make_image_folder, photo
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(300)
+def test_an_id_holding_a_newline_cannot_overwrite_the_file_of_two_ids(tmp_path):
+    """`a.jpg\\nb.jpg` once named the same file as the ids `a.jpg`, `b.jpg`: retrying it replaced
+    their committed file and the run still exited 0."""
+    src, out = tmp_path / "data", tmp_path / "out"
+    src.mkdir()
+    good = encode(photo(80, 60, seed=1))
+    ids = ["a.jpg", "a.jpg\nb.jpg", "b.jpg", "c.jpg"]
+    for name in ("a.jpg", "b.jpg"):  # `a.jpg\nb.jpg` and c.jpg do not exist yet: error rows
+        (src / name).write_bytes(good)
+    pq.write_table(pa.table({"uri": ids}), src / "manifest.parquet")
+    job = job_dict(str(src / "manifest.parquet"), str(out), source={"format": "manifest"},
+                   resources={"batch_size": 4, "decode_batch_size": 4})
+    run(job)
+    assert sorted(read_errors(str(out))["sample_id"].to_pylist()) == ["a.jpg\nb.jpg", "c.jpg"]
+
+    (src / "a.jpg\nb.jpg").write_bytes(encode(photo(70, 50, seed=2)))  # fixed: retried alone, one id
+    run(job, retry_failed=True)
+    assert_exactly_once(str(out), ids)
+    assert_whole_files(str(out))
+    st = status(str(out))
+    assert st["complete"] and st["remaining"] == 0 and st["duplicates"] == 0
+
+
+def _featurize(job_file: Path, env) -> subprocess.Popen:
+    featurize = Path(sys.executable).with_name("featurize")
+    return subprocess.Popen([str(featurize), "run", str(job_file)], env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(400)
+def test_two_runs_started_at_once_into_one_output_one_refuses(tmp_path):
+    """Both once exited 0 with 525 rows for 300 planned; now the second holds back, exit 2."""
+    src, out = tmp_path / "images", tmp_path / "out"
+    make_image_folder(str(src), n=16, broken=1)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(str(src), str(out), resources={"batch_size": 4})))
+    slow = tmp_path / "slow"  # each model batch sleeps, so that the winner is still running
+    slow.mkdir()
+    (slow / "embed.json").write_text(json.dumps({"action": "sleep", "seconds": 0.5, "once": False}))
+    env = {**os.environ, "FEATURIZE_FAULTS": str(slow), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ftray-", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    procs = [_featurize(job_file, env) for _ in range(2)]
+    try:
+        results = [(p.wait(300), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, 9)  # anything of the winner's Ray left over
+            except ProcessLookupError:
+                pass
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], [r[2][-2000:] for r in results]
+    refused = next(r for r in results if r[0] == 2)[2]
+    assert "is in use by run" in refused and "since" in refused and len(refused.strip().splitlines()) == 1
+    assert_exactly_once(str(out), planned(src))
+    assert status(str(out))["complete"] and not (out / "_lease.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_staged_files_of_another_job_are_never_published(tmp_path):
+    """A killed job A left a staged file; job B --overwrite completed, and B's next run published
+    A's file into B's output (40 rows for 20 planned)."""
+    src_a, src_b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    make_image_folder(str(src_a), n=8, broken=0)
+    src_b.mkdir()
+    for i in range(6):
+        (src_b / f"b{i}.jpg").write_bytes(encode(photo(64 + i, 48, seed=40 + i)))
+    job_a = job_dict(str(src_a), str(out), name="A")
+    run(job_a)
+    left = next((out / "features").rglob("*.parquet"))  # what A's sink staged, as A's killed run left it
+    job_fp = fingerprint(json.loads((out / JOB_FILE).read_text())["settings"])
+    for task in (f"{staging_folder(job_fp, 'run-a')}/task1", "task-old-layout"):
+        dst = out / "_staging" / task / left.relative_to(out)
+        dst.parent.mkdir(parents=True)
+        shutil.copy(left, dst)
+    shutil.rmtree(out / "features")  # A never committed those rows: A stopped
+    shutil.rmtree(out / "errors", ignore_errors=True)
+
+    job_b = job_dict(str(src_b), str(out), name="B")
+    run(job_b, overwrite=True)
+    assert_exactly_once(str(out), planned(src_b))
+    run(job_b)  # B again: nothing to do, and nothing of A's appears
+    assert_exactly_once(str(out), planned(src_b))
+    assert status(str(out))["complete"]
+    assert not list((out / "_staging").rglob("*.parquet")) if (out / "_staging").exists() else True
