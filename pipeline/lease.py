@@ -31,6 +31,7 @@ from .output import OutputExists
 LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"
 EXPIRY_ENV, DEFAULT_EXPIRY_S = "FEATURIZE_LEASE_EXPIRY_S", 60.0
 log = logging.getLogger(__name__)
+_HELD: set = set()  # run ids whose lease this process holds now
 
 
 class LeaseHeld(OutputExists):
@@ -82,8 +83,12 @@ def stale(held: Dict[str, Any]) -> Optional[str]:
         return "the lease file is unreadable"
     if age > expiry:
         return f"its heartbeat is {age:.0f} s old (expiry {expiry:g} s)"
-    if held.get("host") == socket.gethostname() and not _alive(held.get("pid"), held.get("pid_start")):
+    if held.get("host") != socket.gethostname():
+        return None
+    if not _alive(held.get("pid"), held.get("pid_start")):
         return f"its process {held.get('pid')} on this host is gone"
+    if held.get("pid") == os.getpid() and held.get("run_id") not in _HELD:
+        return "an earlier run of this process that has ended (its release failed)"
     return None
 
 
@@ -105,6 +110,14 @@ class Lease:
         return f"{self.root}/{LEASE_FILE}"
 
     def acquire(self, tries: int = 5) -> "Lease":
+        _HELD.add(self.run_id)  # before the lease can be seen: this process's other runs read it as live
+        try:
+            return self._acquire(tries)
+        except BaseException:
+            _HELD.discard(self.run_id)
+            raise
+
+    def _acquire(self, tries: int) -> "Lease":
         for _ in range(tries):
             try:
                 write_atomic(self.fs, self.path, self._bytes(), exclusive=True)
@@ -114,6 +127,8 @@ class Lease:
             raw, held = read(self.fs, self.root)
             if held is None:  # released in the meantime
                 continue
+            if held.get("run_id") == self.run_id:  # our own PUT, retried by the client after a lost reply
+                return self
             reason = stale(held)
             if reason is None:
                 raise LeaseHeld(describe(self.uri, held))
@@ -128,7 +143,8 @@ class Lease:
         try:
             write_atomic(self.fs, token, self._bytes(), exclusive=True)
         except FileExistsError:
-            return False
+            if json.loads(self.fs.cat_file(token)).get("run_id") != self.run_id:  # not our own retried PUT
+                return False
         if read(self.fs, self.root)[0] != raw:  # released or replaced since we read it: start over
             return False
         write_atomic(self.fs, self.path, self._bytes())
@@ -155,6 +171,7 @@ class Lease:
                 log.warning("%s: could not renew the lease: %s", self.uri, e)
 
     def release(self) -> None:
+        _HELD.discard(self.run_id)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -118,3 +118,15 @@ def test_a_bad_expiry_setting_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATURIZE_LEASE_EXPIRY_S", "soon")
     with pytest.raises(OutputExists, match="FEATURIZE_LEASE_EXPIRY_S"):
         Lease(FS, str(tmp_path), "OUT", "r")
+
+
+def test_a_lease_this_process_failed_to_release_does_not_block_its_next_run(tmp_path, monkeypatch):
+    """A run that failed in a store outage could not remove its lease; the same process (a
+    notebook, a test session) runs again once the store is back."""
+    root = str(tmp_path)
+    first = Lease(FS, root, "OUT", "failed-run").acquire()
+    with monkeypatch.context() as m:
+        m.setattr(FS, "rm", lambda *a, **k: (_ for _ in ()).throw(OSError("store down")))
+        first.release()  # logs, does not raise
+    assert read(FS, root)[1]["run_id"] == "failed-run"
+    Lease(FS, root, "OUT", "next-run").acquire().release()
