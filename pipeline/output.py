@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 
 from .commit import STAGING, TABLES, UNITS, Ledger, audit, move, parquet_bytes, parquet_files, read_column, \
     remaining, write_atomic
-from .redact import redact
+from .redact import redact, saved_plan
 from .partitions import folder_key
-from .sources import filesystem, plan_source
+from .sources import filesystem, plan_source, with_fetch_uris
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
 OVERWRITE, SWAP_FILE = "_overwrite", "_swap.json"
@@ -144,10 +144,11 @@ def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previo
     added = gone = 0
     if plan is None:
         plan = plan_source(prepared.job.source)
-        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
+        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(saved_plan(plan)))
         previous = None
     elif incremental:
         plan, added, gone = extend_plan(fs, root, plan, prepared.job.source)
+    plan = with_fetch_uris(plan, prepared.job.source)  # OUT's plan has credentials in URIs masked
     ledger = Ledger(fs, root, job=fingerprint(wanted))
     ledger.recover()  # what a stopped run of this job left staged is published, not redone
     todo = remaining(plan, ledger.rows, ledger.units)
@@ -166,7 +167,7 @@ def extend_plan(fs, root: str, plan: pa.Table, source) -> Tuple[pa.Table, int, i
     if len(new):
         # promote: a plan saved by an older version may lack a column the listing has now
         plan = pa.concat_tables([plan, new], promote_options="default").sort_by("sample_id")
-        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
+        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(saved_plan(plan)))
     return plan, len(new), gone
 
 

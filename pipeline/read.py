@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from .redact import redact_text
+from .redact import FETCH_URI, redact_text
 from .fetch import TIMED_OUT, Refused, bounded, read_local, read_remote, timeout_error
 from .shards import tar_rows
 from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
@@ -100,7 +100,8 @@ def _refused(batch: Batch, i: int) -> bool:
 
 def _path(batch: Batch, i: int, storage_options: Dict[str, Any]):
     """(filesystem, path) of plan row i: a non-UTF-8 local name is opened by its real bytes."""
-    fs, path = filesystem(str(batch["uri"][i]), storage_options)
+    real = batch[FETCH_URI][i] if FETCH_URI in batch else None  # uri with its credentials (redact.py)
+    fs, path = filesystem(str(real or batch["uri"][i]), storage_options)
     raw = batch["raw_path"][i] if "raw_path" in batch else None
     return (fs, os.fsdecode(raw)) if raw else (fs, path)
 

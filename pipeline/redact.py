@@ -9,7 +9,7 @@ job with a changed password redacts to the same text, so _job.json's settings st
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Dict
 
 MASK = "***"
 
@@ -75,3 +75,32 @@ def redact_strings(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_strings(v) for v in value]
     return redact_text(value) if isinstance(value, str) else value
+
+
+# The plan: a URI with credentials in it (a presigned manifest row, a source.uri with user-info)
+# is planned, saved and written out in its masked form; the real one travels in the in-memory
+# column FETCH_URI to the read stage only, and is never saved under OUT.
+FETCH_URI = "fetch_uri"
+
+
+def public_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A plan row with sample_id and uri masked; the real uri kept in FETCH_URI when it differs."""
+    uri = redact_text(row["uri"])
+    if uri == row["uri"]:
+        return {**row, "sample_id": redact_text(row["sample_id"])}
+    return {**row, "sample_id": redact_text(row["sample_id"]), "uri": uri, FETCH_URI: row["uri"]}
+
+
+def saved_plan(plan):
+    """The plan as OUT keeps it: without the real URIs."""
+    return plan.drop_columns([FETCH_URI]) if FETCH_URI in plan.column_names else plan
+
+
+def has_masked_uris(plan) -> bool:
+    """True when some planned URI is masked and its real form is not at hand (a plan read back
+    from OUT): then the source is listed again for it."""
+    masked = [MASK in u for u in plan["uri"].to_pylist()]
+    if not any(masked):
+        return False
+    real = plan[FETCH_URI].to_pylist() if FETCH_URI in plan.column_names else [None] * len(masked)
+    return any(m and not r for m, r in zip(masked, real))

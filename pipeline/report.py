@@ -15,8 +15,8 @@ from . import __version__
 from .commit import write_atomic
 from .config import to_dict
 from .output import JOB_FILE, settings
-from .redact import redact_strings, redact_text
 from .partitions import column_of
+from .redact import redact_strings, redact_text
 from .sources import filesystem
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
@@ -196,8 +196,8 @@ def _shown(value: Any) -> str:
 
 
 def _describe_errors(fs, path: str):
-    if not fs.exists(path):
-        return ["errors     0"]
+    if not fs.exists(path) or not any(f.endswith(".parquet") for f in fs.find(path)):
+        return ["errors     0"]  # none, or all retried away (--retry-failed)
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["stage", "error_type"])
     kinds = Counter(zip(table["stage"].to_pylist(), table["error_type"].to_pylist()))
     out = [f"errors     {table.num_rows}"]

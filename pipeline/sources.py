@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import SourceConfig
+from .redact import FETCH_URI, has_masked_uris, public_row, saved_plan
 from .listing import REFUSED_URI, Entry, confine, raw_path, utf8, walk_local
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -35,6 +36,7 @@ PLAN_SCHEMA = pa.schema(
         # Added later; a plan saved without them reads as null (read.py checks for them):
         ("refused", pa.string()),  # why the row is an error row never read (listing.py); null/"": read it
         ("raw_path", pa.binary()),  # the local path's bytes when its name is not UTF-8; else null
+        (FETCH_URI, pa.string()),  # the real uri where `uri` has credentials masked; never saved (redact.py)
     ]
 )
 
@@ -65,9 +67,22 @@ def plan_source(cfg: SourceConfig) -> pa.Table:
         raise SourceError(f"source.uri {cfg.uri}: cannot list ({type(e).__name__}: {e})") from None
     if not rows:
         raise SourceError(f"source.uri {cfg.uri}: no {cfg.format} samples found")
+    rows = [public_row(r) for r in rows]  # credentials in URIs: masked in ids and uris, kept aside
     rows.sort(key=lambda r: r["sample_id"])
     _check_unique(rows)
     return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+def with_fetch_uris(plan: pa.Table, cfg: SourceConfig) -> pa.Table:
+    """A plan read back from OUT holds masked URIs only: list the source again for the real ones
+    (a manifest's rows may carry fresh signatures by now). A sample no longer listed keeps its
+    masked uri, and its read fails as an error row."""
+    if not has_masked_uris(plan):
+        return plan
+    listed = plan_source(cfg)
+    real = dict(zip(listed["sample_id"].to_pylist(), listed[FETCH_URI].to_pylist()))
+    column = pa.array([real.get(s) for s in plan["sample_id"].to_pylist()], pa.string())
+    return saved_plan(plan).append_column(FETCH_URI, column)
 
 
 def _check_unique(rows: List[Dict[str, Any]]) -> None:

@@ -69,7 +69,7 @@ from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
-from conftest import S3_BUCKET, assert_exactly_once, job_dict, planned  # noqa: E402
+from conftest import S3_BUCKET, assert_exactly_once, job_dict, planned, read_features  # noqa: E402
 
 USER = "featurize"
 
@@ -171,6 +171,58 @@ def test_a_planted_credential_appears_nowhere(ray_session, s3, tmp_path, capsys)
     console = capsys.readouterr()
     assert_exactly_once(str(out), planned(src))
     assert f"http://{USER}:***@127.0.0.1" in (out / "_job.json").read_text()
+    assert M not in console.out + console.err, (console.out + console.err)[-2000:]
+    assert not _files_holding(out, M.encode())
+    assert not _files_holding(_ray_logs(), M.encode())
+
+
+def _manifest_source(served: Path, port: int, n: int = 3) -> list:
+    """served/data: images img/0.jpg .. and a manifest naming them relative, presigned and with
+    user-info, plus img/late.jpg, not there yet. Returns the manifest's uri column."""
+    from pipeline.samples import encode, photo
+
+    (served / "data" / "img").mkdir(parents=True)
+    for i in range(n):
+        (served / "data" / "img" / f"{i}.jpg").write_bytes(encode(photo(64, 48, seed=i)))
+    here = f"127.0.0.1:{port}/data/img"
+    uris = ["img/0.jpg", f"http://{USER}:{M}@{here}/1.jpg",
+            f"http://{USER}:{M}@{here}/2.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={M}&X-Amz-Signature={M}",
+            "img/late.jpg"]
+    (served / "data" / "manifest.csv").write_text("uri,label\n" + "".join(f"{u},l{i % 2}\n" for i, u in enumerate(uris)))
+    return uris
+
+
+@pytest.mark.timeout(300)
+def test_credentials_in_manifest_and_source_uris_appear_nowhere(ray_session, tmp_path, capsys):
+    """User-info in source.uri (so in every row it leads to) and in manifest rows, and a presigned
+    row: planned, read and written with the credentials masked; a resumed run (--retry-failed)
+    still reads with the real ones, which OUT never held."""
+    import json
+
+    from pipeline.cli import main
+    from pipeline.samples import encode, photo
+
+    served = tmp_path / "served"
+    with auth_server(served) as server:
+        uris = _manifest_source(served, server.server_port)
+        out = tmp_path / "out"
+        job = job_dict(f"http://{USER}:{M}@127.0.0.1:{server.server_port}/data/manifest.csv", str(out),
+                       source={"format": "manifest", "storage_options": {"headers": {"Cookie": f"session={M}"}}})
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(yaml.safe_dump(job))
+        assert main(["run", str(job_file)]) == 0
+        (served / "data" / "img" / "late.jpg").write_bytes(encode(photo(64, 48, seed=9)))
+        assert main(["run", str(job_file), "--retry-failed"]) == 0  # OUT's plan is masked: listed again
+        assert main(["inspect", str(out)]) == 0
+    console = capsys.readouterr()
+    from pipeline.redact import redact_text
+
+    features = read_features(str(out), columns=["sample_id"])["sample_id"].to_pylist()
+    assert not list((out / "errors").rglob("*.parquet"))  # the 404 row was retried away
+    assert sorted(features) == sorted(redact_text(u) for u in uris)  # each once, read with the real credentials
+    assert any(f"{USER}:***@" in s and "X-Amz-Signature=***" in s for s in features)
+    assert "/data/img/late.jpg" in server.served
+    assert json.loads((out / "_job.json").read_text())["status"] == "complete"
     assert M not in console.out + console.err, (console.out + console.err)[-2000:]
     assert not _files_holding(out, M.encode())
     assert not _files_holding(_ray_logs(), M.encode())

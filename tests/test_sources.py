@@ -251,7 +251,9 @@ def test_manifest_uris_are_confined_to_the_manifest_folder_unless_allowed(tmp_pa
         rows = read_rows(plan)
         assert http.seen == []  # not one request
     ok = {"n01/a.jpg", str(root / "n01" / "a.jpg"), "n01/../n01/a.jpg"}
-    for uri in uris:
+    from pipeline.redact import redact_text
+
+    for uri in map(redact_text, uris):  # a sample id has its URI's credentials masked (user:***@)
         if uri in ok:
             assert rows[uri]["data"] == JPEG and rows[uri]["error_type"] == ""
         else:  # one type, one message: the row tells nothing about what exists
