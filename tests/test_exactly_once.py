@@ -18,6 +18,7 @@ import yaml
 from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, run
 from pipeline.commit import staging_folder
 from pipeline.output import JOB_FILE, fingerprint, status
+from pipeline.runner import IncompleteOutput
 from pipeline.samples import encode, make_image_folder, photo
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -110,4 +111,12 @@ def test_staged_files_of_another_job_are_never_published(tmp_path):
     run(job_b)  # B again: nothing to do, and nothing of A's appears
     assert_exactly_once(str(out), planned(src_b))
     assert status(str(out))["complete"]
-    assert not list((out / "_staging").rglob("*.parquet")) if (out / "_staging").exists() else True
+    assert not (out / "_staging").exists() or not list((out / "_staging").rglob("*.parquet"))
+
+    # what is on the store decides, not a tally: a file copied in twice makes status and a run fail
+    twice = next((out / "features").rglob("*.parquet"))
+    shutil.copy(twice, twice.with_name("part-copy.parquet"))
+    st = status(str(out))
+    assert not st["complete"] and st["duplicates"] > 0 and st["remaining"] == 0
+    with pytest.raises(IncompleteOutput, match="more than once"):
+        run(job_b)
