@@ -215,6 +215,22 @@ def test_a_file_over_the_cap_is_an_error_row_local_or_remote(tmp_path):
     assert peak < 32 << 20
 
 
+def test_on_s3_an_object_over_the_cap_is_an_error_row_and_an_empty_one_is_read(s3):
+    from conftest import S3_BUCKET
+
+    fs, options = s3
+    for name, data in (("big.jpg", bytes(2 << 20)), ("empty.jpg", b""), ("ok.jpg", JPEG[0])):
+        fs.pipe_file(f"{S3_BUCKET}/m/{name}", data)
+    plan = pa.Table.from_pylist([{"sample_id": n, "uri": f"s3://{S3_BUCKET}/m/{n}", "label": "", "split": "all",
+                                  "container": ""} for n in ("big.jpg", "empty.jpg", "missing.jpg", "ok.jpg")],
+                                schema=PLAN_SCHEMA)
+    rows = {}
+    for out in read_batch(as_batch(plan), options, rows_per_batch=8, max_sample_bytes=1 << 20):
+        rows.update({sid: (out["error_type"][i], out["data"][i]) for i, sid in enumerate(out["sample_id"])})
+    assert rows == {"big.jpg": ("too_large", b""), "empty.jpg": ("", b""),  # S3 refuses a range on it: 416
+                    "missing.jpg": ("FileNotFoundError", b""), "ok.jpg": ("", JPEG[0])}
+
+
 # ------------------------------------------------------------------ 7: reads that hang
 
 
