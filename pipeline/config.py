@@ -15,12 +15,12 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
 
-from .redact import redact
+from .redact import RedactedError, redact
 
 Auto = Literal["auto"]
 
 
-class ConfigError(ValueError):
+class ConfigError(RedactedError, ValueError):
     """A job file that cannot run; the message names the key."""
 
 

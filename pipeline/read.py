@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from .redact import FETCH_URI, redact_text
+from .redact import FETCH_URI, RedactedError, redact_text
 from .fetch import TIMED_OUT, Refused, bounded, read_local, read_remote, timeout_error
 from .shards import tar_rows
 from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
@@ -30,7 +30,7 @@ ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 MAX_MESSAGE = 500
 
 
-class StoreError(RuntimeError):
+class StoreError(RedactedError, RuntimeError):
     """The store kept failing (throttling, dropped connections, 5xx) after its client's retries.
     That is no fault of the sample: the task fails, the job stops resumable, and the sample is
     not recorded as an error."""
@@ -168,7 +168,7 @@ def _attempt(fn, *args):
 def _file_row(batch: Batch, i: int, data) -> Dict[str, Any]:
     row = _sample(batch, i)
     if isinstance(data, BaseException) and not _sample_fault(data):
-        raise StoreError(f"{batch['uri'][i]}: {type(data).__name__}: {data}") from data
+        raise StoreError(f"{batch['uri'][i]}: {type(data).__name__}: {data}") from None  # no cause: it quotes the real URI
     if isinstance(data, BaseException):
         return {**row, "data": b"", **_read_error(data)}
     return {**row, "data": data, **OK}
@@ -206,7 +206,7 @@ def _tar_rows(
                 yield _tar_sample(shard, group, extensions)
     except Exception as e:  # unreadable shard: one error row for what is left
         if not _sample_fault(e):
-            raise StoreError(f"{shard['uri']}: {type(e).__name__}: {e}") from e
+            raise StoreError(f"{shard['uri']}: {type(e).__name__}: {e}") from None  # no cause: it quotes the real URI
         yield {**shard, "data": b"", **_read_error(e)}
 
 

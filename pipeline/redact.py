@@ -104,3 +104,11 @@ def has_masked_uris(plan) -> bool:
         return False
     real = plan[FETCH_URI].to_pylist() if FETCH_URI in plan.column_names else [None] * len(masked)
     return any(m and not r for m, r in zip(masked, real))
+
+
+class RedactedError(Exception):
+    """Base of featurize's own errors: their messages are printed, logged by Ray and stored in
+    _job.json, and often quote a URI; the credentials in it are masked when the error is made."""
+
+    def __init__(self, *args):
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))

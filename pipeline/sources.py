@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import SourceConfig
-from .redact import FETCH_URI, has_masked_uris, public_row, saved_plan
+from .redact import FETCH_URI, RedactedError, has_masked_uris, public_row, saved_plan
 from .listing import REFUSED_URI, Entry, confine, raw_path, utf8, walk_local
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -41,7 +41,7 @@ PLAN_SCHEMA = pa.schema(
 )
 
 
-class SourceError(RuntimeError):
+class SourceError(RedactedError, RuntimeError):
     """The source cannot be listed: unreachable, empty or malformed."""
 
 

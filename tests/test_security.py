@@ -58,6 +58,22 @@ def test_redact_mappings_by_key_and_structure():
     assert redact({**options, "secret": "other", "headers": {"Authorization": "x", "Cookie": "y", "X-Custom": "z"}}) == out
 
 
+def test_featurize_errors_mask_the_uris_they_quote():
+    """Their messages reach the console, Ray's logs (a failed task's traceback) and _job.json."""
+    import pickle
+
+    from pipeline.config import ConfigError
+    from pipeline.models.temporal import TemporalError
+    from pipeline.models.weights import WeightsError
+    from pipeline.read import StoreError
+    from pipeline.sources import SourceError
+
+    for cls in (ConfigError, SourceError, WeightsError, TemporalError, StoreError):
+        err = cls(f"cannot read http://u:{M}@h/x.jpg?sig={M} (401)")
+        assert M not in str(err) and M not in repr(pickle.loads(pickle.dumps(err)))
+        assert "http://u:***@h/x.jpg?sig=***" in str(err)
+
+
 # ---- one small job with the marker in every place a credential can be given ----
 
 import base64  # noqa: E402

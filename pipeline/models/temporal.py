@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
 from ..read import ERROR_COLUMNS, error_fields
+from ..redact import RedactedError
 from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes
@@ -27,7 +28,7 @@ SUFFIX = ".safetensors"
 Options = Optional[Dict[str, Any]]  # fsspec storage options
 
 
-class TemporalError(ValueError):
+class TemporalError(RedactedError, ValueError):
     """A temporal entry that cannot run; the message names the key (`temporal[1].checkpoint`)."""
 
 
