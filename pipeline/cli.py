@@ -174,7 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         _say(f"featurize: {args.out}: no output there ({e})")
         return EXIT_REFUSED
-    print(f"output     {args.out}\n"
+    print(f"output     {redact_text(args.out)}\n"
           f"job        {st['name']} ({st['status']})\n"
           f"planned    {st['planned']}\n"
           f"committed  {st['features']} feature rows, {st['errors']} error rows\n"
@@ -183,11 +183,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st["staged_files"]:
         print(f"staged     {st['staged_files']} files written but not published; the next run publishes them")
     if st["overwrite_pending"]:
-        print(f"overwrite  an --overwrite run is under way in {args.out}/_overwrite; the old output stays until it completes")
+        print(f"overwrite  an --overwrite run is under way in {redact_text(args.out)}/_overwrite; the old output stays until it completes")
     if st["duplicates"]:
         print(f"duplicates {st['duplicates']} sample ids committed more than once: not exactly once; rebuild with --overwrite")
     if st["lease"]:
-        print(f"lease      {st['lease']}")
+        print(f"lease      {redact_text(st['lease'])}")
     return EXIT_OK if st["complete"] else EXIT_FAILED
 
 
