@@ -205,8 +205,9 @@ def _read_checkpoint(cfg: TemporalConfig, input_dim: int, storage_options: Dict[
     if not cfg.checkpoint.endswith(SUFFIX):
         raise TemporalError(f"{key}.checkpoint: {cfg.checkpoint} is not a {SUFFIX} file")
     where = _json_path(cfg.checkpoint)
+    text = _read(where, storage_options, key)
     try:
-        config = json.loads(_read(where, storage_options, key))
+        config = json.loads(text)
     except ValueError as e:  # not JSON, or not even text
         raise TemporalError(f"{key}.checkpoint: {where} is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict) or config.get("kind") != cfg.kind:
