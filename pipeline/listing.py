@@ -18,6 +18,10 @@ REFUSED_URI = "outside the source's folder and source.allow_uris; not read"
 REFUSED_LINK = "a symlink leaving source.uri; not followed (source.follow_symlinks: true reads it)"
 
 
+class ListingError(RuntimeError):
+    """A folder under the source cannot be listed (sources.py makes it a SourceError)."""
+
+
 class Entry(NamedTuple):
     path: str  # as the OS names it (a str that may hold surrogate escapes of non-UTF-8 bytes)
     refused: str = ""  # why it is planned as an error row and never read; "" to read it
@@ -46,8 +50,10 @@ def _walk(folder: str, real_root: str, follow: bool, seen: set) -> Iterator[Entr
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
-    except (PermissionError, NotADirectoryError, FileNotFoundError):
+    except (NotADirectoryError, FileNotFoundError):  # gone while listing
         return
+    except PermissionError:  # its samples would vanish unsaid: the user can fix it, or move it out
+        raise ListingError(f"cannot list {utf8(folder)}: permission denied") from None
     for e in entries:
         if not e.is_symlink():
             if e.is_dir(follow_symlinks=False):

@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .config import SourceConfig
 from .redact import FETCH_URI, RedactedError, has_masked_uris, public_row, saved_plan
-from .listing import REFUSED_URI, Entry, confine, raw_path, utf8, walk_local
+from .listing import REFUSED_URI, Entry, ListingError, confine, raw_path, utf8, walk_local
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
@@ -61,6 +61,8 @@ def plan_source(cfg: SourceConfig) -> pa.Table:
         rows = list(_LISTERS[cfg.format](cfg))
     except SourceError:
         raise
+    except ListingError as e:
+        raise SourceError(f"source.uri {cfg.uri}: {e}") from None
     except FileNotFoundError as e:
         raise SourceError(f"source.uri {cfg.uri}: not found ({e})") from None
     except Exception as e:  # the store's own errors: no credentials, no endpoint, denied
