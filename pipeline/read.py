@@ -149,13 +149,18 @@ def _fetch_rows(batch: Batch, group: List, media: str, limits, chunk: int) -> It
     for k in range(0, len(group), chunk):
         part = group[k : k + chunk]
         fs = part[0][0]
-        if isinstance(fs, LocalFileSystem):  # a local video is opened by the decoder, unless its name needs bytes
-            keep = media != "video" or "raw_path" in batch and bool(batch["raw_path"][part[0][2]])
-            contents = [_attempt(read_local, path, cap, keep) for _, path, _ in part]
+        if isinstance(fs, LocalFileSystem):
+            contents = [_attempt(read_local, path, cap, _keep(batch, i, media)) for _, path, i in part]
         else:
             contents = read_remote(fs, [path for _, path, _ in part], cap)
         for (_, _, i), data in zip(part, contents):
             yield _file_row(batch, i, data)
+
+
+def _keep(batch: Batch, i: int, media: str) -> bool:
+    """Whether a local file's bytes are read here: a local video is opened by the decoder, unless
+    its name is not UTF-8 (the decoder knows only the escaped uri)."""
+    return media != "video" or ("raw_path" in batch and bool(batch["raw_path"][i]))
 
 
 def _attempt(fn, *args):
