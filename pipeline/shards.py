@@ -152,7 +152,10 @@ class _Inflated:
 
     def __init__(self, f):
         head = f.read(6)
-        f.seek(0)
+        try:
+            f.seek(0)
+        except (OSError, ValueError):  # a stream that cannot seek (HTTP without a length)
+            f = _Prefixed(head, f)
         self.error: Optional[Exception] = None
         self.f = (gzip.GzipFile(fileobj=f, mode="rb") if head[:2] == b"\x1f\x8b" else bz2.BZ2File(f)
                   if head[:3] == b"BZh" else lzma.LZMAFile(f) if head == b"\xfd7zXZ\x00" else None)
@@ -166,6 +169,17 @@ class _Inflated:
         except BROKEN as e:
             self.error = e
             return b""
+
+
+class _Prefixed:
+    def __init__(self, head: bytes, f):
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.f.read(n)
+        out, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
+        return out
 
 
 def _start(shard: str, key: str, number: int, name: str, groups: Dict[str, int], skip: frozenset) -> _Group:

@@ -155,6 +155,23 @@ def test_links_devices_and_fifos_in_a_shard_are_error_rows_and_folders_are_passe
         assert kind in rows[f"s.tar/{key}"]["error_message"]
 
 
+def test_a_compressed_shard_from_a_stream_that_cannot_seek_is_read(tmp_path):
+    from pipeline.shards import tar_rows
+
+    make_tar(tmp_path / "s.tar.gz", [("a.jpg", JPEG[0]), ("b.jpg", JPEG[1])], mode="w:gz")
+
+    class Stream(io.RawIOBase):  # HTTP without a length: read only
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def read(self, n=-1):
+            return self.data.read(n)
+
+    rows = list(tar_rows({"sample_id": "s"}, Stream((tmp_path / "s.tar.gz").read_bytes()), 1 << 20, frozenset()))
+    assert [(r["sample_id"], r["members"], r["error"]) for r in rows] == [("s/a", {"jpg": JPEG[0]}, None),
+                                                                          ("s/b", {"jpg": JPEG[1]}, None)]
+
+
 # ------------------------------------------------------------------ 10: samples too large to hold
 
 
