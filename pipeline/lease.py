@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .store import write_atomic
+from .store import is_local, write_atomic
 from .output import OutputExists
 
 LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"
@@ -104,6 +104,7 @@ class Lease:
         self.lost: Optional[str] = None  # why the heartbeat found the lease gone
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._made_root = False  # a local OUT that the lease's folder created
 
     @property
     def path(self) -> str:
@@ -118,6 +119,7 @@ class Lease:
             raise
 
     def _acquire(self, tries: int) -> "Lease":
+        self._made_root = is_local(self.fs) and not os.path.exists(self.root)
         for _ in range(tries):
             try:
                 write_atomic(self.fs, self.path, self._bytes(), exclusive=True)
@@ -182,6 +184,8 @@ class Lease:
                 # takeover tokens can go: a late contender re-reads the lease after winning one
                 if self.fs.exists(f"{self.root}/{TAKEOVER}"):
                     self.fs.rm(f"{self.root}/{TAKEOVER}", recursive=True)
+                if self._made_root and not os.listdir(self.root):  # a run refused before it wrote: leave no trace
+                    os.rmdir(self.root)
         except Exception as e:  # the run's own outcome matters more; a stale lease is taken over
             log.warning("%s: could not release the lease: %s", self.uri, e)
 

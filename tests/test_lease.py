@@ -130,3 +130,12 @@ def test_a_lease_this_process_failed_to_release_does_not_block_its_next_run(tmp_
         first.release()  # logs, does not raise
     assert read(FS, root)[1]["run_id"] == "failed-run"
     Lease(FS, root, "OUT", "next-run").acquire().release()
+
+
+def test_a_run_refused_before_writing_leaves_no_output_folder(tmp_path):
+    out = tmp_path / "out"
+    Lease(FS, str(out), "OUT", "refused-later").acquire().release()
+    assert not out.exists()  # it made the folder for the lease alone
+    out.mkdir()
+    Lease(FS, str(out), "OUT", "r2").acquire().release()
+    assert out.exists()  # a folder the user made stays
