@@ -18,7 +18,7 @@ MASK = "***"
 SECRET_NAME = re.compile(
     r"key|secret|token|passw|pwd|credential|session|auth|cookie|signature|^sig$|private|bearer"
     r"|googleaccessid", re.I)
-_HEADERS = re.compile(r"^(http_)?headers$", re.I)
+_HEADERS = re.compile(r"headers$", re.I)  # headers, http_headers, extra_headers: every value secret
 
 # scheme://USERINFO@ — the user-info stops at the authority's end (/ ? #), at white space and at
 # the quotes that surround a URL in a message.

@@ -44,7 +44,9 @@ def test_redact_mappings_by_key_and_structure():
         "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": M, "region_name": "eu"},
         "headers": {"Authorization": f"Basic {M}", "Cookie": M, "X-Custom": M},
         "password": M, "private_key_id": M, "sas_token": M, "credentials": {"client_email": M},
-        "nested": [{"api_key": M}, f"http://u:{M}@h/"],
+        "nested": [{"api_key": M}, f"http://u:{M}@h/"], "client": {"extra_headers": {"X-Token-Free-Name": M}},
+        "connection_string": f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={M};EndpointSuffix=core",
+        "gcs": {"token": {"type": "service_account", "private_key": M, "client_email": "a@b"}},
         "use_ssl": True, "requester_pays": True, "version_aware": False, "default_block_size": 1024,
     }
     out = redact(options)
@@ -54,6 +56,7 @@ def test_redact_mappings_by_key_and_structure():
     assert out["client_kwargs"]["endpoint_url"] == "http://x" and out["client_kwargs"]["region_name"] == "eu"
     assert out["headers"] == {"Authorization": MASK, "Cookie": MASK, "X-Custom": MASK}
     assert out["nested"] == [{"api_key": MASK}, "http://u:***@h/"]
+    assert "AccountName=acct;AccountKey=***;" in out["connection_string"]
     # stable: another password gives the same redacted form (a rerun is the same job)
     assert redact({**options, "secret": "other", "headers": {"Authorization": "x", "Cookie": "y", "X-Custom": "z"}}) == out
 
