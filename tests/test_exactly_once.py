@@ -64,7 +64,7 @@ def test_two_runs_started_at_once_into_one_output_one_refuses(tmp_path):
     job_file.write_text(yaml.safe_dump(job_dict(str(src), str(out), resources={"batch_size": 4})))
     slow = tmp_path / "slow"  # each model batch sleeps, so that the winner is still running
     slow.mkdir()
-    (slow / "embed.json").write_text(json.dumps({"action": "sleep", "seconds": 0.5, "once": False}))
+    (slow / "embed.json").write_text(json.dumps({"action": "sleep", "seconds": 1.0, "once": False}))
     env = {**os.environ, "FEATURIZE_FAULTS": str(slow), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="ftray-", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
