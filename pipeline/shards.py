@@ -169,6 +169,13 @@ class _Inflated:
         except BROKEN as e:
             self.error = e
             return b""
+        except OSError as e:
+            # bz2 says a corrupt stream with a bare OSError; the store's own failures (raised by
+            # the file below) keep theirs, so only this exact one is the data's fault
+            if not (isinstance(self.f, bz2.BZ2File) and e.errno is None and str(e) == "Invalid data stream"):
+                raise
+            self.error = e
+            return b""
 
 
 class _Prefixed:
