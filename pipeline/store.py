@@ -35,7 +35,7 @@ def write_atomic(fs, path: str, data: bytes, exclusive: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         if exclusive:
-            _link_then_unlink(fs, tmp, path)
+            _link_then_unlink(tmp, path)
         else:
             os.replace(tmp, path)
     else:
@@ -44,21 +44,24 @@ def write_atomic(fs, path: str, data: bytes, exclusive: bool = False) -> None:
         fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
 
 
-def _link_then_unlink(fs, src: str, dst: str) -> None:
-    """Rename src to dst unless dst exists (FileExistsError; src is then left where it is)."""
+def _link_then_unlink(src: str, dst: str) -> None:
+    """Rename src to dst unless dst exists: FileExistsError (a temporary src is removed, a staged
+    one kept). A hard link never replaces a file; on a file system without hard links (some FUSE
+    and SMB mounts) it is check-then-rename, a small window the committer's lease covers."""
     try:
-        os.link(src, dst)
+        try:
+            os.link(src, dst)
+        except OSError as e:
+            if isinstance(e, FileExistsError) or e.errno not in _NO_LINKS:
+                raise
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, "file exists", dst) from None
+            os.replace(src, dst)
+            return
     except FileExistsError:
-        if src.rsplit("/", 1)[-1].startswith(".tmp-"):
+        if os.path.basename(src).startswith(".tmp-"):
             os.unlink(src)
         raise
-    except OSError as e:  # a file system without hard links: check, then rename; safe because
-        if e.errno not in _NO_LINKS:  # the lease makes this process OUT's only writer
-            raise
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
-        os.replace(src, dst)
-        return
     os.unlink(src)
 
 
@@ -84,7 +87,7 @@ def publish(fs, src: str, dst: str) -> None:
     """Move a staged file to its published name, never onto a file there (FileExistsError)."""
     if is_local(fs):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        _link_then_unlink(fs, src, dst)
+        _link_then_unlink(src, dst)
     else:  # CopyObject takes no If-None-Match: check, then copy, under the lease's single writer
         fs.invalidate_cache(dst)
         if fs.exists(dst):

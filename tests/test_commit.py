@@ -1,6 +1,7 @@
 """The commit protocol without Ray: staging, publishing, dropping rows already committed, units."""
 from __future__ import annotations
 
+import errno
 import os
 
 import pyarrow as pa
@@ -226,3 +227,17 @@ def test_audit_reads_duplicates_and_gaps_from_the_files(tmp_path):
     write_atomic(FS, f"{root}/features/{part_name(['a', 'b'])}", parquet_bytes(pa.table({"sample_id": ["a", "b"]})))
     write_atomic(FS, f"{root}/errors/{part_name(['b'])}", parquet_bytes(pa.table({"sample_id": ["b"]})))
     assert audit(FS, root, plan) == {"missing": 1, "first_missing": "c", "duplicates": ["b"]}
+
+
+def test_without_hard_links_publishing_still_refuses_a_committed_name(tmp_path, monkeypatch):
+    def no_links(src, dst):  # some FUSE and SMB mounts
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    root = str(tmp_path)
+    ledger = Ledger(FS, root, job=JOB)
+    ledger.commit([stage(root, "features", ["a"])])
+    assert published_ids(root) == ["a"]
+    with pytest.raises(FileExistsError):
+        write_atomic(FS, f"{root}/features/{part_name(['a'])}", b"x", exclusive=True)
+    assert published_ids(root) == ["a"] and not list((tmp_path / "features").glob(".tmp-*"))
