@@ -125,7 +125,7 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     from .models.temporal import TemporalError
     from .models.weights import WeightsError
     from .output import OutputExists
-    from .runner import run_job
+    from .runner import NotExactlyOnce, run_job
     from .sources import SourceError
 
     try:
@@ -135,8 +135,9 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
         return EXIT_REFUSED, None
     except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        _say(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}\n"
-              "featurize: what was committed is kept; run the same command again to resume")
+        _say(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}")
+        if not isinstance(e, NotExactlyOnce):  # its own message says what to do
+            _say("featurize: what was committed is kept; run the same command again to resume")
         return EXIT_FAILED, None
 
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .commit import STAGING, TABLES, UNITS, Ledger, audit, move, parquet_bytes, parquet_files, read_column, \
-    remaining, write_atomic
+from .commit import STAGING, TABLES, UNITS, Ledger, audit, is_local, move, parquet_bytes, parquet_files, \
+    read_column, remaining, write_atomic
 from .redact import redact, saved_plan
 from .partitions import folder_key
 from .sources import filesystem, plan_source, with_fetch_uris
@@ -220,6 +220,8 @@ def _forget_errors(fs, root: str, previous: Dict[str, Any]) -> None:
     _reopen_units(fs, root, set(units))
     for f in files:
         fs.rm(f)
+    if is_local(fs) and not fs.ls(f"{root}/errors"):  # an empty folder fails readers that read its schema
+        fs.rmdir(f"{root}/errors")
 
 
 def _units_of(ids: List[str], plan: pa.Table) -> List[str]:

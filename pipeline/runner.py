@@ -60,6 +60,10 @@ class IncompleteOutput(RuntimeError):
     """The run ended with planned samples neither committed nor in the errors table."""
 
 
+class NotExactlyOnce(IncompleteOutput):
+    """Some sample id is committed more than once: running again cannot mend it, --overwrite can."""
+
+
 def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False,
             overwrite: bool = False, retry_failed: bool = False, incremental: bool = False) -> Summary:
     if address and address.startswith("ray://"):
@@ -181,7 +185,7 @@ def _verify(ws: Workspace) -> None:
     found = audit(ws.fs, ws.root, ws.plan)
     if found["duplicates"]:
         dup = found["duplicates"]
-        raise IncompleteOutput(f"{len(dup)} sample ids are committed more than once in {ws.uri} (first: {dup[0]!r}); "
+        raise NotExactlyOnce(f"{len(dup)} sample ids are committed more than once in {ws.uri} (first: {dup[0]!r}); "
                                "the output is not exactly once: rebuild it with --overwrite")
     if found["missing"]:
         raise IncompleteOutput(f"{found['missing']} planned samples were neither committed nor recorded as errors "

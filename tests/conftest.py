@@ -199,6 +199,16 @@ def accounted(out: str, fs=None) -> Tuple[List[str], List[str]]:
     )
 
 
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` every 0.2 s until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def planned(src) -> List[str]:
     """The sample ids an image or video folder plans: every file's path relative to it."""
     return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (S3_BUCKET, S3_SECRET, assert_exactly_once, assert_whole_files, job_dict, planned, recorded, run,
-                      s3_options)
+                      s3_options, wait_for)
 from faultproxy import FaultProxy
 from pipeline.output import JOB_FILE
 from pipeline.samples import make_image_folder, make_video_folder
@@ -31,15 +31,6 @@ def images(tmp_path, n=60) -> Path:
     src = tmp_path / "images"
     make_image_folder(str(src), n=n, broken=2)
     return src
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def committed_files(out: Path):

@@ -12,26 +12,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, run
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, run, wait_for
 from pipeline.samples import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERRUPTED = "featurize: interrupted; run the same command again to resume"
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _running(out: Path) -> bool:
@@ -60,7 +50,7 @@ def test_sigterm_exits_130_with_one_line_and_the_rerun_completes(ray_session, tm
     proc = subprocess.Popen([str(featurize), "run", str(job_file)], env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: _running(out) or proc.poll() is not None, 240, "the job to execute")
+        wait_for(lambda: _running(out) or proc.poll() is not None, 240, "the job to execute")
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)  # the driver only, as kubectl signals a pod's main process
         _, stderr = proc.communicate(timeout=120)

@@ -3,7 +3,6 @@ reads that hang. Unit tests call read_batch on hand-built plans; two small end-t
 that the rows these give land exactly once."""
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import tarfile

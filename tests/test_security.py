@@ -237,7 +237,7 @@ def test_credentials_in_manifest_and_source_uris_appear_nowhere(ray_session, tmp
     from pipeline.redact import redact_text
 
     features = read_features(str(out), columns=["sample_id"])["sample_id"].to_pylist()
-    assert not list((out / "errors").rglob("*.parquet"))  # the 404 row was retried away
+    assert not (out / "errors").exists()  # the 404 row was retried away; no empty folder is left to trip readers
     assert sorted(features) == sorted(redact_text(u) for u in uris)  # each once, read with the real credentials
     assert any(f"{USER}:***@" in s and "X-Amz-Signature=***" in s for s in features)
     assert "/data/img/late.jpg" in server.served
