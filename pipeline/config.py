@@ -13,8 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
-import yaml
-
+from . import safe_yaml
 from .redact import RedactedError, redact
 
 Auto = Literal["auto"]
@@ -169,56 +168,12 @@ def apply_override(data: Dict[str, Any], item: str) -> None:
     node[leaf] = load_yaml(raw, f"--set {key}") if raw else ""
 
 
-MAX_YAML_NODES = 100_000  # a job file is a few hundred; aliases nested to expand further are refused
-
-
 def load_yaml(text: str, what: str) -> Any:
-    """Safe YAML (no Python tags) whose expansion, aliases followed, stays under MAX_YAML_NODES:
-    a few hundred bytes of nested aliases ("billion laughs") would otherwise grow without bound."""
-    loader = yaml.SafeLoader(text)
+    """Safe YAML of a bounded size (safe_yaml.py); a refusal is a ConfigError naming `what`."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        size = _expanded_size(node, {}, set())
-        if size > MAX_YAML_NODES:
-            raise ConfigError(f"{what}: its aliases expand to more than {MAX_YAML_NODES} values; refused")
-        return loader.construct_document(node)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what}: not valid YAML ({_one_line(e)})") from None
-    except RecursionError:
-        raise ConfigError(f"{what}: nested too deeply") from None
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(node: yaml.Node, sizes: Dict[int, int], open_: set) -> int:
-    """Values in the document once every alias is expanded, without expanding them (memoised per node)."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    if id(node) in open_:
-        raise yaml.YAMLError("an alias refers to a value that contains it")
-    open_.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    else:
-        children = node.value if isinstance(node, yaml.SequenceNode) else []
-    total = 1
-    for child in children:
-        total += _expanded_size(child, sizes, open_)
-        if total > MAX_YAML_NODES:  # stop counting: already too big
-            break
-    open_.discard(id(node))
-    sizes[id(node)] = total
-    return total
-
-
-def _one_line(e: yaml.YAMLError) -> str:
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
-        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
-        context = f"{e.context}: " if e.context else ""
-        return " ".join(f"{context}{e.problem}{where}".split())
-    return " ".join(str(e).split())
+        return safe_yaml.load_yaml(text, what)
+    except safe_yaml.UnsafeYAML as e:
+        raise ConfigError(str(e)) from None
 
 
 def _build(cls, data: Any, path: str):
