@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.commit import Ledger, Staged, parquet_bytes, part_name, write_atomic  # noqa: E402
 from pipeline.config import parse_job  # noqa: E402
 from pipeline.output import open_output, status  # noqa: E402
+from pipeline.partitions import partition_folder  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 from pipeline.report import write_job_record  # noqa: E402
 from pipeline.runner import run_job  # noqa: E402
@@ -49,11 +50,12 @@ def commit_everything(prepared, ws, per_file: int) -> None:
         part = plan.slice(start, per_file)
         n, dim = len(part), prepared.dim
         feature = pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * dim).astype(np.float16)), dim)
-        columns = {"sample_id": part["sample_id"], "uri": part["uri"], "label": part["label"], "feature": feature,
+        columns = {"sample_id": part["sample_id"], "uri": part["uri"], "label": part["label"], "split": part["split"],
+                   "feature": feature,
                    "width": pa.array(np.full(n, 500, np.int32)), "height": pa.array(np.full(n, 375, np.int32))}
         table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
         ids = table["sample_id"].to_pylist()
-        rel = f"features/split=all/{part_name(ids)}"
+        rel = f"features/{partition_folder(['split'], ['all'])}/{part_name(ids)}"
         staged = f"{ws.root}/_staging/bench/{rel}"
         write_atomic(ws.fs, staged, parquet_bytes(table))
         ledger.commit([Staged(staged, rel, ids)])

@@ -54,7 +54,7 @@ class Staged:
     """A whole Parquet file under _staging, waiting for the committer."""
 
     path: str  # where it is staged
-    rel: str  # where it is published, relative to OUT: features/split=train/part-....parquet
+    rel: str  # where it is published, relative to OUT: features/split_dir=train/part-....parquet
     ids: List[str]  # its rows' sample ids, in order
     kinds: List[str] = field(default_factory=list)  # errors: "stage/error_type" per row
     units: List[Tuple[str, str, int]] = field(default_factory=list)  # rows of multi-row units
