@@ -153,9 +153,11 @@ PLACEMENT_JOB = textwrap.dedent('''
         summary = run_job(parse_job(json.loads(sys.argv[1])))
         where = collections.defaultdict(set)
         for t in list_tasks(limit=10000, detail=True, raise_on_missing_output=False):
-            where[t.name].add(t.node_id)
+            if t.node_id:  # a task cancelled before it was scheduled ran nowhere
+                where[t.name].add(t.node_id)
         for a in list_actors(limit=1000, detail=True):
-            where["actor " + a.class_name].add(a.node_id)
+            if a.node_id:
+                where["actor " + a.class_name].add(a.node_id)
         print("RESULT " + json.dumps({"head": cluster.head_node.node_id, "gpu": gpu_node.node_id,
                                       "layout": summary.layout, "where": {k: sorted(v) for k, v in where.items()}}))
     finally:
