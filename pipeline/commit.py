@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,11 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .redact import logger
 from .store import (is_local, move, parquet_bytes, parquet_files, publish, read_column,  # noqa: F401 (re-exported)
                     write_atomic)
 
 STAGING, UNITS = "_staging", "_units"
 TABLES = ("features", "errors")
+log = logger(__name__)  # credentials masked in every record
 
 
 class CommitConflict(RuntimeError):
@@ -123,7 +124,7 @@ class Ledger:
                 kinds = error_kinds(pq.read_table(path, columns=["stage", "error_type"], filesystem=self.fs))
             published += self._publish(Staged(path, rel, ids, kinds))[0]
         if foreign:
-            logging.getLogger(__name__).warning("%s: removed %d staged files of another job or an older version",
+            log.warning("%s: removed %d staged files of another job or an older version",
                                                 staging, foreign)
         return published
 

@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import socket
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from .redact import logger
 from .store import is_local, write_atomic
 from .output import OutputExists
 
 LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"
 EXPIRY_ENV, DEFAULT_EXPIRY_S = "FEATURIZE_LEASE_EXPIRY_S", 60.0
-log = logging.getLogger(__name__)
+log = logger(__name__)  # credentials masked in every record
 _HELD: set = set()  # run ids whose lease this process holds now
 
 

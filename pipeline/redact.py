@@ -8,6 +8,7 @@ job with a changed password redacts to the same text, so _job.json's settings st
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Dict
 
@@ -112,3 +113,19 @@ class RedactedError(Exception):
 
     def __init__(self, *args):
         super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks credentials in a record's final text (its arguments are often URIs or exceptions)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact_text(record.getMessage()), None
+        return True
+
+
+def logger(name: str) -> logging.Logger:
+    """A module's logger whose records carry no credentials."""
+    log = logging.getLogger(name)
+    if not any(isinstance(f, _RedactingFilter) for f in log.filters):
+        log.addFilter(_RedactingFilter())
+    return log

@@ -23,11 +23,15 @@ from .lease import Lease
 from .output import OutputExists, Workspace, finish, multi_row_units, open_output, table_rows
 from .prepare import Prepared, prepare
 from .read import read_batch
+from .redact import logger
 from .report import write_job_record
 from .sinks import ParquetCommitSink
 from .sources import filesystem
 from .timing import breakdown
 from .video import decode_video_batch
+
+log = logger(__name__)  # credentials masked in every record
+
 
 @dataclass
 class Summary:
@@ -148,7 +152,7 @@ def _connect_client(address: str, runtime_env: Dict[str, Any], attempts: int = 2
         except ConnectionAbortedError as e:
             if attempt == attempts or "Starting Ray client server failed" not in str(e):
                 raise
-            logging.getLogger(__name__).warning("%s: the head could not start a client server; trying again", address)
+            log.warning("%s: the head could not start a client server; trying again", address)
             ray.shutdown()
             time.sleep(2.0)
 
@@ -160,7 +164,7 @@ def _stop(committer) -> None:
             ray.kill(actor)
         ray.kill(committer)
     except Exception as e:  # the job's own outcome matters more
-        logging.getLogger(__name__).warning("could not stop the job's actors: %s", e)
+        log.warning("could not stop the job's actors: %s", e)
 
 
 def _start_committer(ws: Workspace, prepared: Prepared, run_id: str):
@@ -197,7 +201,7 @@ def _record_failure(prepared: Prepared, ws: Workspace, t0: float, e: BaseExcepti
     try:
         write_job_record(prepared, ws, status="failed", started_at=t0, error=reason)
     except Exception as e2:  # the store itself may be what failed; the job's own error matters more
-        logging.getLogger(__name__).warning("could not record the failure in %s: %s", ws.uri, e2)
+        log.warning("could not record the failure in %s: %s", ws.uri, e2)
 
 
 def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dict[str, Any],

@@ -77,6 +77,21 @@ def test_featurize_errors_mask_the_uris_they_quote():
         assert "http://u:***@h/x.jpg?sig=***" in str(err)
 
 
+def test_featurize_log_records_mask_the_uris_they_quote(caplog):
+    """The lease, the committer and the runner log output URIs and exceptions: no credentials."""
+    import logging
+
+    from pipeline import commit, lease, runner
+
+    with caplog.at_level(logging.WARNING):
+        for module in (commit, lease, runner):
+            module.log.warning("%s: could not renew the lease: %s", f"s3://b/out?X-Amz-Signature={M}",
+                               OSError(f"GET https://u:{M}@h/o failed"))
+    assert len(caplog.records) == 3
+    assert all(M not in r.getMessage() and "X-Amz-Signature=***" in r.getMessage() for r in caplog.records)
+    assert M not in caplog.text
+
+
 # ---- one small job with the marker in every place a credential can be given ----
 
 import base64  # noqa: E402
