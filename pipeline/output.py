@@ -148,7 +148,8 @@ def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previo
         previous = None
     elif incremental:
         plan, added, gone = extend_plan(fs, root, plan, prepared.job.source)
-    plan = with_fetch_uris(plan, prepared.job.source)  # OUT's plan has credentials in URIs masked
+    else:
+        plan = with_fetch_uris(plan, prepared.job.source)  # OUT's plan has credentials in URIs masked
     ledger = Ledger(fs, root, job=fingerprint(wanted))
     ledger.recover()  # what a stopped run of this job left staged is published, not redone
     todo = remaining(plan, ledger.rows, ledger.units)
@@ -159,7 +160,8 @@ def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previo
 def extend_plan(fs, root: str, plan: pa.Table, source) -> Tuple[pa.Table, int, int]:
     """--incremental: list the source again; samples it gained join the plan (saved before any
     work, so an interrupted run resumes them), samples it lost stay planned and keep their rows.
-    Returns (plan, added, gone). A tar shard is one planned sample: a shard that grew is not reread."""
+    Returns (plan with the real URIs of this listing, added, gone). A tar shard is one planned
+    sample: a shard that grew is not reread."""
     listed = plan_source(source)
     known = pc.is_in(listed["sample_id"], value_set=plan["sample_id"])
     new = listed.filter(pc.invert(known))
@@ -168,7 +170,7 @@ def extend_plan(fs, root: str, plan: pa.Table, source) -> Tuple[pa.Table, int, i
         # promote: a plan saved by an older version may lack a column the listing has now
         plan = pa.concat_tables([plan, new], promote_options="default").sort_by("sample_id")
         write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(saved_plan(plan)))
-    return plan, len(new), gone
+    return with_fetch_uris(plan, source, listed), len(new), gone  # the source is listed once
 
 
 def _load_plan(fs, root: str) -> Optional[pa.Table]:

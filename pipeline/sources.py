@@ -10,7 +10,7 @@ import io
 import os
 import posixpath
 import re
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import fsspec
 import pyarrow as pa
@@ -75,13 +75,13 @@ def plan_source(cfg: SourceConfig) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
 
 
-def with_fetch_uris(plan: pa.Table, cfg: SourceConfig) -> pa.Table:
-    """A plan read back from OUT holds masked URIs only: list the source again for the real ones
-    (a manifest's rows may carry fresh signatures by now). A sample no longer listed keeps its
-    masked uri, and its read fails as an error row."""
+def with_fetch_uris(plan: pa.Table, cfg: SourceConfig, listed: Optional[pa.Table] = None) -> pa.Table:
+    """A plan read back from OUT holds masked URIs only: list the source again (or take `listed`,
+    a listing just made) for the real ones (a manifest's rows may carry fresh signatures by now).
+    A sample no longer listed keeps its masked uri, and its read fails as an error row."""
     if not has_masked_uris(plan):
         return plan
-    listed = plan_source(cfg)
+    listed = plan_source(cfg) if listed is None else listed
     real = dict(zip(listed["sample_id"].to_pylist(), listed[FETCH_URI].to_pylist()))
     column = pa.array([real.get(s) for s in plan["sample_id"].to_pylist()], pa.string())
     return saved_plan(plan).append_column(FETCH_URI, column)
