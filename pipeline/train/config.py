@@ -1,0 +1,133 @@
+"""The training file: dataclasses (defaults live here), YAML loading, `--set` overrides, checks.
+
+Parsed by the same strict builder as job files: unknown keys and wrong types are refused before
+any work, naming the key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+from ..config import ConfigError, _build, apply_override, load_yaml
+
+KIND = Literal["lstm", "attention", "linear", "mlp", "autoencoder"]
+
+
+@dataclass
+class DataConfig:
+    uri: str  # a `featurize run` output root, local or object store
+    column: str = "feature"  # frame_features (lstm, attention) | feature | clip_<name>
+    label: str = "label"
+    train_split: Optional[str] = "train"  # rows of this split train; null: every row
+    val_split: Optional[str] = None  # rows of this split validate ...
+    val_fraction: Optional[float] = None  # ... or this share of the training rows (default 0.1)
+    seed: int = 0  # which rows val_fraction takes
+    frames: Optional[int] = None  # frame_features: clips padded (or cut) to this many; null: the longest
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    kind: KIND
+    hidden: Optional[int] = None  # lstm/attention/mlp hidden size (null: the input dimension); autoencoder: one hidden layer
+    layers: int = 1  # lstm
+    bidirectional: bool = False  # lstm
+    dropout: float = 0.0  # mlp
+    code_dim: Optional[int] = None  # autoencoder: required
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    seed: int = 0
+    workers: int = 1  # Ray Train workers (data parallel)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class TrainOutput:
+    uri: str  # the checkpoint directory
+    storage_options: Optional[Dict[str, Any]] = None  # null: data.storage_options when on the same store
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    data: DataConfig
+    head: HeadConfig
+    output: TrainOutput
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    @property
+    def out_options(self) -> Dict[str, Any]:
+        if self.output.storage_options is not None:
+            return self.output.storage_options
+        same = _scheme(self.output.uri) == _scheme(self.data.uri)
+        return dict(self.data.storage_options) if same else {}
+
+    @property
+    def val_fraction(self) -> float:
+        if self.data.val_split is not None:
+            return 0.0
+        return 0.1 if self.data.val_fraction is None else self.data.val_fraction
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def is_training_file(data: Any) -> bool:
+    """A training file has `head:`; a job file has `source:` (submit and run take both)."""
+    return isinstance(data, dict) and "head" in data and "source" not in data
+
+
+def parse_training(data: Any, overrides: Optional[List[str]] = None) -> TrainConfig:
+    data = copy.deepcopy(data) if data is not None else {}
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = _build(TrainConfig, data, "")
+    _check(cfg)
+    return cfg
+
+
+def load_training(path: str, overrides: Optional[List[str]] = None) -> TrainConfig:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read training file {path}: {getattr(e, 'strerror', None) or e}") from None
+    return parse_training(load_yaml(text, f"training file {path}"), overrides)
+
+
+def _check(cfg: TrainConfig) -> None:
+    for key, value in (("name", cfg.name), ("data.uri", cfg.data.uri), ("data.column", cfg.data.column),
+                       ("output.uri", cfg.output.uri)):
+        if not value.strip():
+            raise ConfigError(f"{key}: must not be empty")
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "train.workers": cfg.train.workers, "head.layers": cfg.head.layers,
+                "head.hidden": cfg.head.hidden or 1, "data.frames": cfg.data.frames or 1}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be a positive integer, got {value}")
+    if not cfg.train.lr > 0:
+        raise ConfigError(f"train.lr: must be positive, got {cfg.train.lr}")
+    if not 0 <= cfg.head.dropout < 1:
+        raise ConfigError(f"head.dropout: must lie in [0, 1), got {cfg.head.dropout}")
+    if cfg.head.kind == "autoencoder" and not (cfg.head.code_dim or 0) >= 1:
+        raise ConfigError("head.code_dim: an autoencoder needs a positive code_dim (the size of its code)")
+    if cfg.head.kind != "autoencoder" and cfg.head.code_dim is not None:
+        raise ConfigError(f"head.code_dim: only for kind autoencoder, not {cfg.head.kind}")
+    if cfg.data.val_split is not None and cfg.data.val_fraction is not None:
+        raise ConfigError("data.val_split and data.val_fraction: choose one")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must lie in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.val_split is not None and cfg.data.val_split == cfg.data.train_split:
+        raise ConfigError(f"data.val_split: {cfg.data.val_split!r} is also data.train_split; validate on other rows")
+    if _scheme(cfg.output.uri) == "file" and cfg.output.uri.rstrip("/") == cfg.data.uri.rstrip("/"):
+        raise ConfigError("output.uri: is data.uri; the checkpoint needs a folder of its own")

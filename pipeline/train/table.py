@@ -1,0 +1,118 @@
+"""A `featurize run` output root read as a training table: its files, columns, labels and provenance.
+
+Reads the output contract only: OUT/features/**.parquet (every file holds the exact `split` and
+`label` strings), OUT/_job.json and the files' `featurize.*` metadata.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from ..redact import RedactedError, redact_strings, redact_text
+from ..sources import filesystem
+from ..store import parquet_files
+from .tensors import SEQUENCE, ColumnError, column_shape
+
+
+class TableError(RedactedError, ValueError):
+    """A features table that cannot be trained on or applied to, as asked; names the problem."""
+
+
+@dataclass
+class FeatureTable:
+    uri: str
+    fs: Any
+    root: str
+    files: List[str]
+    schema: pa.Schema
+    record: Dict[str, Any] = field(default_factory=dict)  # _job.json, {} if none
+
+    def dataset(self) -> pads.Dataset:
+        """The features files; no hive partitioning: the exact split and label are in every file."""
+        return pads.dataset(self.files, filesystem=self.fs, format="parquet")
+
+    def shape(self, column: str, key: str = "data.column") -> Tuple[str, int]:
+        """(VECTOR or SEQUENCE, D) of a feature column, or a refusal naming it."""
+        if column not in self.schema.names:
+            found = [f.name for f in self.schema if _feature_like(f.type)]
+            raise TableError(f"{key}: {self.uri} has no column {column!r} (feature columns: {', '.join(found) or 'none'})")
+        try:
+            return column_shape(column, self.schema.field(column).type)
+        except ColumnError as e:
+            raise TableError(f"{key}: {e}") from None
+
+    def labels(self, label: str = "label", key: str = "data.label") -> Dict[str, Counter]:
+        """split -> Counter of labels, read from the two string columns only."""
+        for name in ("split", label):
+            if name not in self.schema.names:
+                raise TableError(f"{key}: {self.uri} has no column {name!r}")
+        t = self.dataset().to_table(columns=["split", label])
+        counts = t.group_by(["split", label]).aggregate([([], "count_all")])
+        out: Dict[str, Counter] = {}
+        for s, l, n in zip(*(counts[c].to_pylist() for c in ("split", label, "count_all"))):
+            out.setdefault(s, Counter())[str(l)] += n
+        return out
+
+    def frames(self, column: str) -> int:
+        """The longest clip of a frame_features column: the extraction's num_frames when sampling
+        was uniform (every clip has exactly that many), else a scan of the list lengths."""
+        video = self.record.get("settings", {})
+        if video.get("video.sampling") == "uniform" and video.get("video.num_frames"):
+            return int(video["video.num_frames"])
+        longest = 0
+        for batch in self.dataset().to_batches(columns=[column]):
+            if len(batch):
+                longest = max(longest, pc.max(pc.list_value_length(batch.column(0))).as_py() or 0)
+        return longest
+
+    def metadata(self) -> Dict[str, str]:
+        """The `featurize.*` provenance of the first file (every file of a run has the same)."""
+        meta = pq.read_schema(self.files[0], filesystem=self.fs).metadata or {}
+        return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"featurize.")}
+
+    def provenance(self) -> Dict[str, Any]:
+        """What a head trained on (or applied to) this table records of it; no credentials."""
+        return redact_strings({"uri": redact_text(self.uri), "job": self.record.get("name"),
+                               "status": self.record.get("status"), "rows": self.rows(),
+                               "metadata": self.metadata()})
+
+    def rows(self) -> int:
+        return sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in self.files)
+
+
+def _feature_like(typ: pa.DataType) -> bool:
+    try:
+        column_shape("", typ)
+        return True
+    except ColumnError:
+        return False
+
+
+def open_table(uri: str, storage_options: Optional[Dict[str, Any]] = None, key: str = "data.uri") -> FeatureTable:
+    """The features table under a `featurize run` output root (or a folder of its Parquet files)."""
+    try:
+        fs, root = filesystem(uri, storage_options or {})
+        root = root.rstrip("/")
+        folder = f"{root}/features" if fs.isdir(f"{root}/features") else root
+        files = parquet_files(fs, folder)
+        record = json.loads(fs.cat_file(f"{root}/_job.json")) if fs.exists(f"{root}/_job.json") else {}
+    except Exception as e:  # no endpoint, denied, bad options
+        raise TableError(f"{key}: {uri}: cannot be read ({type(e).__name__}: {e})") from None
+    if not files:
+        raise TableError(f"{key}: {uri} holds no features table (no Parquet files under {uri}/features)")
+    try:
+        schema = pq.read_schema(files[0], filesystem=fs)
+    except Exception as e:
+        raise TableError(f"{key}: {files[0]} is not a Parquet file ({type(e).__name__}: {e})") from None
+    return FeatureTable(uri, fs, root, files, schema, record)
+
+
+def is_sequence(table: FeatureTable, column: str) -> bool:
+    return table.shape(column)[0] == SEQUENCE

@@ -1,0 +1,75 @@
+"""Feature columns of a `featurize run` table as arrays: Arrow in, float32 numpy (or tensors) out.
+
+A fixed-size column (`feature`, `clip_<name>`) is a fixed_size_list<float16|float32, D>: one
+(N, D) array. `frame_features` is a list of them, one (T, D) sequence per clip: one (N, T, D)
+array zero-padded to `frames`, with each clip's real length. Arrow's buffers are read whole, so no
+Python loop ever runs over rows (the loader's speed depends on it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+VECTOR, SEQUENCE = "vector", "sequence"
+
+
+class ColumnError(ValueError):
+    """A column that is not a feature column."""
+
+
+def column_shape(name: str, typ: pa.DataType) -> Tuple[str, int]:
+    """(VECTOR or SEQUENCE, D) of a feature column's type; anything else is refused, naming it."""
+    if _is_vector(typ):
+        return VECTOR, typ.list_size
+    if (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and _is_vector(typ.value_type):
+        return SEQUENCE, typ.value_type.list_size
+    raise ColumnError(f"column {name!r} has type {typ}: expected a fixed-size list of floats "
+                      "(feature, clip_<name>) or a list of them (frame_features)")
+
+
+def _is_vector(typ: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(typ) and pa.types.is_floating(typ.value_type)
+
+
+def _array(column) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def vectors(column) -> np.ndarray:
+    """fixed_size_list<float, D> (N rows) -> float32 (N, D)."""
+    arr = _array(column)
+    if arr.null_count:
+        raise ColumnError(f"{arr.null_count} rows have no vector (null)")
+    flat = arr.flatten().to_numpy(zero_copy_only=False)  # flatten() honours a slice's offset
+    return flat.astype(np.float32, copy=False).reshape(len(arr), arr.type.list_size)
+
+
+def sequences(column, frames: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """list<fixed_size_list<float, D>> -> (float32 (N, T, D) zero-padded, lengths (N,) int64).
+    T is `frames` (longer clips keep their first `frames`), else the longest clip of these rows."""
+    arr = _array(column)
+    if arr.null_count:
+        raise ColumnError(f"{arr.null_count} rows have no frames (null)")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(lengths) and lengths.min() < 1:
+        raise ColumnError("a clip has no frames")
+    inner = vectors(arr.flatten())  # (sum of lengths, D)
+    dim = arr.type.value_type.list_size
+    t = int(frames if frames is not None else (lengths.max() if len(lengths) else 0))
+    if len(lengths) and (lengths == lengths[0]).all() and lengths[0] == t:
+        return inner.reshape(len(arr), t, dim), lengths  # every clip has T frames: no copy
+    out = np.zeros((len(arr), t, dim), dtype=np.float32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for i, (s, n) in enumerate(zip(starts, lengths)):  # a loop over clips, not frames or values
+        n = min(int(n), t)
+        out[i, :n] = inner[s:s + n]
+    return out, np.minimum(lengths, t)
+
+
+def label_codes(column, classes) -> np.ndarray:
+    """Class index of each label in `classes`; -1 where a label is not among them."""
+    codes = pc.index_in(_array(column).cast(pa.string()), value_set=pa.array(list(classes), pa.string()))
+    return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
