@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 from PIL import Image
@@ -135,3 +135,88 @@ def make_video_folder(root: str, n: int = 12, seed: int = 0) -> Dict[str, int]:
     with open(os.path.join(root, classes[0], "v_broken.avi"), "wb") as f:
         f.write(b"RIFF\x00\x00\x00\x00AVI not really" * 20)
     return {"videos": n, "classes": len(classes), "broken": 1}
+
+
+def encode_frames(frames: np.ndarray, fps: int = 25, codec: str = "mpeg4", fmt: str = "avi",
+                  bit_rate: int = 2_000_000) -> bytes:
+    """Encode given RGB frames (T, H, W, 3) uint8 as a real video (PyAV); a high bit rate keeps
+    small synthetic frames close to their pixels."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt, stream.bit_rate = "yuv420p", bit_rate
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def _shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A disc or a square, the same area, at a uniformly random place fully inside the frame."""
+    side = max(4, size // 4)
+    top, left = (int(v) for v in rng.integers(1, size - side, 2))  # a 1 px margin: the disc is a bit wider
+    y, x = np.mgrid[0:size, 0:size]
+    if kind == "disc":
+        r = side / 2 * 1.13  # area of a disc of this radius == area of the square
+        return (y - top - side / 2 + 0.5) ** 2 + (x - left - side / 2 + 0.5) ** 2 <= r * r
+    return (y >= top) & (y < top + side) & (x >= left) & (x < left + side)
+
+
+def _scene(frames: int, size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """One scene: `frames // 2` noisy frames of a red disc and as many of a blue square."""
+    half = frames // 2
+    level = rng.uniform(90, 150)
+    shown = []
+    for kind, colour in (("disc", (220, 30, 30)), ("square", (30, 60, 220))):
+        mask = _shape_mask(kind, size, rng)
+        clip = level + rng.normal(0, 8, (half, size, size, 3))
+        clip[:, mask] = colour
+        shown.append(np.clip(clip, 0, 255).astype(np.uint8))
+    return shown[0], shown[1]
+
+
+def make_order_videos(folder: str, n: int = 24, classes: Tuple[str, str] = ("a_then_b", "b_then_a"),
+                      frames: int = 16, size: int = 64, seed: int = 0,
+                      split_fraction: float = 0.5) -> Dict[str, Any]:
+    """Videos whose class is the ORDER of two events, never their content (MPEG-4 in AVI, 25 fps).
+
+    Each of the n // 2 scenes draws a red disc and a blue square at random places on a mildly
+    noisy grey background, `frames // 2` frames of each; the scene is written once per class:
+    classes[0] shows the disc frames then the square frames, classes[1] the same frames with the
+    halves swapped. Both classes hold exactly the same frames, so any per-frame feature averaged
+    over the clip cannot tell them apart; only the sequence can.
+
+    Layout (a `video_folder` source with UCF101-style split lists):
+      folder/<class>/<class>_s<scene>.avi, folder/trainlist.txt, folder/testlist.txt
+    The lists hold relative paths; both versions of a scene land in the same split, and
+    `split_fraction` of the scenes go to train. Returns {"videos", "classes", "frames", "size",
+    "split_files": {"train": path, "test": path}, "counts": {split: videos}}.
+    """
+    if len(classes) != 2 or n < 4 or n % 2 or frames < 2 or frames % 2:
+        raise ValueError(f"make_order_videos: need 2 classes, an even n >= 4 and an even frames >= 2 "
+                         f"(got {len(classes)}, {n}, {frames})")
+    rng = np.random.default_rng(seed)
+    scenes = n // 2
+    n_train = min(scenes - 1, max(1, round(split_fraction * scenes)))
+    in_train = set(rng.permutation(scenes)[:n_train].tolist())
+    lists: Dict[str, list] = {"train": [], "test": []}
+    for s in range(scenes):
+        disc, square = _scene(frames, size, rng)
+        for cls, order in zip(classes, ((disc, square), (square, disc))):
+            rel = f"{cls}/{cls}_s{s:03d}.avi"
+            os.makedirs(os.path.join(folder, cls), exist_ok=True)
+            with open(os.path.join(folder, rel), "wb") as f:
+                f.write(encode_frames(np.concatenate(order)))
+            lists["train" if s in in_train else "test"].append(rel)
+    split_files = {}
+    for split, names in lists.items():
+        split_files[split] = os.path.join(folder, f"{split}list.txt")
+        with open(split_files[split], "w") as f:
+            f.write("".join(f"{name}\n" for name in names))
+    return {"videos": 2 * scenes, "classes": 2, "frames": frames, "size": size,
+            "split_files": split_files, "counts": {k: len(v) for k, v in lists.items()}}
