@@ -2,11 +2,13 @@
 
 Heads come from a registry: `mean`, `max` (no weights), `lstm` (the last real time step's output)
 and `attention` (additive pooling over frames). Learned heads load a checkpoint: `X.safetensors`
-(the head's state dict) with `X.json` beside it (kind, input_size and the shape keys). Padded
-frames beyond a clip's `lengths` never touch its feature.
+(the head's state dict) with `X.json` beside it (kind, input_size and the shape keys), or the
+directory `featurize train` writes (its head.safetensors and head.json). Padded frames beyond a
+clip's `lengths` never touch its feature.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -151,6 +153,8 @@ def resolve_head(cfg: TemporalConfig, input_dim: int, storage_options: Options =
     sha256 = ""
     if cfg.checkpoint and not cls.learned:
         raise TemporalError(f"{key}.checkpoint: a {cfg.kind} head has no weights")
+    if cfg.checkpoint and not cfg.checkpoint.endswith(SUFFIX):  # a `featurize train` directory
+        cfg = dataclasses.replace(cfg, checkpoint=f"{cfg.checkpoint.rstrip('/')}/head{SUFFIX}")
     if cfg.checkpoint:
         config, data = _read_checkpoint(cfg, input_dim, storage_options or {}, key)
         sha256 = hashlib.sha256(data).hexdigest()
@@ -231,6 +235,8 @@ def _random_config(cfg: TemporalConfig, input_dim: int, key: str) -> Dict[str, A
 
 def _instantiate(config: Dict[str, Any], seed: int, key: str) -> nn.Module:
     kwargs = {k: v for k, v in config.items() if k != "kind"}
+    if config.get("kind") in HEADS:  # only the constructor's keys: a config may carry notes besides
+        kwargs = {k: v for k, v in kwargs.items() if k == "input_size" or k in HEADS[config["kind"]].CONFIG_KEYS}
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)

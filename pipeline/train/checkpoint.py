@@ -136,3 +136,6 @@ def _read_config(fs, root: str, uri: str) -> Dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("kind") not in KINDS:
         raise CheckpointError(f"{uri}: {CONFIG} is not a featurize head checkpoint (format {FORMAT})")
     return config
+
+
+TEMPORAL_NOTE = "in a job     temporal: [{{kind: {kind}, name: {kind}, checkpoint: {out}}}]"

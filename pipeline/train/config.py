@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
-from ..config import ConfigError, _build, apply_override, load_yaml
+from ..config import ConfigError, _build, apply_override, load_yaml, memory_bytes
 
 KIND = Literal["lstm", "attention", "linear", "mlp", "autoencoder"]
 
@@ -24,6 +24,7 @@ class DataConfig:
     val_fraction: Optional[float] = None  # ... or this share of the training rows (default 0.1)
     seed: int = 0  # which rows val_fraction takes
     frames: Optional[int] = None  # frame_features: clips padded (or cut) to this many; null: the longest
+    cache: Union[int, str] = "1GiB"  # a table whose Parquet files are smaller stays in Ray's object store across epochs (0: never)
     storage_options: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,6 +78,10 @@ class TrainConfig:
         return 0.1 if self.data.val_fraction is None else self.data.val_fraction
 
 
+def cache_bytes(cfg: TrainConfig) -> int:
+    return 0 if cfg.data.cache in (0, "0") else memory_bytes(cfg.data.cache, "data.cache")
+
+
 def _scheme(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
@@ -115,6 +120,7 @@ def _check(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
+    cache_bytes(cfg)  # refuses what is not a size
     if not cfg.train.lr > 0:
         raise ConfigError(f"train.lr: must be positive, got {cfg.train.lr}")
     if not 0 <= cfg.head.dropout < 1:

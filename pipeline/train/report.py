@@ -1,0 +1,26 @@
+"""What `featurize train` prints when it ends."""
+from __future__ import annotations
+
+from ..redact import redact_text
+from .checkpoint import CURVES, TEMPORAL_NOTE
+from .config import TrainConfig
+
+
+def format_training(cfg: TrainConfig, result) -> str:
+    last = result.metrics[-1] if result.metrics else {}
+    lines = []
+    if result.already_done:
+        lines.append(f"nothing to do: {cfg.output.uri} holds this training's checkpoint ({result.epochs} epochs)")
+    elif result.resumed_from:
+        lines.append(f"resumed      after epoch {result.resumed_from} of an earlier run")
+    final = [f"{k} {last[k]:.4f}" for k in ("train_loss", "val_loss", "train_acc", "val_acc") if last.get(k) is not None]
+    lines.append(f"trained      {cfg.head.kind} on {cfg.data.column}, {result.epochs} epochs"
+                 + (f" in {result.wall_s:.1f} s" if result.wall_s else ""))
+    if final:
+        lines.append(f"final        {', '.join(final)}")
+    out = cfg.output.uri.rstrip("/")
+    lines.append(f"checkpoint   {out} (curves: {out}/{CURVES})")
+    if cfg.head.kind in ("lstm", "attention"):
+        lines.append(TEMPORAL_NOTE.format(kind=cfg.head.kind, out=out))
+    lines.append(f"apply it     featurize apply {out} --input {cfg.data.uri} --output OUT2")
+    return redact_text("\n".join(lines))
