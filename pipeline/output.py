@@ -11,7 +11,7 @@ import bisect
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -100,24 +100,11 @@ def open_output(prepared, overwrite: bool = False, retry_failed: bool = False,
         raise OutputExists("--overwrite and --retry-failed: choose one")
     if overwrite and incremental:
         raise OutputExists("--overwrite and --incremental: choose one (--overwrite lists the source anew anyway)")
-    fs, out = filesystem(job.output.uri, prepared.out_options)
-    out = out.rstrip("/")
-    try:
-        finish_swap(fs, out)  # an earlier --overwrite stopped while swapping: finish it first
-        previous = read_record(fs, out)
-        taken = previous is not None or any(parquet_files(fs, f"{out}/{t}") for t in TABLES)
-    except Exception as e:
-        raise OutputExists(f"output.uri {job.output.uri}: cannot be reached ({type(e).__name__}: {e})") from None
+    fs, out, previous, taken = _claim(job.output.uri, prepared.out_options, "output.uri")
     wanted = settings(prepared)
     if overwrite and taken:
-        uri, root = f"{job.output.uri.rstrip('/')}/{OVERWRITE}", f"{out}/{OVERWRITE}"
-        earlier = read_record(fs, root)
-        if earlier is not None and earlier.get("settings") != wanted:  # another job's overwrite
-            fs.rm(root, recursive=True)
-            earlier = None
-        ws = _workspace(prepared, fs, root, uri, wanted, earlier)
-        ws.replaces = out
-        return ws
+        return _overwriting(fs, out, job.output.uri, wanted,
+                            lambda root, uri, earlier: _workspace(prepared, fs, root, uri, wanted, earlier))
     if taken:
         _refuse_other_job(job.output.uri, previous, wanted)
     elif retry_failed:
@@ -127,14 +114,69 @@ def open_output(prepared, overwrite: bool = False, retry_failed: bool = False,
     return _workspace(prepared, fs, out, job.output.uri, wanted, previous, incremental)
 
 
-def _refuse_other_job(uri: str, previous: Optional[Dict[str, Any]], wanted: Dict[str, Any]) -> None:
+def open_planned(uri: str, storage_options: Dict[str, Any], wanted: Dict[str, Any], make_plan: Callable[[], pa.Table],
+                 kind: str, overwrite: bool = False, key: str = "--output") -> Workspace:
+    """An output root whose plan the caller makes (apply: the rows of the table it reads), with
+    the same rules as a run's: the same `wanted` settings resume, others are refused naming what
+    differs, `overwrite` builds in OUT/_overwrite and swaps in when complete. `make_plan` is
+    called only when no plan is saved; it needs sample_id, uri and container columns."""
+    fs, out, previous, taken = _claim(uri, storage_options, key)
+
+    def planned(root: str, at: str, earlier: Optional[Dict[str, Any]]) -> Workspace:
+        resuming = earlier is not None and earlier.get("settings") == wanted
+        plan = _load_plan(fs, root) if resuming else None
+        if plan is None:
+            plan = make_plan()
+            write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
+            earlier = None
+        return _ready(fs, root, at, wanted, plan, earlier)
+
+    if overwrite and taken:
+        return _overwriting(fs, out, uri, wanted, planned)
+    if taken:
+        _refuse_other_job(uri, previous, wanted, kind=kind, key=key)
+    return planned(out, uri, previous)
+
+
+def _claim(uri: str, storage_options: Dict[str, Any], key: str):
+    """(fs, OUT's root, its _job.json or None, whether it holds output); an --overwrite that
+    stopped while swapping is finished first."""
+    fs, out = filesystem(uri, storage_options)
+    out = out.rstrip("/")
+    try:
+        finish_swap(fs, out)
+        previous = read_record(fs, out)
+        taken = previous is not None or any(parquet_files(fs, f"{out}/{t}") for t in TABLES)
+    except Exception as e:
+        raise OutputExists(f"{key} {uri}: cannot be reached ({type(e).__name__}: {e})") from None
+    return fs, out, previous, taken
+
+
+def _overwriting(fs, out: str, uri: str, wanted: Dict[str, Any], workspace) -> Workspace:
+    """The new output is built in OUT/_overwrite (resumed there if the same job began it)."""
+    at, root = f"{uri.rstrip('/')}/{OVERWRITE}", f"{out}/{OVERWRITE}"
+    earlier = read_record(fs, root)
+    if earlier is not None and earlier.get("settings") != wanted:  # another job's overwrite
+        fs.rm(root, recursive=True)
+        earlier = None
+    ws = workspace(root, at, earlier)
+    ws.replaces = out
+    return ws
+
+
+def _refuse_other_job(uri: str, previous: Optional[Dict[str, Any]], wanted: Dict[str, Any], kind: str = "run",
+                      key: str = "output.uri") -> None:
     if previous is None:
-        raise OutputExists(f"output.uri {uri} holds features or errors but no {JOB_FILE}: not this "
-                           "job's output; choose another output.uri, or --overwrite to replace it")
+        raise OutputExists(f"{key} {uri} holds features or errors but no {JOB_FILE}: not this "
+                           f"{kind}'s output; choose another {key}, or --overwrite to replace it")
+    made_by = previous.get("kind", "run")  # a run's record names no kind
+    if made_by != kind:
+        raise OutputExists(f"{key} {uri} holds the output of {made_by} {previous.get('name')!r}, not of this "
+                           f"{kind}; choose another {key}, or --overwrite to replace it")
     diff = differences(previous.get("settings", {}), wanted)
     if diff:
-        raise OutputExists(f"output.uri {uri} holds the output of job {previous.get('name')!r} with different "
-                           f"settings: {'; '.join(diff)}. Choose another output.uri, or --overwrite to replace it")
+        raise OutputExists(f"{key} {uri} holds the output of {kind} {previous.get('name')!r} with different "
+                           f"settings: {'; '.join(diff)}. Choose another {key}, or --overwrite to replace it")
 
 
 def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previous,
@@ -150,8 +192,15 @@ def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previo
         plan, added, gone = extend_plan(fs, root, plan, prepared.job.source)
     else:
         plan = with_fetch_uris(plan, prepared.job.source)  # OUT's plan has credentials in URIs masked
+    return _ready(fs, root, uri, wanted, plan, previous, added, gone)
+
+
+def _ready(fs, root: str, uri: str, wanted: Dict[str, Any], plan: pa.Table, previous, added: int = 0,
+           gone: int = 0) -> Workspace:
+    """The workspace once the plan is known: what an interrupted run left staged is published
+    (not redone), and the plan rows not yet committed are the todo."""
     ledger = Ledger(fs, root, job=fingerprint(wanted))
-    ledger.recover()  # what a stopped run of this job left staged is published, not redone
+    ledger.recover()
     todo = remaining(plan, ledger.rows, ledger.units)
     todo = _with_attempts(fs, root, _with_skip(todo, ledger.rows))
     return Workspace(uri, fs, root, plan, todo, ledger, previous, added=added, gone=gone)

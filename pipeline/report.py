@@ -22,7 +22,7 @@ from .sources import filesystem
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
     from .output import Workspace
     from .prepare import Prepared
-    from .runner import Summary
+    from .jobrun import Summary
 
 
 def versions() -> Dict[str, str]:
@@ -45,18 +45,9 @@ def write_job_record(
     prepared: "Prepared", ws: "Workspace", status: str, started_at: float,
     summary: Optional["Summary"] = None, error: Optional[str] = None,
 ) -> None:
-    """OUT/_job.json: the job, its settings (a later run compares them), counts and timings.
-    Earlier runs into the same OUT (interrupted, resumed, retried) are kept under `runs`."""
-    runs = list((ws.previous or {}).get("runs", []))
-    run: Dict[str, Any] = {"started_at": _iso(started_at), "status": status, "todo": len(ws.todo),
-                           "skipped_as_done": ws.skipped}
-    if ws.added or ws.gone:  # --incremental
-        run.update(added_to_plan=ws.added, gone_from_source=ws.gone)
-    if error is not None:
-        run["error"] = error
-    record: Dict[str, Any] = {
+    """OUT/_job.json of a run: the job, its settings (a later run compares them), counts and timings."""
+    head = {
         "name": prepared.job.name,
-        "status": status,
         "config": to_dict(prepared.job),  # secrets redacted
         "settings": settings(prepared),
         "resolved": {
@@ -65,10 +56,25 @@ def write_job_record(
                            "mean": prepared.mean, "std": prepared.std},
             "dim": prepared.dim,
         },
-        "versions": versions(),
-        "counts": {"planned": len(ws.plan)},
-        "runs": runs + [run],
     }
+    write_record(ws, head, status, started_at, summary, error)
+
+
+def write_record(ws: "Workspace", head: Dict[str, Any], status: str, started_at: float,
+                 summary: Optional["Summary"] = None, error: Optional[str] = None) -> None:
+    """OUT/_job.json of any job that writes an output root: `head` (name, settings, and what
+    else describes the job), then status, versions, counts, timings. Earlier runs into the same
+    OUT (interrupted, resumed, retried) are kept under `runs`."""
+    runs = list((ws.previous or {}).get("runs", []))
+    run: Dict[str, Any] = {"started_at": _iso(started_at), "status": status, "todo": len(ws.todo),
+                           "skipped_as_done": ws.skipped}
+    if ws.added or ws.gone:  # --incremental
+        run.update(added_to_plan=ws.added, gone_from_source=ws.gone)
+    if error is not None:
+        run["error"] = error
+    record: Dict[str, Any] = {"name": head["name"], "status": status,
+                              **{k: v for k, v in head.items() if k != "name"},
+                              "versions": versions(), "counts": {"planned": len(ws.plan)}, "runs": runs + [run]}
     if error is not None:
         record["error"] = error
     if summary is not None:

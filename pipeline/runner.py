@@ -4,13 +4,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import JobConfig, memory_bytes
 from .decode import decode_batch
@@ -18,54 +15,20 @@ from .interrupt import reclaim_sigterm
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
 from .models import EXTRACTORS, EmbedSpec
 from .models.temporal import TemporalEmbedder
-from .commit import Committer, Ledger, audit, staging_folder
+from .commit import Ledger, staging_folder
+from .jobrun import (IncompleteOutput, NotExactlyOnce, Summary, init_ray, start_committer, stop,  # noqa: F401 (re-exported)
+                     steady_state, take_lease, verify)
 from .lease import Lease
-from .output import OutputExists, Workspace, finish, multi_row_units, open_output, table_rows
+from .output import Workspace, finish, multi_row_units, open_output, table_rows
 from .prepare import Prepared, prepare
 from .read import read_batch
 from .redact import logger
 from .report import write_job_record
 from .sinks import ParquetCommitSink
-from .sources import filesystem
 from .timing import breakdown
 from .video import decode_video_batch
 
 log = logger(__name__)  # credentials masked in every record
-
-
-@dataclass
-class Summary:
-    out_uri: str
-    planned: int
-    features: int  # committed by this run
-    errors: Dict[str, int]  # "stage/error_type" -> count, committed by this run
-    wall_s: float  # from the start of execution to the last commit
-    startup_s: float  # planning and Ray start, before execution
-    skipped: int = 0  # planned samples an earlier run had committed
-    added: int = 0  # --incremental: samples new in the source, planned by this run
-    gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
-    duplicates: int = 0  # rows Ray computed twice, dropped by the committer
-    output_rows: Dict[str, int] = field(default_factory=dict)  # features and errors in OUT, all runs
-    first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
-    steady_throughput: float = 0.0  # samples/s between the first and the last commit
-    layout: Dict[str, Any] = field(default_factory=dict)
-    stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
-
-    @property
-    def samples(self) -> int:
-        return self.features + sum(self.errors.values())
-
-    @property
-    def throughput(self) -> float:
-        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
-
-
-class IncompleteOutput(RuntimeError):
-    """The run ended with planned samples neither committed nor in the errors table."""
-
-
-class NotExactlyOnce(IncompleteOutput):
-    """Some sample id is committed more than once: running again cannot mend it, --overwrite can."""
 
 
 def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False,
@@ -75,7 +38,7 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
                             incremental=incremental)
     t0 = time.time()
     prepared = prepare(job)  # refuses a bad job before Ray starts
-    lease = _take_lease(prepared)  # OUT's single writer, before anything in OUT is touched
+    lease = take_lease(prepared.job.output.uri, prepared.out_options)  # OUT's single writer, before anything in OUT is touched
     try:
         return _run_leased(prepared, lease, t0, address, progress, overwrite=overwrite, retry_failed=retry_failed,
                            incremental=incremental)
@@ -83,31 +46,19 @@ def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = Fals
         lease.release()
 
 
-def _take_lease(prepared: Prepared) -> Lease:
-    fs, root = filesystem(prepared.job.output.uri, prepared.out_options)
-    try:
-        lease = Lease(fs, root, prepared.job.output.uri, uuid.uuid4().hex[:16]).acquire()
-    except OutputExists:
-        raise
-    except Exception as e:
-        raise OutputExists(f"output.uri {prepared.job.output.uri}: cannot be reached ({type(e).__name__}: {e})") from None
-    lease.start_heartbeat()
-    return lease
-
-
 def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[str], progress: bool,
                 **modes) -> Summary:
     job = prepared.job
     ws = open_output(prepared, **modes)
     if not len(ws.todo):  # all done already: no need for Ray
-        _verify(ws)
+        verify(ws)
         lease.check()
         return _finish(prepared, ws, t0, time.time(), {}, None)
-    _init_ray(address)
+    init_ray(address)
     layout = plan_resources(job, len(ws.todo))
     write_job_record(prepared, ws, status="running", started_at=t0)
     DataContext.get_current().enable_progress_bars = progress
-    committer, _state = _start_committer(ws, prepared, lease.run_id)  # _state: held for the actor's restarts
+    committer, _state = start_committer(ws, prepared.job.output.uri, prepared.out_options, lease.run_id)  # _state: held for the actor's restarts
     sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri,
                                                  staging=staging_folder(ws.ledger.job, lease.run_id)), committer)
     t1 = time.time()
@@ -120,7 +71,7 @@ def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[s
         _record_failure(prepared, ws, t0, e)
         raise
     finally:
-        _stop(committer)
+        stop(committer)
     return _finish(prepared, ws, t0, t1, sink.totals, layout)
 
 
@@ -157,43 +108,10 @@ def _connect_client(address: str, runtime_env: Dict[str, Any], attempts: int = 2
             time.sleep(2.0)
 
 
-def _stop(committer) -> None:
-    """Free the job's actors and their CPUs now, also after a failure (see Committer.register)."""
-    try:
-        for actor in ray.get(committer.registered.remote(), timeout=30):
-            ray.kill(actor)
-        ray.kill(committer)
-    except Exception as e:  # the job's own outcome matters more
-        log.warning("could not stop the job's actors: %s", e)
-
-
-def _start_committer(ws: Workspace, prepared: Prepared, run_id: str):
-    """The job's one Committer, on the driver's node (workers may come and go), restarted on failure;
-    it publishes only while this run holds OUT's lease."""
-    state = ray.put((ws.ledger.rows, ws.ledger.units))
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
-    return actor.remote(ws.uri, prepared.out_options, state, job=ws.ledger.job,
-                        lease=(prepared.job.output.uri, run_id)), state
-
-
 def _check_complete(ws: Workspace, windowed: bool) -> None:
     """Ray Data finished every write task: every unit this run took up is now committed."""
     ws.ledger.complete_units(multi_row_units(ws.todo, windowed))
-    _verify(ws)
-
-
-def _verify(ws: Workspace) -> None:
-    """A run ends well only if the files on the store (not the committer's tally) hold every
-    planned sample, and none twice across features and errors."""
-    found = audit(ws.fs, ws.root, ws.plan)
-    if found["duplicates"]:
-        dup = found["duplicates"]
-        raise NotExactlyOnce(f"{len(dup)} sample ids are committed more than once in {ws.uri} (first: {dup[0]!r}); "
-                               "the output is not exactly once: rebuild it with --overwrite")
-    if found["missing"]:
-        raise IncompleteOutput(f"{found['missing']} planned samples were neither committed nor recorded as errors "
-                               f"(first: {found['first_missing']!r}); run the same command again to finish them")
+    verify(ws)
 
 
 def _record_failure(prepared: Prepared, ws: Workspace, t0: float, e: BaseException) -> None:
@@ -220,7 +138,7 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
         duplicates=totals.get("duplicates", 0),
         output_rows=table_rows(ws.fs, ws.root),
         layout=vars(layout) if layout else {},
-        **_steady_state(totals.get("commits", []), t1),
+        **steady_state(totals.get("commits", []), t1),
     )
     if layout is not None:
         summary.stages = breakdown(dict(totals.get("seconds", {})), summary.samples, summary.wall_s,
@@ -228,28 +146,6 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
     write_job_record(prepared, ws, status="complete", started_at=t0, summary=summary)
     finish(ws)  # and an --overwrite output replaces the old one now
     return summary
-
-
-def _steady_state(commits, started: float) -> Dict[str, float]:
-    """Throughput once the pipeline is full: samples committed after the first commit."""
-    if not commits:
-        return {}
-    commits = sorted(commits)
-    first, last = commits[0][0], commits[-1][0]
-    after_first = sum(n for _, n in commits[1:])
-    rate = after_first / (last - first) if last > first else 0.0
-    return {"first_commit_s": first - started, "steady_throughput": rate}
-
-
-def _init_ray(address: Optional[str]) -> None:
-    if ray.is_initialized():
-        return
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:  # "local": a new embedded Ray, never a cluster `ray start` left on this machine
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    reclaim_sigterm()  # ray.init replaced the CLI's SIGTERM handler (pipeline/interrupt.py)
 
 
 def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> ray.data.Dataset:

@@ -1,0 +1,125 @@
+"""What every Ray job that writes an output root shares: Ray's start, OUT's lease, the committer
+actor, the final audit and the summary. `featurize run` (runner.py) and `featurize apply`
+(train/apply.py) both build on it, so neither imports the other.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .commit import Committer, audit
+from .interrupt import reclaim_sigterm
+from .lease import Lease
+from .output import OutputExists, Workspace
+from .redact import logger
+from .sources import filesystem
+
+log = logger(__name__)  # credentials masked in every record
+
+
+@dataclass
+class Summary:
+    out_uri: str
+    planned: int
+    features: int  # committed by this run
+    errors: Dict[str, int]  # "stage/error_type" -> count, committed by this run
+    wall_s: float  # from the start of execution to the last commit
+    startup_s: float  # planning and Ray start, before execution
+    skipped: int = 0  # planned samples an earlier run had committed
+    added: int = 0  # --incremental: samples new in the source, planned by this run
+    gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
+    duplicates: int = 0  # rows Ray computed twice, dropped by the committer
+    output_rows: Dict[str, int] = field(default_factory=dict)  # features and errors in OUT, all runs
+    first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
+    steady_throughput: float = 0.0  # samples/s between the first and the last commit
+    layout: Dict[str, Any] = field(default_factory=dict)
+    stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
+
+    @property
+    def samples(self) -> int:
+        return self.features + sum(self.errors.values())
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class IncompleteOutput(RuntimeError):
+    """The run ended with planned samples neither committed nor in the errors table."""
+
+
+class NotExactlyOnce(IncompleteOutput):
+    """Some sample id is committed more than once: running again cannot mend it, --overwrite can."""
+
+
+def init_ray(address: Optional[str]) -> None:
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:  # "local": a new embedded Ray, never a cluster `ray start` left on this machine
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    reclaim_sigterm()  # ray.init replaced the CLI's SIGTERM handler (pipeline/interrupt.py)
+
+
+def take_lease(uri: str, storage_options: Dict[str, Any], key: str = "output.uri") -> Lease:
+    """OUT's single writer, taken before anything in OUT is touched; its heartbeat started."""
+    fs, root = filesystem(uri, storage_options)
+    try:
+        lease = Lease(fs, root, uri, uuid.uuid4().hex[:16]).acquire()
+    except OutputExists:
+        raise
+    except Exception as e:
+        raise OutputExists(f"{key} {uri}: cannot be reached ({type(e).__name__}: {e})") from None
+    lease.start_heartbeat()
+    return lease
+
+
+def start_committer(ws: Workspace, out_uri: str, storage_options: Dict[str, Any], run_id: str):
+    """The job's one Committer, on the driver's node (workers may come and go), restarted on failure;
+    it publishes only while this run holds OUT's lease (`out_uri`'s). Returns (actor, state ref):
+    hold the ref for as long as the actor may restart."""
+    state = ray.put((ws.ledger.rows, ws.ledger.units))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
+    return actor.remote(ws.uri, storage_options, state, job=ws.ledger.job, lease=(out_uri, run_id)), state
+
+
+def stop(committer) -> None:
+    """Free the job's actors and their CPUs now, also after a failure (see Committer.register)."""
+    try:
+        for actor in ray.get(committer.registered.remote(), timeout=30):
+            ray.kill(actor)
+        ray.kill(committer)
+    except Exception as e:  # the job's own outcome matters more
+        log.warning("could not stop the job's actors: %s", e)
+
+
+def verify(ws: Workspace) -> None:
+    """A run ends well only if the files on the store (not the committer's tally) hold every
+    planned sample, and none twice across features and errors."""
+    found = audit(ws.fs, ws.root, ws.plan)
+    if found["duplicates"]:
+        dup = found["duplicates"]
+        raise NotExactlyOnce(f"{len(dup)} sample ids are committed more than once in {ws.uri} (first: {dup[0]!r}); "
+                             "the output is not exactly once: rebuild it with --overwrite")
+    if found["missing"]:
+        raise IncompleteOutput(f"{found['missing']} planned samples were neither committed nor recorded as errors "
+                               f"(first: {found['first_missing']!r}); run the same command again to finish them")
+
+
+def steady_state(commits: List[Tuple[float, int]], started: float) -> Dict[str, float]:
+    """Throughput once the pipeline is full: samples committed after the first commit."""
+    if not commits:
+        return {}
+    commits = sorted(commits)
+    first, last = commits[0][0], commits[-1][0]
+    after_first = sum(n for _, n in commits[1:])
+    rate = after_first / (last - first) if last > first else 0.0
+    return {"first_commit_s": first - started, "steady_throughput": rate}
