@@ -116,6 +116,7 @@ def test_split_and_label_filters(out):
 
     ds = FeatureDataset(out, "feature", split="val", labels=["dog"], ids=True)
     assert ds.classes == ["dog"]
+    assert {p.split("/features/")[1].rsplit("/", 1)[0] for p, _ in ds.pieces} == {"split_dir=val/label_dir=dog"}
     batches = _read(ds)
     assert {i.rsplit("/", 1)[0] for i in _ids(batches)} == {"val/dog"}
     assert len(_ids(batches)) == FILES * PER_FILE and all((b["y"] == 0).all() for b in batches)

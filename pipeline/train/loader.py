@@ -76,7 +76,10 @@ class FeatureDataset(IterableDataset):
         self.batch_size, self.drop_last, self.ids = batch_size, drop_last, ids
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
         self.rank, self.world_size = _world(rank, world_size)
-        self.pieces = _row_groups(table, split)
+        wanted = {"split": [split]} if split is not None else {}
+        if self.labels is not None:
+            wanted[label] = self.labels
+        self.pieces = _row_groups(table, wanted)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -220,29 +223,27 @@ def _columns(table: FeatureTable, column: str, label: Optional[str], split: Opti
     return [name for name, key in needed.items() if name is not None and key is not None]
 
 
-def _row_groups(table: FeatureTable, split: Optional[str]) -> List[Tuple[str, int]]:
-    """Every (file, row group) with rows, sorted; those whose `split` statistics exclude `split` are
-    skipped (a run's files each hold one split), so the shards share only rows that count."""
+def _row_groups(table: FeatureTable, wanted: Dict[str, List[str]]) -> List[Tuple[str, int]]:
+    """Every (file, row group) with rows, sorted, less those whose statistics show none of the
+    `wanted` values of a column (a run's files each hold one split and often one label), so the
+    shards share only row groups that count."""
     def groups(path: str) -> List[Tuple[str, int]]:
         meta = pq.read_metadata(path, filesystem=table.fs)
-        where = meta.schema.names.index("split") if split is not None and "split" in meta.schema.names else None
-        out = []
-        for i in range(meta.num_row_groups):
-            group = meta.row_group(i)
-            if group.num_rows and (where is None or _may_hold(group.column(where).statistics, split)):
-                out.append((path, i))
-        return out
+        where = {meta.schema.names.index(c): v for c, v in wanted.items() if c in meta.schema.names}
+        return [(path, i) for i in range(meta.num_row_groups) if meta.row_group(i).num_rows
+                and all(_may_hold(meta.row_group(i).column(c).statistics, v) for c, v in where.items())]
 
     with ThreadPoolExecutor(8) as pool:  # one footer read each: concurrent on an object store
         return sorted(p for found in pool.map(groups, table.files) for p in found)
 
 
-def _may_hold(stats, value: str) -> bool:
+def _may_hold(stats, values: List[str]) -> bool:
     if stats is None or not stats.has_min_max:
         return True
-    low, high = stats.min, stats.max
-    low, high = (x.decode() if isinstance(x, bytes) else x for x in (low, high))
-    return low <= value <= high
+    low, high = (x.decode() if isinstance(x, bytes) else x for x in (stats.min, stats.max))
+    if not isinstance(low, str):  # a label column of another type: left to the filter after its cast
+        return True
+    return any(low <= v <= high for v in values)
 
 
 def _world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
