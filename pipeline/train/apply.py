@@ -1,0 +1,318 @@
+"""`featurize apply`: a trained head over an existing features table, as a Ray Data job.
+
+OUT2 is a features table like any a run makes: every sample of OUT's features table (sample_id,
+uri, label, split, in OUT's partition folders) with the head's column(s): `clip_<name>` (lstm,
+attention), `code` (autoencoder), or `pred` and `probs` (linear, mlp). Nothing is decoded again:
+the input column is read from OUT's Parquet files. OUT's error rows have no features and are not
+carried over: OUT2's plan is OUT's feature rows (saved as OUT2/_plan.parquet, so `featurize
+status` and `inspect` read OUT2 as they read a run's output).
+
+It commits through the same protocol as a run (commit.py, sinks.py): OUT2's lease, one
+Committer, staged whole files, an audit at the end. The same apply run again resumes (its
+committed rows are skipped); OUT2 holding anything else is refused, naming what differs, unless
+`overwrite`. A batch the head fails on becomes error rows (stage "apply"), as in a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import __version__, faults
+from ..commit import Ledger, staging_folder
+from ..jobrun import Summary, init_ray, start_committer, steady_state, stop, take_lease, verify
+from ..output import OutputExists, Workspace, finish, open_planned, table_rows
+from ..partitions import folder_key
+from ..read import ERROR_COLUMNS, error_fields
+from ..redact import RedactedError, logger, redact, redact_strings, redact_text
+from ..report import write_record
+from ..sinks import ParquetCommitSink, SinkSpec
+from ..sources import filesystem
+from .checkpoint import Checkpoint, CheckpointError, load
+from .models import TEMPORAL
+from .table import FeatureTable, TableError, open_table
+from .tensors import SEQUENCE, VECTOR, sequences, vectors
+
+log = logger(__name__)  # credentials masked in every record
+CARRIED = ("sample_id", "uri", "label", "split")  # the columns of every features table, copied as they are
+STAGE = "apply"
+
+
+class ApplyError(RedactedError, ValueError):
+    """An apply that cannot run as asked (exit 2); one line naming the problem."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the apply reads and writes, decided before any work."""
+
+    head: Checkpoint
+    table: FeatureTable
+    name: str
+    column: str
+    frames: Optional[int]  # sequences: padded (or cut) to this many frames
+    dtype: str  # of clip_/code: the input table's
+    partition_by: List[str]
+
+
+def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str] = None,
+               storage_options: Optional[Dict[str, Any]] = None,
+               output_storage_options: Optional[Dict[str, Any]] = None, address: Optional[str] = None,
+               overwrite: bool = False, batch_size: int = 1024) -> Summary:
+    """Apply the head at `checkpoint` to the features table at `input_uri`, into `output_uri`.
+    `storage_options` are the input's (and the checkpoint's, when on the same store);
+    `output_storage_options` default to them when OUT2 is on the same store. Refusals raise
+    ApplyError before any work; a failure midway raises as it is (run again to resume)."""
+    t0 = time.time()
+    in_options = dict(storage_options or {})
+    out_options = _options_for(output_uri, input_uri, in_options, output_storage_options)
+    plan = _plan(checkpoint, input_uri, output_uri, name, in_options, out_options)
+    try:
+        lease = take_lease(output_uri, out_options, key="--output")
+    except OutputExists as e:
+        raise ApplyError(str(e)) from None
+    try:
+        try:
+            ws = open_planned(output_uri, out_options, settings(plan), lambda: _source_rows(plan.table),
+                              kind="apply", overwrite=overwrite)
+        except OutputExists as e:
+            raise ApplyError(str(e)) from None
+        return _run(plan, ws, lease, output_uri, out_options, t0, address, batch_size)
+    finally:
+        lease.release()
+
+
+def _options_for(uri: str, other: str, options: Dict[str, Any], given: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    if given is not None:
+        return dict(given)
+    return dict(options) if _scheme(uri) == _scheme(other) else {}
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def _plan(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str], in_options: Dict[str, Any],
+          out_options: Dict[str, Any]) -> Plan:
+    """Every refusal, before any work: the head, the table, and whether they fit."""
+    try:
+        head = load(checkpoint, in_options if _scheme(checkpoint) == _scheme(input_uri) else {})
+        table = open_table(input_uri, in_options, key="--input")
+    except (CheckpointError, TableError) as e:
+        raise ApplyError(str(e)) from None
+    _refuse_same_root(input_uri, in_options, output_uri, out_options)
+    name = name or head.kind
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ApplyError(f"--name {name!r}: letters, digits and _ only (it names the column clip_<name>)")
+    column, dim = head.input["column"], int(head.input["dim"])
+    shape, found = _shape(table, column, checkpoint, input_uri)
+    wanted = SEQUENCE if head.kind in TEMPORAL else VECTOR
+    if shape != wanted:
+        raise ApplyError(f"checkpoint {checkpoint} is a {head.kind} head over {wanted}s of {column}, but {column} in "
+                         f"{input_uri} holds {shape}s")
+    if found != dim:
+        raise ApplyError(f"checkpoint {checkpoint} expects {column} of dimension {dim}, {input_uri} has dimension {found}")
+    settings_ = table.record.get("settings", {})
+    partition_by = list(settings_.get("output.partition_by", ["split"]))
+    frames = head.input.get("frames") if shape == SEQUENCE else None
+    return Plan(head, table, name, column, int(frames) if frames else None, _dtype(table, column), partition_by)
+
+
+def _shape(table: FeatureTable, column: str, checkpoint: str, input_uri: str) -> Tuple[str, int]:
+    if column not in table.schema.names:
+        raise ApplyError(f"checkpoint {checkpoint} reads column {column!r}, which {input_uri} does not have "
+                         f"(columns: {', '.join(table.schema.names)})")
+    try:
+        return table.shape(column, key="--input")
+    except TableError as e:
+        raise ApplyError(str(e)) from None
+
+
+def _dtype(table: FeatureTable, column: str) -> str:
+    """The input table's dtype: its provenance says it; else its column's value type."""
+    given = table.metadata().get("featurize.dtype")
+    if given in ("float16", "float32"):
+        return given
+    typ = table.schema.field(column).type
+    while pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        typ = typ.value_type
+    return "float16" if typ == pa.float16() else "float32"
+
+
+def _refuse_same_root(input_uri: str, in_options: Dict[str, Any], output_uri: str, out_options: Dict[str, Any]):
+    fs_in, root_in = filesystem(input_uri, in_options)
+    fs_out, root_out = filesystem(output_uri, out_options)
+    root_in, root_out = root_in.rstrip("/"), root_out.rstrip("/")
+    if fs_in.protocol != fs_out.protocol:
+        return
+    if root_out == root_in or any(root_out.startswith(f"{root_in}/{t}") for t in ("features", "errors")):
+        raise ApplyError(f"--output {output_uri} is the input table {input_uri} (or inside it): "
+                         "apply writes a new table; choose another --output")
+
+
+def settings(plan: Plan) -> Dict[str, Any]:
+    """What decides OUT2's content: the same settings resume, others are refused (output.py)."""
+    out = {
+        "apply.input": redact_text(plan.table.uri), "apply.input_job": plan.table.record.get("name"),
+        "apply.input_rows": plan.table.rows(), "apply.column": plan.column, "apply.frames": plan.frames,
+        "apply.checkpoint_sha256": plan.head.sha256, "apply.kind": plan.head.kind, "apply.name": plan.name,
+        "output.dtype": plan.dtype, "output.partition_by": plan.partition_by,
+        "output.partition_folders": [folder_key(c) for c in plan.partition_by],
+    }
+    return redact(json.loads(json.dumps(out)))
+
+
+def provenance(plan: Plan) -> Dict[str, str]:
+    """OUT2's Parquet metadata: its source table and its head, no credentials."""
+    columns = plan.head.columns(plan.name, plan.dtype)
+    meta = {
+        "featurize.version": __version__,
+        "featurize.job": job_name(plan),
+        "featurize.kind": "apply",
+        "featurize.dtype": plan.dtype,
+        "featurize.columns": json.dumps([c for c, _ in columns]),
+        "featurize.source": json.dumps(plan.table.provenance(), sort_keys=True),
+        "featurize.head": json.dumps(redact_strings(plan.head.provenance()), sort_keys=True),
+    }
+    if plan.head.kind not in ("linear", "mlp"):
+        meta["featurize.dim"] = str(columns[0][1].list_size)
+    return {k: redact_text(v) for k, v in meta.items()}
+
+
+def job_name(plan: Plan) -> str:
+    return f"apply-{plan.name}"
+
+
+def _source_rows(table: FeatureTable) -> pa.Table:
+    """OUT2's plan: OUT's feature rows, in the plan's form (container "": one row per sample)."""
+    rows = table.dataset().to_table(columns=list(CARRIED))
+    rows = rows.append_column("container", pa.array([""] * len(rows), pa.string()))
+    return rows.sort_by("sample_id")
+
+
+def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, Any], t0: float,
+         address: Optional[str], batch_size: int) -> Summary:
+    if not len(ws.todo):  # all done already: no need for Ray
+        verify(ws)
+        lease.check()
+        return _finish(plan, ws, out_uri, t0, time.time(), {})
+    init_ray(address)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    write_record(ws, _record_head(plan), status="running", started_at=t0)
+    committer, _state = start_committer(ws, out_uri, out_options, lease.run_id)  # _state: held for its restarts
+    spec = SinkSpec(out_uri=ws.uri, storage_options=out_options, partition_by=plan.partition_by,
+                    columns=plan.head.columns(plan.name, plan.dtype), metadata=provenance(plan),
+                    staging=staging_folder(ws.ledger.job, lease.run_id))
+    sink = ParquetCommitSink(spec, committer)
+    t1 = time.time()
+    try:
+        dataset(plan, ws, batch_size).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        import ray
+
+        ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
+        verify(ws)
+        lease.check()  # still OUT2's writer: only then record it complete (and swap an overwrite in)
+    except BaseException as e:  # say so in _job.json, then let it go on up
+        _record_failure(plan, ws, t0, e)
+        raise
+    finally:
+        stop(committer)
+    return _finish(plan, ws, out_uri, t0, t1, sink.totals)
+
+
+def dataset(plan: Plan, ws: Workspace, batch_size: int):
+    """OUT's rows still to do -> the head's columns. Each read task reads one file of OUT, only
+    the needed columns, and keeps only the rows still to do (a resumed apply): OUT2 is committed
+    as OUT was made, file by file, and memory stays bounded by a file."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    files = pa.table({"path": plan.table.files})
+    todo = ray.put(ws.todo["sample_id"].combine_chunks()) if ws.skipped else None
+    ds = ray.data.from_arrow([files.slice(i, 1) for i in range(len(files))]).map_batches(
+        read_rows, fn_kwargs={"fs": plan.table.fs, "columns": [*CARRIED, plan.column], "todo": todo},
+        batch_size=1, batch_format="pyarrow",
+        num_cpus=0.5)  # reads wait on I/O; and so they stay apart from the head's op, one block per file
+    return ds.map_batches(HeadActor, fn_constructor_args=(plan.head, plan.column, plan.name, plan.frames),
+                          batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1))
+
+
+def read_rows(files: pa.Table, fs, columns: List[str], todo=None) -> pa.Table:
+    """The rows of OUT's files (one, as planned above), only `columns`; only the `todo` ids if given."""
+    import ray
+
+    tables = [pq.read_table(path, columns=columns, filesystem=fs) for path in files["path"].to_pylist()]
+    rows = pa.concat_tables(tables)
+    if todo is not None:
+        ids = ray.get(todo) if isinstance(todo, ray.ObjectRef) else todo
+        rows = rows.filter(pc.is_in(rows["sample_id"], value_set=ids))
+    return rows
+
+
+class HeadActor:
+    """Ray Data actor: the head, loaded once; a batch of OUT's rows in, its output columns out."""
+
+    def __init__(self, head: Checkpoint, column: str, name: str, frames: Optional[int]):
+        import torch
+
+        torch.set_num_threads(1)
+        self.head, self.column, self.name, self.frames = head, column, name, frames
+        self.columns = head.columns(name)
+
+    def __call__(self, batch: pa.Table) -> Dict[str, np.ndarray]:
+        ids = batch["sample_id"].to_pylist()
+        faults.point(STAGE, lambda: "\n".join(ids))
+        out = {c: np.asarray(batch[c].to_pylist(), dtype=object) for c in CARRIED}
+        try:
+            out.update(self.outputs(batch[self.column]))
+            fields = {c: "" for c in ERROR_COLUMNS}
+        except Exception as e:  # the batch's samples become error rows; the job goes on
+            out.update(self.blank(len(ids)))
+            fields = error_fields(STAGE, e)
+        out.update({c: np.full(len(ids), v, dtype=object) for c, v in fields.items()})
+        return out
+
+    def outputs(self, column) -> Dict[str, np.ndarray]:
+        if self.head.kind in TEMPORAL:
+            x, lengths = sequences(column, self.frames)
+            return self.head.outputs(x, lengths, self.name)
+        return self.head.outputs(vectors(column), None, self.name)
+
+    def blank(self, n: int) -> Dict[str, np.ndarray]:
+        """Values of rows that become errors (the sink writes them to the errors table only)."""
+        return {c: np.full(n, "", dtype=object) if pa.types.is_string(t) else np.zeros((n, t.list_size), np.float32)
+                for c, t in self.columns}
+
+
+def _record_head(plan: Plan) -> Dict[str, Any]:
+    """_job.json's description of the apply: what it read, with what head, into which columns."""
+    return {"name": job_name(plan), "kind": "apply", "settings": settings(plan),
+            "input": plan.table.provenance(), "checkpoint": redact_strings(plan.head.provenance()),
+            "columns": [c for c, _ in plan.head.columns(plan.name, plan.dtype)]}
+
+
+def _record_failure(plan: Plan, ws: Workspace, t0: float, e: BaseException) -> None:
+    try:
+        write_record(ws, _record_head(plan), status="failed", started_at=t0, error=f"{type(e).__name__}: {e}"[:2000])
+    except Exception as e2:  # the store itself may be what failed; the job's own error matters more
+        log.warning("could not record the failure in %s: %s", ws.uri, e2)
+
+
+def _finish(plan: Plan, ws: Workspace, out_uri: str, t0: float, t1: float, totals: Dict[str, Any]) -> Summary:
+    summary = Summary(
+        out_uri=out_uri, planned=len(ws.plan),
+        features=totals.get("features", 0), errors=dict(sorted(totals.get("errors", {}).items())),
+        wall_s=time.time() - t1, startup_s=t1 - t0, skipped=ws.skipped, duplicates=totals.get("duplicates", 0),
+        output_rows=table_rows(ws.fs, ws.root), **steady_state(totals.get("commits", []), t1))
+    write_record(ws, _record_head(plan), status="complete", started_at=t0, summary=summary)
+    finish(ws)  # and an overwrite replaces the old table now
+    return summary
