@@ -176,20 +176,22 @@ def test_train_lstm_writes_a_checkpoint_a_job_loads(order_table, tmp_path, capsy
     # The same training again: nothing to do; another training into the same folder: refused.
     assert main(["train", str(path), "--set", "train.epochs=4"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert main(["train", str(path), "--set", "head.hidden=8"]) == 2
-    assert "holds the checkpoint of another training (differs in: head)" in capsys.readouterr().err
+    assert main(["train", str(path), "--set", "head.hidden=8"]) == 2  # and the file says 3 epochs
+    assert "holds the checkpoint of another training (differs in: head.hidden 16 -> 8, train.epochs 4 -> 3)" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_training_resumes_after_a_worker_dies(content_table, tmp_path, faults, capsys):
     out = str(tmp_path / "head")
     cfg = parse_training(training(content_table, out, kind="attention", train={"epochs": 4}))
-    faults("epoch", action="exit", after=2)  # the worker process ends once epoch 2 is saved
+    faults("epoch", action="exit", after=2)  # the worker process ends once it reported epoch 2
     with pytest.raises(Exception):
         train(cfg)
     assert not os.path.exists(f"{out}/{ckpt.CONFIG}")  # no finished checkpoint yet
     result = train(cfg)
-    assert result.resumed_from == 2
+    # Epoch 1 was registered for sure; epoch 2's report may not have reached Ray Train's controller
+    # before its worker died (it polls its workers), and then epoch 2 is done again.
+    assert result.resumed_from in (1, 2)
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
     assert ckpt.load(out).kind == "attention"
 

@@ -174,13 +174,24 @@ def _finished(fs, root: str, plan: Plan, uri: str) -> Optional[List[Dict[str, An
         raise OutputExists(f"output.uri {uri} holds files that no training of this file wrote; "
                            "choose another output.uri")
     if plan_file is not None and plan_file.get("fingerprint") != plan.fingerprint:
-        diff = [k for k in sorted(set(plan_file.get("settings", {})) | set(plan.settings))
-                if plan_file.get("settings", {}).get(k) != plan.settings.get(k)]
+        old, new = _flat(plan_file.get("settings", {})), _flat(plan.settings)
+        diff = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         raise OutputExists(f"output.uri {uri} holds the checkpoint of another training (differs in: "
                            f"{', '.join(diff) or 'settings'}); choose another output.uri")
     if finished:
         return json.loads(fs.cat_file(f"{root}/{ckpt.METRICS}"))
     return None
+
+
+def _flat(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _holds_files(fs, root: str) -> bool:
