@@ -1,4 +1,4 @@
-"""`featurize run | submit | status | inspect | demo`.
+"""`featurize run | train | apply | submit | status | inspect | demo`.
 
 Exit codes: 0 when the job completed (some samples may be error rows), 2 when it could not run
 (bad job file, unreachable source, unknown model, output holding another job's), 1 when it failed
@@ -53,7 +53,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="list the source again and process only the samples added since it was planned")
     run.set_defaults(func=cmd_run)
 
-    submit = sub.add_parser("submit", help="submit a job file to a Ray cluster through its Jobs API")
+    train = sub.add_parser("train", help="train a head (lstm, attention, linear, mlp, autoencoder) on a features table")
+    train.add_argument("job", help="training file (YAML)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key, e.g. --set train.epochs=5 (repeatable)")
+    train.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
+    train.set_defaults(func=cmd_train)
+
+    apply = sub.add_parser("apply", help="apply a trained head to a features table, writing a new one")
+    apply.add_argument("checkpoint", help="the head's checkpoint directory (featurize train's output.uri)")
+    apply.add_argument("--input", required=True, help="a featurize output root with the head's input column")
+    apply.add_argument("--output", required=True, help="the new output root")
+    apply.add_argument("--name", default=None, help="lstm/attention: the column is clip_<name> (default: the kind)")
+    apply.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for the input and checkpoint")
+    apply.add_argument("--output-storage-options", default=None, metavar="JSON",
+                       help="fsspec options for the output (default: --storage-options)")
+    apply.add_argument("--address", default=None, help="Ray address; default: local Ray")
+    apply.add_argument("--overwrite", action="store_true", help="replace another table in --output, once complete")
+    apply.set_defaults(func=cmd_apply)
+
+    submit = sub.add_parser("submit", help="submit a job or training file to a Ray cluster through its Jobs API")
     _job_arguments(submit)
     submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                         required="RAY_API_SERVER_ADDRESS" not in os.environ,
@@ -143,9 +162,13 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import SubmitError, submit
+    from .train.config import is_training_file
 
-    try:  # the whole job file is checked here: a bad one never reaches the cluster
-        job, data = _load(args.job, args.overrides, ship=True)
+    try:  # the whole file is checked here: a bad one never reaches the cluster
+        if is_training_file(read_job_file(args.job)):
+            job, data = _load_training(args.job, args.overrides)
+        else:
+            job, data = _load(args.job, args.overrides, ship=True)
     except ConfigError as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
@@ -154,6 +177,70 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except SubmitError as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
+
+
+def _load_training(path: str, overrides: List[str]):
+    """(training config, the mapping a cluster is sent: overrides applied, local paths absolute)."""
+    from .submit import shipped_job
+    from .train.config import parse_training
+
+    data = shipped_job(read_job_file(path), overrides, os.getcwd())
+    return parse_training(data), data
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import load_training
+
+    try:  # before Ray and torch: a bad file is refused at once
+        cfg = load_training(args.job, args.overrides)
+    except ConfigError as e:
+        _say(f"featurize: {e}")
+        return EXIT_REFUSED
+    from .output import OutputExists
+    from .train.loop import TrainError, train
+    from .train.report import format_training
+    from .train.table import TableError
+
+    try:
+        result = train(cfg, address=args.address, say=lambda line: print(line, flush=True))
+    except (TrainError, TableError, OutputExists) as e:
+        _say(f"featurize: {e}")
+        return EXIT_REFUSED
+    except Exception as e:
+        _say(f"featurize: training {cfg.name} failed: {type(e).__name__}: {_last_line(e)}")
+        _say("featurize: the epochs done are kept; run the same command again to resume")
+        return EXIT_FAILED
+    print(format_training(cfg, result))
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    options = _storage_options(args.storage_options)
+    out_options = options if args.output_storage_options is None else _storage_options(args.output_storage_options)
+    if options is None or out_options is None:
+        return EXIT_REFUSED
+    from .output import OutputExists
+    from .report import format_summary
+    from .train.apply import ApplyError, apply_head
+    from .train.checkpoint import CheckpointError
+    from .train.table import TableError
+
+    try:
+        summary = apply_head(args.checkpoint, args.input, args.output, name=args.name, storage_options=options,
+                             output_storage_options=out_options, address=args.address, overwrite=args.overwrite)
+    except (ApplyError, CheckpointError, TableError, OutputExists) as e:
+        _say(f"featurize: {e}")
+        return EXIT_REFUSED
+    except Exception as e:
+        _say(f"featurize: apply failed: {type(e).__name__}: {_last_line(e)}")
+        _say("featurize: what was committed is kept; run the same command again to resume")
+        return EXIT_FAILED
+    print(format_summary(summary))
+    return EXIT_OK
+
+
+def _last_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else ""
 
 
 def _storage_options(text: str):

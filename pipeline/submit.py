@@ -24,7 +24,7 @@ from .config import JobConfig, apply_override
 JOB_FILE = "job.yaml"
 PACKAGE = Path(__file__).resolve().parent
 # Keys whose values are local paths when they are not URIs; made absolute before submission.
-PATH_KEYS = (("source", "uri"), ("output", "uri"), ("model", "weights"))
+PATH_KEYS = (("source", "uri"), ("output", "uri"), ("model", "weights"), ("data", "uri"))  # data: training files
 
 
 class SubmitError(RuntimeError):
@@ -62,8 +62,10 @@ def _relative_local(value: Any, base: str, must_exist: bool) -> bool:
     return not must_exist or os.path.exists(os.path.join(base, value))
 
 
-def local_paths(job: JobConfig) -> List[str]:
-    """The job's paths that name this machine's disk (a remote cluster cannot see them)."""
+def local_paths(job) -> List[str]:
+    """The job's (or training file's) paths that name this machine's disk (a remote cluster cannot see them)."""
+    if not isinstance(job, JobConfig):  # a training file
+        return [p for p in (job.data.uri, job.output.uri) if "://" not in p or p.startswith("file://")]
     paths = [job.source.uri, job.output.uri]
     if os.path.isabs(job.model.weights):
         paths.append(job.model.weights)
@@ -76,9 +78,9 @@ def is_loopback(address: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
-def submit(job: JobConfig, data: Dict[str, Any], address: str, wait: bool, out: TextIO = sys.stdout) -> int:
-    """Submit the job (`data`: the job file's mapping, overrides applied); with `wait`, follow it
-    to the end and return its exit code, else return 0 once the cluster has accepted it."""
+def submit(job, data: Dict[str, Any], address: str, wait: bool, out: TextIO = sys.stdout) -> int:
+    """Submit the job or training (`data`: the file's mapping, overrides applied); with `wait`, follow
+    it to the end and return its exit code, else return 0 once the cluster has accepted it."""
     from ray.job_submission import JobSubmissionClient
 
     if not is_loopback(address) and local_paths(job):
@@ -92,7 +94,7 @@ def submit(job: JobConfig, data: Dict[str, Any], address: str, wait: bool, out: 
     with tempfile.TemporaryDirectory(prefix="featurize-submit-") as folder:
         Path(folder, JOB_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
         submission_id = client.submit_job(
-            entrypoint=f"python -m pipeline.cli run {JOB_FILE} --address auto",
+            entrypoint=f"python -m pipeline.cli {'run' if isinstance(job, JobConfig) else 'train'} {JOB_FILE} --address auto",
             runtime_env={"working_dir": folder, "py_modules": [str(PACKAGE)],
                          "excludes": ["__pycache__", "*.pyc"]},
             submission_id=f"featurize-{_slug(job.name)}-{uuid.uuid4().hex[:8]}",

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import faults
+from ..jobrun import init_ray
 from ..lease import Lease
 from ..output import OutputExists
 from ..redact import RedactedError, logger, redact, redact_text
@@ -216,7 +217,7 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    _init_ray(address)
+    init_ray(address)
     storage, storage_fs = _storage(fs, root, cfg)
     lines = Queue()  # the workers' epoch lines, printed here as they come (the driver's console)
     loop_config = {"plan": plan, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
@@ -301,22 +302,6 @@ def _datasets(cfg: TrainConfig, plan: Plan) -> Dict[str, Any]:
     else:
         out = {"train": ray_dataset(cfg.data.uri, split=cfg.data.train_split, **common)}
     return out
-
-
-def _init_ray(address: Optional[str]) -> None:
-    import logging
-
-    import ray
-
-    from ..interrupt import reclaim_sigterm
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    reclaim_sigterm()
 
 
 def _write_checkpoint(cfg: TrainConfig, table: FeatureTable, plan: Plan, state: Dict[str, Any], resumed: int,
