@@ -245,3 +245,17 @@ def test_credentials_of_the_input_and_the_output_appear_nowhere(s3, tmp_path):
     record = json.loads(fs.cat_file(f"{S3_BUCKET}/out2/{JOB_FILE}"))
     assert record["settings"]["apply.input"] == src
     assert read_errors(dst, fs) is None
+
+
+def test_user_info_in_the_input_uri_is_masked_in_settings_record_and_metadata(tmp_path):
+    from pipeline.train import apply
+
+    out = tmp_path / "out"
+    make_table(out, n=4)
+    plan = apply._plan(make_head(tmp_path / "h", "mlp"), str(out), str(tmp_path / "o"), None, {}, {})
+    uri = f"https://reader:{SECRET}@example.com/out?X-Amz-Signature={SECRET}"
+    plan = dataclasses.replace(plan, table=dataclasses.replace(plan.table, uri=uri))
+    written = json.dumps([apply.settings(plan), apply.provenance(plan), apply._record_head(plan)])
+    assert SECRET not in written and "https://reader:***@example.com/out" in written
+    with pytest.raises(ApplyError, match="batch_size"):
+        apply_head(str(tmp_path / "h"), str(out), str(tmp_path / "o"), batch_size=0)

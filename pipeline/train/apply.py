@@ -71,6 +71,11 @@ def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[
     `output_storage_options` default to them when OUT2 is on the same store. Refusals raise
     ApplyError before any work; a failure midway raises as it is (run again to resume)."""
     t0 = time.time()
+    if batch_size < 1:
+        raise ApplyError(f"batch_size: must be a positive integer, got {batch_size}")
+    if address and address.startswith("ray://"):  # Ray Data's executor needs a core worker, which a client lacks
+        raise ApplyError(f"--address {address}: Ray Client is not supported by apply; run it on a node of the "
+                         "cluster with the cluster's address (host:6379, or auto)")
     in_options = dict(storage_options or {})
     out_options = _options_for(output_uri, input_uri, in_options, output_storage_options)
     plan = _plan(checkpoint, input_uri, output_uri, name, in_options, out_options)
@@ -172,17 +177,17 @@ def settings(plan: Plan) -> Dict[str, Any]:
 def provenance(plan: Plan) -> Dict[str, str]:
     """OUT2's Parquet metadata: its source table and its head, no credentials."""
     columns = plan.head.columns(plan.name, plan.dtype)
+    vector = next(t for _, t in columns if pa.types.is_fixed_size_list(t))  # clip_/code, or probs (float32)
     meta = {
         "featurize.version": __version__,
         "featurize.job": job_name(plan),
         "featurize.kind": "apply",
-        "featurize.dtype": plan.dtype,
+        "featurize.dtype": "float16" if vector.value_type == pa.float16() else "float32",
+        "featurize.dim": str(vector.list_size),
         "featurize.columns": json.dumps([c for c, _ in columns]),
         "featurize.source": json.dumps(plan.table.provenance(), sort_keys=True),
         "featurize.head": json.dumps(redact_strings(plan.head.provenance()), sort_keys=True),
     }
-    if plan.head.kind not in ("linear", "mlp"):
-        meta["featurize.dim"] = str(columns[0][1].list_size)
     return {k: redact_text(v) for k, v in meta.items()}
 
 
