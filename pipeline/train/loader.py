@@ -12,9 +12,10 @@ pipeline.train.tensors, a whole read at a time, never a Python loop over rows or
 from __future__ import annotations
 
 import os
+from collections import deque
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -55,7 +56,10 @@ class FeatureDataset(IterableDataset):
       each epoch, as with DistributedSampler; with persistent_workers the workers keep the epoch
       they started with), and rows are shuffled within windows of at least `shuffle_buffer` rows.
     - drop_last: drop each worker's last, short batch.
-    Memory stays bounded by the read size and the shuffle buffer, whatever the table's size.
+    - ids: add each row's "sample_id" (a list of str) to its batch.
+    - read_threads: row groups read and converted at once in each process (in every DataLoader worker).
+    Memory stays bounded by (read_threads + 1) row groups and the shuffle buffer, whatever the
+    table's size (a run writes a row group per commit).
     """
 
     def __init__(self, uri: str, column: str, label: Optional[str] = "label", split: Optional[str] = None,
@@ -63,7 +67,7 @@ class FeatureDataset(IterableDataset):
                  batch_size: int = 256, shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 8192,
                  frames: Optional[int] = None, storage_options: Optional[Dict[str, Any]] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, drop_last: bool = False,
-                 ids: bool = False):
+                 ids: bool = False, read_threads: int = 2):
         if batch_size < 1:
             raise TableError(f"batch_size: must be at least 1, not {batch_size}")
         table = open_table(uri, storage_options, key="uri")
@@ -73,7 +77,7 @@ class FeatureDataset(IterableDataset):
         self.label, self.split, self.labels = label, split, (None if labels is None else [str(l) for l in labels])
         self.classes = _classes(table, label, split, self.labels, classes)
         self.columns = _columns(table, column, label, split, self.labels, ids)
-        self.batch_size, self.drop_last, self.ids = batch_size, drop_last, ids
+        self.batch_size, self.drop_last, self.ids, self.read_threads = batch_size, drop_last, ids, max(1, read_threads)
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
         self.rank, self.world_size = _world(rank, world_size)
         wanted = {"split": [split]} if split is not None else {}
@@ -104,14 +108,26 @@ class FeatureDataset(IterableDataset):
         return filesystem(self.uri, self.storage_options)[0]
 
     def _read(self, pieces: List[Tuple[str, int]], fs) -> Iterator[Rows]:
+        """The pieces' rows in order, `read_threads` row groups decoded at once (Parquet decoding
+        and the float32 cast release the GIL) and one more ahead, so memory stays a few row groups."""
+        pool = ThreadPoolExecutor(self.read_threads)
+        pending: Deque[Future] = deque()
+        try:
+            for piece in pieces:
+                pending.append(pool.submit(self._piece, fs, *piece))
+                if len(pending) > self.read_threads:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _piece(self, fs, path: str, group: int) -> List[Rows]:
         per_row = 4 * self.dim * (self.frames or 1)
-        size = max(self.batch_size, READ_BYTES // per_row)
-        for path, group in pieces:
-            with _parquet(fs, path) as f:
-                for batch in f.iter_batches(size, row_groups=[group], columns=self.columns):
-                    batch = self._filter(batch)
-                    if len(batch):
-                        yield self._convert(batch, path)
+        size = max(self.batch_size, READ_BYTES // per_row)  # decoded a part at a time: bounded peak
+        with _parquet(fs, path) as f:
+            batches = (self._filter(b) for b in f.iter_batches(size, row_groups=[group], columns=self.columns))
+            return [self._convert(b, path) for b in batches if len(b)]
 
     def _filter(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         masks = []
