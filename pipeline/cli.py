@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--video-job", default="jobs/demo_video.yaml", help="'' to skip the video demo")
     demo.add_argument("--video-data", default="demo-data/videos")
     demo.add_argument("--videos", type=int, default=12)
+    demo.add_argument("--order-job", default="jobs/demo_order.yaml",
+                      help="'' to skip the last demo: clips told apart by the order of events, an LSTM trained on them")
+    demo.add_argument("--order-train", default="jobs/demo_order_train.yaml", help="its training file")
+    demo.add_argument("--order-data", default="demo-data/order")
+    demo.add_argument("--order-videos", type=int, default=64)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -216,9 +221,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_options)
-    out_options = options if args.output_storage_options is None else _storage_options(args.output_storage_options)
-    if options is None or out_options is None:
-        return EXIT_REFUSED
+    out_options = None if args.output_storage_options is None else _storage_options(args.output_storage_options)
+    if options is None or (args.output_storage_options is not None and out_options is None):
+        return EXIT_REFUSED  # None: the input's options when --output is on the same store
     from .output import OutputExists
     from .report import format_summary
     from .train.apply import ApplyError, apply_head
@@ -300,10 +305,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     folders = [(args.job, args.data, "--data")]
     if args.video_job:
         folders.append((args.video_job, args.video_data, "--video-data"))
+    if args.order_job:
+        folders.append((args.order_job, args.order_data, "--order-data"))
     try:  # every folder is checked before anything is written to any of them
         for job, data, key in folders:
             check(data, key)
             check(load_job(job).output.uri, f"{job}: output.uri")
+        for folder, key in _order_outputs(args):
+            check(folder, key)
         for _, data, key in folders:
             claim(data, key)
     except ConfigError as e:
@@ -318,7 +327,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     counts = make_video_folder(args.video_data, n=args.videos)
     print(f"\nsample data  {args.video_data}: {counts['videos']} videos (MPEG-4 in AVI) in "
           f"{counts['classes']} classes, {counts['broken']} broken file among them")
-    return _demo_job(args.video_job, args.video_data)
+    code = _demo_job(args.video_job, args.video_data)
+    if code != EXIT_OK or not args.order_job:
+        return code
+    return _demo_order(args)
+
+
+def _order_outputs(args: argparse.Namespace):
+    """The order demo's trained head and applied table: the demo's own folders, replaced each run."""
+    from .train.config import load_training
+
+    head = load_training(args.order_train).output.uri.rstrip("/")
+    return [(head, f"{args.order_train}: output.uri"), (f"{head}-applied", f"{args.order_train}: output.uri-applied")]
+
+
+def _demo_order(args: argparse.Namespace) -> int:
+    """Frames in, a trained LSTM and a new table out; then how well each clip feature separates the classes."""
+    from .demo import claim
+    from .train.demo import order_loop
+
+    def run(job_path: str, overrides: List[str]) -> None:
+        claim(load_job(job_path).output.uri, f"{job_path}: output.uri", clear=True)
+        code, summary = _run(job_path, overrides, None, False)
+        if summary is None:
+            raise SystemExit(code)
+        print(format_summary(summary))
+
+    from .report import format_summary
+
+    print()
+    for folder, key in _order_outputs(args):
+        claim(folder, key, clear=True)
+    try:
+        accuracy = order_loop(args.order_job, args.order_train, args.order_data, args.order_videos, run,
+                              say=lambda line: print(line, flush=True))
+    except SystemExit as e:
+        return int(e.code)
+    print(f"\nheld-out clips, nearest-centroid accuracy of each clip feature (chance 0.50):\n"
+          f"  mean over frames   {accuracy['mean']:.2f}   (the order is averaged away)\n"
+          f"  trained LSTM       {accuracy['lstm']:.2f}")
+    return EXIT_OK
 
 
 def _demo_job(job_path: str, data: str) -> int:
