@@ -363,6 +363,9 @@ def _demo_order(args: argparse.Namespace) -> int:
                               say=lambda line: print(line, flush=True))
     except SystemExit as e:
         return int(e.code)
+    except Exception as e:  # a refusal or a failure of the training or the apply: one line
+        _say(f"featurize: {type(e).__name__}: {_last_line(e)}")
+        return EXIT_FAILED
     print(f"\nheld-out clips, nearest-centroid accuracy of each clip feature (chance 0.50):\n"
           f"  mean over frames   {accuracy['mean']:.2f}   (the order is averaged away)\n"
           f"  trained LSTM       {accuracy['lstm']:.2f}")

@@ -26,7 +26,9 @@ def order_loop(job_path: str, train_path: str, data: str, videos: int, run: Call
     run(job_path, [f"source.uri={data}", *splits])
     cfg = load_training(train_path, [f"data.uri={job.output.uri}", *overrides])
     say(f"\ntraining     {cfg.head.kind} on {cfg.data.column} of {cfg.data.uri}, {cfg.train.epochs} epochs")
-    train(cfg, say=say)
+    from .report import format_training
+
+    say(format_training(cfg, train(cfg, say=say)))
     applied = f"{cfg.output.uri.rstrip('/')}-applied"
     say(f"applying     {cfg.output.uri} to {job.output.uri} -> {applied}")
     apply_head(cfg.output.uri, job.output.uri, applied, name=cfg.head.kind)

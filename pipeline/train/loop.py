@@ -197,7 +197,8 @@ def _flat(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def _holds_files(fs, root: str) -> bool:
     try:
-        return any(not os.path.basename(p).startswith("_lease") for p in fs.ls(root, detail=False))
+        # names starting with _ or . are state (a lease, a demo's mark), not a checkpoint's files
+        return any(not os.path.basename(p.rstrip("/")).startswith(("_", ".")) for p in fs.ls(root, detail=False))
     except FileNotFoundError:
         return False
 
