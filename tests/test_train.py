@@ -215,3 +215,22 @@ def test_autoencoder_on_an_object_store_keeps_the_secret_out(s3, tmp_path):
         assert S3_SECRET not in text
     loaded = ckpt.load(f"s3://{S3_BUCKET}/heads/ae", options)
     assert loaded.columns("ae")[0][0] == "code" and loaded.model.out_dim == 4
+
+
+def test_a_second_training_into_the_same_directory_is_refused(order_table, tmp_path, capsys):
+    """One writer per checkpoint directory: the lease a running training holds (here taken by hand,
+    as a live process would hold it) refuses another before any work."""
+    import fsspec
+
+    from pipeline.lease import Lease
+
+    out = tmp_path / "head"
+    held = Lease(fsspec.filesystem("file"), str(out), str(out), "other-run").acquire()
+    try:
+        path = tmp_path / "t.yaml"
+        path.write_text(json.dumps(training(order_table, str(out))))
+        assert main(["train", str(path)]) == 2
+        assert "is in use by run other-run" in capsys.readouterr().err
+    finally:
+        held.release()
+    assert not (out / ckpt.CONFIG).exists() and not (out / "_train").exists()  # refused before its plan
