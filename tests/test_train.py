@@ -234,3 +234,57 @@ def test_a_second_training_into_the_same_directory_is_refused(order_table, tmp_p
     finally:
         held.release()
     assert not (out / ckpt.CONFIG).exists() and not (out / "_train").exists()  # refused before its plan
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_checkpoint_round_trips(tmp_path, kind):
+    """save, load: the same outputs, the same columns, and config.json says what it was trained on."""
+    head = {"hidden": 8, "layers": 2, "bidirectional": True, "dropout": 0.1, "code_dim": 3}
+    model = build(kind, 6, 4, head, seed=7).eval()
+    config = {"kind": kind, "input": {"column": "c", "dim": 6, "frames": 5}, "head": head,
+              "classes": list("abcd") if supervised(kind) else [], "source": {"uri": "s3://u:pw@b/t"}}
+    ckpt.save(str(tmp_path / "h"), {}, model, config, [{"epoch": 1, "train_loss": 1.0}], curves=b"png")
+    loaded = ckpt.load(str(tmp_path / "h"))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 6) if kind in TEMPORAL else (3, 6)).astype(np.float32)
+    lengths = np.array([5, 2, 1]) if kind in TEMPORAL else None
+    with torch.no_grad():
+        expected = model.embed(torch.from_numpy(x), None if lengths is None else torch.from_numpy(lengths)).numpy()
+    got = loaded.outputs(x, lengths, "n")
+    column = {"lstm": "clip_n", "attention": "clip_n", "autoencoder": "code"}.get(kind, "probs")
+    assert np.allclose(got[column], expected, atol=1e-6)
+    if supervised(kind) and kind not in TEMPORAL:
+        assert list(got["pred"]) == [list("abcd")[i] for i in expected.argmax(axis=1)]
+    assert "pw" not in (tmp_path / "h" / ckpt.CONFIG).read_text()  # credentials masked in the record
+    (tmp_path / "h" / ckpt.MODEL).write_bytes(b"not safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors does not fit config.json"):
+        ckpt.load(str(tmp_path / "h"))
+
+
+def test_submit_sends_a_training_file_to_featurize_train(tmp_path, monkeypatch, capsys):
+    """`featurize submit` checks a training file here and has the cluster run `featurize train` on it,
+    with its local paths made absolute (the driver runs elsewhere)."""
+    import ray.job_submission
+    import yaml
+
+    sent = {}
+
+    class Client:
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, entrypoint, runtime_env, **kwargs):
+            sent["entrypoint"] = entrypoint
+            sent["file"] = yaml.safe_load(open(os.path.join(runtime_env["working_dir"], "job.yaml")))
+            return kwargs["submission_id"]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text(json.dumps(training("out/table", "heads/h")))
+    assert main(["submit", "t.yaml", "--address", "http://127.0.0.1:8265", "--set", "train.epochs=2"]) == 0
+    assert sent["entrypoint"] == "python -m pipeline.cli train job.yaml --address auto"
+    assert sent["file"]["data"]["uri"] == str(tmp_path / "out/table")
+    assert sent["file"]["output"]["uri"] == str(tmp_path / "heads/h") and sent["file"]["train"]["epochs"] == 2
+    (tmp_path / "bad.yaml").write_text(json.dumps(training("t", "h", head={"kind": "rnn"})))
+    assert main(["submit", "bad.yaml", "--address", "http://127.0.0.1:8265"]) == 2
+    assert "head.kind: 'rnn' is not one of" in capsys.readouterr().err
