@@ -288,3 +288,12 @@ def test_submit_sends_a_training_file_to_featurize_train(tmp_path, monkeypatch, 
     (tmp_path / "bad.yaml").write_text(json.dumps(training("t", "h", head={"kind": "rnn"})))
     assert main(["submit", "bad.yaml", "--address", "http://127.0.0.1:8265"]) == 2
     assert "head.kind: 'rnn' is not one of" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_training_the_local_ray_cannot_hold_is_refused(order_table, tmp_path):
+    """Asked for a GPU or more CPUs than an embedded Ray has, Ray Train would wait forever."""
+    for change, message in (({"use_gpu": True}, "train.use_gpu: 1 worker"),
+                            ({"workers": 3}, "train.workers x train.cpus_per_worker: 3 CPUs asked")):
+        with pytest.raises(TrainError, match=message):
+            train(parse_training(training(order_table, str(tmp_path / "h"), train=change)))

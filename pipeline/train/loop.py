@@ -219,6 +219,8 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     from ray.util.queue import Queue
 
     init_ray(address)
+    if not address:
+        _check_local_resources(cfg)
     storage, storage_fs = _storage(fs, root, cfg)
     lines = Queue()  # the workers' epoch lines, printed here as they come (the driver's console)
     loop_config = {"plan": plan, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
@@ -255,6 +257,21 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
 
         state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
     return state, state.get("resumed_from", 0)
+
+
+def _check_local_resources(cfg: TrainConfig) -> None:
+    """An embedded Ray cannot grow: a training asking for more than it has would wait forever
+    (a cluster's autoscaler may add nodes, so there the wait is left to Ray)."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpus = cfg.train.workers * cfg.train.cpus_per_worker
+    if cfg.train.use_gpu and have.get("GPU", 0) < cfg.train.workers:
+        raise TrainError(f"train.use_gpu: {cfg.train.workers} worker(s) need a GPU each; this machine's Ray has "
+                         f"{have.get('GPU', 0):g}")
+    if cpus > have.get("CPU", 0):
+        raise TrainError(f"train.workers x train.cpus_per_worker: {cpus:g} CPUs asked, this machine's Ray has "
+                         f"{have.get('CPU', 0):g}")
 
 
 def _parquet_bytes(table: FeatureTable) -> int:
