@@ -235,8 +235,6 @@ def _random_config(cfg: TemporalConfig, input_dim: int, key: str) -> Dict[str, A
 
 def _instantiate(config: Dict[str, Any], seed: int, key: str) -> nn.Module:
     kwargs = {k: v for k, v in config.items() if k != "kind"}
-    if config.get("kind") in HEADS:  # only the constructor's keys: a config may carry notes besides
-        kwargs = {k: v for k, v in kwargs.items() if k == "input_size" or k in HEADS[config["kind"]].CONFIG_KEYS}
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)
