@@ -134,22 +134,28 @@ def load_job(path: str, overrides: Optional[List[str]] = None) -> JobConfig:
     return parse_job(read_job_file(path), overrides)
 
 
-def read_job_file(path: str) -> Any:
+def read_job_file(path: str, what: str = "job file") -> Any:
     try:
         with open(path) as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read job file {path}: {getattr(e, 'strerror', None) or e}") from None
-    return load_yaml(text, f"job file {path}")
+        raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    return load_yaml(text, f"{what} {path}")
 
 
 def parse_job(data: Any, overrides: Optional[List[str]] = None) -> JobConfig:
+    job = build_config(JobConfig, data, overrides)
+    _check(job)
+    return job
+
+
+def build_config(cls, data: Any, overrides: Optional[List[str]] = None):
+    """A config dataclass (a job, a training) from a file's mapping and `--set` overrides; unknown
+    keys and wrong types refused, naming the key."""
     data = copy.deepcopy(data) if data is not None else {}
     for item in overrides or []:
         apply_override(data, item)
-    job = _build(JobConfig, data, "")
-    _check(job)
-    return job
+    return _build(cls, data, "")
 
 
 def apply_override(data: Dict[str, Any], item: str) -> None:

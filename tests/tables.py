@@ -7,7 +7,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from pipeline.store import parquet_bytes
 
 
 def order_sequences(n: int, frames: int = 6, dim: int = 8, seed: int = 0):
@@ -48,7 +49,8 @@ def write_table(root: str, split: List[str], labels: List[str], feature: Optiona
         folder = os.path.join(root, "features", f"split_dir={s}", f"label_dir={l}")
         os.makedirs(folder, exist_ok=True)
         for k in range(0, len(part), rows_per_file):
-            pq.write_table(part.slice(k, rows_per_file), os.path.join(folder, f"part-{k:05d}.parquet"))
+            with open(os.path.join(folder, f"part-{k:05d}.parquet"), "wb") as f:  # as the sink writes them
+                f.write(parquet_bytes(part.slice(k, rows_per_file)))
     settings = {"video.sampling": "uniform", "video.num_frames": int(frames.shape[1])} if frames is not None else {}
     with open(os.path.join(root, "_job.json"), "w") as f:
         json.dump({"name": name, "status": "complete", "settings": settings}, f)

@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from conftest import SMALL_MODEL, run
-from pipeline.config import parse_job
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.demo import order_loop
 

@@ -84,7 +84,6 @@ def test_cli_refuses_a_bad_training_file_with_exit_2(tmp_path, capsys):
 def test_table_refused_before_any_work(order_table, tmp_path, change, message):
     cfg = parse_training(training(order_table, str(tmp_path / "h"), **change))
     if message is None:
-        kind, column = cfg.head.kind, cfg.data.column
         assert plan_training(parse_training(training(order_table, "h", kind="linear", column="feature",
                                                      data={"label": "uri"})))[1].classes
         return

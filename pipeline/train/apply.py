@@ -43,6 +43,7 @@ from .tensors import SEQUENCE, VECTOR, sequences, vectors
 log = logger(__name__)  # credentials masked in every record
 CARRIED = ("sample_id", "uri", "label", "split")  # the columns of every features table, copied as they are
 STAGE = "apply"
+BATCH_BYTES = 64 << 20
 
 
 class ApplyError(RedactedError, ValueError):
@@ -65,13 +66,13 @@ class Plan:
 def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str] = None,
                storage_options: Optional[Dict[str, Any]] = None,
                output_storage_options: Optional[Dict[str, Any]] = None, address: Optional[str] = None,
-               overwrite: bool = False, batch_size: int = 1024) -> Summary:
+               overwrite: bool = False, batch_size: Optional[int] = None) -> Summary:
     """Apply the head at `checkpoint` to the features table at `input_uri`, into `output_uri`.
     `storage_options` are the input's (and the checkpoint's, when on the same store);
     `output_storage_options` default to them when OUT2 is on the same store. Refusals raise
     ApplyError before any work; a failure midway raises as it is (run again to resume)."""
     t0 = time.time()
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ApplyError(f"batch_size: must be a positive integer, got {batch_size}")
     if address and address.startswith("ray://"):  # Ray Data's executor needs a core worker, which a client lacks
         raise ApplyError(f"--address {address}: Ray Client is not supported by apply; run it on a node of the "
@@ -89,9 +90,16 @@ def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[
                               kind="apply", overwrite=overwrite)
         except OutputExists as e:
             raise ApplyError(str(e)) from None
-        return _run(plan, ws, lease, output_uri, out_options, t0, address, batch_size)
+        return _run(plan, ws, lease, output_uri, out_options, t0, address, batch_size or _batch_rows(plan))
     finally:
         lease.release()
+
+
+def _batch_rows(plan: Plan) -> int:
+    """Rows per batch, and so per commit: each commit writes and publishes whole files, so a batch
+    of about BATCH_BYTES of float32 input (8,192 rows at most) keeps commits few and memory bounded."""
+    per_row = 4 * int(plan.head.input["dim"]) * (plan.frames or 1)
+    return max(16, min(8192, BATCH_BYTES // per_row))
 
 
 def _options_for(uri: str, other: str, options: Dict[str, Any], given: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -5,11 +5,10 @@ any work, naming the key.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from ..config import ConfigError, _build, apply_override, load_yaml, memory_bytes
+from ..config import ConfigError, build_config, memory_bytes, read_job_file
 
 KIND = Literal["lstm", "attention", "linear", "mlp", "autoencoder"]
 
@@ -92,21 +91,13 @@ def is_training_file(data: Any) -> bool:
 
 
 def parse_training(data: Any, overrides: Optional[List[str]] = None) -> TrainConfig:
-    data = copy.deepcopy(data) if data is not None else {}
-    for item in overrides or []:
-        apply_override(data, item)
-    cfg = _build(TrainConfig, data, "")
+    cfg = build_config(TrainConfig, data, overrides)
     _check(cfg)
     return cfg
 
 
 def load_training(path: str, overrides: Optional[List[str]] = None) -> TrainConfig:
-    try:
-        with open(path) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read training file {path}: {getattr(e, 'strerror', None) or e}") from None
-    return parse_training(load_yaml(text, f"training file {path}"), overrides)
+    return parse_training(read_job_file(path, "training file"), overrides)
 
 
 def _check(cfg: TrainConfig) -> None:

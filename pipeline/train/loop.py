@@ -29,12 +29,12 @@ from .. import faults
 from ..jobrun import init_ray
 from ..lease import Lease
 from ..output import OutputExists
-from ..redact import RedactedError, logger, redact, redact_text
+from ..redact import RedactedError, logger, redact
 from ..sources import filesystem
 from . import checkpoint as ckpt
 from .config import TrainConfig, cache_bytes
 from .models import TEMPORAL, supervised
-from .table import FeatureTable, TableError, open_table
+from .table import FeatureTable, open_table
 from .tensors import SEQUENCE
 
 log = logger(__name__)
@@ -105,7 +105,8 @@ def plan_training(cfg: TrainConfig) -> tuple:
                 "train": {k: v for k, v in dataclasses.asdict(cfg.train).items()
                           if k not in ("workers", "use_gpu", "cpus_per_worker")},
                 "table_rows": table.rows(), "dim": dim}
-    settings["data"].pop("storage_options", None)
+    for how in ("storage_options", "cache"):  # how the table is read, not what is learned
+        settings["data"].pop(how, None)
     return table, Plan(cfg.head.kind, cfg.data.column, cfg.data.label, dim, frames, classes,
                        sum(train_counts.values()), sum(val_counts.values()), settings)
 
@@ -114,9 +115,9 @@ def _split_counts(table: FeatureTable, cfg: TrainConfig):
     """Label counts of the training rows and of the validation rows, from the string columns only."""
     from collections import Counter
 
-    for name in ("split", cfg.data.label):
+    for name, key in (("split", "data.train_split"), (cfg.data.label, "data.label")):
         if name not in table.schema.names:
-            raise TrainError(f"data.label: {cfg.data.uri} has no column {name!r}")
+            raise TrainError(f"{key}: {cfg.data.uri} has no column {name!r}")
     t = table.dataset().to_table(columns=["sample_id", "split", cfg.data.label])
     is_train = _rows_of(t, cfg.data.train_split)
     if cfg.data.val_split is not None:
