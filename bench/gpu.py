@@ -1,6 +1,6 @@
 """The GPU check: the model actor's path measured on one bare GPU machine, without Ray.
 
-    python bench/gpu.py --out "$OUT"            # a GPU machine: ~4-6 minutes on an H200
+    python bench/gpu.py --out "$OUT"            # a GPU machine: sized for < 8 minutes on an H200
     python bench/gpu.py --quick                 # a short rerun
     python bench/gpu.py --device cpu --quick    # the CPU smoke run (tests/test_gpu_bench.py)
 
