@@ -135,6 +135,10 @@ def read_batches(root: str, batch: int) -> List[Dict[str, np.ndarray]]:
 
 # ---------------------------------------------------------------- measuring
 
+class Skip(Exception):
+    """A row that cannot be measured for a reason other than a failure."""
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -172,10 +176,13 @@ class Bench:
         elif optional and self.args.no_optional:
             row.update(status="skipped", note="--no-optional")
         elif optional and time.perf_counter() - self.t0 > self.args.budget - reserve:
-            row.update(status="skipped", note=f"time budget ({self.args.budget:.0f} s) spent")
+            less = f", less {reserve:.0f} s for this row" if reserve else ""
+            row.update(status="skipped", note=f"time budget ({self.args.budget:.0f} s{less}) spent")
         else:
             try:
                 row.update(status="ok", **fn())
+            except Skip as e:
+                row.update(status="skipped", note=str(e))
             except Exception as e:  # one row failing leaves the others standing
                 row.update(status="skipped", note=f"failed: {type(e).__name__}: {str(e)[:200]}")
         if "images_per_s" in row:
@@ -313,7 +320,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             torch.backends.cudnn.benchmark = False
     b.row("actor_gpu_decode_cudnn_benchmark", "the actor, GPU decode, torch.backends.cudnn.benchmark on",
           cudnn_benchmark, gpu_only=True, optional=True)
-    b.row("actor_two_in_flight", "the actor, GPU decode, 2 threads x 2 CUDA streams (copy/compute overlap)",
+    b.row("actor_two_in_flight", "the actor, GPU decode, 2 threads x 2 CUDA streams (copy/compute overlap); ms per pair",
           lambda: in_flight(b, main, batches), gpu_only=True, optional=True)
     compiled = actor(args, max(args.threads))
     b.row("model_alone_compiled", f"{name} embed() alone, torch.compile(backbone)",
@@ -321,7 +328,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     def actor_compiled():
         if not hasattr(compiled.module, "_orig_mod"):
-            raise RuntimeError("the backbone was not compiled (row above)")
+            raise Skip("as model_alone_compiled (the backbone is not compiled)")
         return b.rate(compiled, batches, images)
     b.row("actor_gpu_decode_compiled", "the actor, GPU decode, torch.compile(backbone)",
           actor_compiled, gpu_only=True, optional=True)
@@ -372,8 +379,8 @@ def correctness(args: argparse.Namespace, main, batches) -> Dict[str, Any]:
         on_dev = np.concatenate([features(main, x) for x in sample])
         main.decode = decode_batch
         on_cpu = np.concatenate([features(main, x) for x in sample])
-        checks["decode_cosine"] = compare(on_dev, on_cpu, "features of JPEGs decoded by decode_on_device against Pillow (decode_batch)",
-                                          device_decode_on=dev.type)
+        checks["decode_cosine"] = compare(on_dev, on_cpu, "features of JPEGs decoded by decode_on_device against "
+                                          "Pillow (decode_batch)", device_decode_on=dev.type)
     except Exception as e:
         checks["decode_cosine"] = {"status": "failed", "note": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
