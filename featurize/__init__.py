@@ -1,0 +1,17 @@
+"""featurize: dataset-scale image and video feature extraction on Ray Data, and training from it.
+
+The code lives in the `pipeline` package; this is its public Python API (pipeline/api.py):
+
+    import featurize
+    featurize.run(job, overrides=None)          # a job file, a mapping or a JobConfig -> the summary
+    featurize.open(OUT).to_numpy()              # (sample_ids, labels, features)
+    featurize.train(training_file)              # a head on Ray Train -> per-epoch metrics
+    featurize.apply(checkpoint, OUT, OUT2)      # a trained head over a table -> a new table
+    featurize.FeatureDataset(OUT, "feature")    # batches for a PyTorch training loop
+    featurize.ray_dataset(OUT, "feature")       # a Ray Dataset that iter_torch_batches takes
+"""
+from pipeline import __version__
+from pipeline.api import Output, apply, open, run, train  # noqa: A004 - `open` is the API's name
+from pipeline.train.loader import FeatureDataset, ray_dataset
+
+__all__ = ["__version__", "run", "open", "train", "apply", "Output", "FeatureDataset", "ray_dataset"]

@@ -1,0 +1,120 @@
+"""The Python API, importable as `featurize` (featurize/__init__.py re-exports it).
+
+    import featurize
+    summary = featurize.run("jobs/demo.yaml", {"model.arch": "resnet50", "output.uri": "out/r50"})
+    ids, labels, x = featurize.open("out/r50").to_numpy()
+    featurize.train("jobs/demo_order_train.yaml")
+    featurize.apply("out/demo-order-lstm-head", "out/demo-order", "out/demo-order-lstm")
+
+Every call in one process shares one local Ray (started by the first that needs it), so a
+notebook can run several jobs in a row. Refusals raise the same errors the CLI turns into exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+
+from .config import JobConfig, parse_job, read_job_file
+
+Overrides = Union[None, Mapping[str, Any], Sequence[str]]
+
+
+def _overrides(overrides: Overrides) -> List[str]:
+    """`{"model.arch": "resnet50"}` or `["model.arch=resnet50"]` -> the CLI's `--set` items."""
+    import json
+
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]  # JSON is YAML: values keep their types
+    return list(overrides)
+
+
+def _mapping(config: Any, overrides: Overrides, what: str):
+    """A file path, a mapping or a config dataclass -> (mapping, overrides as --set items)."""
+    if isinstance(config, str):
+        return read_job_file(config, what), _overrides(overrides)
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config), _overrides(overrides)
+    return dict(config), _overrides(overrides)
+
+
+def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = None, *, address: Optional[str] = None,
+        overwrite: bool = False, retry_failed: bool = False, incremental: bool = False):
+    """Run a job (a job file's path, its mapping, or a JobConfig); returns the run's Summary."""
+    from .runner import run_job
+
+    data, items = _mapping(job, overrides, "job file")
+    return run_job(parse_job(data, items), address=address, overwrite=overwrite, retry_failed=retry_failed,
+                   incremental=incremental)
+
+
+def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, *, address: Optional[str] = None,
+          say=print):
+    """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch)."""
+    from .train.config import parse_training
+    from .train.loop import train as train_head
+
+    data, items = _mapping(training, overrides, "training file")
+    return train_head(parse_training(data, items), address=address, say=say)
+
+
+def apply(checkpoint: str, input: str, output: str, **options):
+    """Apply a trained head to a features table, writing a new one (see train/apply.py for options)."""
+    from .train.apply import apply_head
+
+    return apply_head(checkpoint, input, output, **options)
+
+
+def open(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> "Output":  # noqa: A001 - the API's name
+    """An output root of `run` or `apply`, to read."""
+    return Output(uri, dict(storage_options or {}))
+
+
+@dataclasses.dataclass
+class Output:
+    uri: str
+    storage_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def table(self, columns: Optional[List[str]] = None) -> pa.Table:
+        """The features table (exact split and label strings; no partition folder columns)."""
+        from .train.table import open_table
+
+        return open_table(self.uri, self.storage_options, key="uri").dataset().to_table(columns=columns)
+
+    def to_numpy(self, column: str = "feature") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample_ids, labels, features float32 (N, D)) of a fixed-size column."""
+        from .train.tensors import vectors
+
+        t = self.table(["sample_id", "label", column])
+        return (np.asarray(t["sample_id"].to_pylist(), dtype=object), np.asarray(t["label"].to_pylist(), dtype=object),
+                vectors(t[column]))
+
+    def to_pandas(self, column: str = "feature"):
+        """A DataFrame of sample_id, label, split and `column`, one float32 array per row."""
+        ids, labels, x = self.to_numpy(column)
+        import pandas as pd
+
+        split = self.table(["split"])["split"].to_pylist()
+        return pd.DataFrame({"sample_id": ids, "label": labels, "split": split, column: list(x)})
+
+    def errors(self) -> pa.Table:
+        """The errors table (sample_id, uri, stage, error_type, message, attempts); empty if none."""
+        import pyarrow.dataset as pads
+
+        from .sinks import ERRORS_SCHEMA
+        from .sources import filesystem
+        from .store import parquet_files
+
+        fs, root = filesystem(self.uri, self.storage_options)
+        files = parquet_files(fs, f"{root.rstrip('/')}/errors")
+        return pads.dataset(files, filesystem=fs, format="parquet").to_table() if files else ERRORS_SCHEMA.empty_table()
+
+    def status(self) -> Dict[str, Any]:
+        """Planned, committed, errored and remaining counts, as `featurize status` prints them."""
+        from .output import status
+
+        return status(self.uri, self.storage_options)
