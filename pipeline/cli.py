@@ -38,7 +38,10 @@ def _say(line: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="featurize", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"featurize {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a job file")

@@ -35,3 +35,11 @@ def test_a_bad_job_or_training_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="head.kind"):
         featurize.train({"name": "t", "data": {"uri": "x"}, "head": {"kind": "rnn"}, "output": {"uri": "h"}})
     assert featurize.__version__ and callable(featurize.FeatureDataset) and callable(featurize.apply)
+
+
+def test_the_command_says_its_version(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"featurize {featurize.__version__}"
