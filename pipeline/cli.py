@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--name", default=None, help="lstm/attention: the column is clip_<name> (default: the kind)")
     apply.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for the input and checkpoint")
     apply.add_argument("--output-storage-options", default=None, metavar="JSON",
-                       help="fsspec options for the output (default: --storage-options)")
+                       help="fsspec options for the output (default: --storage-options when on the same store)")
     apply.add_argument("--address", default=None, help="Ray address; default: local Ray")
     apply.add_argument("--overwrite", action="store_true", help="replace another table in --output, once complete")
     apply.set_defaults(func=cmd_apply)
@@ -121,6 +121,10 @@ def _load(job_path: str, overrides: List[str], ship: bool):
     """(job, None), or for a driver elsewhere (submit, ray://) (job, the mapping it is sent) with
     relative local paths made absolute. A bad job is refused here, naming the key."""
     raw = read_job_file(job_path)
+    from .train.config import is_training_file
+
+    if is_training_file(raw):
+        raise ConfigError(f"{job_path} is a training file (it has head:, no source:): run it with featurize train")
     job = parse_job(raw, overrides)
     if not ship:
         return job, None

@@ -296,3 +296,10 @@ def test_a_training_the_local_ray_cannot_hold_is_refused(order_table, tmp_path):
                             ({"workers": 3}, "train.workers x train.cpus_per_worker: 3 CPUs asked")):
         with pytest.raises(TrainError, match=message):
             train(parse_training(training(order_table, str(tmp_path / "h"), train=change)))
+
+
+def test_run_given_a_training_file_points_to_train(tmp_path, capsys):
+    path = tmp_path / "t.yaml"
+    path.write_text(json.dumps(training("out", "head")))
+    assert main(["run", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"featurize: {path} is a training file (it has head:, no source:): run it with featurize train"
