@@ -228,7 +228,7 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
     sink = ParquetCommitSink(spec, committer)
     t1 = time.time()
     try:
-        dataset(plan, ws, batch_size).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        dataset(plan, ws, batch_size, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         import ray
 
         ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
@@ -242,7 +242,7 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
     return _finish(plan, ws, out_uri, t0, t1, sink.totals)
 
 
-def dataset(plan: Plan, ws: Workspace, batch_size: int):
+def dataset(plan: Plan, ws: Workspace, batch_size: int, committer=None):
     """OUT's rows still to do -> the head's columns. Each read task reads one file of OUT, only
     the needed columns, and keeps only the rows still to do (a resumed apply): OUT2 is committed
     as OUT was made, file by file, and memory stays bounded by a file."""
@@ -255,7 +255,7 @@ def dataset(plan: Plan, ws: Workspace, batch_size: int):
         read_rows, fn_kwargs={"fs": plan.table.fs, "columns": [*CARRIED, plan.column], "todo": todo},
         batch_size=1, batch_format="pyarrow",
         num_cpus=0.5)  # reads wait on I/O; and so they stay apart from the head's op, one block per file
-    return ds.map_batches(HeadActor, fn_constructor_args=(plan.head, plan.column, plan.name, plan.frames),
+    return ds.map_batches(HeadActor, fn_constructor_args=(plan.head, plan.column, plan.name, plan.frames, committer),
                           batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1))
 
 
@@ -274,8 +274,13 @@ def read_rows(files: pa.Table, fs, columns: List[str], todo=None) -> pa.Table:
 class HeadActor:
     """Ray Data actor: the head, loaded once; a batch of OUT's rows in, its output columns out."""
 
-    def __init__(self, head: Checkpoint, column: str, name: str, frames: Optional[int]):
+    def __init__(self, head: Checkpoint, column: str, name: str, frames: Optional[int], committer=None):
         import torch
+
+        if committer is not None:  # Ray Data leaves a failed job's actors running: the driver stops them
+            import ray
+
+            committer.register.remote(ray.get_runtime_context().current_actor)
 
         torch.set_num_threads(1)
         self.head, self.column, self.name, self.frames = head, column, name, frames
