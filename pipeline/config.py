@@ -361,5 +361,10 @@ def _protocol(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
+def same_store(uri: str, other: str) -> bool:
+    """Whether two URIs are on one kind of store, so one set of storage options serves both."""
+    return _protocol(uri) == _protocol(other)
+
+
 def to_dict(job: JobConfig) -> Dict[str, Any]:
     return redact(dataclasses.asdict(job))

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__, faults
 from ..commit import Ledger, staging_folder
+from ..config import same_store
 from ..jobrun import Summary, init_ray, start_committer, steady_state, stop, take_lease, verify
 from ..output import OutputExists, Workspace, finish, open_planned, table_rows
 from ..partitions import folder_key
@@ -105,18 +106,14 @@ def _batch_rows(plan: Plan) -> int:
 def _options_for(uri: str, other: str, options: Dict[str, Any], given: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if given is not None:
         return dict(given)
-    return dict(options) if _scheme(uri) == _scheme(other) else {}
-
-
-def _scheme(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
+    return dict(options) if same_store(uri, other) else {}
 
 
 def _plan(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str], in_options: Dict[str, Any],
           out_options: Dict[str, Any]) -> Plan:
     """Every refusal, before any work: the head, the table, and whether they fit."""
     try:
-        head = load(checkpoint, in_options if _scheme(checkpoint) == _scheme(input_uri) else {})
+        head = load(checkpoint, in_options if same_store(checkpoint, input_uri) else {})
         table = open_table(input_uri, in_options, key="--input")
     except (CheckpointError, TableError) as e:
         raise ApplyError(str(e)) from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from ..config import ConfigError, build_config, memory_bytes, read_job_file
+from ..config import ConfigError, build_config, memory_bytes, read_job_file, same_store
 
 KIND = Literal["lstm", "attention", "linear", "mlp", "autoencoder"]
 
@@ -67,8 +67,7 @@ class TrainConfig:
     def out_options(self) -> Dict[str, Any]:
         if self.output.storage_options is not None:
             return self.output.storage_options
-        same = _scheme(self.output.uri) == _scheme(self.data.uri)
-        return dict(self.data.storage_options) if same else {}
+        return dict(self.data.storage_options) if same_store(self.output.uri, self.data.uri) else {}
 
     @property
     def val_fraction(self) -> float:
@@ -79,10 +78,6 @@ class TrainConfig:
 
 def cache_bytes(cfg: TrainConfig) -> int:
     return 0 if cfg.data.cache in (0, "0") else memory_bytes(cfg.data.cache, "data.cache")
-
-
-def _scheme(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
 def is_training_file(data: Any) -> bool:
@@ -126,5 +121,5 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.val_fraction: must lie in [0, 1), got {cfg.data.val_fraction}")
     if cfg.data.val_split is not None and cfg.data.val_split == cfg.data.train_split:
         raise ConfigError(f"data.val_split: {cfg.data.val_split!r} is also data.train_split; validate on other rows")
-    if _scheme(cfg.output.uri) == "file" and cfg.output.uri.rstrip("/") == cfg.data.uri.rstrip("/"):
+    if same_store(cfg.output.uri, "file://") and cfg.output.uri.rstrip("/") == cfg.data.uri.rstrip("/"):
         raise ConfigError("output.uri: is data.uri; the checkpoint needs a folder of its own")
