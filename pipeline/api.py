@@ -95,11 +95,13 @@ class Output:
 
     def to_pandas(self, column: str = "feature"):
         """A DataFrame of sample_id, label, split and `column`, one float32 array per row."""
-        ids, labels, x = self.to_numpy(column)
         import pandas as pd
 
-        split = self.table(["split"])["split"].to_pylist()
-        return pd.DataFrame({"sample_id": ids, "label": labels, "split": split, column: list(x)})
+        from .train.tensors import vectors
+
+        t = self.table(["sample_id", "label", "split", column])  # one read of the table
+        return pd.DataFrame({"sample_id": t["sample_id"].to_pylist(), "label": t["label"].to_pylist(),
+                             "split": t["split"].to_pylist(), column: list(vectors(t[column]))})
 
     def errors(self) -> pa.Table:
         """The errors table (sample_id, uri, stage, error_type, message, attempts); empty if none."""
