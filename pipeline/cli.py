@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional
 
 from .config import ConfigError, load_job, parse_job, read_job_file
+from .errors import Refused
 from .interrupt import sigterm_as_interrupt
 from .redact import redact_text
 
@@ -152,16 +153,11 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
         _say(f"featurize: {e}")
         return EXIT_REFUSED, None
 
-    from .models import ModelError
-    from .models.temporal import TemporalError
-    from .models.weights import WeightsError
-    from .output import OutputExists
     from .runner import NotExactlyOnce, run_job
-    from .sources import SourceError
 
     try:
         return EXIT_OK, run_job(job, address=address, progress=progress, **modes)
-    except (ConfigError, SourceError, ModelError, WeightsError, TemporalError, OutputExists) as e:
+    except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED, None
     except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs
@@ -173,7 +169,7 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import SubmitError, submit
+    from .submit import submit
     from .train.config import is_training_file
 
     try:  # the whole file is checked here: a bad one never reaches the cluster
@@ -186,7 +182,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     try:
         return submit(job, data, args.address, args.wait)
-    except SubmitError as e:
+    except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
 
@@ -208,14 +204,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
-    from .output import OutputExists
-    from .train.loop import TrainError, train
+    from .train.loop import train
     from .train.report import format_training
-    from .train.table import TableError
 
     try:
         result = train(cfg, address=args.address, say=lambda line: print(line, flush=True))
-    except (TrainError, TableError, OutputExists) as e:
+    except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
     except Exception as e:
@@ -231,16 +225,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out_options = None if args.output_storage_options is None else _storage_options(args.output_storage_options)
     if options is None or (args.output_storage_options is not None and out_options is None):
         return EXIT_REFUSED  # None: the input's options when --output is on the same store
-    from .output import OutputExists
     from .report import format_summary
-    from .train.apply import ApplyError, apply_head
-    from .train.checkpoint import CheckpointError
-    from .train.table import TableError
+    from .train.apply import apply_head
 
     try:
         summary = apply_head(args.checkpoint, args.input, args.output, name=args.name, storage_options=options,
                              output_storage_options=out_options, address=args.address, overwrite=args.overwrite)
-    except (ApplyError, CheckpointError, TableError, OutputExists) as e:
+    except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
     except Exception as e:

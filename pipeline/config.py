@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from . import safe_yaml
-from .redact import RedactedError, redact
+from .redact import redact
+from .errors import Refused
 
 Auto = Literal["auto"]
 
 
-class ConfigError(RedactedError, ValueError):
+class ConfigError(Refused, ValueError):
     """A job file that cannot run; the message names the key."""
 
 

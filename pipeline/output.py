@@ -22,12 +22,13 @@ from .commit import STAGING, TABLES, UNITS, Ledger, audit, is_local, move, parqu
 from .redact import redact, saved_plan
 from .partitions import folder_key
 from .sources import filesystem, plan_source, with_fetch_uris
+from .errors import Refused
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
 OVERWRITE, SWAP_FILE = "_overwrite", "_swap.json"
 
 
-class OutputExists(RuntimeError):
+class OutputExists(Refused, RuntimeError):
     """The output root holds another job's output, or cannot be used as asked."""
 
 

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import SourceConfig
-from .redact import FETCH_URI, RedactedError, has_masked_uris, public_row, saved_plan
+from .redact import FETCH_URI, has_masked_uris, public_row, saved_plan
 from .listing import REFUSED_URI, Entry, ListingError, confine, raw_path, utf8, walk_local
+from .errors import Refused
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
@@ -41,7 +42,7 @@ PLAN_SCHEMA = pa.schema(
 )
 
 
-class SourceError(RedactedError, RuntimeError):
+class SourceError(Refused, RuntimeError):
     """The source cannot be listed: unreachable, empty or malformed."""
 
 

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import yaml
 
 from .config import JobConfig, apply_override
+from .errors import Refused
 
 JOB_FILE = "job.yaml"
 PACKAGE = Path(__file__).resolve().parent
@@ -27,7 +28,7 @@ PACKAGE = Path(__file__).resolve().parent
 PATH_KEYS = (("source", "uri"), ("output", "uri"), ("model", "weights"), ("data", "uri"))  # data: training files
 
 
-class SubmitError(RuntimeError):
+class SubmitError(Refused, RuntimeError):
     """The cluster could not be reached or refused the submission."""
 
 

@@ -24,12 +24,12 @@ from ..decode import ImageSpec, decode_batch
 from ..device_decode import decode_on_device
 from ..config import ModelConfig
 from ..read import ERROR_COLUMNS, error_fields, ragged
-from ..redact import RedactedError
 from ..timing import timed
 from .weights import Weights, WeightsError, load_state_dict
+from ..errors import Refused
 
 
-class ModelError(RedactedError, ValueError):
+class ModelError(Refused, ValueError):
     """An unknown architecture or layer; raised on the driver before any work."""
 
 

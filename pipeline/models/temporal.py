@@ -21,16 +21,16 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
 from ..read import ERROR_COLUMNS, error_fields
-from ..redact import RedactedError
 from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes
+from ..errors import Refused
 
 SUFFIX = ".safetensors"
 Options = Optional[Dict[str, Any]]  # fsspec storage options
 
 
-class TemporalError(RedactedError, ValueError):
+class TemporalError(Refused, ValueError):
     """A temporal entry that cannot run; the message names the key (`temporal[1].checkpoint`)."""
 
 

@@ -18,13 +18,13 @@ import torchvision
 from torch.hub import get_dir
 
 from ..config import ModelConfig
-from ..redact import RedactedError
 from ..sources import filesystem
+from ..errors import Refused
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
-class WeightsError(RedactedError, RuntimeError):
+class WeightsError(Refused, RuntimeError):
     """Weights that cannot be found, fetched, verified or loaded."""
 
 

@@ -32,7 +32,7 @@ from ..jobrun import Summary, init_ray, start_committer, steady_state, stop, tak
 from ..output import OutputExists, Workspace, finish, open_planned, table_rows
 from ..partitions import folder_key
 from ..read import ERROR_COLUMNS, error_fields
-from ..redact import RedactedError, logger, redact, redact_strings, redact_text
+from ..redact import logger, redact, redact_strings, redact_text
 from ..report import write_record
 from ..sinks import ParquetCommitSink, SinkSpec
 from ..sources import filesystem
@@ -40,6 +40,7 @@ from .checkpoint import Checkpoint, CheckpointError, load
 from .models import TEMPORAL
 from .table import FeatureTable, TableError, open_table
 from .tensors import SEQUENCE, VECTOR, sequences, vectors
+from ..errors import Refused
 
 log = logger(__name__)  # credentials masked in every record
 CARRIED = ("sample_id", "uri", "label", "split")  # the columns of every features table, copied as they are
@@ -47,7 +48,7 @@ STAGE = "apply"
 BATCH_BYTES = 64 << 20
 
 
-class ApplyError(RedactedError, ValueError):
+class ApplyError(Refused, ValueError):
     """An apply that cannot run as asked (exit 2); one line naming the problem."""
 
 

@@ -21,17 +21,18 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ..redact import RedactedError, redact_strings
+from ..redact import redact_strings
 from ..sources import filesystem
 from ..store import write_atomic
 from .models import CLASSIFIERS, KINDS, TEMPORAL, build, temporal_config
+from ..errors import Refused
 
 CONFIG, MODEL, HEAD, HEAD_JSON, METRICS, CURVES = ("config.json", "model.safetensors", "head.safetensors",
                                                    "head.json", "metrics.json", "curves.png")
 FORMAT = 1
 
 
-class CheckpointError(RedactedError, ValueError):
+class CheckpointError(Refused, ValueError):
     """A checkpoint directory that cannot be loaded; names the file and the problem."""
 
 

@@ -29,20 +29,21 @@ from .. import faults
 from ..jobrun import init_ray
 from ..lease import Lease
 from ..output import OutputExists
-from ..redact import RedactedError, logger, redact
+from ..redact import logger, redact
 from ..sources import filesystem
 from . import checkpoint as ckpt
 from .config import TrainConfig, cache_bytes
 from .models import TEMPORAL, supervised
 from .table import FeatureTable, open_table
 from .tensors import SEQUENCE
+from ..errors import Refused
 
 log = logger(__name__)
 RUNS = "_train"  # Ray Train's run storage under the checkpoint directory: per-epoch checkpoints
 STATE = "state.pt"
 
 
-class TrainError(RedactedError, ValueError):
+class TrainError(Refused, ValueError):
     """A training that cannot start as asked: names the key and the problem."""
 
 

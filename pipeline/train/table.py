@@ -15,13 +15,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ..redact import RedactedError, redact_strings, redact_text
+from ..redact import redact_strings, redact_text
 from ..sources import filesystem
 from ..store import parquet_files
 from .tensors import SEQUENCE, ColumnError, column_shape
+from ..errors import Refused
 
 
-class TableError(RedactedError, ValueError):
+class TableError(Refused, ValueError):
     """A features table that cannot be trained on or applied to, as asked; names the problem."""
 
 
