@@ -12,6 +12,7 @@ notebook can run several jobs in a row. Refusals raise the same errors the CLI t
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -33,13 +34,19 @@ def _overrides(overrides: Overrides) -> List[str]:
     return list(overrides)
 
 
-def _mapping(config: Any, overrides: Overrides, what: str):
-    """A file path, a mapping or a config dataclass -> (mapping, overrides as --set items)."""
+def _mapping(config: Any, overrides: Overrides, what: str) -> Dict[str, Any]:
+    """A file path, a mapping or a config dataclass -> its mapping, overrides applied and relative
+    local paths made absolute against the current folder (Ray's workers keep the folder Ray
+    started in, which a notebook's os.chdir does not move)."""
+    from .submit import shipped_job
+
     if isinstance(config, str):
-        return read_job_file(config, what), _overrides(overrides)
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config), _overrides(overrides)
-    return dict(config), _overrides(overrides)
+        data = read_job_file(config, what)
+    elif dataclasses.is_dataclass(config):
+        data = dataclasses.asdict(config)
+    else:
+        data = dict(config)
+    return shipped_job(data, _overrides(overrides), os.getcwd())
 
 
 def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = None, *, address: Optional[str] = None,
@@ -47,8 +54,8 @@ def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = No
     """Run a job (a job file's path, its mapping, or a JobConfig); returns the run's Summary."""
     from .runner import run_job
 
-    data, items = _mapping(job, overrides, "job file")
-    return run_job(parse_job(data, items), address=address, overwrite=overwrite, retry_failed=retry_failed,
+    return run_job(parse_job(_mapping(job, overrides, "job file")), address=address, overwrite=overwrite,
+                   retry_failed=retry_failed,
                    incremental=incremental)
 
 
@@ -58,8 +65,7 @@ def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, 
     from .train.config import parse_training
     from .train.loop import train as train_head
 
-    data, items = _mapping(training, overrides, "training file")
-    return train_head(parse_training(data, items), address=address, say=say)
+    return train_head(parse_training(_mapping(training, overrides, "training file")), address=address, say=say)
 
 
 def apply(checkpoint: str, input: str, output: str, **options):

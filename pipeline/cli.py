@@ -78,8 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="submit a job or training file to a Ray cluster through its Jobs API")
     _job_arguments(submit)
-    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
-                        required="RAY_API_SERVER_ADDRESS" not in os.environ,
+    submit.add_argument("--address", default=None,
                         help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS)")
     submit.add_argument("--wait", action="store_true",
                         help="stream the job's logs and exit with its outcome")
@@ -96,20 +95,32 @@ def _parser() -> argparse.ArgumentParser:
                          help='fsspec options for the output\'s store, e.g. \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="generate sample images and videos and run the demo jobs on them")
-    demo.add_argument("--job", default="jobs/demo.yaml")
+    demo = sub.add_parser("demo", help="generate sample images and videos and run the demo jobs on them",
+                          description="Three small jobs on generated data, each on an embedded local Ray: images, "
+                          "videos, and clips told apart only by the order of events (an LSTM trained on them). "
+                          "Sample data goes under demo-data/, outputs under out/, in the current folder.")
+    demo.add_argument("--job", default=_demo_file("demo.yaml"), help="the image job (default: the packaged one)")
     demo.add_argument("--data", default="demo-data/images", help="where the sample images go")
-    demo.add_argument("--images", type=int, default=300)
-    demo.add_argument("--video-job", default="jobs/demo_video.yaml", help="'' to skip the video demo")
-    demo.add_argument("--video-data", default="demo-data/videos")
-    demo.add_argument("--videos", type=int, default=12)
-    demo.add_argument("--order-job", default="jobs/demo_order.yaml",
-                      help="'' to skip the last demo: clips told apart by the order of events, an LSTM trained on them")
-    demo.add_argument("--order-train", default="jobs/demo_order_train.yaml", help="its training file")
-    demo.add_argument("--order-data", default="demo-data/order")
-    demo.add_argument("--order-videos", type=int, default=64)
+    demo.add_argument("--images", type=int, default=300, help="how many sample images (default: 300)")
+    demo.add_argument("--video-job", default=_demo_file("demo_video.yaml"),
+                      help="the video job (default: the packaged one); '' to skip the video demo")
+    demo.add_argument("--video-data", default="demo-data/videos", help="where the sample videos go")
+    demo.add_argument("--videos", type=int, default=12, help="how many sample videos (default: 12)")
+    demo.add_argument("--order-job", default=_demo_file("demo_order.yaml"),
+                      help="the order demo's job (default: the packaged one); '' to skip the last demo: clips "
+                      "told apart by the order of events, an LSTM trained on them")
+    demo.add_argument("--order-train", default=_demo_file("demo_order_train.yaml"),
+                      help="the order demo's training file (default: the packaged one)")
+    demo.add_argument("--order-data", default="demo-data/order", help="where the order demo's clips go")
+    demo.add_argument("--order-videos", type=int, default=64, help="how many order clips (default: 64)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _demo_file(name: str) -> str:
+    """A demo job shipped inside the package (pipeline/jobs/; jobs/ in a checkout links to it), so
+    `featurize demo` runs from any folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "jobs", name)
 
 
 def _job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,17 +129,15 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a job key, e.g. --set model.arch=resnet18 (repeatable)")
 
 
-def _load(job_path: str, overrides: List[str], ship: bool):
-    """(job, None), or for a driver elsewhere (submit, ray://) (job, the mapping it is sent) with
-    relative local paths made absolute. A bad job is refused here, naming the key."""
+def _load(job_path: str, overrides: List[str]):
+    """(job, the mapping it was built from: overrides applied, relative local paths made absolute,
+    as a driver elsewhere (submit, ray://) and Ray's workers need them). A bad job is refused here,
+    naming the key."""
     raw = read_job_file(job_path)
     from .train.config import is_training_file
 
     if is_training_file(raw):
         raise ConfigError(f"{job_path} is a training file (it has head:, no source:): run it with featurize train")
-    job = parse_job(raw, overrides)
-    if not ship:
-        return job, None
     from .submit import shipped_job
 
     data = shipped_job(raw, overrides, os.getcwd())
@@ -148,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool, **modes):
     """Run a job: (exit code, summary or None); a job that cannot run or fails gets one line."""
     try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
-        job, _ = _load(job_path, overrides, ship=bool(address and address.startswith("ray://")))
+        job, _ = _load(job_path, overrides)
     except ConfigError as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED, None
@@ -176,12 +185,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if is_training_file(read_job_file(args.job)):
             job, data = _load_training(args.job, args.overrides)
         else:
-            job, data = _load(args.job, args.overrides, ship=True)
+            job, data = _load(args.job, args.overrides)
     except ConfigError as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not address:
+        _say("featurize: submit: no cluster given: pass --address http://HOST:8265 or set $RAY_API_SERVER_ADDRESS")
+        return EXIT_REFUSED
     try:
-        return submit(job, data, args.address, args.wait)
+        return submit(job, data, address, args.wait)
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
@@ -192,15 +205,13 @@ def _load_training(path: str, overrides: List[str]):
     from .submit import shipped_job
     from .train.config import parse_training
 
-    data = shipped_job(read_job_file(path), overrides, os.getcwd())
+    data = shipped_job(read_job_file(path, "training file"), overrides, os.getcwd())
     return parse_training(data), data
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.config import load_training
-
     try:  # before Ray and torch: a bad file is refused at once
-        cfg = load_training(args.job, args.overrides)
+        cfg, _ = _load_training(args.job, args.overrides)
     except ConfigError as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED

@@ -6,6 +6,7 @@ message names the offending key (`model.pool`, `resources.batch_size`, ...).
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 import re
 import types
@@ -131,17 +132,31 @@ class JobConfig:
 PARTITION_COLUMNS = ("split", "label")
 
 
+def absolute_local(uri: str) -> str:
+    """`uri` as it is, unless a relative local path: then absolute against this process's folder,
+    which is what the user meant; Ray's workers run in another folder, or on another node."""
+    return os.path.abspath(uri) if uri and "://" not in uri and not os.path.isabs(uri) else uri
+
+
 def load_job(path: str, overrides: Optional[List[str]] = None) -> JobConfig:
     return parse_job(read_job_file(path), overrides)
 
 
 def read_job_file(path: str, what: str = "job file") -> Any:
+    """The YAML mapping in `path`; a binary file, TOML or any text that is not a mapping is refused."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
-    return load_yaml(text, f"{what} {path}")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not a text file; a {what} is YAML") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    data = load_yaml(text, f"{what} {path}")
+    if data is not None and not isinstance(data, dict):
+        kind = "TOML, which is not read" if path.lower().endswith(".toml") else f"a YAML {type(data).__name__}"
+        sections = "data:, head:, output: ..." if what == "training file" else "source:, model:, output: ..."
+        raise ConfigError(f"{what} {path}: expected a YAML mapping ({sections}), found {kind}")
+    return data
 
 
 def parse_job(data: Any, overrides: Optional[List[str]] = None) -> JobConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -82,7 +83,16 @@ def fingerprint(wanted: Dict[str, Any]) -> str:
 
 def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return [f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            for k in sorted(set(old) | set(new)) if not _same(k, old.get(k), new.get(k))]
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Equal, or an output made before local paths were made absolute (config.absolute_local)
+    recorded the same path as written: relative to the folder it was run from."""
+    if old == new:
+        return True
+    local = key in ("source.uri", "apply.input") and isinstance(old, str) and isinstance(new, str) and "://" not in old
+    return local and os.path.abspath(old) == new
 
 
 def read_record(fs, root: str) -> Optional[Dict[str, Any]]:

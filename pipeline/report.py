@@ -151,6 +151,8 @@ def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -
     """Schema, rows per partition, feature dimension, provenance and errors of an output root."""
     fs, root = filesystem(uri, storage_options or {})
     root = root.rstrip("/")
+    if not any(fs.exists(f"{root}/{name}") for name in (JOB_FILE, "features", "errors")):
+        raise FileNotFoundError(f"no {JOB_FILE}, features or errors")  # a typo'd path: `featurize inspect` exits 2
     out = [f"output     {uri}"]
     if fs.exists(f"{root}/{JOB_FILE}"):
         record = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
@@ -165,7 +167,7 @@ def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -
 
 def _describe_features(fs, path: str):
     dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    folders = dataset.partitioning.schema.names if dataset.partitioning else []
+    folders = _path_order(dataset.partitioning.schema.names if dataset.partitioning else [], dataset.files)
     rows = _rows_per_partition(dataset, [column_of(k) for k in folders])
     schema = pa.schema([f for f in dataset.schema if f.name not in folders or column_of(f.name) == f.name])
     out = [f"rows       {sum(rows.values())}"]
@@ -182,6 +184,14 @@ def _describe_features(fs, path: str):
         out += [f"  {k.decode()[len('featurize.'):]}: {v.decode()}" for k, v in sorted(meta.items())
                 if k.startswith(b"featurize.")]
     return out
+
+
+def _path_order(keys: List[str], files: List[str]) -> List[str]:
+    """The partition keys in the order the folders nest (`split_dir=train/label_dir=cat`): rows are
+    shown as their paths read, whatever order the reader discovered the keys in."""
+    parts = files[0].split("/") if files else []
+    position = {p.split("=", 1)[0]: i for i, p in enumerate(parts) if "=" in p}
+    return sorted(keys, key=lambda k: position.get(k, len(parts)))
 
 
 def _rows_per_partition(dataset, columns: List[str]) -> Counter:

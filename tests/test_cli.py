@@ -194,3 +194,61 @@ def test_demo_never_removes_or_adds_to_what_it_did_not_create(tmp_path, capsys):
     (ours / "features" / "old.parquet").write_bytes(b"old demo output")
     claim(str(ours), "output.uri", clear=True)
     assert sorted(p.name for p in ours.iterdir()) == [MARK]
+
+
+def _refusal(capsys, argv) -> str:
+    """main(argv) refused: exit 2 and one line on stderr, which is returned."""
+    from pipeline.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("featurize: "), err
+    return err[0]
+
+
+def test_files_that_are_not_yaml_mappings_get_one_line(tmp_path, capsys):
+    jpeg = tmp_path / "cat.jpg"
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)))
+    toml = tmp_path / "job.toml"
+    toml.write_text('name = "x"\noutput = "out"\n')  # TOML that happens to parse as one YAML string
+    listed = tmp_path / "train.yaml"
+    listed.write_text("- data\n- head\n")
+    assert "cat.jpg: not a text file; a job file is YAML" in _refusal(capsys, ["run", str(jpeg)])
+    assert "found TOML, which is not read" in _refusal(capsys, ["run", str(toml)])
+    assert "training file" in _refusal(capsys, ["train", str(listed)])
+    assert "expected a YAML mapping (data:, head:, output: ...), found a YAML list" in _refusal(
+        capsys, ["train", str(listed)])
+    assert "no output there" in _refusal(capsys, ["inspect", str(tmp_path / "no-such-output")])
+
+
+def test_submit_takes_its_address_from_the_environment_when_not_given(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(SystemExit):
+        main(["submit", "--help"])
+    assert "[--address ADDRESS]" in capsys.readouterr().out  # optional, whatever the environment holds
+    job = write_job(tmp_path / "job.yaml", job_dict(str(tmp_path), str(tmp_path / "out")))
+    assert "RAY_API_SERVER_ADDRESS" in _refusal(capsys, ["submit", str(job)])
+
+
+def test_every_option_of_every_command_says_what_it_is(capsys):
+    from pipeline.cli import _parser
+
+    commands = next(a for a in _parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help, f"featurize {name} {action.option_strings or action.dest}: no help text"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("ray_session")
+def test_demo_runs_outside_the_checkout(tmp_path, monkeypatch, capsys):
+    """The demo's jobs ship with the package: no jobs/ folder is needed where it runs."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--images", "8", "--video-job", ""]) == 0
+    out = capsys.readouterr().out
+    assert "8 images in 5 classes, 4 broken files" in out and "(8 features, 4 errors)" in out
+    assert (tmp_path / "out" / "demo" / "_job.json").exists() and (tmp_path / "demo-data" / "images").is_dir()

@@ -202,3 +202,17 @@ def test_garbage_weights_and_head_checkpoints_are_refused_before_any_work(tmp_pa
     line = refused(capsys, "run", str(job_file), *video)
     assert line.startswith("featurize: temporal[0].checkpoint: ") and "head.json is not valid JSON" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_recorded_a_relative_source_path_still_resumes_from_its_folder(tmp_path, monkeypatch):
+    """Local paths are made absolute when a job is loaded; an output made before recorded them as written."""
+    from pipeline.config import absolute_local
+    from pipeline.output import differences
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_local("data/images") == str(tmp_path / "data/images")
+    assert absolute_local("s3://bucket/data") == "s3://bucket/data" and absolute_local("/abs") == "/abs"
+    old = {"source.uri": "data/images", "model.arch": "resnet18"}
+    assert differences(old, {"source.uri": str(tmp_path / "data/images"), "model.arch": "resnet18"}) == []
+    assert differences(old, {"source.uri": "/elsewhere/data/images", "model.arch": "resnet18"}) == [
+        'source.uri ("data/images" -> "/elsewhere/data/images")']

@@ -118,6 +118,18 @@ def test_an_older_output_still_reads_and_inspects(tmp_path):
     assert ["split=train", "2"] in lines and ["split=val", "1"] in lines and ["rows", "3"] in lines
 
 
+@pytest.mark.parametrize("nesting", [("split", "label"), ("label", "split")])
+def test_inspect_shows_partitions_in_the_order_their_folders_nest(tmp_path, nesting):
+    values = {"split": ["train", "val"], "label": ["cat", "dog"]}
+    for i, (first, second) in enumerate((a, b) for a in values[nesting[0]] for b in values[nesting[1]]):
+        row = dict(zip(nesting, (first, second)))
+        table = pa.table({"sample_id": [str(i)], "split": [row["split"]], "label": [row["label"]]})
+        folder = partition_folder(nesting, (first, second))
+        write_atomic(LocalFileSystem(), f"{tmp_path}/features/{folder}/part-{i}.parquet", parquet_bytes(table))
+    shown = [line.split()[0] for line in inspect_output(str(tmp_path)).splitlines() if line.startswith("  ") and "=" in line]
+    assert shown == [f"{nesting[0]}={a}/{nesting[1]}={b}" for a in values[nesting[0]] for b in values[nesting[1]]]
+
+
 # ---------------------------------------------------------------- end to end
 
 

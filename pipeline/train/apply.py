@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__, faults
 from ..commit import Ledger, staging_folder
-from ..config import same_store
+from ..config import absolute_local, same_store
 from ..jobrun import Summary, init_ray, start_committer, steady_state, stop, take_lease, verify
 from ..output import OutputExists, Workspace, finish, open_planned, table_rows
 from ..partitions import folder_key
@@ -74,6 +74,7 @@ def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[
     `output_storage_options` default to them when OUT2 is on the same store. Refusals raise
     ApplyError before any work; a failure midway raises as it is (run again to resume)."""
     t0 = time.time()
+    checkpoint, input_uri, output_uri = (absolute_local(u) for u in (checkpoint, input_uri, output_uri))
     if batch_size is not None and batch_size < 1:
         raise ApplyError(f"batch_size: must be a positive integer, got {batch_size}")
     if address and address.startswith("ray://"):  # Ray Data's executor needs a core worker, which a client lacks
