@@ -32,7 +32,7 @@ class SourceConfig:
     storage_options: Dict[str, Any] = field(default_factory=dict)
     split: Optional[str] = None  # fixed split; None: the manifest's `split` column, else "all"
     split_files: Dict[str, str] = field(default_factory=dict)  # split -> list of relative paths (UCF101's)
-    media: Literal["auto", "image", "video"] = "auto"  # auto: video for video_folder or temporal heads
+    media: Literal["auto", "image", "video"] = "auto"  # auto: video_folder, or shards/manifest with temporal:
     read_timeout_s: float = 120.0  # a read (file, or a shard's next sample) taking longer: an error row (timeout)
     max_sample_bytes: Union[int, str] = "256MiB"  # a larger file or tar member: an error row, never read
     allow_uris: List[str] = field(default_factory=list)  # manifest URIs may also lie under these prefixes
@@ -337,6 +337,11 @@ def _check_video(job: JobConfig) -> None:
             raise ConfigError(f"video.{key}: must be positive, got {value}")
     if v.stride_s and not v.window_s:
         raise ConfigError("video.stride_s: needs video.window_s")
+    reads_images = job.source.media == "image" or (job.source.media == "auto" and job.source.format == "image_folder")
+    if job.temporal and reads_images:  # each image would become a one-frame video, silently
+        key = "source.media: image" if job.source.media == "image" else "source.format: image_folder"
+        raise ConfigError(f"temporal: heads over frames need videos, but {key} reads images (one frame each); "
+                          "for a folder of videos use source.format: video_folder, for images remove temporal:")
     names = [t.name for t in job.temporal]
     for i, t in enumerate(job.temporal):
         if not re.fullmatch(r"[A-Za-z0-9_]+", t.name) or names.count(t.name) > 1:

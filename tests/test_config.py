@@ -147,7 +147,7 @@ def test_yaml_bomb_job_file_is_refused_before_anything(tmp_path, capsys):
 def test_a_job_file_with_a_few_anchors_still_loads(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("name: t\n"
-                    "source: {uri: 's3://a/', storage_options: &s3 {anon: true, client_kwargs: {endpoint_url: 'http://x'}}}\n"
+                    "source: {uri: 's3://a/', format: video_folder, storage_options: &s3 {anon: true, client_kwargs: {endpoint_url: 'http://x'}}}\n"
                     "output: {uri: 's3://b/', storage_options: {<<: *s3, anon: false}}\n"
                     "temporal: [&head {kind: mean, name: m1}, {<<: *head, name: m2}]\n")
     cfg = load_job(str(path))
@@ -216,3 +216,14 @@ def test_an_output_that_recorded_a_relative_source_path_still_resumes_from_its_f
     assert differences(old, {"source.uri": str(tmp_path / "data/images"), "model.arch": "resnet18"}) == []
     assert differences(old, {"source.uri": "/elsewhere/data/images", "model.arch": "resnet18"}) == [
         'source.uri ("data/images" -> "/elsewhere/data/images")']
+
+
+@pytest.mark.parametrize("source", [{"format": "image_folder"}, {"format": "manifest", "media": "image"}])
+def test_temporal_heads_on_an_image_source_are_refused_naming_both_keys(source):
+    data = {"name": "t", "source": {"uri": "imgs/", **source}, "output": {"uri": "out"},
+            "temporal": [{"kind": "mean", "name": "mean"}]}
+    with pytest.raises(ConfigError) as e:
+        parse_job(data)
+    key = "source.media: image" if "media" in source else "source.format: image_folder"
+    assert str(e.value).startswith("temporal: heads over frames need videos") and key in str(e.value)
+    parse_job({**data, "source": {"uri": "v/", "format": "video_folder"}})  # the same heads on videos: fine

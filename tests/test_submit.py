@@ -4,7 +4,7 @@ from pipeline.config import parse_job
 from pipeline.report import format_layout
 from pipeline.submit import is_loopback, local_paths, shipped_job
 
-JOB = {"name": "t", "source": {"uri": "data/images", "split_files": {"train": "lists/train.txt"}},
+JOB = {"name": "t", "source": {"uri": "data/videos", "format": "video_folder", "split_files": {"train": "lists/train.txt"}},
        "output": {"uri": "out/t"}, "model": {"arch": "resnet18", "weights": "IMAGENET1K_V1"},
        "temporal": [{"kind": "lstm", "name": "lstm", "checkpoint": "heads/lstm.safetensors"}]}
 
@@ -13,13 +13,13 @@ def test_relative_local_paths_become_absolute_and_overrides_are_applied(tmp_path
     (tmp_path / "heads").mkdir()
     (tmp_path / "heads" / "lstm.safetensors").write_bytes(b"x")
     data = shipped_job(JOB, ["resources.batch_size=64"], str(tmp_path))
-    assert data["source"]["uri"] == str(tmp_path / "data/images")
+    assert data["source"]["uri"] == str(tmp_path / "data/videos")
     assert data["output"]["uri"] == str(tmp_path / "out/t")
     assert data["source"]["split_files"]["train"] == str(tmp_path / "lists/train.txt")
     assert data["temporal"][0]["checkpoint"] == str(tmp_path / "heads/lstm.safetensors")
     assert data["model"]["weights"] == "IMAGENET1K_V1"  # a torchvision weights name, not a path
     assert data["resources"]["batch_size"] == 64
-    assert JOB["source"]["uri"] == "data/images"  # the caller's mapping is left alone
+    assert JOB["source"]["uri"] == "data/videos"  # the caller's mapping is left alone
     parse_job(data)  # still a valid job
 
 
@@ -33,7 +33,7 @@ def test_uris_absolute_paths_and_weight_names_are_kept(tmp_path):
 
 def test_local_paths_are_named_for_the_remote_cluster_warning(tmp_path):
     job = parse_job(shipped_job({**JOB, "output": {"uri": "s3://b/out"}}, [], str(tmp_path)))
-    assert local_paths(job) == [str(tmp_path / "data/images"), str(tmp_path / "heads/lstm.safetensors")]
+    assert local_paths(job) == [str(tmp_path / "data/videos"), str(tmp_path / "heads/lstm.safetensors")]
     assert is_loopback("http://127.0.0.1:8265") and is_loopback("localhost:8265")
     assert not is_loopback("http://10.0.0.5:8265") and not is_loopback("https://ray.example.com")
 

@@ -20,7 +20,8 @@ HEADS = [
 
 
 def video_job(source_uri, out, **extra):
-    data = job_dict(source_uri, out, name="e2e-video", resources={"batch_size": 16, "decode_batch_size": 4})
+    data = job_dict(source_uri, out, name="e2e-video", source={"format": "video_folder"},
+                    resources={"batch_size": 16, "decode_batch_size": 4})
     data["video"] = {"num_frames": 6, **extra.pop("video", {})}
     data["temporal"] = extra.pop("temporal", HEADS)
     for key, value in extra.items():
