@@ -39,6 +39,7 @@ class Summary:
     steady_throughput: float = 0.0  # samples/s between the first and the last commit
     layout: Dict[str, Any] = field(default_factory=dict)
     stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
+    split_lists: Dict[str, Any] = field(default_factory=dict)  # sources.split_list_gaps: unlisted, missing
 
     @property
     def samples(self) -> int:

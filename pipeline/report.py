@@ -17,7 +17,7 @@ from .config import to_dict
 from .output import JOB_FILE, settings
 from .partitions import column_of
 from .redact import redact_strings, redact_text
-from .sources import filesystem
+from .sources import filesystem, split_list_gaps
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
     from .output import Workspace
@@ -77,6 +77,8 @@ def write_record(ws: "Workspace", head: Dict[str, Any], status: str, started_at:
                               "versions": versions(), "counts": {"planned": len(ws.plan)}, "runs": runs + [run]}
     if error is not None:
         record["error"] = error
+    if split_list_gaps(ws.plan):  # a video_folder job's split lists: videos in none, entries with no video
+        record["counts"]["split_lists"] = split_list_gaps(ws.plan)
     if summary is not None:
         record["finished_at"] = run["finished_at"] = _iso(time.time())
         rows = summary.output_rows  # features and errors in OUT, all runs together
@@ -107,6 +109,7 @@ def format_summary(summary: "Summary") -> str:
                      f"{summary.gone} planned samples no longer in the source (their rows stay in the output)")
     if summary.duplicates:
         lines.append(f"dropped      {summary.duplicates} rows that Ray computed twice (already committed)")
+    lines += _split_list_lines(summary.split_lists)
     if summary.samples:
         rate = (f"throughput   {summary.throughput:.1f} samples/s over {summary.wall_s:.1f} s "
                 f"(+{summary.startup_s:.1f} s to plan and start Ray)")
@@ -124,6 +127,16 @@ def format_summary(summary: "Summary") -> str:
         lines += format_stages(summary.stages)
     lines.append(f"output       {summary.out_uri}")
     return redact_text("\n".join(lines))
+
+
+def _split_list_lines(gaps: Dict[str, Any]) -> List[str]:
+    lines = []
+    if gaps.get("unlisted"):
+        lines.append(f"split lists  {gaps['unlisted']} videos are in no split list: written with split=unlisted")
+    if gaps.get("missing"):
+        lines.append(f"split lists  {gaps['missing']} list entries have no video in source.uri "
+                     f"(first: {', '.join(gaps['first_missing'])})")
+    return lines
 
 
 def format_layout(layout: Dict[str, Any]) -> str:

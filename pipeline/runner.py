@@ -25,6 +25,7 @@ from .read import read_batch
 from .redact import logger
 from .report import write_job_record
 from .sinks import ParquetCommitSink
+from .sources import split_list_gaps
 from .timing import breakdown
 from .video import decode_video_batch
 
@@ -138,6 +139,7 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
         duplicates=totals.get("duplicates", 0),
         output_rows=table_rows(ws.fs, ws.root),
         layout=vars(layout) if layout else {},
+        split_lists=split_list_gaps(ws.plan),
         **steady_state(totals.get("commits", []), t1),
     )
     if layout is not None:

@@ -7,6 +7,7 @@ members are discovered while it is streamed.
 from __future__ import annotations
 
 import io
+import json
 import os
 import posixpath
 import re
@@ -27,6 +28,7 @@ from .errors import Refused
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
 LABEL_EXTENSIONS = ("cls", "txt", "json")
+SPLIT_GAPS = "featurize.split_lists"  # plan metadata: split_list_gaps
 PLAN_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -73,7 +75,24 @@ def plan_source(cfg: SourceConfig) -> pa.Table:
     rows = [public_row(r) for r in rows]  # credentials in URIs: masked in ids and uris, kept aside
     rows.sort(key=lambda r: r["sample_id"])
     _check_unique(rows)
-    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    plan = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    if cfg.format == "video_folder" and cfg.split_files:  # kept with the plan in OUT/_plan.parquet
+        plan = plan.replace_schema_metadata({**(plan.schema.metadata or {}),
+                                             SPLIT_GAPS: json.dumps(_split_list_gaps(cfg, rows))})
+    return plan
+
+
+def split_list_gaps(plan: pa.Table) -> Dict[str, Any]:
+    """A video_folder plan with split lists: {"unlisted": videos in no list (split `unlisted`),
+    "missing": list entries with no file, "first_missing": a few of them}; {} for other plans."""
+    return json.loads((plan.schema.metadata or {}).get(SPLIT_GAPS.encode(), b"{}"))
+
+
+def _split_list_gaps(cfg: SourceConfig, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    listed = _read_split_files(cfg)  # small text files: read again rather than threaded through the lister
+    ids = {r["sample_id"] for r in rows}
+    missing = sorted(set(listed) - ids)
+    return {"unlisted": sum(1 for i in ids if i not in listed), "missing": len(missing), "first_missing": missing[:3]}
 
 
 def with_fetch_uris(plan: pa.Table, cfg: SourceConfig, listed: Optional[pa.Table] = None) -> pa.Table:

@@ -280,3 +280,41 @@ def test_source_limits_are_validated_naming_the_key():
                      (dict(follow_symlinks="yes"), "source.follow_symlinks")):
         with pytest.raises(ConfigError, match=key):
             job(**bad)
+
+
+def test_split_lists_gaps_are_counted_and_kept_with_the_plan(tmp_path):
+    """UCF101-style lists: a video in no list lands in split=unlisted, an entry with no file is skipped;
+    both are counted in the plan's metadata, the summary and _job.json, never silently."""
+    import json
+    from types import SimpleNamespace
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.config import SourceConfig
+    from pipeline.jobrun import Summary
+    from pipeline.report import format_summary, write_record
+    from pipeline.sources import plan_source, split_list_gaps
+    from pipeline.store import parquet_bytes
+
+    for name in ("Run/v_1.avi", "Run/v_2.avi", "Jump/v_3.avi"):
+        (tmp_path / "videos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "videos" / name).write_bytes(b"not decoded by the listing")
+    (tmp_path / "train.txt").write_text("Run/v_1.avi 1\nRun/v_9.avi 1\nJump/v_8.avi 2\n")
+    (tmp_path / "test.txt").write_text("Jump/v_3.avi\n")
+    cfg = SourceConfig(uri=str(tmp_path / "videos"), format="video_folder",
+                       split_files={"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")})
+    plan = plan_source(cfg)
+    assert dict(zip(plan["sample_id"].to_pylist(), plan["split"].to_pylist())) == {
+        "Jump/v_3.avi": "test", "Run/v_1.avi": "train", "Run/v_2.avi": "unlisted"}
+    gaps = {"unlisted": 1, "missing": 2, "first_missing": ["Jump/v_8.avi", "Run/v_9.avi"]}
+    assert split_list_gaps(plan) == gaps
+    assert split_list_gaps(pq.read_table(pa.BufferReader(parquet_bytes(plan)))) == gaps  # as OUT/_plan.parquet
+
+    lines = format_summary(Summary(str(tmp_path / "out"), 3, 3, {}, 1.0, 1.0, split_lists=gaps)).splitlines()
+    assert "split lists  1 videos are in no split list: written with split=unlisted" in lines
+    assert "split lists  2 list entries have no video in source.uri (first: Jump/v_8.avi, Run/v_9.avi)" in lines
+    ws = SimpleNamespace(previous=None, todo=plan, skipped=0, added=0, gone=0, plan=plan, fs=LocalFileSystem(),
+                         root=str(tmp_path))
+    write_record(ws, {"name": "ucf"}, "running", 0.0)
+    assert json.loads((tmp_path / "_job.json").read_text())["counts"]["split_lists"] == gaps
+    assert split_list_gaps(plan_source(SourceConfig(uri=str(tmp_path / "videos"), format="video_folder"))) == {}
