@@ -96,7 +96,7 @@ def layer_names(nodes: List[str]) -> List[str]:
     return list(nodes) + sorted(modules - set(nodes))
 
 
-def forward(module: nn.Module, cfg: ModelConfig, crop: int, model: nn.Module) -> Any:
+def forward_at_crop(module: nn.Module, cfg: ModelConfig, crop: int, model: nn.Module) -> Any:
     """One forward of a zero image at the crop; a model that cannot take it is refused, naming the crop it needs."""
     try:
         with torch.inference_mode():
@@ -171,7 +171,7 @@ def feature_dim(cfg: ModelConfig, crop: int, weights: Optional[Weights] = None,
     """Checks arch, layer, crop and (when given) that the weights fit; returns D after one forward pass."""
     model = load_model(cfg, weights, storage_options or {}) if weights else build_backbone(cfg)
     module = feature_module(model, cfg)
-    return int(pool(forward(module, cfg, crop, model), cfg.pool).shape[1])
+    return int(pool(forward_at_crop(module, cfg, crop, model), cfg.pool).shape[1])
 
 
 class CnnEmbedder:

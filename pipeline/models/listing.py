@@ -16,7 +16,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..config import DEFAULT_CROP, ModelConfig
-from .cnn import ModelError, build_backbone, check_arch, classification_models, forward
+from .cnn import ModelError, build_backbone, check_arch, classification_models, forward_at_crop
 from .temporal import HEADS
 
 
@@ -58,11 +58,12 @@ def layer_nodes(arch: str, crop: int = DEFAULT_CROP) -> List[Node]:
     cfg = ModelConfig(arch=arch, weights="none")
     check_arch(cfg)
     model = build_backbone(cfg)
-    forward(model, cfg, crop, model)  # refused here with the model's own words, not the traced graph's
+    forward_at_crop(model, cfg, crop, model)  # a crop it cannot take is refused in the model's words
     train_nodes, nodes = get_graph_node_names(model)
     # Only the eval graph matters; train mode is traced too, asked for its output alone.
     extractor = create_feature_extractor(model, train_return_nodes=train_nodes[-1:], eval_return_nodes=nodes).eval()
-    outputs: Dict[str, Any] = forward(extractor, cfg, crop, model)
+    with torch.inference_mode():
+        outputs: Dict[str, Any] = extractor(torch.zeros(1, 3, crop, crop))
     last = {}  # module name -> its last node, which the module's name stands for
     for node in nodes:
         for i in range(1, node.count(".") + 1):
