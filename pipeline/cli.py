@@ -1,4 +1,4 @@
-"""`featurize run | train | apply | submit | status | inspect | demo`.
+"""`featurize run | train | apply | submit | status | inspect | models | layers | demo`.
 
 Exit codes: 0 when the job completed (some samples may be error rows), 2 when it could not run
 (bad job file, unreachable source, unknown model, output holding another job's), 1 when it failed
@@ -94,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--storage-options", default="{}", metavar="JSON",
                          help='fsspec options for the output\'s store, e.g. \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
+
+    from .config import DEFAULT_CROP
+
+    models = sub.add_parser("models", help="the model names each family offers (model.arch, temporal[].kind)")
+    models.set_defaults(func=cmd_models)
+    layers = sub.add_parser("layers", help="a model's layers (model.layer) with their output shapes at a crop")
+    layers.add_argument("arch", help="a torchvision model name, as `featurize models` lists them")
+    layers.add_argument("--crop", type=int, default=DEFAULT_CROP,
+                        help=f"the input's side in pixels, as preprocess.crop (default: {DEFAULT_CROP})")
+    layers.set_defaults(func=cmd_layers)
 
     demo = sub.add_parser("demo", help="generate sample images and videos and run the demo jobs on them",
                           description="Three small jobs on generated data, each on an embedded local Ray: images, "
@@ -303,6 +313,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(inspect_output(args.out, options))
     except FileNotFoundError as e:
         _say(f"featurize: {args.out}: no output there ({e})")
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.listing import format_models
+
+    print(format_models())
+    return EXIT_OK
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .models.listing import format_layers
+
+    try:
+        print(format_layers(args.arch, args.crop))
+    except Refused as e:
+        _say(f"featurize: {e}")
         return EXIT_REFUSED
     return EXIT_OK
 

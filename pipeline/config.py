@@ -39,6 +39,9 @@ class SourceConfig:
     follow_symlinks: bool = False  # folders: read symlinks whose target leaves source.uri
 
 
+DEFAULT_RESIZE, DEFAULT_CROP = 256, 224  # without the key and without weights' transforms
+
+
 @dataclass
 class PreprocessConfig:
     resize: Optional[int] = None  # shorter side; None: from the weights' transforms, else 256

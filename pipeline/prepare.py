@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from . import __version__
-from .config import ConfigError, JobConfig, output_storage_options, source_store_options
+from .config import DEFAULT_CROP, DEFAULT_RESIZE, ConfigError, JobConfig, output_storage_options, source_store_options
 from .decode import ImageSpec
 from .models import check_arch, feature_dim
 from .models.temporal import HeadInfo, resolve_heads
@@ -20,7 +20,6 @@ from .redact import redact_text
 from .sinks import SinkSpec, image_columns, video_columns
 from .video import FrameSpec
 
-DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 @dataclass

@@ -8,6 +8,7 @@ arrive still encoded and the actor decodes them itself (resources.decode_on: act
 from __future__ import annotations
 
 import contextlib
+import difflib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,9 +55,17 @@ def classification_models() -> List[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def did_you_mean(name: str, choices: List[str]) -> str:
+    """`; did you mean a, b?` with the names closest to a mistyped one, or nothing when none is close."""
+    near = difflib.get_close_matches(name, choices, n=3)
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
+
 def check_arch(cfg: ModelConfig) -> None:
-    if cfg.arch not in classification_models():
-        raise ModelError(f"model.arch: {cfg.arch!r} is not a torchvision classification model")
+    names = classification_models()
+    if cfg.arch not in names:
+        raise ModelError(f"model.arch: {cfg.arch!r} is not a torchvision classification model"
+                         f"{did_you_mean(cfg.arch, names)} (featurize models lists them)")
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -68,16 +77,45 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     return torchvision.models.get_model(cfg.arch, weights=None, **kwargs).eval()
 
 
-def feature_module(model: nn.Module, layer: Optional[str]) -> nn.Module:
+def feature_module(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     """The part of `model` whose output is the requested feature map."""
+    layer = cfg.layer
     if layer is None:
         return _drop_classifier(model)
-    nodes = get_graph_node_names(model)[1]
-    # A module's name (`layer3`) stands for its last node, as create_feature_extractor allows.
-    if layer not in nodes and not any(n.startswith(layer + ".") for n in nodes):
-        near = [n for n in nodes if n.startswith(layer.split(".")[0])][:8] or nodes[-8:]
-        raise ModelError(f"model.layer: {layer!r} is not a node of this model (e.g. {', '.join(near)})")
+    names = layer_names(get_graph_node_names(model)[1])
+    if layer not in names:
+        raise ModelError(f"model.layer: {layer!r} is not a node of {cfg.arch}{did_you_mean(layer, names)} "
+                         f"(featurize layers {cfg.arch} lists them)")
     return create_feature_extractor(model, return_nodes={layer: "feature"}).eval()
+
+
+def layer_names(nodes: List[str]) -> List[str]:
+    """What model.layer accepts: the nodes, and the modules holding them (`layer3` stands for its last
+    node, as create_feature_extractor allows)."""
+    modules = {node.rsplit(".", i)[0] for node in nodes for i in range(1, node.count(".") + 1)}
+    return list(nodes) + sorted(modules - set(nodes))
+
+
+def forward_at_crop(module: nn.Module, cfg: ModelConfig, crop: int, model: nn.Module) -> Any:
+    """One forward of a zero image at the crop; a model that cannot take it is refused, naming the crop it needs."""
+    try:
+        with torch.inference_mode():
+            return module(torch.zeros(1, 3, crop, crop))
+    except Exception as e:  # ViT's `Wrong image height!`, a kernel larger than a tiny input ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        raise ModelError(f"preprocess.crop: {cfg.arch} does not take {crop}x{crop} images ({reason}); "
+                         f"{_crop_hint(cfg.arch, model)}") from None
+
+
+def _crop_hint(arch: str, model: nn.Module) -> str:
+    size = getattr(model, "image_size", None)  # the transformers that take one size only
+    if isinstance(size, int):
+        return f"it needs crop {size}"
+    try:
+        return f"its weights use crop {torchvision.models.get_model_weights(arch).DEFAULT.transforms().crop_size[0]}"
+    except Exception:  # no weights, or transforms without a crop
+        return "try a larger crop"
 
 
 def _drop_classifier(model: nn.Module) -> nn.Module:
@@ -130,12 +168,10 @@ def load_model(cfg: ModelConfig, weights: Weights, storage_options: Dict[str, An
 
 def feature_dim(cfg: ModelConfig, crop: int, weights: Optional[Weights] = None,
                 storage_options: Optional[Dict[str, Any]] = None) -> int:
-    """Checks arch, layer and (when given) that the weights fit; returns D after one forward pass."""
+    """Checks arch, layer, crop and (when given) that the weights fit; returns D after one forward pass."""
     model = load_model(cfg, weights, storage_options or {}) if weights else build_backbone(cfg)
-    module = feature_module(model, cfg.layer)
-    with torch.inference_mode():
-        out = pool(module(torch.zeros(1, 3, crop, crop)), cfg.pool)
-    return int(out.shape[1])
+    module = feature_module(model, cfg)
+    return int(pool(forward_at_crop(module, cfg, crop, model), cfg.pool).shape[1])
 
 
 class CnnEmbedder:
@@ -153,7 +189,7 @@ class CnnEmbedder:
         if self.device.type == "cpu":
             torch.set_num_threads(spec.torch_threads)
         model = load_model(spec.model, spec.weights, spec.storage_options)
-        self.module = feature_module(model, spec.model.layer).to(self.device)
+        self.module = feature_module(model, spec.model).to(self.device)
         if self.device.type == "cuda":
             self.module = self.module.to(memory_format=torch.channels_last)
         shape = (1, 3, 1, 1)

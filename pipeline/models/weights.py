@@ -82,7 +82,7 @@ def _torchvision_enum(cfg: ModelConfig):
     try:
         return enum[name] if name != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        names = ", ".join(["DEFAULT", *enum.__members__])
+        names = ", ".join(["DEFAULT", *(n for n in enum.__members__ if n != "DEFAULT")])  # DEFAULT is a member too
         raise WeightsError(f"model.weights: {cfg.weights!r} is not a weights name of {cfg.arch} ({names})") from None
 
 

@@ -1,0 +1,101 @@
+"""`featurize models`, `featurize layers ARCH`, and the model refusals that point at them.
+
+The listings never import Ray (proved by poisoning the import); the refusals of `featurize run`
+come before Ray starts (no RAY_TMPDIR/ray), with one line and exit 2.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import job_dict
+from pipeline.config import ModelConfig
+from pipeline.models.listing import FAMILIES, layer_nodes
+from pipeline.models.weights import WeightsError, resolve
+from pipeline.samples import make_image_folder
+from test_cli import assert_refused, featurize, ray_tmpdir, write_job  # noqa: F401 (ray_tmpdir: a fixture)
+
+
+def without_ray(tmp_path: Path) -> dict:
+    """The environment of a process for which `import ray` fails."""
+    poison = tmp_path / "poison" / "ray"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('ray imported for a listing')\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(poison.parent), os.environ.get("PYTHONPATH")]))}
+
+
+def test_models_lists_each_family_without_ray(tmp_path):
+    result = featurize("models", env_extra=without_ray(tmp_path))
+    assert result.returncode == 0, result.stderr
+    sections = {}
+    for block in result.stdout.strip().split("\n\n"):
+        head, _, body = block.partition("\n")
+        sections[head.split()[0]] = {name.strip() for name in body.replace("\n", " ").split(",")}
+    assert set(sections) == set(FAMILIES) == {"torchvision", "temporal"}
+    assert {"resnet18", "resnet50", "vit_b_16", "convnext_tiny"} <= sections["torchvision"]
+    assert "maskrcnn_resnet50_fpn" not in sections["torchvision"]  # detection models are not backbones here
+    assert {"mean", "max", "lstm", "attention"} == sections["temporal"]
+    assert "model.arch" in result.stdout and "temporal[].kind" in result.stdout
+
+
+def test_layers_have_their_output_shapes_at_the_crop():
+    for crop, side in ((224, 7), (64, 2)):
+        nodes = {n.name: n for n in layer_nodes("resnet18", crop)}
+        assert nodes["x"].shape == (3, crop, crop)
+        assert nodes["layer4.1.relu_1"].shape == (512, side, side)
+        assert "layer4" in nodes["layer4.1.relu_1"].modules  # the module's name stands for its last node
+        assert nodes["layer3.1.relu_1"].shape == (256, 2 * side, 2 * side)
+        assert nodes["avgpool"].shape == (512, 1, 1)
+        assert nodes["fc"].shape == (1000,)
+    nodes = {n.name: n for n in layer_nodes("shufflenet_v2_x0_5", 64)}
+    assert nodes["stage2.0.size"].shape is None and nodes["stage2.0.size"].kind == "Size"  # x.size(): not a tensor
+    assert nodes["conv5.2"].shape == (1024, 2, 2)
+
+
+def test_layers_prints_a_table_without_ray(tmp_path):
+    result = featurize("layers", "resnet18", "--crop", "112", env_extra=without_ray(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:-1]}
+    assert "(512, 4, 4)" in rows["layer4.1.relu_1"] and rows["layer4.1.relu_1"].endswith("= layer4, layer4.1")
+    assert rows["avgpool"].split()[1:] == ["(512,", "1,", "1)", "512"]
+    assert "crop 112" in result.stdout.splitlines()[0]
+
+
+def test_an_unknown_arch_is_refused_naming_the_closest(tmp_path, ray_tmpdir):
+    result = featurize("layers", "resnet181", env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
+    line = assert_refused(result, ray_tmpdir, "model.arch", "'resnet181'", "featurize models")
+    assert line.split("did you mean ")[1].startswith("resnet18,")
+
+
+@pytest.fixture
+def images(tmp_path):
+    make_image_folder(str(tmp_path / "images"), n=4, broken=0)
+    return tmp_path / "images"
+
+
+def test_an_unknown_layer_is_refused_naming_the_closest(tmp_path, images, ray_tmpdir):
+    data = job_dict(str(images), str(tmp_path / "out"))
+    data["model"]["layer"] = "layer5"
+    result = featurize("run", str(write_job(tmp_path / "job.yaml", data)), env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
+    line = assert_refused(result, ray_tmpdir, "model.layer", "'layer5'", "featurize layers resnet18")
+    assert line.split("did you mean ")[1].startswith("layer4,")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_crop_the_model_cannot_take_is_refused_before_ray(tmp_path, images, ray_tmpdir):
+    data = job_dict(str(images), str(tmp_path / "out"))
+    data["model"] = {"arch": "vit_b_16", "weights": "none"}
+    data["preprocess"] = {"resize": 128, "crop": 112}
+    result = featurize("run", str(write_job(tmp_path / "job.yaml", data)), env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
+    line = assert_refused(result, ray_tmpdir, "preprocess.crop", "vit_b_16", "112x112", "needs crop 224")
+    assert "resume" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weights_name_error_lists_each_name_once():
+    with pytest.raises(WeightsError) as e:
+        resolve(ModelConfig(arch="resnet50", weights="IMAGENET9K"))
+    names = str(e.value).split("(")[-1].rstrip(")").split(", ")
+    assert names == ["DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"]
