@@ -109,6 +109,26 @@ class Output:
         return pd.DataFrame({"sample_id": t["sample_id"].to_pylist(), "label": t["label"].to_pylist(),
                              "split": t["split"].to_pylist(), column: list(vectors(t[column]))})
 
+    def to_polars(self, column: str = "feature"):
+        """A Polars frame (Polars is not a dependency: `pip install polars`) of sample_id, label, split
+        and `column` as an Array(Float32, D) column."""
+        import polars as pl
+
+        from .train.tensors import vectors
+
+        t = self.table(["sample_id", "label", "split", column])
+        x = vectors(t[column])
+        return pl.DataFrame({"sample_id": t["sample_id"].to_pylist(), "label": t["label"].to_pylist(),
+                             "split": t["split"].to_pylist(),
+                             column: pl.Series(column, x, dtype=pl.Array(pl.Float32, x.shape[1]))})
+
+    def to_torch(self, column: str = "feature"):
+        """(sample_ids, labels, features as a float32 torch tensor (N, D))."""
+        import torch
+
+        ids, labels, x = self.to_numpy(column)
+        return ids, labels, torch.from_numpy(x)
+
     def errors(self) -> pa.Table:
         """The errors table (sample_id, uri, stage, error_type, message, attempts); empty if none."""
         import pyarrow.dataset as pads

@@ -31,6 +31,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         _say("featurize: interrupted; run the same command again to resume")
         return 130
+    except BrokenPipeError:  # `featurize models | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
+        return EXIT_OK
 
 
 def _say(line: str) -> None:
