@@ -1,32 +1,43 @@
 """`import featurize`: the Python API a notebook uses, two runs in one process on one local Ray."""
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import featurize
 from conftest import job_dict
 from pipeline.config import ConfigError
-from pipeline.samples import make_image_folder
 
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example.py"
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.usefixtures("ray_session")
-def test_run_twice_then_open_reads_what_was_written(tmp_path):
-    src, out = tmp_path / "src", tmp_path / "out"
-    make_image_folder(str(src), n=8, broken=1)
-    job = job_dict(str(src), str(out), name="api")
-    first = featurize.run(job, {"model.pool": "max"})
-    assert (first.features, sum(first.errors.values())) == (8, 1)
-    again = featurize.run(job, ["model.pool=max"])  # the same job, the same Ray: nothing left to do
-    assert again.samples == 0 and again.skipped == 9
+def test_the_example_script_runs_twice_in_one_process_and_reads_what_it_wrote(tmp_path, monkeypatch):
+    """docs/example.py as a notebook runs it: run, run again, open, train, apply, a loader; one Ray."""
+    monkeypatch.chdir(tmp_path)
+    scope = runpy.run_path(str(EXAMPLE))
+    assert (scope["summary"].features, sum(scope["summary"].errors.values())) == (40, 4)
+    assert scope["again"].samples == 0 and scope["again"].skipped == 44  # the same job: nothing redone
 
-    ids, labels, x = featurize.open(str(out)).to_numpy()
-    assert len(ids) == len(set(ids)) == 8 and x.dtype == np.float32 and x.shape == (8, 512)
-    df = featurize.open(str(out)).to_pandas()
+    ids, labels, x = scope["ids"], scope["labels"], scope["x"]
+    assert len(ids) == len(set(ids)) == 40 and x.dtype == np.float32 and x.shape == (40, 512)
+    assert all(sample_id.startswith(label + "/") for sample_id, label in zip(ids, labels))
+    df = featurize.open("out/example").to_pandas()
     assert list(df.columns) == ["sample_id", "label", "split", "feature"] and df["feature"][0].shape == (512,)
     assert sorted(df["label"]) == sorted(labels)
-    assert featurize.open(str(out)).errors().num_rows == 1
-    assert featurize.open(str(out)).status()["complete"]
+    assert featurize.open("out/example").errors().num_rows == 4
+    assert featurize.open("out/example").status()["complete"]
+
+    assert scope["result"].epochs == 3 and len(scope["result"].metrics) == 3
+    probs = featurize.open("out/example-probs").table(["sample_id", "probs"])
+    assert sorted(probs["sample_id"].to_pylist()) == sorted(ids)
+    assert np.allclose(np.asarray(probs["probs"].to_pylist()).sum(axis=1), 1, atol=1e-3)
+    assert tuple(scope["batch"]["x"].shape) == (16, 512) and len(scope["dataset"].classes) == 5
 
 
 def test_a_bad_job_or_training_is_refused_naming_the_key(tmp_path):
