@@ -49,7 +49,7 @@ def main() -> None:
         time.sleep(0.5)
     wall = time.time() - t0
     print(f"\nwall {wall:.1f} s, CPU {sum(s[0] for s in seen.values()):.1f} s over {len(seen)} processes")
-    for pid, (cpu, nice, name) in sorted(seen.items(), key=lambda kv: -kv[1][0])[:20]:
+    for _pid, (cpu, nice, name) in sorted(seen.items(), key=lambda kv: -kv[1][0])[:20]:
         print(f"{cpu:7.1f} s  nice {nice:3d}  {name}")
     if len(history) < 10:
         return

@@ -320,7 +320,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             torch.backends.cudnn.benchmark = False
     b.row("actor_gpu_decode_cudnn_benchmark", "the actor, GPU decode, torch.backends.cudnn.benchmark on",
           cudnn_benchmark, gpu_only=True, optional=True)
-    b.row("actor_two_in_flight", "the actor, GPU decode, 2 threads x 2 CUDA streams (copy/compute overlap); ms per pair",
+    b.row("actor_two_in_flight",
+          "the actor, GPU decode, 2 threads x 2 CUDA streams (copy/compute overlap); ms per pair",
           lambda: in_flight(b, main, batches), gpu_only=True, optional=True)
     compiled = actor(args, max(args.threads))
     b.row("model_alone_compiled", f"{name} embed() alone, torch.compile(backbone)",
@@ -435,7 +436,8 @@ def report(args, b: Bench, checks, gen_s: float, mean_bytes: float, actor_row) -
                              "what": "actor_gpu_decode / model_alone"},
         "actor_images_per_s": {"value": best and best["images_per_s"], "row": best and best["key"],
                                "target": TARGETS["actor_images_per_s"],
-                               "pass": None if not (best and b.gpu) else best["images_per_s"] >= TARGETS["actor_images_per_s"],
+                               "pass": (None if not (best and b.gpu)
+                                        else best["images_per_s"] >= TARGETS["actor_images_per_s"]),
                                "what": "the best actor row, images/s on this one device"},
     }
     settings = {k: getattr(args, k) for k in ("device", "images", "batch", "arch", "crop", "resize", "seconds",
@@ -460,7 +462,8 @@ def markdown(result: Dict[str, Any]) -> str:
         rate = f"{r['images_per_s']:,.1f}" if r["images_per_s"] is not None else f"skipped ({r.get('note', '')})"
         extra = "".join(f"; {k} {r[k]}" for k in ("compile_s", "cosine_vs_sequential_min") if k in r)
         lines.append(f"| {r['key']} | {rate} | {r.get('ms_per_batch', '')} | {r['what']}{extra} |")
-    lines += ["", "| check | min cosine | mean | centered min | other images | target | pass |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| check | min cosine | mean | centered min | other images | target | pass |",
+              "|---|---|---|---|---|---|---|"]
     for key, c in result["checks"].items():
         if "min" in c:
             lines.append(f"| {key} ({c.get('device_decode_on') or c.get('autocast_on')}) | {c['min']} | {c['mean']} | "

@@ -86,7 +86,7 @@ def one(kind: str, out: str, workers: int) -> None:
     started = time.perf_counter()
     rows = {"scan": scan, "loader": loader}[kind](out, workers)
     seconds = time.perf_counter() - started
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(json.dumps({"rows": rows, "seconds": seconds, "rss_mb": rss / 1024}))
 
 
@@ -115,7 +115,8 @@ def main() -> None:
             make_table(out, rows, dim)
             runs: dict = {}
             for _ in range(args.repeat):  # interleaved, so the host's drift falls on every contender alike
-                for name, kind, w in [("scan", "scan", 0)] + [(f"loader, {w} workers", "loader", w) for w in args.workers]:
+                runs = [("scan", "scan", 0)] + [(f"loader, {w} workers", "loader", w) for w in args.workers]
+                for name, kind, w in runs:
                     r = measure(kind, out, w)
                     assert r["rows"] == rows, (name, r)
                     runs.setdefault(name, []).append(r)

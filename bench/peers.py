@@ -156,10 +156,11 @@ RUNNERS = {"model alone": run_model_alone, "featurize": run_featurize, "dataload
 def _video_models():
     """clips (N, T, H, W, 3) uint8 -> clip features, as the pipeline's CNN and LSTM compute them."""
     import numpy as np
+    from video import LSTM, SPEC
+
     from pipeline.config import ModelConfig, TemporalConfig
     from pipeline.models import CnnEmbedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads
     from pipeline.models.weights import resolve
-    from video import LSTM, SPEC
 
     cfg, cores = ModelConfig(arch="resnet18", weights="none"), os.cpu_count() or 1
     dim = feature_dim(cfg, SPEC.crop)
@@ -310,7 +311,8 @@ def main() -> None:
         print(json.dumps(RUNNERS[args.one](arch, int(crop), paths, args.batch)), flush=True)
         return
     print(f"{os.cpu_count()} cores, {args.images} JPEGs 500x375, batch {args.batch}, random-init weights")
-    print(f"{'model':<14} {'contender':<17} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'start-up':>9} {'peak RSS':>9}")
+    print(f"{'model':<14} {'contender':<17} {'images/s':>9} {'ceiling':>8} {'ratio':>6} "
+          f"{'start-up':>9} {'peak RSS':>9}")
     for model in args.models:
         arch, crop = model.split(":")
         for name, r in bracketed(args.only, arch, int(crop), args.images, args.batch).items():

@@ -55,7 +55,8 @@ def _decode(path: str, cfg: VideoConfig) -> tuple:
 def main() -> None:
     videos = [("60 s 1080p", make_video(os.path.join(HERE, "out", "long-1080p-60s.mp4"), 60, 1920, 1080)),
               ("10 min 480p", make_video(os.path.join(HERE, "out", "long-480p-600s.mp4"), 600, 854, 480))]
-    modes = [("uniform 16", VideoConfig(num_frames=16)), ("all, max_frames 512", VideoConfig(sampling="all", max_frames=512))]
+    modes = [("uniform 16", VideoConfig(num_frames=16)),
+             ("all, max_frames 512", VideoConfig(sampling="all", max_frames=512))]
     ctx = get_context("spawn")
     for name, path in videos:
         for label, cfg in modes:

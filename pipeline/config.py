@@ -6,8 +6,8 @@ message names the offending key (`model.pool`, `resources.batch_size`, ...).
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from . import safe_yaml
-from .redact import redact
 from .errors import Refused
+from .redact import redact
 
 Auto = Literal["auto"]
 

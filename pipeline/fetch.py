@@ -94,8 +94,9 @@ def read_remote(fs, paths: List[str], cap: int) -> List[Union[bytes, BaseExcepti
     for p in paths:
         faults.point("read", p)
     out = fs.cat_ranges(list(paths), 0, cap + 1, on_error="return")
-    out = [_unranged(fs, p, cap) if isinstance(d, BaseException) and not isinstance(d, (FileNotFoundError, PermissionError))
-           else d for p, d in zip(paths, out)]
+    gone = (FileNotFoundError, PermissionError)
+    out = [_unranged(fs, p, cap) if isinstance(d, BaseException) and not isinstance(d, gone) else d
+           for p, d in zip(paths, out)]
     return [TooLarge(f"over source.max_sample_bytes ({cap})") if isinstance(d, bytes) and len(d) > cap else d
             for d in out]
 

@@ -24,9 +24,9 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from .output import OutputExists
 from .redact import logger
 from .store import is_local, write_atomic
-from .output import OutputExists
 
 LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"
 EXPIRY_ENV, DEFAULT_EXPIRY_S = "FEATURIZE_LEASE_EXPIRY_S", 60.0

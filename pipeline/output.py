@@ -18,12 +18,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .commit import STAGING, TABLES, UNITS, Ledger, audit, is_local, move, parquet_bytes, parquet_files, \
-    read_column, remaining, write_atomic
-from .redact import redact, saved_plan
-from .partitions import folder_key
-from .sources import filesystem, plan_source, with_fetch_uris
+from .commit import (
+    STAGING,
+    TABLES,
+    UNITS,
+    Ledger,
+    audit,
+    is_local,
+    move,
+    parquet_bytes,
+    parquet_files,
+    read_column,
+    remaining,
+    write_atomic,
+)
 from .errors import Refused
+from .partitions import folder_key
+from .redact import redact, saved_plan
+from .sources import filesystem, plan_source, with_fetch_uris
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
 OVERWRITE, SWAP_FILE = "_overwrite", "_swap.json"
@@ -308,7 +320,8 @@ def _reopen_units(fs, root: str, units: set) -> None:
     if not done & units:
         return
     keep = sorted(done - units)
-    write_atomic(fs, f"{root}/{UNITS}/part-reopened.parquet", parquet_bytes(pa.table({"unit": pa.array(keep, pa.string())})))
+    units = pa.table({"unit": pa.array(keep, pa.string())})
+    write_atomic(fs, f"{root}/{UNITS}/part-reopened.parquet", parquet_bytes(units))
     for f in files:
         if not f.endswith("/part-reopened.parquet"):
             fs.rm(f)

@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from .redact import FETCH_URI, RedactedError, redact_text
 from .fetch import TIMED_OUT, Refused, bounded, read_local, read_remote, timeout_error
+from .redact import FETCH_URI, RedactedError, redact_text
 from .shards import tar_rows
 from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
 from .timing import timed
@@ -173,7 +173,8 @@ def _attempt(fn, *args):
 def _file_row(batch: Batch, i: int, data) -> Dict[str, Any]:
     row = _sample(batch, i)
     if isinstance(data, BaseException) and not _sample_fault(data):
-        raise StoreError(f"{batch['uri'][i]}: {type(data).__name__}: {data}") from None  # no cause: it quotes the real URI
+        # no cause attached: it quotes the real URI
+        raise StoreError(f"{batch['uri'][i]}: {type(data).__name__}: {data}") from None
     if isinstance(data, BaseException):
         return {**row, "data": b"", **_read_error(data)}
     return {**row, "data": data, **OK}
@@ -192,7 +193,8 @@ def _read_tar(
     count, last = 0, None
     for row in bounded(_tar_rows(shard, fs_path, extensions, skip, limits), timeout_s):
         if row is TIMED_OUT:
-            row = {**shard, "data": b"", **_read_error(timeout_error(f"{shard['uri']} after {count} samples", timeout_s))}
+            error = _read_error(timeout_error(f"{shard['uri']} after {count} samples", timeout_s))
+            row = {**shard, "data": b"", **error}
         if last is not None:
             yield last
         count, last = count + 1, row

@@ -27,7 +27,8 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<info>[^/?#\s
 # ?name=value or &name=value, in a URL or in any text that quotes one.
 _QUERY = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#?\s'\"<>]+)=(?P<value>[^&;#\s'\"<>]*)")
 # `Authorization: Basic ...`, `Cookie=...` written as text (an exception quoting a request).
-_HEADER_TEXT = re.compile(r"(?P<name>\b(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key)\b['\"]?\s*[:=]\s*['\"]?)"
+_HEADER_TEXT = re.compile(r"(?P<name>\b(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key)\b"
+                          r"['\"]?\s*[:=]\s*['\"]?)"
                           r"(?P<value>[^'\",}\n]+)", re.I)
 
 

@@ -50,7 +50,8 @@ def image_cases() -> Dict[str, Tuple[bytes, bool]]:
         "ok_rgb.jpg": (jpeg, True),
         "ok_cmyk.jpg": (encode(base.convert("CMYK")), True),
         "ok_gray.png": (encode(base.convert("L"), "PNG"), True),
-        "ok_16bit.png": (encode(Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 10).astype(np.uint16)), "PNG"), True),
+        "ok_16bit.png": (encode(Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 10).astype(np.uint16)), "PNG"),
+                         True),
         "ok_palette_transparent.png": (encode(palette, "PNG"), True),
         "ok_rgba.png": (encode(rgba, "PNG"), True),
         "ok_1x1.png": (encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), True),
@@ -98,8 +99,9 @@ def video_frame(k: int, width: int, height: int) -> np.ndarray:
 def encode_video(frames: int, width: int = 320, height: int = 240, fps: int = 25,
                  codec: str = "mpeg4", fmt: str = "avi", pts_jitter: bool = False) -> bytes:
     """A real encoded video (PyAV): `mpeg4` in AVI as UCF101 has, `libx264` in mkv/mp4, `libvpx-vp9` in webm."""
-    import av
     from fractions import Fraction
+
+    import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=fmt) as container:

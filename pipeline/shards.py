@@ -87,7 +87,8 @@ class _Group:
             try:
                 self.members[ext] = tar.extractfile(info).read(cap)
             except BROKEN as e:
-                self.error = Truncated(f"the shard ends inside member {name}, at byte {info.offset_data} of its tar stream ({e})")
+                self.error = Truncated(f"the shard ends inside member {name}, at byte {info.offset_data} "
+                                       f"of its tar stream ({e})")
                 raise
 
 
@@ -139,7 +140,8 @@ def tar_rows(shard: Dict[str, Any], fileobj, cap: int, skip: frozenset) -> Itera
             why = "its end-of-archive block is missing" if isinstance(end, tarfile.EmptyHeaderError) else str(end)
             if stream.error is not None:
                 why = f"its compressed stream is cut or corrupt ({stream.error})"
-            stop = Truncated(f"the shard stops at byte {tar.offset}, {where}: {why}; members after it, if any, are lost")
+            stop = Truncated(f"the shard stops at byte {tar.offset}, {where}: {why}; "
+                             "members after it, if any, are lost")
         if stop is not None:
             yield {"sample_id": name_of_shard, "key": "", "members": {}, "error": stop}
 

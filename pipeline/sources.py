@@ -17,13 +17,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import SourceConfig
-from .redact import FETCH_URI, has_masked_uris, public_row, saved_plan
-from .listing import REFUSED_URI, Entry, ListingError, confine, raw_path, utf8, walk_local
 from .errors import Refused
+from .listing import REFUSED_URI, Entry, ListingError, confine, raw_path, utf8, walk_local
+from .redact import FETCH_URI, has_masked_uris, public_row, saved_plan
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
@@ -185,7 +184,8 @@ def _list_webdataset(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
         if any(c in path for c in "*?["):
             paths.extend(fs.glob(path))
         elif fs.isdir(path):
-            found = walk_local(path, cfg.follow_symlinks) if isinstance(fs, LocalFileSystem) else map(Entry, fs.find(path))
+            local = isinstance(fs, LocalFileSystem)
+            found = walk_local(path, cfg.follow_symlinks) if local else map(Entry, fs.find(path))
             paths.extend(p for p, refused in found if _extension(p) == "tar" and not refused)
         elif fs.exists(path):
             paths.append(path)

@@ -95,7 +95,8 @@ def submit(job, data: Dict[str, Any], address: str, wait: bool, out: TextIO = sy
     with tempfile.TemporaryDirectory(prefix="featurize-submit-") as folder:
         Path(folder, JOB_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
         submission_id = client.submit_job(
-            entrypoint=f"python -m pipeline.cli {'run' if isinstance(job, JobConfig) else 'train'} {JOB_FILE} --address auto",
+            entrypoint=(f"python -m pipeline.cli {'run' if isinstance(job, JobConfig) else 'train'} {JOB_FILE} "
+                        "--address auto"),
             runtime_env={"working_dir": folder, "py_modules": [str(PACKAGE)],
                          "excludes": ["__pycache__", "*.pyc"]},
             submission_id=f"featurize-{_slug(job.name)}-{uuid.uuid4().hex[:8]}",

@@ -21,6 +21,7 @@ from .isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeo
 from .read import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 from .timing import timed
 
+
 @dataclass(frozen=True)
 class FrameSpec:
     resize: int  # shorter side the decoder scales to

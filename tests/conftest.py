@@ -7,8 +7,11 @@ Nothing is autouse, so the unit tests in this folder never pay for Ray or moto.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -47,6 +50,14 @@ def recorded(faults_dir, point: str) -> List[str]:
     """Keys a failpoint armed with action "record" has logged."""
     log = faults_dir / f"{point}.log"
     return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A short private RAY_TMPDIR (Ray's socket paths must stay under 107 characters)."""
+    path = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

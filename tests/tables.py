@@ -43,10 +43,10 @@ def write_table(root: str, split: List[str], labels: List[str], feature: Optiona
         inner = pa.FixedSizeListArray.from_arrays(pa.array(frames.astype(np.float16).ravel()), d)
         cols["frame_features"] = pa.ListArray.from_arrays(pa.array(np.arange(0, n * t + 1, t, dtype=np.int32)), inner)
     table = pa.table(cols)
-    for (s, l) in sorted(set(zip(split, labels))):
-        mask = pa.array([a == s and b == l for a, b in zip(split, labels)])
+    for (s, label) in sorted(set(zip(split, labels))):
+        mask = pa.array([a == s and b == label for a, b in zip(split, labels)])
         part = table.filter(mask)
-        folder = os.path.join(root, "features", f"split_dir={s}", f"label_dir={l}")
+        folder = os.path.join(root, "features", f"split_dir={s}", f"label_dir={label}")
         os.makedirs(folder, exist_ok=True)
         for k in range(0, len(part), rows_per_file):
             with open(os.path.join(folder, f"part-{k:05d}.parquet"), "wb") as f:  # as the sink writes them

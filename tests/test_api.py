@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import featurize
-from conftest import job_dict
 from pipeline.config import ConfigError
 
+from conftest import job_dict
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example.py"
 

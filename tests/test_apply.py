@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import S3_BUCKET, assert_exactly_once, assert_whole_files, read_errors, read_features, recorded, tree
 from pipeline.commit import part_name
 from pipeline.output import JOB_FILE, status
 from pipeline.report import inspect_output
@@ -23,6 +22,8 @@ from pipeline.train.checkpoint import load, save
 from pipeline.train.config import HeadConfig
 from pipeline.train.models import build
 from pipeline.train.tensors import sequences, vectors
+
+from conftest import S3_BUCKET, assert_exactly_once, assert_whole_files, read_errors, read_features, recorded, tree
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 DIM, FRAMES, CLASSES = 8, 5, ["cat", "dog", "eel"]

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import SMALL_MODEL, SMALL_PREPROCESS, job_dict, tree
 from pipeline.samples import make_image_folder
+
+from conftest import SMALL_MODEL, SMALL_PREPROCESS, job_dict, tree
 
 FEATURIZE = Path(sys.executable).with_name("featurize")
 
@@ -27,14 +26,6 @@ def featurize(*args: str, env_extra=None, cwd=None, timeout=180) -> subprocess.C
     env = {**os.environ, **(env_extra or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
-
-
-@pytest.fixture
-def ray_tmpdir():
-    """A short private RAY_TMPDIR (Ray's socket paths must stay under 107 characters)."""
-    path = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _free_port, assert_exactly_once, assert_whole_files, planned
 from pipeline.samples import make_image_folder
+
+from conftest import _free_port, assert_exactly_once, assert_whole_files, planned
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SH = ROOT / "cluster" / "local.sh"

@@ -7,15 +7,25 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import faults
-from conftest import S3_BUCKET
-from pipeline.commit import (CommitConflict, Ledger, Staged, audit, parquet_bytes, parquet_files, part_name, remaining,
-                             write_atomic)
+from pipeline.commit import (
+    CommitConflict,
+    Ledger,
+    Staged,
+    audit,
+    parquet_bytes,
+    parquet_files,
+    part_name,
+    remaining,
+    write_atomic,
+)
 from pipeline.sources import PLAN_SCHEMA
+
+from conftest import S3_BUCKET
 
 FS = LocalFileSystem()
 JOB = "job0fingerprint"  # output.fingerprint of the job the tests' ledgers belong to

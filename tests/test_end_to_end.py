@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import S3_BUCKET, S3_SECRET, assert_exactly_once, job_dict, read_errors, read_features, run, tree
 from pipeline.output import OutputExists
 from pipeline.samples import CLASSES, encode, image_cases, make_image_folder, photo
+
+from conftest import S3_BUCKET, S3_SECRET, assert_exactly_once, job_dict, read_errors, read_features, run, tree
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, run
 from pipeline.commit import staging_folder
 from pipeline.output import JOB_FILE, fingerprint, status
 from pipeline.runner import IncompleteOutput
 from pipeline.samples import encode, make_image_folder, photo
+
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,11 +18,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (S3_BUCKET, S3_SECRET, assert_exactly_once, assert_whole_files, job_dict, planned, recorded, run,
-                      s3_options, wait_for)
-from faultproxy import FaultProxy
 from pipeline.output import JOB_FILE
 from pipeline.samples import make_image_folder, make_video_folder
+
+from conftest import (
+    S3_BUCKET,
+    S3_SECRET,
+    assert_exactly_once,
+    assert_whole_files,
+    job_dict,
+    planned,
+    recorded,
+    run,
+    s3_options,
+    wait_for,
+)
+from faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_features, run, tree
 from pipeline.output import JOB_FILE, OutputExists, status
 from pipeline.samples import encode, make_image_folder, photo
+
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_features, run, tree
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, run, wait_for
 from pipeline.samples import make_image_folder
+
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, run, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERRUPTED = "featurize: interrupted; run the same command again to resume"

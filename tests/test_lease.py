@@ -11,9 +11,10 @@ import time
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from conftest import S3_BUCKET
 from pipeline.lease import LEASE_FILE, Fence, Lease, LeaseHeld, LeaseLost, read
 from pipeline.output import OutputExists
+
+from conftest import S3_BUCKET
 
 FS = LocalFileSystem()
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import job_dict
 from pipeline.config import ModelConfig
 from pipeline.models.listing import FAMILIES, layer_nodes
 from pipeline.models.weights import WeightsError, resolve
 from pipeline.samples import make_image_folder
-from test_cli import assert_refused, featurize, ray_tmpdir, write_job  # noqa: F401 (ray_tmpdir: a fixture)
+
+from conftest import job_dict
+from test_cli import assert_refused, featurize, write_job
 
 
 def without_ray(tmp_path: Path) -> dict:

@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_BUCKET
 from torch.utils.data import DataLoader
 
 from pipeline.train.loader import FeatureDataset, ray_dataset
 from pipeline.train.table import TableError
+
+from conftest import S3_BUCKET
 
 D = 4
 SPLITS = {"train": ["cat", "dog"], "val": ["cat", "dog"]}

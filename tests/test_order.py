@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import SMALL_MODEL, run
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.demo import order_loop
+
+from conftest import SMALL_MODEL, run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -4,9 +4,10 @@ import os
 
 import numpy as np
 import pytest
-from conftest import job_dict, read_features, run
 
 from pipeline.samples import make_order_videos
+
+from conftest import job_dict, read_features, run
 
 CLASSES = ("a_then_b", "b_then_a")
 

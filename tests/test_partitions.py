@@ -14,14 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import assert_exactly_once, job_dict, read_features, run
 from pipeline.commit import parquet_bytes, write_atomic
 from pipeline.partitions import folder_value, partition_folder
 from pipeline.report import inspect_output
 from pipeline.samples import encode, photo
 from pipeline.sinks import ParquetCommitSink, SinkSpec, features_schema, image_columns
+
+from conftest import assert_exactly_once, job_dict, read_features, run
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 CJK = "特征提取" * 20  # 80 characters: 240 UTF-8 bytes, 720 percent-encoded

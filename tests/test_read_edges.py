@@ -13,11 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import assert_exactly_once, job_dict, read_errors, run
 from pipeline.config import SourceConfig
 from pipeline.read import read_batch
 from pipeline.samples import encode, photo
 from pipeline.sources import PLAN_SCHEMA, plan_source
+
+from conftest import assert_exactly_once, job_dict, read_errors, run
 
 JPEG = [encode(photo(40 + 8 * i, 32, seed=i)) for i in range(6)]
 

@@ -7,10 +7,20 @@ import tarfile
 
 import pytest
 
-from conftest import (assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, read_features, recorded,
-                      run, tree)
 from pipeline.output import JOB_FILE, OutputExists, status
 from pipeline.samples import encode, make_image_folder, photo
+
+from conftest import (
+    assert_exactly_once,
+    assert_whole_files,
+    job_dict,
+    planned,
+    read_errors,
+    read_features,
+    recorded,
+    run,
+    tree,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

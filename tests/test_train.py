@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import S3_BUCKET, S3_SECRET
 from pipeline.cli import main
 from pipeline.config import ConfigError, TemporalConfig
 from pipeline.models.temporal import build_head, resolve_head
@@ -19,6 +18,8 @@ from pipeline.train.loop import TrainError, plan_training, train
 from pipeline.train.models import KINDS, TEMPORAL, build, supervised
 from pipeline.train.table import TableError, open_table
 from pipeline.train.tensors import label_codes, sequences, vectors
+
+from conftest import S3_BUCKET, S3_SECRET
 from tables import order_sequences, write_table
 
 
@@ -184,7 +185,7 @@ def test_training_resumes_after_a_worker_dies(content_table, tmp_path, faults, c
     out = str(tmp_path / "head")
     cfg = parse_training(training(content_table, out, kind="attention", train={"epochs": 4}))
     faults("epoch", action="exit", after=2)  # the worker process ends once it reported epoch 2
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - the worker's exit, as Ray Train reports it
         train(cfg)
     assert not os.path.exists(f"{out}/{ckpt.CONFIG}")  # no finished checkpoint yet
     result = train(cfg)

@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_exactly_once, job_dict, read_errors, read_features, run
 
 from pipeline.samples import encode_video
+
+from conftest import assert_exactly_once, job_dict, read_errors, read_features, run
 
 HEADS = [
     {"kind": "mean", "name": "mean"},

@@ -6,9 +6,19 @@ declares in OUTPUT_COLUMNS.
 Temporal heads (temporal.py, registry HEADS) then map per-frame features to `clip_<name>` columns.
 """
 from .cnn import CnnEmbedder, EmbedSpec, ModelError, build_backbone, check_arch, feature_dim, feature_module, pool
-from .temporal import HEADS, HeadInfo, TemporalEmbedder, TemporalError, build_head, resolve_head, resolve_heads, save_head
+from .temporal import (
+           HEADS,
+           HeadInfo,
+           TemporalEmbedder,
+           TemporalError,
+           build_head,
+           resolve_head,
+           resolve_heads,
+           save_head,
+)
 
 EXTRACTORS = {"torchvision": CnnEmbedder}
 
-__all__ = ["EXTRACTORS", "CnnEmbedder", "EmbedSpec", "ModelError", "build_backbone", "check_arch", "feature_dim", "feature_module", "pool",
-           "HEADS", "HeadInfo", "TemporalEmbedder", "TemporalError", "build_head", "resolve_head", "resolve_heads", "save_head"]
+__all__ = ["EXTRACTORS", "CnnEmbedder", "EmbedSpec", "ModelError", "build_backbone", "check_arch", "feature_dim",
+           "feature_module", "pool", "HEADS", "HeadInfo", "TemporalEmbedder", "TemporalError", "build_head",
+           "resolve_head", "resolve_heads", "save_head"]

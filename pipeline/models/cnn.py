@@ -21,13 +21,13 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from .. import faults
+from ..config import ModelConfig
 from ..decode import ImageSpec, decode_batch
 from ..device_decode import decode_on_device
-from ..config import ModelConfig
+from ..errors import Refused
 from ..read import ERROR_COLUMNS, error_fields, ragged
 from ..timing import timed
 from .weights import Weights, WeightsError, load_state_dict
-from ..errors import Refused
 
 
 class ModelError(Refused, ValueError):
@@ -210,7 +210,8 @@ class CnnEmbedder:
         x = (x.float() - self.mean) / self.std
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        on_gpu = self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             out = pool(self.module(x), self.spec.model.pool)
         return out.float().cpu().numpy()

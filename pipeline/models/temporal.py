@@ -20,11 +20,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
+from ..errors import Refused
 from ..read import ERROR_COLUMNS, error_fields
 from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes
-from ..errors import Refused
 
 SUFFIX = ".safetensors"
 Options = Optional[Dict[str, Any]]  # fsspec storage options
@@ -66,7 +66,8 @@ class LstmHead(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False):
         super().__init__()
-        self.lstm = nn.LSTM(input_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional, batch_first=True)
+        self.lstm = nn.LSTM(input_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional,
+                            batch_first=True)
         self.out_dim = hidden_size * (2 if bidirectional else 1)
 
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -90,7 +91,8 @@ class AttentionHead(nn.Module):
         self.score = nn.Linear(hidden_size, 1, bias=False)
         self.out_dim = input_size
 
-    def forward_with_weights(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_weights(self, x: torch.Tensor,
+                             lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The clip features (B, D) and the frame weights (B, T); padded frames weigh exactly 0."""
         scores = self.score(torch.tanh(self.proj(x))).squeeze(-1)
         mask = _mask(x, lengths)

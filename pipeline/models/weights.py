@@ -18,8 +18,8 @@ import torchvision
 from torch.hub import get_dir
 
 from ..config import ModelConfig
-from ..sources import filesystem
 from ..errors import Refused
+from ..sources import filesystem
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 

@@ -21,11 +21,11 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from ..errors import Refused
 from ..redact import redact_strings
 from ..sources import filesystem
 from ..store import write_atomic
 from .models import CLASSIFIERS, KINDS, TEMPORAL, build, temporal_config
-from ..errors import Refused
 
 CONFIG, MODEL, HEAD, HEAD_JSON, METRICS, CURVES = ("config.json", "model.safetensors", "head.safetensors",
                                                    "head.json", "metrics.json", "curves.png")

@@ -23,14 +23,16 @@ class DataConfig:
     val_fraction: Optional[float] = None  # ... or this share of the training rows (default 0.1)
     seed: int = 0  # which rows val_fraction takes
     frames: Optional[int] = None  # frame_features: clips padded (or cut) to this many; null: the longest
-    cache: Union[int, str] = "1GiB"  # a table whose Parquet files are smaller stays in Ray's object store across epochs (0: never)
+    # a table whose Parquet files are smaller stays in Ray's object store across epochs (0: never)
+    cache: Union[int, str] = "1GiB"
     storage_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class HeadConfig:
     kind: KIND
-    hidden: Optional[int] = None  # lstm/attention/mlp hidden size (null: the input dimension); autoencoder: one hidden layer
+    # lstm/attention/mlp hidden size (null: the input dimension); autoencoder: its one hidden layer
+    hidden: Optional[int] = None
     layers: int = 1  # lstm
     bidirectional: bool = False  # lstm
     dropout: float = 0.0  # mlp

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -74,7 +74,7 @@ class FeatureDataset(IterableDataset):
         self.uri, self.storage_options, self.column = uri, storage_options or {}, column
         self.kind, self.dim = table.shape(column, key="column")
         self.frames = _frames(table, column, self.kind, frames)
-        self.label, self.split, self.labels = label, split, (None if labels is None else [str(l) for l in labels])
+        self.label, self.split, self.labels = label, split, (None if labels is None else [str(x) for x in labels])
         self.classes = _classes(table, label, split, self.labels, classes)
         self.columns = _columns(table, column, label, split, self.labels, ids)
         self.batch_size, self.drop_last, self.ids, self.read_threads = batch_size, drop_last, ids, max(1, read_threads)

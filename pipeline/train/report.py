@@ -13,7 +13,8 @@ def format_training(cfg: TrainConfig, result) -> str:
         lines.append(f"nothing to do: {cfg.output.uri} holds this training's checkpoint ({result.epochs} epochs)")
     elif result.resumed_from:
         lines.append(f"resumed      after epoch {result.resumed_from} of an earlier run")
-    final = [f"{k} {last[k]:.4f}" for k in ("train_loss", "val_loss", "train_acc", "val_acc") if last.get(k) is not None]
+    final = [f"{k} {last[k]:.4f}" for k in ("train_loss", "val_loss", "train_acc", "val_acc")
+             if last.get(k) is not None]
     lines.append(f"trained      {cfg.head.kind} on {cfg.data.column}, {result.epochs} epochs"
                  + (f" in {result.wall_s:.1f} s" if result.wall_s else ""))
     if final:

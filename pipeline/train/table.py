@@ -15,11 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ..errors import Refused
 from ..redact import redact_strings, redact_text
 from ..sources import filesystem
 from ..store import parquet_files
 from .tensors import SEQUENCE, ColumnError, column_shape
-from ..errors import Refused
 
 
 class TableError(Refused, ValueError):
@@ -43,7 +43,8 @@ class FeatureTable:
         """(VECTOR or SEQUENCE, D) of a feature column, or a refusal naming it."""
         if column not in self.schema.names:
             found = [f.name for f in self.schema if _feature_like(f.type)]
-            raise TableError(f"{key}: {self.uri} has no column {column!r} (feature columns: {', '.join(found) or 'none'})")
+            raise TableError(f"{key}: {self.uri} has no column {column!r} "
+                             f"(feature columns: {', '.join(found) or 'none'})")
         try:
             return column_shape(column, self.schema.field(column).type)
         except ColumnError as e:
@@ -57,8 +58,8 @@ class FeatureTable:
         t = self.dataset().to_table(columns=["split", label])
         counts = t.group_by(["split", label]).aggregate([([], "count_all")])
         out: Dict[str, Counter] = {}
-        for s, l, n in zip(*(counts[c].to_pylist() for c in ("split", label, "count_all"))):
-            out.setdefault(s, Counter())[str(l)] += n
+        for split, value, n in zip(*(counts[c].to_pylist() for c in ("split", label, "count_all"))):
+            out.setdefault(split, Counter())[str(value)] += n
         return out
 
     def frames(self, column: str) -> int:
