@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/featurize demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
