@@ -7,14 +7,14 @@ Temporal heads (temporal.py, registry HEADS) then map per-frame features to `cli
 """
 from .cnn import CnnEmbedder, EmbedSpec, ModelError, build_backbone, check_arch, feature_dim, feature_module, pool
 from .temporal import (
-           HEADS,
-           HeadInfo,
-           TemporalEmbedder,
-           TemporalError,
-           build_head,
-           resolve_head,
-           resolve_heads,
-           save_head,
+    HEADS,
+    HeadInfo,
+    TemporalEmbedder,
+    TemporalError,
+    build_head,
+    resolve_head,
+    resolve_heads,
+    save_head,
 )
 
 EXTRACTORS = {"torchvision": CnnEmbedder}
