@@ -122,6 +122,8 @@ def format_summary(summary: "Summary") -> str:
         lines.append(f"layout       {format_layout(summary.layout)}")
     if summary.stages.get("bound"):
         lines += format_stages(summary.stages)
+    if summary.ray_logs:  # kept off the console (console.py): where to look when something went wrong
+        lines.append(f"ray logs     {summary.ray_logs}")
     lines.append(f"output       {summary.out_uri}")
     return redact_text("\n".join(lines))
 

@@ -146,7 +146,9 @@ def held_out(sample_ids, fraction: float, seed: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(f"{seed}:{s}".encode()) < cut for s in ids), dtype=bool, count=len(ids))
 
 
-def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], None] = print) -> TrainResult:
+def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], None] = print,
+          verbose: bool = False) -> TrainResult:
+    """Train a head; `say` gets a line per epoch (its progress); `verbose`: everything Ray prints."""
     t0 = time.time()
     table, plan = plan_training(cfg)
     fs, root = filesystem(cfg.output.uri, cfg.out_options)
@@ -158,7 +160,7 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
     lease.start_heartbeat()
     try:
         _write_plan(fs, root, plan, cfg)
-        state, resumed = _fit(cfg, table, plan, fs, root, address, say)
+        state, resumed = _fit(cfg, table, plan, fs, root, address, say, verbose)
         lease.check()
         return _write_checkpoint(cfg, table, plan, state, resumed, t0)
     finally:
@@ -213,14 +215,14 @@ def _write_plan(fs, root: str, plan: Plan, cfg: TrainConfig) -> None:
 
 
 def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, address: Optional[str],
-         say: Callable[[str], None]):
+         say: Callable[[str], None], verbose: bool = False):
     """Run the TorchTrainer; returns (the last epoch's state, epochs an earlier run had done)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    init_ray(address)
+    init_ray(address, verbose)
     if not address:
         _check_local_resources(cfg)
     storage, storage_fs = _storage(fs, root, cfg)
