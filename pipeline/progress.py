@@ -117,8 +117,14 @@ def live_bar(total: int, initial: int, nouns: Nouns, stream: TextIO):
     """The tqdm bar of a terminal or a notebook (tqdm.auto picks the widget there)."""
     from tqdm.auto import tqdm
 
+    try:  # a terminal that does not say its size (0 x 0: a bare pty) gets a fixed one, or tqdm hides the bar
+        sized = os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):
+        sized = False
     return tqdm(total=total, initial=initial, desc="featurize", unit=f" {nouns.unit}", file=stream,
-                dynamic_ncols=True, smoothing=0.1, mininterval=0.5, bar_format=bar_format(nouns))
+                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24, smoothing=0.1,
+                mininterval=0.5,
+                bar_format=bar_format(nouns))
 
 
 def in_terminal(stream: TextIO) -> bool:
@@ -197,8 +203,8 @@ class Progress:
             return
         try:
             if self.bar is not None:
-                self.bar.update(c.done - self.bar.n)
-                self.bar.set_postfix_str(postfix(c, self.nouns), refresh=True)
+                self.bar.set_postfix_str(postfix(c, self.nouns), refresh=False)
+                self.bar.update(c.done - self.bar.n)  # redraws (polls are further apart than mininterval)
             else:
                 print(plain_line(c, self.nouns), file=self.stream, flush=True)
                 self.printed += 1

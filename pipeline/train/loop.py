@@ -29,6 +29,7 @@ from .. import faults
 from ..jobrun import init_ray
 from ..lease import Lease
 from ..output import OutputExists
+from ..progress import clock
 from ..redact import logger, redact
 from ..sources import filesystem
 from . import checkpoint as ckpt
@@ -401,7 +402,9 @@ def train_loop(config: Dict[str, Any]) -> None:
                             "optimizer": optimizer.state_dict(), "history": history, "resumed_from": first},
                            os.path.join(d, STATE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-                config["lines"].put(format_epoch(row, config["epochs"]))
+                ran = history[first:]  # this run's epochs: their mean time, for the time left
+                eta = sum(r["seconds"] for r in ran) / len(ran) * (config["epochs"] - epoch - 1)
+                config["lines"].put(format_epoch(row, config["epochs"], eta))
             ray.train.report(row, checkpoint=checkpoint)
         faults.point("epoch", str(epoch + 1))  # the tests stop a training here, its epoch saved
 
@@ -442,8 +445,9 @@ def _pass(model, shard, plan: Plan, device, config, optimizer, epoch: int, name:
     return out
 
 
-def format_epoch(row: Dict[str, Any], epochs: int) -> str:
-    """`epoch  3/20  train loss 0.412 acc 0.875  val loss 0.530 acc 0.800  412 samples/s`"""
+def format_epoch(row: Dict[str, Any], epochs: int, eta_s: Optional[float] = None) -> str:
+    """`epoch   3/20  train loss 0.4120 acc 0.875  val loss 0.5300 acc 0.800  412 samples/s  ETA 0:41`:
+    the progress of a training, a line per epoch (the live line of a run, progress.py, has the same ETA)."""
     parts = [f"epoch {row['epoch']:>3}/{epochs}"]
     for name in ("train", "val"):
         if row.get(f"{name}_loss") is None:
@@ -452,4 +456,6 @@ def format_epoch(row: Dict[str, Any], epochs: int) -> str:
         what = "loss" if acc is not None or f"{name}_acc" in row else "mse"
         parts.append(f"{name} {what} {row[f'{name}_loss']:.4f}" + (f" acc {acc:.3f}" if acc is not None else ""))
     parts.append(f"{row['samples_per_s']:.0f} samples/s")
+    if eta_s is not None:
+        parts.append(f"ETA {clock(eta_s)}")
     return "  ".join(parts)
