@@ -127,7 +127,8 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
 def _console_arguments(parser: argparse.ArgumentParser, progress: str = "the progress line") -> None:
     """--quiet and --verbose: what goes to stderr besides errors (the summary on stdout stays)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", help=f"no progress on stderr ({progress}); the summary still prints")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help=f"no progress on stderr ({progress}); the summary still prints")
     group.add_argument("-v", "--verbose", action="store_true",
                        help="everything Ray prints (its logs, the workers' output, Ray Data's progress bars)")
     group.add_argument("--progress", dest="verbose", action="store_true", help=argparse.SUPPRESS)  # the old flag

@@ -5,7 +5,7 @@ notebook) one line is redrawn in place by tqdm; elsewhere (a pipe, CI, a Ray Job
 submit --wait`) a plain line is printed every FEATURIZE_PROGRESS_INTERVAL seconds (10 by
 default). Both go to stderr: stdout holds the summary only.
 
-    featurize  45%|████▌     | 68/150 samples, 2 errors [00:07<00:09, 9.10 samples/s, bound: model]
+    featurize  45%|████▌     | 68/150 samples, 2 errors, bound: model [00:07<00:09,  9.10 samples/s]
     progress     68/150 samples (45%), 2 errors, 9.1 samples/s, ETA 0:09, bound: model
 
 Counts are of plan rows (an image, a video, a tar shard) with the rows they yield beside them
