@@ -160,7 +160,10 @@ class Progress:
     def __enter__(self) -> "Progress":
         self.started = time.time()
         if self.live:
-            self.bar = live_bar(self.planned, self.before, self.nouns, self.stream)
+            try:
+                self.bar = live_bar(self.planned, self.before, self.nouns, self.stream)
+            except ImportError:  # tqdm is a dependency, but an environment may lack it: plain lines then
+                self.live, self.every = False, interval()
         self.thread.start()
         return self
 
