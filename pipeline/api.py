@@ -50,29 +50,34 @@ def _mapping(config: Any, overrides: Overrides, what: str) -> Dict[str, Any]:
 
 
 def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = None, *, address: Optional[str] = None,
-        overwrite: bool = False, retry_failed: bool = False, incremental: bool = False):
-    """Run a job (a job file's path, its mapping, or a JobConfig); returns the run's Summary."""
+        overwrite: bool = False, retry_failed: bool = False, incremental: bool = False, progress: bool = True,
+        verbose: bool = False):
+    """Run a job (a job file's path, its mapping, or a JobConfig); returns the run's Summary.
+    `progress`: a live line on stderr (a bar in a terminal or a notebook, a plain line every 10 s
+    elsewhere); False for none. `verbose`: everything Ray prints."""
     from .runner import run_job
 
     return run_job(parse_job(_mapping(job, overrides, "job file")), address=address, overwrite=overwrite,
-                   retry_failed=retry_failed,
-                   incremental=incremental)
+                   retry_failed=retry_failed, incremental=incremental, progress=progress, verbose=verbose)
 
 
 def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, *, address: Optional[str] = None,
-          say=print):
-    """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch)."""
+          say=print, verbose: bool = False):
+    """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch).
+    `say` gets a line per epoch (None: no lines)."""
     from .train.config import parse_training
     from .train.loop import train as train_head
 
-    return train_head(parse_training(_mapping(training, overrides, "training file")), address=address, say=say)
+    return train_head(parse_training(_mapping(training, overrides, "training file")), address=address,
+                      say=say or (lambda line: None), verbose=verbose)
 
 
 def apply(checkpoint: str, input: str, output: str, **options):
-    """Apply a trained head to a features table, writing a new one (see train/apply.py for options)."""
+    """Apply a trained head to a features table, writing a new one (see train/apply.py for options;
+    progress=True by default, as for `run`)."""
     from .train.apply import apply_head
 
-    return apply_head(checkpoint, input, output, **options)
+    return apply_head(checkpoint, input, output, **{"progress": True, **options})
 
 
 def open(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> "Output":  # noqa: A001 - the API's name

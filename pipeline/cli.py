@@ -9,6 +9,7 @@ midway (run the same command again to resume), 130 when interrupted (the same).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,8 +27,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     sigterm_as_interrupt()  # SIGTERM (schedulers, kubectl) stops a command as Ctrl-C does
+    from .console import NativeStderr
+
     try:
-        return args.func(args)
+        with contextlib.nullcontext() if getattr(args, "verbose", False) else NativeStderr():
+            return args.func(args)
     except KeyboardInterrupt:
         _say("featurize: interrupted; run the same command again to resume")
         return 130
@@ -51,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job file")
     _job_arguments(run)
     run.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
-    run.add_argument("--progress", action="store_true", help="show Ray Data's progress bars")
+    _console_arguments(run)
     run.add_argument("--overwrite", action="store_true",
                      help="replace another job's output in output.uri, once the new one is complete")
     run.add_argument("--retry-failed", action="store_true",
@@ -65,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key, e.g. --set train.epochs=5 (repeatable)")
     train.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
+    _console_arguments(train, "a line per epoch")
     train.set_defaults(func=cmd_train)
 
     apply = sub.add_parser("apply", help="apply a trained head to a features table, writing a new one")
@@ -72,11 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--input", required=True, help="a featurize output root with the head's input column")
     apply.add_argument("--output", required=True, help="the new output root")
     apply.add_argument("--name", default=None, help="lstm/attention: the column is clip_<name> (default: the kind)")
-    apply.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for the input and checkpoint")
+    apply.add_argument("--storage-options", default="{}", metavar="JSON",
+                       help="fsspec options for the input and checkpoint")
     apply.add_argument("--output-storage-options", default=None, metavar="JSON",
                        help="fsspec options for the output (default: --storage-options when on the same store)")
     apply.add_argument("--address", default=None, help="Ray address; default: local Ray")
     apply.add_argument("--overwrite", action="store_true", help="replace another table in --output, once complete")
+    _console_arguments(apply)
     apply.set_defaults(func=cmd_apply)
 
     submit = sub.add_parser("submit", help="submit a job or training file to a Ray cluster through its Jobs API")
@@ -142,6 +149,16 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a job key, e.g. --set model.arch=resnet18 (repeatable)")
 
 
+def _console_arguments(parser: argparse.ArgumentParser, progress: str = "the progress line") -> None:
+    """--quiet and --verbose: what goes to stderr besides errors (the summary on stdout stays)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help=f"no progress on stderr ({progress}); the summary still prints")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="everything Ray prints (its logs, the workers' output, Ray Data's progress bars)")
+    group.add_argument("--progress", dest="verbose", action="store_true", help=argparse.SUPPRESS)  # the old flag
+
+
 def _load(job_path: str, overrides: List[str]):
     """(job, the mapping it was built from: overrides applied, relative local paths made absolute,
     as a driver elsewhere (submit, ray://) and Ray's workers need them). A bad job is refused here,
@@ -160,14 +177,15 @@ def _load(job_path: str, overrides: List[str]):
 def cmd_run(args: argparse.Namespace) -> int:
     from .report import format_summary
 
-    code, summary = _run(args.job, args.overrides, args.address, args.progress,
+    code, summary = _run(args.job, args.overrides, args.address, progress=not args.quiet, verbose=args.verbose,
                          overwrite=args.overwrite, retry_failed=args.retry_failed, incremental=args.incremental)
     if summary is not None:
         print(format_summary(summary))
     return code
 
 
-def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool, **modes):
+def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool = True, verbose: bool = False,
+         **modes):
     """Run a job: (exit code, summary or None); a job that cannot run or fails gets one line."""
     try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
         job, _ = _load(job_path, overrides)
@@ -178,7 +196,7 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     from .runner import NotExactlyOnce, run_job
 
     try:
-        return EXIT_OK, run_job(job, address=address, progress=progress, **modes)
+        return EXIT_OK, run_job(job, address=address, progress=progress, verbose=verbose, **modes)
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED, None
@@ -232,7 +250,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.report import format_training
 
     try:
-        result = train(cfg, address=args.address, say=lambda line: print(line, flush=True))
+        # epoch lines are its progress: on stderr, as run's line is; none with --quiet
+        say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        result = train(cfg, address=args.address, say=say, verbose=args.verbose)
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
@@ -254,7 +274,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     try:
         summary = apply_head(args.checkpoint, args.input, args.output, name=args.name, storage_options=options,
-                             output_storage_options=out_options, address=args.address, overwrite=args.overwrite)
+                             output_storage_options=out_options, address=args.address, overwrite=args.overwrite,
+                             progress=not args.quiet, verbose=args.verbose)
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
@@ -298,9 +319,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st["staged_files"]:
         print(f"staged     {st['staged_files']} files written but not published; the next run publishes them")
     if st["overwrite_pending"]:
-        print(f"overwrite  an --overwrite run is under way in {redact_text(args.out)}/_overwrite; the old output stays until it completes")
+        print(f"overwrite  an --overwrite run is under way in {redact_text(args.out)}/_overwrite; "
+              "the old output stays until it completes")
     if st["duplicates"]:
-        print(f"duplicates {st['duplicates']} sample ids committed more than once: not exactly once; rebuild with --overwrite")
+        print(f"duplicates {st['duplicates']} sample ids committed more than once: not exactly once; "
+              "rebuild with --overwrite")
     if st["lease"]:
         print(f"lease      {redact_text(st['lease'])}")
     return EXIT_OK if st["complete"] else EXIT_FAILED
@@ -388,7 +411,7 @@ def _demo_order(args: argparse.Namespace) -> int:
 
     def run(job_path: str, overrides: List[str]) -> None:
         claim(load_job(job_path).output.uri, f"{job_path}: output.uri", clear=True)
-        code, summary = _run(job_path, overrides, None, False)
+        code, summary = _run(job_path, overrides, None)
         if summary is None:
             raise SystemExit(code)
         print(format_summary(summary))
@@ -423,7 +446,7 @@ def _demo_job(job_path: str, data: str) -> int:
     except ConfigError as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
-    code, summary = _run(job_path, [f"source.uri={data}"], None, False)
+    code, summary = _run(job_path, [f"source.uri={data}"], None)
     if summary is None:
         return code
     print(format_summary(summary))

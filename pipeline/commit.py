@@ -38,8 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .redact import logger
-from .store import (is_local, move, parquet_bytes, parquet_files, publish, read_column,  # noqa: F401 (re-exported)
-                    write_atomic)
+from .store import is_local, move, parquet_bytes, parquet_files, publish, read_column, write_atomic  # noqa: F401 (re-exported)
 
 STAGING, UNITS = "_staging", "_units"
 TABLES = ("features", "errors")
@@ -137,8 +136,10 @@ class Ledger:
     def commit(self, staged: List[Staged]) -> Dict[str, Any]:
         if self.fence is not None:
             self.fence()
-        result: Dict[str, Any] = {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
+        result: Dict[str, Any] = {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0, "units": 0}
         for s in staged:
+            multi = {sid for sid, _, _ in s.units}
+            result["units"] += sum(1 for sid in s.ids if sid not in multi and sid not in self.rows)
             new, kinds = self._publish(s)
             if s.rel.startswith("errors/"):
                 result["errors"].update(kinds)
@@ -146,7 +147,9 @@ class Ledger:
                 result["features"] += new
             result["duplicates"] += len(s.ids) - new
             result["files"] += int(new > 0)
-        self.complete_units(self._track_units(u for s in staged for u in s.units))
+        completed = self._track_units(u for s in staged for u in s.units)
+        result["units"] += len(set(completed) - self.units)  # plan rows done: single rows, and whole units
+        self.complete_units(completed)
         return result
 
     def complete_units(self, units: Iterable[str]) -> None:
@@ -216,13 +219,16 @@ def audit(fs, root: str, plan: pa.Table) -> Dict[str, Any]:
 class Committer:
     """The Ray actor around a Ledger: one, so that publishing is serial and needs no locks.
 
-    On its first start it takes the driver's ledger state; restarted after a failure, it reads
-    the state back from OUT (the files are the truth) and publishes what was left staged.
-    `job` is the job's fingerprint; `lease` (OUT's uri, the run's id) fences every commit.
+    It reads its state from OUT (the files are the truth) when it starts, so that nothing it
+    needs lives in the object store: the driver's copy of a large set would be a constructor
+    argument there, which an actor restart cannot count on (ray-project/ray#53727). Restarted
+    after a failure, it also publishes what was left staged. `job` is the job's fingerprint;
+    `lease` (OUT's uri, the run's id) fences every commit; `base` is (rows, units) committed
+    before this run, which lets a restarted actor estimate the run's progress.
     """
 
-    def __init__(self, out_uri: str, storage_options: Dict[str, Any], state: Tuple[Set[str], Set[str]],
-                 job: str = "", lease: Optional[Tuple[str, str]] = None):
+    def __init__(self, out_uri: str, storage_options: Dict[str, Any], job: str = "",
+                 lease: Optional[Tuple[str, str]] = None, base: Tuple[int, int] = (0, 0)):
         import ray
 
         from .lease import Fence
@@ -232,13 +238,16 @@ class Committer:
         fence = None
         if lease is not None:
             fence = Fence(*filesystem(lease[0], storage_options), run_id=lease[1])
+        self.ledger = Ledger(fs, root, job=job, fence=fence)
+        self.tally = Tally()
         if ray.get_runtime_context().was_current_actor_reconstructed:
-            self.ledger = Ledger(fs, root, job=job, fence=fence)
             if fence is not None:
                 fence()
             self.ledger.recover()
-        else:
-            self.ledger = Ledger(fs, root, state, job=job, fence=fence)
+            # this run's tally died with the actor: what OUT gained since the run began stands in
+            # for it (without the error count, and counting a unit's rows as it goes)
+            rows = len(self.ledger.rows) - base[0]
+            self.tally.features = self.tally.units = max(0, rows)
         self.actors: List[Any] = []
 
     def register(self, actor: Any) -> None:
@@ -250,11 +259,40 @@ class Committer:
         actors, self.actors = self.actors, []
         return actors
 
-    def commit(self, staged: List[Staged]) -> Dict[str, Any]:
-        return self.ledger.commit(staged)
+    def commit(self, staged: List[Staged], seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+        result = self.ledger.commit(staged)
+        self.tally.add(result, seconds or {})
+        return result
 
     def complete_units(self, units: List[str]) -> None:
         self.ledger.complete_units(units)
 
     def state(self) -> Tuple[Set[str], Set[str]]:
         return self.ledger.rows, self.ledger.units
+
+    def progress(self) -> "Tally":
+        """What this run has committed so far: a few counters, cheap to ask for every second."""
+        return self.tally
+
+
+@dataclass
+class Tally:
+    """A run's progress as its committer knows it: plan rows done (`units`: an image, a video, a
+    tar shard), rows committed (a shard's members, a video's clips), error rows, and the busy
+    seconds per stage of the committed rows (timing.py)."""
+
+    units: int = 0
+    features: int = 0
+    errors: int = 0
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    def add(self, result: Dict[str, Any], seconds: Dict[str, float]) -> None:
+        self.units += result.get("units", 0)
+        self.features += result["features"]
+        self.errors += sum(result["errors"].values())
+        for stage, s in seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + s
+
+    @property
+    def rows(self) -> int:
+        return self.features + self.errors

@@ -13,6 +13,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .commit import Committer, audit
+from .console import quiet_ray
 from .interrupt import reclaim_sigterm
 from .lease import Lease
 from .output import OutputExists, Workspace
@@ -40,6 +41,7 @@ class Summary:
     layout: Dict[str, Any] = field(default_factory=dict)
     stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
     split_lists: Dict[str, Any] = field(default_factory=dict)  # sources.split_list_gaps: unlisted, missing
+    ray_logs: str = ""  # Ray's own logs of the run (its session's folder on the driver's node), if known
 
     @property
     def samples(self) -> int:
@@ -58,14 +60,18 @@ class NotExactlyOnce(IncompleteOutput):
     """Some sample id is committed more than once: running again cannot mend it, --overwrite can."""
 
 
-def init_ray(address: Optional[str]) -> None:
+def init_ray(address: Optional[str], verbose: bool = False) -> None:
+    """Start (or join) Ray once per process. Its chatter stays in its session's log files, off the
+    console (console.py), unless `verbose`: then the console gets all of it, the workers' too."""
+    quiet_ray(not verbose)
     if ray.is_initialized():
         return
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, logging_level=level, log_to_driver=verbose)
     else:  # "local": a new embedded Ray, never a cluster `ray start` left on this machine
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, logging_level=level, log_to_driver=verbose)
     reclaim_sigterm()  # ray.init replaced the CLI's SIGTERM handler (pipeline/interrupt.py)
 
 
@@ -84,12 +90,12 @@ def take_lease(uri: str, storage_options: Dict[str, Any], key: str = "output.uri
 
 def start_committer(ws: Workspace, out_uri: str, storage_options: Dict[str, Any], run_id: str):
     """The job's one Committer, on the driver's node (workers may come and go), restarted on failure;
-    it publishes only while this run holds OUT's lease (`out_uri`'s). Returns (actor, state ref):
-    hold the ref for as long as the actor may restart."""
-    state = ray.put((ws.ledger.rows, ws.ledger.units))
+    it publishes only while this run holds OUT's lease (`out_uri`'s). Its arguments are small and
+    inline: it reads what OUT holds itself (see Committer)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
-    return actor.remote(ws.uri, storage_options, state, job=ws.ledger.job, lease=(out_uri, run_id)), state
+    return actor.remote(ws.uri, storage_options, job=ws.ledger.job, lease=(out_uri, run_id),
+                        base=(len(ws.ledger.rows), len(ws.ledger.units)))
 
 
 def stop(committer) -> None:

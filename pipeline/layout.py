@@ -116,7 +116,8 @@ def decode_args(layout: Layout, res: ResourcesConfig) -> Dict[str, Any]:
 
 
 def model_args(layout: Layout, res: ResourcesConfig) -> Dict[str, Any]:
-    args: Dict[str, Any] = {"num_gpus": layout.gpus_per_actor} if layout.gpus_per_actor else {"num_cpus": layout.actor_cpus}
+    gpu = layout.gpus_per_actor
+    args: Dict[str, Any] = {"num_gpus": gpu} if gpu else {"num_cpus": layout.actor_cpus}
     if res.actor_memory is not None:
         args["memory"] = memory_bytes(res.actor_memory, "resources.actor_memory")
     return args

@@ -20,9 +20,9 @@ from .redact import redact_strings, redact_text
 from .sources import filesystem, split_list_gaps
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
+    from .jobrun import Summary
     from .output import Workspace
     from .prepare import Prepared
-    from .jobrun import Summary
 
 
 def versions() -> Dict[str, str]:
@@ -125,6 +125,8 @@ def format_summary(summary: "Summary") -> str:
         lines.append(f"layout       {format_layout(summary.layout)}")
     if summary.stages.get("bound"):
         lines += format_stages(summary.stages)
+    if summary.ray_logs:  # kept off the console (console.py): where to look when something went wrong
+        lines.append(f"ray logs     {summary.ray_logs}")
     lines.append(f"output       {summary.out_uri}")
     return redact_text("\n".join(lines))
 
@@ -141,7 +143,9 @@ def _split_list_lines(gaps: Dict[str, Any]) -> List[str]:
 
 def format_layout(layout: Dict[str, Any]) -> str:
     """Where the stages ran: "1 to 8 model actors, 1 GPU each, batch 256; decode on CPU-only nodes (3 of 11); ..."."""
-    n = f"{layout['actors']}" if layout["actors"] == layout["max_actors"] else f"{layout['actors']} to {layout['max_actors']}"
+    n = f"{layout['actors']}"
+    if layout["actors"] != layout["max_actors"]:
+        n += f" to {layout['max_actors']}"
     on = (f"{layout['gpus_per_actor']:g} GPU each" if layout["gpus_per_actor"]
           else f"on CPU with {layout['torch_threads']} torch threads")
     return (f"{n} model actor{'s' if layout['max_actors'] > 1 else ''}, {on}, batch {layout['batch_size']}; "
@@ -154,7 +158,8 @@ def format_stages(stages: Dict[str, Any]) -> List[str]:
     lines = []
     for name, s in stages["stages"].items():
         mark = "  <- bounds the run" if name == stages["bound"] else ""
-        lines.append(f"  {name:<9} {s['busy_s']:>8.1f} s busy over {s['workers']} worker{'s' if s['workers'] > 1 else ' '}"
+        workers = f"{s['workers']} worker{'s' if s['workers'] > 1 else ' '}"
+        lines.append(f"  {name:<9} {s['busy_s']:>8.1f} s busy over {workers}"
                      f" {s['busy_share']:>5.0%} of the run, {s['samples_per_s']:>8.1f} samples/s{mark}")
     return ["time         per stage (all workers' busy seconds; the busiest share bounds the run)", *lines,
             f"suggestion   {stages['suggestion']}"]

@@ -9,18 +9,29 @@ from typing import Any, Dict, Optional
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from .commit import Ledger, staging_folder
 from .config import JobConfig, memory_bytes
+from .console import ray_log_dir
 from .decode import decode_batch
 from .interrupt import reclaim_sigterm
+from .jobrun import (  # noqa: F401 (re-exported)
+    IncompleteOutput,
+    NotExactlyOnce,
+    Summary,
+    init_ray,
+    start_committer,
+    steady_state,
+    stop,
+    take_lease,
+    verify,
+)
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
+from .lease import Lease
 from .models import EXTRACTORS, EmbedSpec
 from .models.temporal import TemporalEmbedder
-from .commit import Ledger, staging_folder
-from .jobrun import (IncompleteOutput, NotExactlyOnce, Summary, init_ray, start_committer, stop,  # noqa: F401 (re-exported)
-                     steady_state, take_lease, verify)
-from .lease import Lease
 from .output import Workspace, finish, multi_row_units, open_output, table_rows
 from .prepare import Prepared, prepare
+from .progress import nouns_of, watch
 from .read import read_batch
 from .redact import logger
 from .report import write_job_record
@@ -32,39 +43,45 @@ from .video import decode_video_batch
 log = logger(__name__)  # credentials masked in every record
 
 
-def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False,
+def run_job(job: JobConfig, address: Optional[str] = None, progress: bool = False, verbose: bool = False,
             overwrite: bool = False, retry_failed: bool = False, incremental: bool = False) -> Summary:
+    """Run a prepared job. `progress`: the live progress line on stderr (progress.py); `verbose`:
+    everything Ray prints, and Ray Data's own progress bars."""
     if address and address.startswith("ray://"):
-        return _run_on_head(job, address, progress=progress, overwrite=overwrite, retry_failed=retry_failed,
-                            incremental=incremental)
+        return _run_on_head(job, address, progress=progress, verbose=verbose, overwrite=overwrite,
+                            retry_failed=retry_failed, incremental=incremental)
     t0 = time.time()
     prepared = prepare(job)  # refuses a bad job before Ray starts
-    lease = take_lease(prepared.job.output.uri, prepared.out_options)  # OUT's single writer, before anything in OUT is touched
+    # OUT's single writer, before anything in OUT is touched
+    lease = take_lease(prepared.job.output.uri, prepared.out_options)
     try:
-        return _run_leased(prepared, lease, t0, address, progress, overwrite=overwrite, retry_failed=retry_failed,
-                           incremental=incremental)
+        return _run_leased(prepared, lease, t0, address, progress, verbose, overwrite=overwrite,
+                           retry_failed=retry_failed, incremental=incremental)
     finally:
         lease.release()
 
 
 def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[str], progress: bool,
-                **modes) -> Summary:
+                verbose: bool, **modes) -> Summary:
     job = prepared.job
     ws = open_output(prepared, **modes)
     if not len(ws.todo):  # all done already: no need for Ray
         verify(ws)
         lease.check()
         return _finish(prepared, ws, t0, time.time(), {}, None)
-    init_ray(address)
+    init_ray(address, verbose)
     layout = plan_resources(job, len(ws.todo))
     write_job_record(prepared, ws, status="running", started_at=t0)
-    DataContext.get_current().enable_progress_bars = progress
-    committer, _state = start_committer(ws, prepared.job.output.uri, prepared.out_options, lease.run_id)  # _state: held for the actor's restarts
+    DataContext.get_current().enable_progress_bars = verbose
+    committer = start_committer(ws, prepared.job.output.uri, prepared.out_options, lease.run_id)
     sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri,
                                                  staging=staging_folder(ws.ledger.job, lease.run_id)), committer)
     t1 = time.time()
+    shown = watch(committer, len(ws.plan), ws.skipped, nouns_of(job), progress, stage_workers(layout, job),
+                  gpu=layout.gpus_per_actor > 0, live=False if verbose else None)
     try:
-        build_dataset(prepared, layout, ws.todo, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        with shown:
+            build_dataset(prepared, layout, ws.todo, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
         _check_complete(ws, job.is_video and bool(job.video.window_s))
         lease.check()  # still OUT's writer: only then record it complete (and swap an --overwrite in)
@@ -140,6 +157,7 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
         output_rows=table_rows(ws.fs, ws.root),
         layout=vars(layout) if layout else {},
         split_lists=split_list_gaps(ws.plan),
+        ray_logs=(ray_log_dir() or "") if layout else "",
         **steady_state(totals.get("commits", []), t1),
     )
     if layout is not None:
@@ -155,7 +173,10 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
     blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]
     media = "video" if job.is_video else "image"
     task_args = decode_args(layout, res)
-    ds = ray.data.from_arrow(blocks).map_batches(
+    # from_blocks, not from_arrow: from_arrow runs a task per block for its metadata before the job
+    # starts, and Ray's view of free CPUs lags those tasks' end, which made Ray Data warn that the
+    # cluster had no free CPU and that the job would hang (it did not)
+    ds = ray.data.from_blocks(blocks).map_batches(
         read_batch,
         fn_kwargs={"storage_options": job.source.storage_options,
                    "rows_per_batch": min(res.decode_batch_size, layout.rows_per_read_task), "media": media,

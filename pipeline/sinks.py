@@ -101,7 +101,9 @@ class ParquetCommitSink(Datasink):
                 write_atomic(fs, f"{staging}/{rel}", parquet_bytes(table))
                 kinds = error_kinds(table) if folder == "errors" else []
                 staged.append(Staged(f"{staging}/{rel}", rel, ids, kinds, _unit_rows(batch, rows)))
-        result = ray.get(self.committer.commit.remote(staged)) if staged else \
+        # the committer tallies the busy seconds too, for the live progress line's bound (progress.py)
+        live = {**seconds, "write": seconds["write"] + time.perf_counter() - started}
+        result = ray.get(self.committer.commit.remote(staged, live)) if staged else \
             {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
         result["committed_at"] = time.time()  # for the steady-state throughput
         seconds["write"] += time.perf_counter() - started

@@ -150,9 +150,10 @@ def test_train_lstm_writes_a_checkpoint_a_job_loads(order_table, tmp_path, capsy
     path = tmp_path / "t.yaml"
     path.write_text(json.dumps(training(order_table, out)))
     assert main(["train", str(path), "--set", "train.epochs=4"]) == 0
-    printed = capsys.readouterr().out
-    assert "epoch   4/4  train loss" in printed and "val loss" in printed
-    assert f"checkpoint   {out}" in printed
+    printed = capsys.readouterr()
+    # the epoch lines are the training's progress: on stderr; the summary on stdout
+    assert "epoch   4/4  train loss" in printed.err and "val loss" in printed.err and "ETA 0:00" in printed.err
+    assert f"checkpoint   {out}" in printed.out
 
     metrics = json.loads(open(f"{out}/{ckpt.METRICS}").read())
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]

@@ -28,9 +28,12 @@ import pyarrow.parquet as pq
 from .. import __version__, faults
 from ..commit import Ledger, staging_folder
 from ..config import absolute_local, same_store
+from ..console import ray_log_dir
+from ..errors import Refused
 from ..jobrun import Summary, init_ray, start_committer, steady_state, stop, take_lease, verify
 from ..output import OutputExists, Workspace, finish, open_planned, table_rows
 from ..partitions import folder_key
+from ..progress import Nouns, watch
 from ..read import ERROR_COLUMNS, error_fields
 from ..redact import logger, redact, redact_strings, redact_text
 from ..report import write_record
@@ -40,7 +43,6 @@ from .checkpoint import Checkpoint, CheckpointError, load
 from .models import TEMPORAL
 from .table import FeatureTable, TableError, open_table
 from .tensors import SEQUENCE, VECTOR, sequences, vectors
-from ..errors import Refused
 
 log = logger(__name__)  # credentials masked in every record
 CARRIED = ("sample_id", "uri", "label", "split")  # the columns of every features table, copied as they are
@@ -68,11 +70,13 @@ class Plan:
 def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str] = None,
                storage_options: Optional[Dict[str, Any]] = None,
                output_storage_options: Optional[Dict[str, Any]] = None, address: Optional[str] = None,
-               overwrite: bool = False, batch_size: Optional[int] = None) -> Summary:
+               overwrite: bool = False, batch_size: Optional[int] = None, progress: bool = False,
+               verbose: bool = False) -> Summary:
     """Apply the head at `checkpoint` to the features table at `input_uri`, into `output_uri`.
     `storage_options` are the input's (and the checkpoint's, when on the same store);
     `output_storage_options` default to them when OUT2 is on the same store. Refusals raise
-    ApplyError before any work; a failure midway raises as it is (run again to resume)."""
+    ApplyError before any work; a failure midway raises as it is (run again to resume).
+    `progress` and `verbose` as for runner.run_job."""
     t0 = time.time()
     checkpoint, input_uri, output_uri = (absolute_local(u) for u in (checkpoint, input_uri, output_uri))
     if batch_size is not None and batch_size < 1:
@@ -93,7 +97,8 @@ def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[
                               kind="apply", overwrite=overwrite)
         except OutputExists as e:
             raise ApplyError(str(e)) from None
-        return _run(plan, ws, lease, output_uri, out_options, t0, address, batch_size or _batch_rows(plan))
+        return _run(plan, ws, lease, output_uri, out_options, t0, address, batch_size or _batch_rows(plan),
+                    progress, verbose)
     finally:
         lease.release()
 
@@ -130,7 +135,8 @@ def _plan(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str],
         raise ApplyError(f"checkpoint {checkpoint} is a {head.kind} head over {wanted}s of {column}, but {column} in "
                          f"{input_uri} holds {shape}s")
     if found != dim:
-        raise ApplyError(f"checkpoint {checkpoint} expects {column} of dimension {dim}, {input_uri} has dimension {found}")
+        raise ApplyError(f"checkpoint {checkpoint} expects {column} of dimension {dim}, "
+                         f"{input_uri} has dimension {found}")
     settings_ = table.record.get("settings", {})
     partition_by = list(settings_.get("output.partition_by", ["split"]))
     frames = head.input.get("frames") if shape == SEQUENCE else None
@@ -210,24 +216,27 @@ def _source_rows(table: FeatureTable) -> pa.Table:
 
 
 def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, Any], t0: float,
-         address: Optional[str], batch_size: int) -> Summary:
+         address: Optional[str], batch_size: int, progress: bool = False, verbose: bool = False) -> Summary:
     if not len(ws.todo):  # all done already: no need for Ray
         verify(ws)
         lease.check()
         return _finish(plan, ws, out_uri, t0, time.time(), {})
-    init_ray(address)
+    init_ray(address, verbose)
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().enable_progress_bars = verbose
     write_record(ws, _record_head(plan), status="running", started_at=t0)
-    committer, _state = start_committer(ws, out_uri, out_options, lease.run_id)  # _state: held for its restarts
+    committer = start_committer(ws, out_uri, out_options, lease.run_id)
     spec = SinkSpec(out_uri=ws.uri, storage_options=out_options, partition_by=plan.partition_by,
                     columns=plan.head.columns(plan.name, plan.dtype), metadata=provenance(plan),
                     staging=staging_folder(ws.ledger.job, lease.run_id))
     sink = ParquetCommitSink(spec, committer)
     t1 = time.time()
+    # no stage timing here (the head's op is not timed), so the line names no bound
+    shown = watch(committer, len(ws.plan), ws.skipped, Nouns("samples"), progress, live=False if verbose else None)
     try:
-        dataset(plan, ws, batch_size, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        with shown:
+            dataset(plan, ws, batch_size, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         import ray
 
         ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
@@ -250,7 +259,8 @@ def dataset(plan: Plan, ws: Workspace, batch_size: int, committer=None):
 
     files = pa.table({"path": plan.table.files})
     todo = ray.put(ws.todo["sample_id"].combine_chunks()) if ws.skipped else None
-    ds = ray.data.from_arrow([files.slice(i, 1) for i in range(len(files))]).map_batches(
+    # from_blocks: no metadata task per block before the job (runner.build_dataset says why)
+    ds = ray.data.from_blocks([files.slice(i, 1) for i in range(len(files))]).map_batches(
         read_rows, fn_kwargs={"fs": plan.table.fs, "columns": [*CARRIED, plan.column], "todo": todo},
         batch_size=1, batch_format="pyarrow",
         num_cpus=0.5)  # reads wait on I/O; and so they stay apart from the head's op, one block per file
@@ -329,7 +339,8 @@ def _finish(plan: Plan, ws: Workspace, out_uri: str, t0: float, t1: float, total
         out_uri=out_uri, planned=len(ws.plan),
         features=totals.get("features", 0), errors=dict(sorted(totals.get("errors", {}).items())),
         wall_s=time.time() - t1, startup_s=t1 - t0, skipped=ws.skipped, duplicates=totals.get("duplicates", 0),
-        output_rows=table_rows(ws.fs, ws.root), **steady_state(totals.get("commits", []), t1))
+        output_rows=table_rows(ws.fs, ws.root), ray_logs=(ray_log_dir() or "") if totals else "",
+        **steady_state(totals.get("commits", []), t1))
     write_record(ws, _record_head(plan), status="complete", started_at=t0, summary=summary)
     finish(ws)  # and an overwrite replaces the old table now
     return summary

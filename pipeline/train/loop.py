@@ -26,9 +26,11 @@ import numpy as np
 import pyarrow as pa
 
 from .. import faults
+from ..errors import Refused
 from ..jobrun import init_ray
 from ..lease import Lease
 from ..output import OutputExists
+from ..progress import clock
 from ..redact import logger, redact
 from ..sources import filesystem
 from . import checkpoint as ckpt
@@ -36,7 +38,6 @@ from .config import TrainConfig, cache_bytes
 from .models import TEMPORAL, supervised
 from .table import FeatureTable, open_table
 from .tensors import SEQUENCE
-from ..errors import Refused
 
 log = logger(__name__)
 RUNS = "_train"  # Ray Train's run storage under the checkpoint directory: per-epoch checkpoints
@@ -146,7 +147,9 @@ def held_out(sample_ids, fraction: float, seed: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(f"{seed}:{s}".encode()) < cut for s in ids), dtype=bool, count=len(ids))
 
 
-def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], None] = print) -> TrainResult:
+def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], None] = print,
+          verbose: bool = False) -> TrainResult:
+    """Train a head; `say` gets a line per epoch (its progress); `verbose`: everything Ray prints."""
     t0 = time.time()
     table, plan = plan_training(cfg)
     fs, root = filesystem(cfg.output.uri, cfg.out_options)
@@ -158,7 +161,7 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
     lease.start_heartbeat()
     try:
         _write_plan(fs, root, plan, cfg)
-        state, resumed = _fit(cfg, table, plan, fs, root, address, say)
+        state, resumed = _fit(cfg, table, plan, fs, root, address, say, verbose)
         lease.check()
         return _write_checkpoint(cfg, table, plan, state, resumed, t0)
     finally:
@@ -213,14 +216,14 @@ def _write_plan(fs, root: str, plan: Plan, cfg: TrainConfig) -> None:
 
 
 def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, address: Optional[str],
-         say: Callable[[str], None]):
+         say: Callable[[str], None], verbose: bool = False):
     """Run the TorchTrainer; returns (the last epoch's state, epochs an earlier run had done)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    init_ray(address)
+    init_ray(address, verbose)
     if not address:
         _check_local_resources(cfg)
     storage, storage_fs = _storage(fs, root, cfg)
@@ -399,7 +402,9 @@ def train_loop(config: Dict[str, Any]) -> None:
                             "optimizer": optimizer.state_dict(), "history": history, "resumed_from": first},
                            os.path.join(d, STATE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-                config["lines"].put(format_epoch(row, config["epochs"]))
+                ran = history[first:]  # this run's epochs: their mean time, for the time left
+                eta = sum(r["seconds"] for r in ran) / len(ran) * (config["epochs"] - epoch - 1)
+                config["lines"].put(format_epoch(row, config["epochs"], eta))
             ray.train.report(row, checkpoint=checkpoint)
         faults.point("epoch", str(epoch + 1))  # the tests stop a training here, its epoch saved
 
@@ -440,8 +445,9 @@ def _pass(model, shard, plan: Plan, device, config, optimizer, epoch: int, name:
     return out
 
 
-def format_epoch(row: Dict[str, Any], epochs: int) -> str:
-    """`epoch  3/20  train loss 0.412 acc 0.875  val loss 0.530 acc 0.800  412 samples/s`"""
+def format_epoch(row: Dict[str, Any], epochs: int, eta_s: Optional[float] = None) -> str:
+    """`epoch   3/20  train loss 0.4120 acc 0.875  val loss 0.5300 acc 0.800  412 samples/s  ETA 0:41`:
+    the progress of a training, a line per epoch (the live line of a run, progress.py, has the same ETA)."""
     parts = [f"epoch {row['epoch']:>3}/{epochs}"]
     for name in ("train", "val"):
         if row.get(f"{name}_loss") is None:
@@ -450,4 +456,6 @@ def format_epoch(row: Dict[str, Any], epochs: int) -> str:
         what = "loss" if acc is not None or f"{name}_acc" in row else "mse"
         parts.append(f"{name} {what} {row[f'{name}_loss']:.4f}" + (f" acc {acc:.3f}" if acc is not None else ""))
     parts.append(f"{row['samples_per_s']:.0f} samples/s")
+    if eta_s is not None:
+        parts.append(f"ETA {clock(eta_s)}")
     return "  ".join(parts)
