@@ -156,6 +156,7 @@ class Progress:
         self.bar = None
         self.last: Optional[Counts] = None
         self.printed = 0
+        self.last_line = ""
 
     def __enter__(self) -> "Progress":
         self.started = time.time()
@@ -178,7 +179,7 @@ class Progress:
                 # Ray Data finished every write task, so every plan row is committed: the units the
                 # committer could not see end (a shard's last rows skipped as committed) included
                 last.done = self.planned
-                self._show(last)
+                self._show(last, final=True)
         if self.bar is not None:
             self.bar.close()
 
@@ -201,15 +202,16 @@ class Progress:
         while not self.stop.wait(self.every):
             self._show(self.poll())
 
-    def _show(self, c: Optional[Counts]) -> None:
+    def _show(self, c: Optional[Counts], final: bool = False) -> None:
         if c is None:
             return
         try:
             if self.bar is not None:
                 self.bar.set_postfix_str(postfix(c, self.nouns), refresh=False)
                 self.bar.update(c.done - self.bar.n)  # redraws (polls are further apart than mininterval)
-            else:
-                print(plain_line(c, self.nouns), file=self.stream, flush=True)
+            elif not (final and plain_line(c, self.nouns) == self.last_line):  # the same last line once
+                self.last_line = plain_line(c, self.nouns)
+                print(self.last_line, file=self.stream, flush=True)
                 self.printed += 1
         except Exception as e:  # the console went away: the run matters more than its progress line
             log.debug("progress line: %s", e)
