@@ -154,6 +154,7 @@ def test_train_lstm_writes_a_checkpoint_a_job_loads(order_table, tmp_path, capsy
     # the epoch lines are the training's progress: on stderr; the summary on stdout
     assert "epoch   4/4  train loss" in printed.err and "val loss" in printed.err and "ETA 0:00" in printed.err
     assert f"checkpoint   {out}" in printed.out
+    assert "ray logs     /" in printed.out  # Ray's own lines stay off the console; the summary says where
 
     metrics = json.loads(open(f"{out}/{ckpt.METRICS}").read())
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]

@@ -1,6 +1,7 @@
 """What `featurize train` prints when it ends."""
 from __future__ import annotations
 
+from ..console import ray_log_dir
 from ..redact import redact_text
 from .checkpoint import CURVES, TEMPORAL_NOTE
 from .config import TrainConfig
@@ -24,4 +25,6 @@ def format_training(cfg: TrainConfig, result) -> str:
     if cfg.head.kind in ("lstm", "attention"):
         lines.append(TEMPORAL_NOTE.format(kind=cfg.head.kind, out=out))
     lines.append(f"apply it     featurize apply {out} --input {cfg.data.uri} --output OUT2")
+    if ray_log_dir() and not result.already_done:  # kept off the console (console.py)
+        lines.append(f"ray logs     {ray_log_dir()}")
     return redact_text("\n".join(lines))
