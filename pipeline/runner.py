@@ -13,7 +13,7 @@ from .config import JobConfig, memory_bytes
 from .decode import decode_batch
 from .interrupt import reclaim_sigterm
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
-from .models import EXTRACTORS, EmbedSpec
+from .models import Embedder, EmbedSpec
 from .models.temporal import TemporalEmbedder
 from .commit import Ledger, staging_folder
 from .jobrun import (IncompleteOutput, NotExactlyOnce, Summary, init_ray, start_committer, stop,  # noqa: F401 (re-exported)
@@ -174,7 +174,7 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
         ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
                             batch_format="numpy", **task_args)
     ds = ds.map_batches(
-        EXTRACTORS["torchvision"],
+        Embedder,
         fn_constructor_args=(dataclasses.replace(_embed_spec(prepared, layout), committer=committer),),
         # a batch of clips holds num_frames images each
         batch_size=max(1, layout.batch_size // job.video.num_frames) if job.is_video else layout.batch_size,
