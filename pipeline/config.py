@@ -324,7 +324,8 @@ def _check(job: JobConfig) -> None:
 def model_families() -> List[str]:
     """The values model.family takes: the modules in pipeline/models/families (found without importing them)."""
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "families")
-    return sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_"))
+    names = [n[:-3] for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")]
+    return sorted(names, key=lambda n: (n != "torchvision", n))  # the default first
 
 
 def _check_source(src: SourceConfig) -> None:
