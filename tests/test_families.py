@@ -53,7 +53,7 @@ def save(model: torch.nn.Module, path) -> str:
 
 def prepared_for(model: dict, preprocess: dict | None = None, tmp="/tmp/unused"):
     data = job_dict(f"{tmp}/src", f"{tmp}/out")
-    data["model"] = model
+    data["model"] = {"device": "cpu", **model}  # float32 on any machine: the fidelity bounds are for float32
     data["preprocess"] = preprocess or {}
     return prepare(parse_job(data))
 

@@ -21,7 +21,7 @@ from .. import faults
 from ..config import ModelConfig
 from ..decode import ImageSpec, decode_batch
 from ..device_decode import decode_on_device
-from ..read import ERROR_COLUMNS, error_fields, ragged
+from ..rows import ERROR_COLUMNS, error_fields, ragged
 from ..timing import timed
 from .base import build_module
 from .weights import Weights
