@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import open_clip
@@ -28,6 +29,7 @@ from pipeline.samples import encode, encode_video, photo
 
 from conftest import job_dict, read_features, run
 
+JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 CLIP = "ViT-S-32"  # the smallest plain open_clip ViT: 224 px, 384-d embedding
 
 
@@ -233,3 +235,13 @@ def test_a_video_job_per_family(ray_session, two_videos, tmp_path, model, prepro
     meta = pq.ParquetFile(next((tmp_path / "out" / "features").rglob("*.parquet"))).schema_arrow.metadata
     assert meta[b"featurize.model_family"].decode() == model["family"]
     assert json.loads(meta[b"featurize.preprocess"])["crop"] == (preprocess.get("crop") or 224)
+
+
+def test_the_example_jobs_parse_and_an_unknown_family_is_refused(tmp_path):
+    from pipeline.config import ConfigError, load_job
+
+    assert load_job(f"{JOBS}/images_timm_convnext.yaml").model.family == "timm"
+    assert load_job(f"{JOBS}/images_open_clip_vit_b32.yaml").model.arch == "ViT-B-32"
+    assert parse_job(job_dict("src", "out")).model.family == "torchvision"  # job files without the key, as before
+    with pytest.raises(ConfigError, match=r"model.family: 'keras' is not one of torchvision, open_clip, timm"):
+        load_job(f"{JOBS}/images_timm_convnext.yaml", ["model.family=keras"])

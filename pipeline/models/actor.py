@@ -44,7 +44,6 @@ class EmbedSpec:
     image: Optional[ImageSpec] = None  # decode images in the actor (resources.decode_on: actor)
 
 
-
 class Embedder:
     """Ray Data actor: loads the model of any family once, then maps uint8 pixel batches to features."""
 
