@@ -123,6 +123,17 @@ def test_timm_intermediate_stage_is_pooled_as_asked(timm_model, images):
     assert cosine(ours, maps.amax(dim=(2, 3)).numpy()).min() >= 0.9999
 
 
+def test_a_timm_checkpoint_fine_tuned_on_other_classes_fits(weights_dir, images):
+    torch.manual_seed(3)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()  # a user's 10-class model
+    prepared = prepared_for({"family": "timm", "arch": "resnet18", "weights": save(model, weights_dir / "r18-10.pth")},
+                            {"resize": 64, "crop": 64})
+    ours, pixels, _ = pipeline_features(prepared, images)
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(as_tensor(pixels, prepared.mean, prepared.std)), pre_logits=True)
+    assert cosine(ours, ref.numpy()).min() >= 0.9999
+
+
 def test_timm_refusals_name_the_key(timm_model, tmp_path):
     _, path = timm_model("resnet18")
     with pytest.raises(ModelError, match=r"model.arch: 'resnet18x' is not a timm model; did you mean resnet18"):

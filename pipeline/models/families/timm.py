@@ -52,6 +52,12 @@ def _pretrained_cfg(name: str) -> Dict[str, Any]:
     return cfg.to_dict() if cfg is not None else {"input_size": (3, 224, 224)}  # timm's defaults for the rest
 
 
+def _without_classifier(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return {k: v for k, v in state.items() if not any(k.startswith(f"{h}.") for h in heads)}
+
+
 def _tagged(cfg: ModelConfig) -> str:
     """The `arch.tag` model.weights names: DEFAULT is the arch's own (default) tag."""
     return cfg.arch if cfg.weights.upper() == "DEFAULT" else f"{_base(cfg.arch)}.{cfg.weights}"
@@ -98,10 +104,13 @@ class Timm(Family):
     def build(self, cfg: ModelConfig, weights: Optional[Weights], storage_options: Dict[str, Any]) -> nn.Module:
         self.check(cfg)
         torch.manual_seed(cfg.seed)
-        model = timm.create_model(cfg.arch, pretrained=False).eval()
+        # Without the classifier: features never use it, and a checkpoint fine-tuned on any number of
+        # classes (or a tag's 21k-class head) fits. The arch.tag of a weights tag brings its own config.
+        name = _tagged(cfg) if weights is not None and weights.id.startswith("timm:") else cfg.arch
+        model = timm.create_model(name, pretrained=False, num_classes=0).eval()
         state = load_state_dict(weights, storage_options) if weights else None
         if state is not None:
-            fit_state_dict(model, state, weights, cfg.arch)
+            fit_state_dict(model, _without_classifier(state, model), weights, cfg.arch)
         module = PreLogits(model) if cfg.layer is None else module_layer(model, cfg, forward="forward_features")
         if model.pretrained_cfg.get("fixed_input_size"):
             module.image_size = int(model.pretrained_cfg["input_size"][-1])
