@@ -202,7 +202,7 @@ def test_open_clip_refusals_name_the_file_or_the_tags():
     with pytest.raises(WeightsError, match=r"offline, fetch https://huggingface.co/timm/vit_base_patch32_clip_224"
                                            r".openai/resolve/main/open_clip_model.safetensors"):
         prepared_for({"family": "open_clip", "arch": "ViT-B-32", "weights": "openai"})
-    with pytest.raises(ModelError, match=r"model.arch: 'ViT-B-33' is not a open_clip model; did you mean ViT-B-32"):
+    with pytest.raises(ModelError, match=r"model.arch: 'ViT-B-33' is not a model of open_clip; did you mean ViT-B-32"):
         prepared_for({"family": "open_clip", "arch": "ViT-B-33", "weights": "none"})
 
 

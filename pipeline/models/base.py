@@ -52,7 +52,7 @@ class Family:
         """Refuse (ModelError) an arch this family does not know, naming the closest."""
         names = self.names()
         if cfg.arch not in names:
-            raise ModelError(f"model.arch: {cfg.arch!r} is not a {self.name} model{did_you_mean(cfg.arch, names)} "
+            raise ModelError(f"model.arch: {cfg.arch!r} is not a model of {self.name}{did_you_mean(cfg.arch, names)} "
                              f"(featurize models --family {self.name} lists them)")
 
     def weights_by_name(self, cfg: ModelConfig) -> Weights:
