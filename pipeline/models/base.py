@@ -42,7 +42,8 @@ class Family:
 
     name = ""
     about = ""  # one line for `featurize models`
-    default_layer = "penultimate"  # what model.layer: null gives, as the provenance names it
+    default_layer = "penultimate"  # what model.layer: null gives, as the provenance names it ...
+    default_layer_about = "the classifier's input"  # ... and as `featurize layers` explains it
 
     def names(self) -> List[str]:
         """Every model.arch this family accepts."""

@@ -72,8 +72,8 @@ def format_layers(arch: str, crop: int = DEFAULT_CROP, family_name: str = "torch
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{arch} ({family_name}) at crop {crop} (eval mode, random weights): {len(nodes)} layers"]
     lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
-    default = ("the image embedding, L2-normalised" if family_name == "open_clip" else "the classifier's input")
-    lines.append(f"a module's name (after =) stands for its last node; model.layer: null, the default, is {default}")
+    lines.append(f"a module's name (after =) stands for its last node; model.layer: null, the default, is "
+                 f"{family(family_name).default_layer_about}")
     return "\n".join(lines)
 
 

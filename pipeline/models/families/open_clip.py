@@ -67,6 +67,7 @@ class OpenClip(Family):
     name = "open_clip"
     about = "CLIP image towers (model.weights: a pretrained tag, a file or none); the L2-normalised embedding"
     default_layer = "embedding"
+    default_layer_about = "the image embedding, L2-normalised"
 
     def names(self) -> List[str]:
         return open_clip.list_models()
