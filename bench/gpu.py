@@ -16,7 +16,7 @@ excluded and the GPU synchronised:
   timm's ConvNeXt-T;
 - decode alone: torchvision's batched `decode_jpeg(device=...)` (nvJPEG), and the project's whole
   device decode (`device_decode.decode_on_device`: headers, decode, resize, crop);
-- the actor: `EXTRACTORS["torchvision"]` (CnnEmbedder) built from an EmbedSpec as runner.py builds
+- the actor: `Embedder` (the one actor of every model family) built from an EmbedSpec as runner.py builds
   it and called on the read batches, decoding on the GPU; then with its decode switched to the CPU
   path (`decode.decode_batch`) on N threads;
 - optional rows: cudnn.benchmark, torch.compile of the backbone, two batches in flight.
@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # a bare checkout: the package is not
 from pipeline.config import ModelConfig, SourceConfig  # noqa: E402
 from pipeline.decode import ImageSpec, decode_batch  # noqa: E402
 from pipeline.device_decode import _decode_jpegs, decode_on_device  # noqa: E402
-from pipeline.models import EXTRACTORS, EmbedSpec, feature_dim, pool  # noqa: E402
+from pipeline.models import Embedder, EmbedSpec, feature_dim  # noqa: E402
 from pipeline.models.weights import resolve  # noqa: E402
 from pipeline.read import read_batch  # noqa: E402
 from pipeline.samples import photo  # noqa: E402
@@ -206,7 +206,7 @@ def embed_spec(args: argparse.Namespace, threads: int, arch: Optional[str] = Non
 
 def actor(args: argparse.Namespace, threads: int, cpu_decode: bool = False, arch: Optional[str] = None):
     """The model stage's actor class, built and called as Ray Data would, without Ray."""
-    a = EXTRACTORS["torchvision"](embed_spec(args, threads, arch))
+    a = Embedder(embed_spec(args, threads, arch))
     if cpu_decode:  # on a GPU it decodes on the device; the CPU path is the one for other formats
         a.decode = decode_batch
     return a
@@ -228,7 +228,7 @@ def embed_fp32(a, pixels) -> np.ndarray:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.inference_mode():
-            return pool(a.module(x), a.spec.model.pool).float().cpu().numpy()
+            return a.module(x).float().cpu().numpy()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 

@@ -44,11 +44,18 @@ def make_jpegs(root: str, n: int) -> list:
     return paths
 
 
+def family_arch(arch: str):
+    """`timm/convnext_tiny` -> ("timm", "convnext_tiny"); a bare name is torchvision's."""
+    family, _, name = arch.rpartition("/")
+    return family or "torchvision", name
+
+
 def model_alone(arch: str, crop: int, paths: list, batch: int, seconds: float = 8.0) -> float:
     """The ceiling: the same embedder on uint8 batches already in memory, all cores, ~`seconds` long."""
     spec = ImageSpec(resize=int(crop * 256 / 224), crop=crop)
     pixels = np.stack([decode_image(open(p, "rb").read(), spec)[0] for p in paths[: batch * 8]])
-    cfg = ModelConfig(arch=arch, weights="none")
+    family, name = family_arch(arch)
+    cfg = ModelConfig(arch=name, family=family, weights="none")
     embedder = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), crop, feature_dim(cfg, crop), MEAN, STD,
                                      torch_threads=os.cpu_count() or 1))
     embedder.embed(pixels[:batch])  # warm-up
@@ -63,13 +70,15 @@ def model_alone(arch: str, crop: int, paths: list, batch: int, seconds: float = 
 def pipeline(arch: str, crop: int, root: str, n: int, batch: int, overrides: list) -> dict:
     from pipeline.runner import run_job
 
-    out = os.path.join(HERE, "out", f"run-{arch}-{crop}")
+    family, name = family_arch(arch)
+    out = os.path.join(HERE, "out", f"run-{family}-{name}-{crop}")
     shutil.rmtree(out, ignore_errors=True)
     job = parse_job({
-        "name": f"bench-{arch}-{crop}",
+        "name": f"bench-{family}-{name}-{crop}",
         "source": {"uri": root, "split": "bench"},
-        "preprocess": {"resize": int(crop * 256 / 224), "crop": crop},
-        "model": {"arch": arch, "weights": "none"},
+        # torchvision: resize 256/224 of the crop; other families: the model's own preprocessing at that crop
+        "preprocess": {"resize": int(crop * 256 / 224), "crop": crop} if family == "torchvision" else {"crop": crop},
+        "model": {"arch": name, "family": family, "weights": "none"},
         "output": {"uri": out},
         "resources": {"batch_size": batch},
     }, overrides)

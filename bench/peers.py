@@ -1,6 +1,11 @@
 """This project against its peers, side by side, on the same JPEGs and the same model.
 
     .venv/bin/python bench/peers.py [--images 2000] [--models resnet18:112 resnet18:224 resnet50:224]
+    .venv/bin/python bench/peers.py --models timm/convnext_tiny:224 open_clip/ViT-B-32:224 resnet50:224
+
+A model is `[family/]arch:crop` (family: torchvision, the default, timm or open_clip); the peers
+use the family's own library for the model and its preprocessing (timm's create_transform,
+open_clip's transforms), featurize the family's defaults at that crop.
 
 For each model it runs, each in a fresh process whose whole process tree's memory is sampled
 (Ray's raylet and workers included; they descend from the driver of an embedded Ray):
@@ -46,16 +51,51 @@ FEATURIZE_SET: list = []  # --set overrides for featurize's job, e.g. resources.
 def _model(arch: str):
     import torch
     import torchvision
+    from images import family_arch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = torchvision.models.get_model(arch, weights=None)
+    family, name = family_arch(arch)
+    if family == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=0).eval()  # pooled pre-logits
+    if family == "open_clip":
+        import open_clip
+
+        return _clip_image(open_clip.create_model(name, pretrained=None).visual).eval()
+    model = torchvision.models.get_model(name, weights=None)
     model.fc = torch.nn.Identity()  # penultimate features, as featurize's default layer
     return model.eval()
 
 
-def _transform(crop: int):
+def _clip_image(visual):
+    import torch
+
+    class ClipImage(torch.nn.Module):  # encode_image(normalize=True) of the image tower
+        def __init__(self):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(self.visual(x), dim=-1)
+    return ClipImage()
+
+
+def _transform(crop: int, arch: str = "resnet18"):
+    from images import family_arch
     from torchvision import transforms
 
+    family, name = family_arch(arch)
+    if family == "timm":
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        data = resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
+        return create_transform(**{**data, "input_size": (3, crop, crop)})
+    if family == "open_clip":
+        import open_clip
+
+        return open_clip.create_model_and_transforms(name, pretrained=None)[2]
     return transforms.Compose([transforms.Resize(int(crop * 256 / 224)), transforms.CenterCrop(crop),
                                transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
@@ -80,7 +120,7 @@ def run_dataloader(arch, crop, paths, batch):
     from PIL import Image
 
     t0 = time.perf_counter()
-    model, tf = _model(arch), _transform(crop)
+    model, tf = _model(arch), _transform(crop, arch)
 
     class Files(torch.utils.data.Dataset):
         def __len__(self):
@@ -102,7 +142,7 @@ def run_one_at_a_time(arch, crop, paths, batch):
     from PIL import Image
 
     t0 = time.perf_counter()
-    model, tf = _model(arch), _transform(crop)
+    model, tf = _model(arch), _transform(crop, arch)
     t1 = time.perf_counter()
     with torch.inference_mode():
         for p in paths:
@@ -118,7 +158,7 @@ def run_ray_data_example(arch, crop, paths, batch):
 
     t0 = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    tf = _transform(crop)
+    tf = _transform(crop, arch)
 
     def preprocess(row):
         from PIL import Image
@@ -311,7 +351,7 @@ def main() -> None:
         print(json.dumps(RUNNERS[args.one](arch, int(crop), paths, args.batch)), flush=True)
         return
     print(f"{os.cpu_count()} cores, {args.images} JPEGs 500x375, batch {args.batch}, random-init weights")
-    print(f"{'model':<14} {'contender':<17} {'images/s':>9} {'ceiling':>8} {'ratio':>6} "
+    print(f"{'model':<24} {'contender':<17} {'images/s':>9} {'ceiling':>8} {'ratio':>6} "
           f"{'start-up':>9} {'peak RSS':>9}")
     for model in args.models:
         arch, crop = model.split(":")
@@ -319,7 +359,7 @@ def main() -> None:
             rate = f"{r['rate']:>9.1f}" if r["ok"] else f"{'failed':>9}"
             ceiling = r.get("ceiling", float("nan"))
             steady = f"  (steady {r['steady']:.1f}/s, {r['steady'] / ceiling:.2f})" if r.get("steady") else ""
-            print(f"{model:<14} {name:<17} {rate} {ceiling:>8.1f} {r['rate'] / ceiling:>6.2f} "
+            print(f"{model:<24} {name:<17} {rate} {ceiling:>8.1f} {r['rate'] / ceiling:>6.2f} "
                   f"{r.get('startup_s', 0):>8.1f}s {r['peak_rss'] / 2**30:>7.2f} GB{steady}", flush=True)
     if args.clips:
         videos(args.clips)

@@ -108,9 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_CROP
 
     models = sub.add_parser("models", help="the model names each family offers (model.arch, temporal[].kind)")
+    models.add_argument("--family", default=None, help="only this family (torchvision, timm, open_clip, temporal)")
     models.set_defaults(func=cmd_models)
     layers = sub.add_parser("layers", help="a model's layers (model.layer) with their output shapes at a crop")
-    layers.add_argument("arch", help="a torchvision model name, as `featurize models` lists them")
+    layers.add_argument("arch", help="a model name, as `featurize models` lists them")
+    layers.add_argument("--family", default="torchvision", help="as model.family (default: torchvision)")
     layers.add_argument("--crop", type=int, default=DEFAULT_CROP,
                         help=f"the input's side in pixels, as preprocess.crop (default: {DEFAULT_CROP})")
     layers.set_defaults(func=cmd_layers)
@@ -346,7 +348,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.listing import format_models
 
-    print(format_models())
+    try:
+        print(format_models(only=args.family))
+    except Refused as e:
+        _say(f"featurize: {e}")
+        return EXIT_REFUSED
     return EXIT_OK
 
 
@@ -354,7 +360,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from .models.listing import format_layers
 
     try:
-        print(format_layers(args.arch, args.crop))
+        print(format_layers(args.arch, args.crop, args.family))
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED

@@ -53,10 +53,11 @@ class PreprocessConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
-    weights: str = "DEFAULT"  # torchvision weights name | path or URI of a state dict | none
+    arch: str = "resnet50"  # a model name of the family (featurize models --family F lists them)
+    family: str = "torchvision"  # torchvision | timm | open_clip: a module of pipeline/models/families
+    weights: str = "DEFAULT"  # the family's weights name or tag | path or URI of a state dict | none
     weights_sha256: Optional[str] = None  # refuse a weights file whose hash differs
-    layer: Optional[str] = None  # feature-extraction node name; None: penultimate
+    layer: Optional[str] = None  # node or module name; None: penultimate (open_clip: the image embedding)
     pool: Literal["avg", "max", "none"] = "avg"
     seed: int = 0  # for weights: none
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -313,8 +314,18 @@ def _check(job: JobConfig) -> None:
         memory_bytes(getattr(res, key), f"resources.{key}")
     _check_source(job.source)
     _check_video(job)
+    families = model_families()
+    if job.model.family not in families:
+        raise ConfigError(f"model.family: {job.model.family!r} is not one of {', '.join(families)}")
     if job.model.weights_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", job.model.weights_sha256):
         raise ConfigError("model.weights_sha256: expected 64 hexadecimal digits")
+
+
+def model_families() -> List[str]:
+    """The values model.family takes: the modules in pipeline/models/families (found without importing them)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "families")
+    names = [n[:-3] for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")]
+    return sorted(names, key=lambda n: (n != "torchvision", n))  # the default first
 
 
 def _check_source(src: SourceConfig) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import faults
-from .read import ERROR_COLUMNS, error_fields
+from .rows import ERROR_COLUMNS, error_fields
 from .timing import timed
 
 ORIENTATION_TAG = 0x0112

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .decode import ImageSpec, decode_rows, decoded_columns, fault_point, open_image
-from .read import ERROR_COLUMNS
+from .rows import ERROR_COLUMNS
 from .timing import timed
 
 DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB the way Pillow does

@@ -79,6 +79,8 @@ def settings(prepared) -> Dict[str, Any]:
         "model.pool": job.model.pool, "output.dtype": job.output.dtype,
         "output.partition_by": list(job.output.partition_by), "output.frame_features": job.output.frame_features,
     }
+    if job.model.family != "torchvision":  # an output made before model families holds none: torchvision
+        out["model.family"] = job.model.family
     if job.output.partition_by:  # folders `split_dir=`, exact values in the files (an older output had `split=`)
         out["output.partition_folders"] = [folder_key(c) for c in job.output.partition_by]
     if job.is_video:

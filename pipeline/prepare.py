@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 from . import __version__
 from .config import DEFAULT_CROP, DEFAULT_RESIZE, ConfigError, JobConfig, output_storage_options, source_store_options
 from .decode import ImageSpec
-from .models import check_arch, feature_dim
+from .models import check_arch, family, feature_dim, preprocess_defaults
 from .models.temporal import HeadInfo, resolve_heads
 from .models.weights import Weights, resolve
 from .redact import redact_text
@@ -63,9 +63,10 @@ class Prepared:
             "featurize.version": __version__,
             "featurize.job": self.job.name,
             "featurize.model": m.arch,
+            "featurize.model_family": m.family,
             "featurize.weights_id": self.weights.id,
             "featurize.weights_sha256": self.weights.sha256,
-            "featurize.layer": m.layer or "penultimate",
+            "featurize.layer": m.layer or family(m.family).default_layer,
             "featurize.pool": m.pool,
             "featurize.preprocess": json.dumps(
                 {"resize": self.image.resize, "crop": self.image.crop, "mean": self.mean, "std": self.std,
@@ -89,15 +90,16 @@ def prepare(job: JobConfig) -> Prepared:
     check_arch(job.model)  # before fetching weights for a model that does not exist
     model_options = source_store_options(job, job.model.weights)
     weights = resolve(job.model, model_options)
-    image = _resolve_image(job, weights.transforms)
+    defaults = preprocess_defaults(job.model, weights)
+    image = _resolve_image(job, defaults)
     dim = feature_dim(job.model, image.crop, weights, model_options)  # layer and fit too
     heads = resolve_heads(job.temporal, dim, job.source.storage_options) if job.is_video else []
     return Prepared(
         job=job,
         weights=weights,
         image=image,
-        mean=job.preprocess.mean or weights.transforms.get("mean", IMAGENET_MEAN),
-        std=job.preprocess.std or weights.transforms.get("std", IMAGENET_STD),
+        mean=job.preprocess.mean or defaults.get("mean", IMAGENET_MEAN),
+        std=job.preprocess.std or defaults.get("std", IMAGENET_STD),
         dim=dim,
         out_options=output_storage_options(job),
         heads=heads,

@@ -15,19 +15,21 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from .fetch import TIMED_OUT, Refused, bounded, read_local, read_remote, timeout_error
-from .redact import FETCH_URI, RedactedError, redact_text
+from .redact import FETCH_URI, RedactedError
+from .rows import (  # noqa: F401 (the row contract, re-exported for older imports)
+    ERROR_COLUMNS,
+    MAX_MESSAGE,
+    OK,
+    PLAN_COLUMNS,
+    SAMPLE_COLUMNS,
+    error_fields,
+    ragged,
+)
 from .shards import tar_rows
 from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
 from .timing import timed
 
 Batch = Dict[str, np.ndarray]
-PLAN_COLUMNS = ("sample_id", "uri", "label", "split")
-# unit: the plan row a sample comes from (a tar shard, a video cut into windows, or itself);
-# unit_rows: how many rows that unit yields, 0 while unknown (see commit.py);
-# attempts: how many earlier runs failed on the sample (--retry-failed).
-SAMPLE_COLUMNS = (*PLAN_COLUMNS, "unit", "unit_rows", "attempts")
-ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
-MAX_MESSAGE = 500
 
 
 class StoreError(RedactedError, RuntimeError):
@@ -42,12 +44,6 @@ def _sample_fault(exc: BaseException) -> bool:
                                                              IsADirectoryError, NotADirectoryError))
 
 
-def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
-    message = redact_text(str(exc) or repr(exc))  # exception texts often quote the URL, credentials and all
-    return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message[:MAX_MESSAGE]}
-
-
-OK = {"error_stage": "", "error_type": "", "error_message": ""}
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MAX_BYTES = 256 * 2**20
 
@@ -57,14 +53,6 @@ def _read_error(exc: BaseException) -> Dict[str, str]:
     fields = error_fields("read", exc)
     fields["error_type"] = getattr(exc, "error_type", fields["error_type"])
     return fields
-
-
-def ragged(arrays: List[np.ndarray]) -> np.ndarray:
-    """A column of arrays of different lengths (one object array), as Ray Data takes them."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):  # element by element: numpy would stack equal shapes
-        out[i] = a
-    return out
 
 
 @timed("read")

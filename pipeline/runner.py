@@ -27,7 +27,7 @@ from .jobrun import (  # noqa: F401 (re-exported)
 )
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
 from .lease import Lease
-from .models import EXTRACTORS, EmbedSpec
+from .models import Embedder, EmbedSpec
 from .models.temporal import TemporalEmbedder
 from .output import Workspace, finish, multi_row_units, open_output, table_rows
 from .prepare import Prepared, prepare
@@ -195,7 +195,7 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
         ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=min(res.decode_batch_size, layout.rows_per_read_task),
                             batch_format="numpy", **task_args)
     ds = ds.map_batches(
-        EXTRACTORS["torchvision"],
+        Embedder,
         fn_constructor_args=(dataclasses.replace(_embed_spec(prepared, layout), committer=committer),),
         # a batch of clips holds num_frames images each
         batch_size=max(1, layout.batch_size // job.video.num_frames) if job.is_video else layout.batch_size,

@@ -18,7 +18,7 @@ import numpy as np
 from . import faults
 from .config import VideoConfig
 from .isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
-from .read import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
+from .rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 from .timing import timed
 
 

@@ -6,7 +6,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from pipeline.decode import ImageSpec, decode_batch, decode_image, decode_rows
-from pipeline.read import ERROR_COLUMNS
+from pipeline.rows import ERROR_COLUMNS
 from pipeline.samples import encode, image_cases, photo
 
 SPEC = ImageSpec(resize=64, crop=56)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.models.listing import FAMILIES, layer_nodes
+from pipeline.models import ModelError
+from pipeline.models.listing import FAMILIES, format_layers, format_models, layer_nodes
 from pipeline.models.weights import WeightsError, resolve
 from pipeline.samples import make_image_folder
 
@@ -34,7 +35,9 @@ def test_models_lists_each_family_without_ray(tmp_path):
     for block in result.stdout.strip().split("\n\n"):
         head, _, body = block.partition("\n")
         sections[head.split()[0]] = {name.strip() for name in body.replace("\n", " ").split(",")}
-    assert set(sections) == set(FAMILIES) == {"torchvision", "temporal"}
+    assert set(sections) == set(FAMILIES) == {"torchvision", "timm", "open_clip", "temporal"}
+    assert {"resnet18", "convnext_atto", "vit_tiny_patch16_224"} <= sections["timm"]
+    assert {"ViT-B-32", "RN50"} <= sections["open_clip"]
     assert {"resnet18", "resnet50", "vit_b_16", "convnext_tiny"} <= sections["torchvision"]
     assert "maskrcnn_resnet50_fpn" not in sections["torchvision"]  # detection models are not backbones here
     assert {"mean", "max", "lstm", "attention"} == sections["temporal"]
@@ -53,6 +56,20 @@ def test_layers_have_their_output_shapes_at_the_crop():
     nodes = {n.name: n for n in layer_nodes("shufflenet_v2_x0_5", 64)}
     assert nodes["stage2.0.size"].shape is None and nodes["stage2.0.size"].kind == "Size"  # x.size(): not a tensor
     assert nodes["conv5.2"].shape == (1024, 2, 2)
+
+
+def test_models_and_layers_of_one_family():
+    assert format_models(only="open_clip").startswith("open_clip (model.arch, model.family: open_clip, ")
+    with pytest.raises(ModelError, match=r"--family: 'keras' is not one of torchvision, open_clip, timm, temporal"):
+        format_models(only="keras")
+    nodes = {n.name: n.shape for n in layer_nodes("convnext_atto", 64, "timm")}
+    assert nodes["stages.2"] == (160, 4, 4) and nodes["stages.3"] == (320, 2, 2)
+    assert list(nodes)[:3] == ["stem.0", "stem.1", "stem"]  # in the order their outputs come
+    assert "head.fc" not in nodes  # timm's forward_features: no classifier
+    table = format_layers("ViT-S-32", 224, "open_clip")
+    assert "transformer.resblocks.11" in table and "the image embedding, L2-normalised" in table
+    with pytest.raises(ModelError, match=r"is not a timm model; did you mean resnet18"):
+        layer_nodes("resnet18x", 64, "timm")
 
 
 def test_layers_prints_a_table_without_ray(tmp_path):

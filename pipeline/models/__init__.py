@@ -1,11 +1,20 @@
-"""Feature extractors, chosen from a registry by model family.
+"""Feature extractors: one actor (actor.py) for every model family (families/, chosen by model.family).
 
-Each extractor is a Ray Data actor class: built once from an EmbedSpec, then called on batches
-of uint8 `pixels` (or of encoded `data` it decodes itself); it drops them and adds the columns it
-declares in OUTPUT_COLUMNS.
+base.py holds the family contract; a new family is one file in families/ plus its tests.
 Temporal heads (temporal.py, registry HEADS) then map per-frame features to `clip_<name>` columns.
 """
-from .cnn import CnnEmbedder, EmbedSpec, ModelError, build_backbone, check_arch, feature_dim, feature_module, pool
+from .actor import CnnEmbedder, Embedder, EmbedSpec
+from .base import (
+           Family,
+           ModelError,
+           build_module,
+           check_arch,
+           family,
+           family_names,
+           feature_dim,
+           pool,
+           preprocess_defaults,
+)
 from .temporal import (
     HEADS,
     HeadInfo,
@@ -17,8 +26,6 @@ from .temporal import (
     save_head,
 )
 
-EXTRACTORS = {"torchvision": CnnEmbedder}
-
-__all__ = ["EXTRACTORS", "CnnEmbedder", "EmbedSpec", "ModelError", "build_backbone", "check_arch", "feature_dim",
-           "feature_module", "pool", "HEADS", "HeadInfo", "TemporalEmbedder", "TemporalError", "build_head",
-           "resolve_head", "resolve_heads", "save_head"]
+__all__ = ["CnnEmbedder", "Embedder", "EmbedSpec", "Family", "ModelError", "build_module", "check_arch", "family",
+           "family_names", "feature_dim", "pool", "preprocess_defaults", "HEADS", "HeadInfo", "TemporalEmbedder",
+           "TemporalError", "build_head", "resolve_head", "resolve_heads", "save_head"]

@@ -1,83 +1,66 @@
 """`featurize models` and `featurize layers ARCH`: what a job's model keys accept, without Ray.
 
-Names come per family from the family's own registry (torchvision's `list_models`, the temporal
-heads' HEADS): a new family is one entry in FAMILIES. Layers are the eval-mode nodes of
-torchvision's `get_graph_node_names`, each with its output shape from one forward of a zero image
-through the randomly initialised model on the CPU (no weights are fetched).
+Names come per family from the family's own registry (torchvision's `list_models`, timm's, open_clip's,
+the temporal heads' HEADS): every model family (base.py) is listed, and the temporal heads. Layers come
+from the family: torchvision's are the eval-mode nodes of `get_graph_node_names`, timm's and open_clip's
+the named modules the forward runs; each with its output shape from one forward of a zero image through
+the randomly initialised model on the CPU (no weights are fetched).
 """
 from __future__ import annotations
 
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
-
-import torch
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from typing import Callable, Dict, List, Optional
 
 from ..config import DEFAULT_CROP, ModelConfig
-from .cnn import ModelError, build_backbone, check_arch, classification_models, forward_at_crop
+from .base import ModelError, Node, family, family_names
 from .temporal import HEADS
 
 
 @dataclass(frozen=True)
-class Family:
+class Listed:
     key: str  # the job key that takes these names
     names: Callable[[], List[str]]
-    about: str
+    about: Callable[[], str]
 
 
-FAMILIES: Dict[str, Family] = {
-    "torchvision": Family("model.arch", classification_models,
-                          "classification backbones; model.layer: any of `featurize layers ARCH`"),
-    "temporal": Family("temporal[].kind", lambda: list(HEADS), "video heads: per-frame features -> one clip feature"),
+def _model_family(name: str) -> Listed:
+    return Listed(f"model.arch, model.family: {name}", lambda: family(name).names(), lambda: family(name).about)
+
+
+FAMILIES: Dict[str, Listed] = {
+    **{name: _model_family(name) for name in family_names()},
+    "temporal": Listed("temporal[].kind", lambda: list(HEADS), lambda: "video heads: per-frame features -> one clip "
+                       "feature"),
 }
 
 
-def format_models(width: int = 100) -> str:
+def format_models(width: int = 100, only: Optional[str] = None) -> str:
+    if only is not None and only not in FAMILIES:
+        raise ModelError(f"--family: {only!r} is not one of {', '.join(FAMILIES)}")
     blocks = []
-    for family, info in FAMILIES.items():
+    for name, info in FAMILIES.items():
+        if only is not None and name != only:
+            continue
         names = info.names()
         body = textwrap.fill(", ".join(names), width=width, initial_indent="  ", subsequent_indent="  ",
                              break_on_hyphens=False)
-        blocks.append(f"{family} ({info.key}, {len(names)}): {info.about}\n{body}")
+        blocks.append(f"{name} ({info.key}, {len(names)}): {info.about()}\n{body}")
     return "\n\n".join(blocks)
 
 
-class Node(NamedTuple):
-    name: str
-    shape: Optional[tuple]  # per sample, without the batch dimension; None: not a tensor
-    kind: str  # the output's type when it is not a tensor
-    modules: List[str]  # the module names that stand for this node (its last one)
-
-
-def layer_nodes(arch: str, crop: int = DEFAULT_CROP) -> List[Node]:
-    """Every eval-mode node of `arch` with its output at `crop`; an unknown arch or a crop it cannot take is refused."""
+def layer_nodes(arch: str, crop: int = DEFAULT_CROP, family_name: str = "torchvision") -> List[Node]:
+    """Every layer of `arch` with its output at `crop`; an unknown arch or a crop it cannot take is refused."""
     if crop < 1:
         raise ModelError(f"--crop: {crop} is not a positive number of pixels")
-    cfg = ModelConfig(arch=arch, weights="none")
-    check_arch(cfg)
-    model = build_backbone(cfg)
-    forward_at_crop(model, cfg, crop, model)  # a crop it cannot take is refused in the model's words
-    train_nodes, nodes = get_graph_node_names(model)
-    # Only the eval graph matters; train mode is traced too, asked for its output alone.
-    extractor = create_feature_extractor(model, train_return_nodes=train_nodes[-1:], eval_return_nodes=nodes).eval()
-    with torch.inference_mode():
-        outputs: Dict[str, Any] = extractor(torch.zeros(1, 3, crop, crop))
-    last = {}  # module name -> its last node, which the module's name stands for
-    for node in nodes:
-        for i in range(1, node.count(".") + 1):
-            last[node.rsplit(".", i)[0]] = node
-    held: Dict[str, List[str]] = {}
-    for module, node in last.items():
-        if module not in outputs:
-            held.setdefault(node, []).append(module)
-    return [Node(name, tuple(out.shape[1:]) if torch.is_tensor(out) else None, type(out).__name__,
-                 sorted(held.get(name, []), key=len)) for name, out in outputs.items()]
+    fam = family(family_name)
+    fam.check(ModelConfig(arch=arch, family=family_name, weights="none"))
+    return fam.layers(arch, crop)
 
 
-def format_layers(arch: str, crop: int = DEFAULT_CROP) -> str:
-    nodes = layer_nodes(arch, crop)
+def format_layers(arch: str, crop: int = DEFAULT_CROP, family_name: str = "torchvision") -> str:
+    nodes = layer_nodes(arch, crop, family_name)
     rows = [("model.layer", "output per sample", "D (pool avg|max)", "")]
     for node in nodes:
         if node.shape is None:
@@ -87,15 +70,15 @@ def format_layers(arch: str, crop: int = DEFAULT_CROP) -> str:
             dim = str(_pooled_dim(node.shape))
         rows.append((node.name, shape, dim, f"= {', '.join(node.modules)}" if node.modules else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{arch} at crop {crop} (eval mode, random weights): {len(nodes)} nodes"]
+    lines = [f"{arch} ({family_name}) at crop {crop} (eval mode, random weights): {len(nodes)} layers"]
     lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
-    lines.append("a module's name (after =) stands for its last node; model.layer: null, the default, is the "
-                 "classifier's input")
+    lines.append(f"a module's name (after =) stands for its last node; model.layer: null, the default, is "
+                 f"{family(family_name).default_layer_about}")
     return "\n".join(lines)
 
 
 def _pooled_dim(shape: tuple) -> int:
-    """D after cnn.pool's avg or max: channels of a map, width of tokens, else everything flattened."""
+    """D after base.pool's avg or max: channels of a map, width of tokens, else everything flattened."""
     if len(shape) == 3:  # C, H, W
         return shape[0]
     if len(shape) == 2:  # tokens, D

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
 from ..errors import Refused
-from ..read import ERROR_COLUMNS, error_fields
+from ..rows import ERROR_COLUMNS, error_fields
 from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes

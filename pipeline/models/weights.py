@@ -1,9 +1,11 @@
 """Weights: resolve a job's `model.weights` to a state dict, its id and its sha256.
 
-Three kinds: a torchvision weights name (`IMAGENET1K_V2`, `DEFAULT`, `ResNet50_Weights.IMAGENET1K_V2`),
-kept in torch's hub cache and downloaded there when online; a local or fsspec path to a state dict
-(`.safetensors`, or a `.pth`/`.pt` read with `weights_only=True`, never unpickling code); or `none`
-(random init from `model.seed`, for tests and demos).
+Three kinds: a name the model's family resolves from a local cache (torchvision's `IMAGENET1K_V2`,
+`DEFAULT`, `ResNet50_Weights.IMAGENET1K_V2`, kept in torch's hub cache and downloaded there when
+online; timm's and open_clip's tags, from the Hugging Face cache: offline, an error names the file);
+a local or fsspec path to a state dict (`.safetensors`, or a `.pth`/`.pt`/`.bin` read with
+`weights_only=True`, never unpickling code); or `none` (random init from `model.seed`, for tests
+and demos).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torchvision
@@ -46,7 +48,33 @@ def resolve(cfg: ModelConfig, storage_options: Optional[Dict[str, Any]] = None) 
     if _looks_like_path(name):
         data = read_bytes(name, storage_options or {})
         return Weights(kind="file", id=name, location=name, sha256=_verify(cfg, data))
-    return _resolve_torchvision(cfg)
+    from .base import family  # the family resolves its own names
+
+    return family(cfg.family).weights_by_name(cfg)
+
+
+def cached_file(cfg: ModelConfig, path: str, id: str, transforms: Optional[Dict[str, Any]] = None) -> Weights:
+    """Weights a family found in a local cache: a file, hashed and checked like a user's own."""
+    with open(path, "rb") as f:
+        digest = _verify(cfg, f.read())
+    return Weights(kind="file", id=id, location=path, sha256=digest, transforms=transforms or {})
+
+
+def hf_cached(repo: str, filenames: Tuple[str, ...]) -> Optional[str]:
+    """The first of `filenames` in the local Hugging Face cache of `repo`, or None; never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def not_cached(cfg: ModelConfig, repo: str, filename: str) -> WeightsError:
+    return WeightsError(f"model.weights: {cfg.weights!r} of {cfg.arch} is not in the local Hugging Face cache; "
+                        f"offline, fetch https://huggingface.co/{repo}/resolve/main/{filename} and set model.weights "
+                        f"to that file's path")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -86,7 +114,7 @@ def _torchvision_enum(cfg: ModelConfig):
         raise WeightsError(f"model.weights: {cfg.weights!r} is not a weights name of {cfg.arch} ({names})") from None
 
 
-def _resolve_torchvision(cfg: ModelConfig) -> Weights:
+def resolve_torchvision(cfg: ModelConfig) -> Weights:
     entry = _torchvision_enum(cfg)
     with open(fetch_torchvision(entry.url), "rb") as f:
         digest = _verify(cfg, f.read())

@@ -1,0 +1,141 @@
+"""The model actor, written once for every family: built from an EmbedSpec, then called on batches
+of uint8 `pixels` or `frames` (or of encoded `data` it decodes itself); it drops them and adds the
+columns it declares in OUTPUT_COLUMNS.
+
+Pixels arrive as uint8 NHWC and are normalised on the actor's device, so only bytes cross the
+object store; the family's module (base.py) maps them to pooled features. Decoding in the actor
+(resources.decode_on: actor), GPU decode, failpoints, committer registration and timing are here.
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import faults
+from ..config import ModelConfig
+from ..decode import ImageSpec, decode_batch
+from ..device_decode import decode_on_device
+from ..rows import ERROR_COLUMNS, error_fields, ragged
+from ..timing import timed
+from .base import build_module
+from .weights import Weights
+
+
+@dataclass
+class EmbedSpec:
+    """Everything the model actor needs; built on the driver, shipped to each actor."""
+
+    model: ModelConfig
+    weights: Weights
+    crop: int
+    dim: int
+    mean: List[float]
+    std: List[float]
+    dtype: str = "float16"
+    torch_threads: int = 1
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    committer: Any = None  # the job's Committer, where the actor registers so a failed job can stop it
+    image: Optional[ImageSpec] = None  # decode images in the actor (resources.decode_on: actor)
+
+
+class Embedder:
+    """Ray Data actor: loads the model of any family once, then maps uint8 pixel batches to features."""
+
+    OUTPUT_COLUMNS = ("feature",)
+
+    def __init__(self, spec: EmbedSpec):
+        self.spec = spec
+        if spec.committer is not None:
+            import ray
+
+            spec.committer.register.remote(ray.get_runtime_context().current_actor)
+        self.device = _device(spec.model.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(spec.torch_threads)
+        self.module = build_module(spec.model, spec.weights, spec.storage_options).to(self.device)
+        if self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(spec.mean, device=self.device).view(shape) * 255.0
+        self.std = torch.tensor(spec.std, device=self.device).view(shape) * 255.0
+        self.out_dtype = np.float16 if spec.dtype == "float16" else np.float32
+        # Decoding here, between forward passes, on the cores the model's threads use: on a node
+        # where decode tasks would run beside the model they preempt its threads (each op waits
+        # for its slowest thread), so taking turns is faster than sharing the cores. On a GPU the
+        # JPEGs are decoded on it (device_decode.py); the threads take the other formats.
+        self.decoders = ThreadPoolExecutor(spec.torch_threads) if spec.image else None
+        self.decode = partial(decode_on_device, device=self.device) if self.device.type == "cuda" else decode_batch
+
+    def embed(self, pixels) -> np.ndarray:
+        """uint8 NHWC (numpy, or a tensor already on the device) -> features (N, D) as float32 numpy."""
+        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = (x.float() - self.mean) / self.std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        on_gpu = self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            out = self.module(x)
+        return out.float().cpu().numpy()
+
+    @timed("model")
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        faults.point("embed", lambda: "\n".join(map(str, batch["sample_id"])))
+        if "data" in batch:  # bytes: this actor decodes them (resources.decode_on: actor)
+            batch = self.decode(batch, self.spec.image, pool=self.decoders, parts=self.spec.torch_threads)
+        if "frames" in batch:
+            return self._call_frames(batch)
+        pixels = batch.pop("pixels")
+        ok = batch["error_stage"] == ""
+        # Rows that failed earlier keep zeros; the sink writes them to the errors table only.
+        batch["feature"] = np.zeros((len(ok), self.spec.dim), dtype=self.out_dtype)
+        if ok.any():
+            try:
+                rows = pixels[torch.from_numpy(ok).to(pixels.device)] if torch.is_tensor(pixels) else pixels[ok]
+                batch["feature"][ok] = self.embed(rows)
+            except Exception as e:  # the batch's samples become model errors; the job goes on
+                _fail_rows(batch, ok, e)
+        return batch
+
+    def _call_frames(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Videos: every frame of every clip in one forward pass -> `frame_features` (T, D) per clip."""
+        frames = batch.pop("frames")
+        ok = batch["error_stage"] == ""
+        clips = [frames[i] for i in range(len(ok))]
+        out = [np.zeros((len(c), self.spec.dim), np.float32) for c in clips]
+        rows = [i for i in np.flatnonzero(ok) if len(clips[i])]
+        if rows:
+            try:
+                flat = self.embed(np.concatenate([clips[i] for i in rows]))
+                for i, part in zip(rows, np.split(flat, np.cumsum([len(clips[i]) for i in rows])[:-1])):
+                    out[i] = part
+            except Exception as e:
+                _fail_rows(batch, ok, e)
+        if isinstance(frames, np.ndarray) and frames.dtype != object:  # dense: (B, T, D)
+            batch["frame_features"] = np.stack(out)
+        else:
+            batch["frame_features"] = ragged(out)
+        return batch
+
+
+def _fail_rows(batch: Dict[str, np.ndarray], ok: np.ndarray, exc: BaseException) -> None:
+    fields = error_fields("model", exc)
+    for col in ERROR_COLUMNS:
+        batch[col] = batch[col].copy()
+        batch[col][ok] = fields[col]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+CnnEmbedder = Embedder  # its name before model families

@@ -1,0 +1,1 @@
+"""One module per model family, named as `model.family` names it; each defines FAMILY (base.Family)."""
