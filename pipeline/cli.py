@@ -348,19 +348,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.listing import format_models
 
-    try:
-        print(format_models(only=args.family))
-    except Refused as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
-    return EXIT_OK
+    return _listing(lambda: format_models(only=args.family))
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from .models.listing import format_layers
 
+    return _listing(lambda: format_layers(args.arch, args.crop, args.family))
+
+
+def _listing(make) -> int:
+    """Print what `make` returns, or its refusal in one line (an unknown family or arch)."""
     try:
-        print(format_layers(args.arch, args.crop, args.family))
+        print(make())
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED

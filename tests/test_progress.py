@@ -8,10 +8,8 @@ import logging
 import os
 import pty
 import select
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,16 +155,8 @@ def job_file(tmp_path):
     return path, out
 
 
-@pytest.fixture
-def ray_tmpdir():
-    """A short private RAY_TMPDIR (Ray's socket paths must stay under 107 characters)."""
-    path = tempfile.mkdtemp(prefix="ftprog-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def env_for(ray_tmpdir, **extra):
-    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, **extra}
+def env_for(ray_tmpdir, **extra):  # ray_tmpdir: conftest's fixture
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmpdir), **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
