@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import ray
@@ -21,35 +20,6 @@ from .redact import logger
 from .sources import filesystem
 
 log = logger(__name__)  # credentials masked in every record
-
-
-@dataclass
-class Summary:
-    out_uri: str
-    planned: int
-    features: int  # committed by this run
-    errors: Dict[str, int]  # "stage/error_type" -> count, committed by this run
-    wall_s: float  # from the start of execution to the last commit
-    startup_s: float  # planning and Ray start, before execution
-    skipped: int = 0  # planned samples an earlier run had committed
-    added: int = 0  # --incremental: samples new in the source, planned by this run
-    gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
-    duplicates: int = 0  # rows Ray computed twice, dropped by the committer
-    output_rows: Dict[str, int] = field(default_factory=dict)  # features and errors in OUT, all runs
-    first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
-    steady_throughput: float = 0.0  # samples/s between the first and the last commit
-    layout: Dict[str, Any] = field(default_factory=dict)
-    stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
-    split_lists: Dict[str, Any] = field(default_factory=dict)  # sources.split_list_gaps: unlisted, missing
-    ray_logs: str = ""  # Ray's own logs of the run (its session's folder on the driver's node), if known
-
-    @property
-    def samples(self) -> int:
-        return self.features + sum(self.errors.values())
-
-    @property
-    def throughput(self) -> float:
-        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
 
 
 class IncompleteOutput(RuntimeError):

@@ -5,6 +5,7 @@ import json
 import platform
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import pyarrow as pa
@@ -20,7 +21,6 @@ from .redact import redact_strings, redact_text
 from .sources import filesystem, split_list_gaps
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
-    from .jobrun import Summary
     from .output import Workspace
     from .prepare import Prepared
 
@@ -41,9 +41,38 @@ def versions() -> Dict[str, str]:
     }
 
 
+@dataclass
+class Summary:
+    out_uri: str
+    planned: int
+    features: int  # committed by this run
+    errors: Dict[str, int]  # "stage/error_type" -> count, committed by this run
+    wall_s: float  # from the start of execution to the last commit
+    startup_s: float  # planning and Ray start, before execution
+    skipped: int = 0  # planned samples an earlier run had committed
+    added: int = 0  # --incremental: samples new in the source, planned by this run
+    gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
+    duplicates: int = 0  # rows Ray computed twice, dropped by the committer
+    output_rows: Dict[str, int] = field(default_factory=dict)  # features and errors in OUT, all runs
+    first_commit_s: float = 0.0  # execution start to the first commit: actor start, model load, fill
+    steady_throughput: float = 0.0  # samples/s between the first and the last commit
+    layout: Dict[str, Any] = field(default_factory=dict)
+    stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
+    split_lists: Dict[str, Any] = field(default_factory=dict)  # sources.split_list_gaps: unlisted, missing
+    ray_logs: str = ""  # Ray's own logs of the run (its session's folder on the driver's node), if known
+
+    @property
+    def samples(self) -> int:
+        return self.features + sum(self.errors.values())
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+
 def write_job_record(
     prepared: "Prepared", ws: "Workspace", status: str, started_at: float,
-    summary: Optional["Summary"] = None, error: Optional[str] = None,
+    summary: Optional[Summary] = None, error: Optional[str] = None,
 ) -> None:
     """OUT/_job.json of a run: the job, its settings (a later run compares them), counts and timings."""
     head = {
@@ -61,7 +90,7 @@ def write_job_record(
 
 
 def write_record(ws: "Workspace", head: Dict[str, Any], status: str, started_at: float,
-                 summary: Optional["Summary"] = None, error: Optional[str] = None) -> None:
+                 summary: Optional[Summary] = None, error: Optional[str] = None) -> None:
     """OUT/_job.json of any job that writes an output root: `head` (name, settings, and what
     else describes the job), then status, versions, counts, timings. Earlier runs into the same
     OUT (interrupted, resumed, retried) are kept under `runs`."""
@@ -100,7 +129,7 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def format_summary(summary: "Summary") -> str:
+def format_summary(summary: Summary) -> str:
     lines = [f"samples      {summary.samples} ({summary.features} features, {sum(summary.errors.values())} errors)"]
     if summary.skipped:
         lines.append(f"skipped      {summary.skipped} planned samples already committed by an earlier run")

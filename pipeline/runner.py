@@ -17,7 +17,6 @@ from .interrupt import reclaim_sigterm
 from .jobrun import (  # noqa: F401 (re-exported)
     IncompleteOutput,
     NotExactlyOnce,
-    Summary,
     init_ray,
     start_committer,
     steady_state,
@@ -34,7 +33,7 @@ from .prepare import Prepared, prepare
 from .progress import nouns_of, watch
 from .read import read_batch
 from .redact import logger
-from .report import write_job_record
+from .report import Summary, write_job_record
 from .sinks import ParquetCommitSink
 from .sources import split_list_gaps
 from .timing import breakdown

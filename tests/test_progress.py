@@ -193,8 +193,8 @@ def test_quiet_turns_progress_off_and_verbose_turns_ray_on(job_file, capsys, mon
 
     import pipeline.runner
     from pipeline.cli import main
-    from pipeline.jobrun import Summary
     from pipeline.progress import watch
+    from pipeline.report import Summary
 
     job, out = job_file
     seen = []

@@ -291,8 +291,7 @@ def test_split_lists_gaps_are_counted_and_kept_with_the_plan(tmp_path):
     from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.config import SourceConfig
-    from pipeline.jobrun import Summary
-    from pipeline.report import format_summary, write_record
+    from pipeline.report import Summary, format_summary, write_record
     from pipeline.sources import plan_source, split_list_gaps
     from pipeline.store import parquet_bytes
 

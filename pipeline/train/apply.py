@@ -30,13 +30,13 @@ from ..commit import Ledger, staging_folder
 from ..config import absolute_local, same_store
 from ..console import ray_log_dir
 from ..errors import Refused
-from ..jobrun import Summary, init_ray, start_committer, steady_state, stop, take_lease, verify
+from ..jobrun import init_ray, start_committer, steady_state, stop, take_lease, verify
 from ..output import OutputExists, Workspace, finish, open_planned, table_rows
 from ..partitions import folder_key
 from ..progress import Nouns, watch
 from ..read import ERROR_COLUMNS, error_fields
 from ..redact import logger, redact, redact_strings, redact_text
-from ..report import write_record
+from ..report import Summary, write_record
 from ..sinks import ParquetCommitSink, SinkSpec
 from ..sources import filesystem
 from .checkpoint import Checkpoint, CheckpointError, load
