@@ -184,6 +184,6 @@ def test_decode_runs_on_cpu_nodes_and_the_model_on_gpu_nodes(tmp_path):
     assert result["layout"]["decode_on"] == "CPU-only nodes (1 of 2)"
     (decode,) = [name for name in where if "decode_batch" in name]
     assert where[decode] == [head]
-    (model,) = [name for name in where if name.startswith("actor MapWorker(MapBatches(CnnEmbedder")]
+    (model,) = [name for name in where if name.startswith("actor MapWorker(MapBatches(Embedder")]
     assert where[model] == [gpu]
     assert_exactly_once(str(out), planned(src))

@@ -101,11 +101,11 @@ def test_the_actor_embeds_pixels_left_on_the_device():
     """What a GPU actor does after decoding on its device: the tensor is embedded where it lies,
     error rows skipped; features as from the CPU path's pixels, up to their resampling."""
     from pipeline.config import ModelConfig
-    from pipeline.models import CnnEmbedder, EmbedSpec
+    from pipeline.models import Embedder, EmbedSpec
     from pipeline.models.weights import resolve
 
     cfg = ModelConfig(arch="resnet18", weights="none")
-    embedder = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), 64, 512, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+    embedder = Embedder(EmbedSpec(cfg, resolve(cfg), 64, 512, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
                                      dtype="float32"))
     files = {f"p{i}.jpg": encode(photo(160, 120, seed=i)) for i in range(3)}
     files["bad.jpg"] = b"nope"

@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipeline.config import ModelConfig
 from pipeline.decode import ImageSpec, decode_image
-from pipeline.models import CnnEmbedder, EmbedSpec, ModelError, feature_dim
+from pipeline.models import Embedder, EmbedSpec, ModelError, feature_dim
 from pipeline.models.weights import WeightsError, resolve
 from pipeline.samples import encode, photo
 from pipeline.timing import block_seconds
@@ -49,7 +49,7 @@ def reference_features(state, pixels):
 def test_embedder_equals_a_direct_torchvision_forward(resnet18_state, filename):
     state, folder = resnet18_state
     cfg = ModelConfig(arch="resnet18", weights=str(folder / filename))
-    embedder = CnnEmbedder(spec_for(cfg, 512))
+    embedder = Embedder(spec_for(cfg, 512))
     pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     ours = embedder.embed(pixels)
     ref = reference_features(state, pixels)
@@ -60,7 +60,7 @@ def test_embedder_equals_a_direct_torchvision_forward(resnet18_state, filename):
 def test_batch_call_skips_failed_rows_and_drops_pixels(resnet18_state):
     state, folder = resnet18_state
     cfg = ModelConfig(arch="resnet18", weights=str(folder / "r18.pth"))
-    embedder = CnnEmbedder(spec_for(cfg, 512, dtype="float16"))
+    embedder = Embedder(spec_for(cfg, 512, dtype="float16"))
     pixels = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     batch = {"sample_id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
              "error_stage": np.array(["", "decode", ""], dtype=object),
@@ -80,7 +80,7 @@ def test_an_actor_that_decodes_its_own_batch_matches_decoding_first(resnet18_sta
     state, folder = resnet18_state
     cfg = ModelConfig(arch="resnet18", weights=str(folder / "r18.pth"))
     image = ImageSpec(resize=73, crop=64)
-    embedder = CnnEmbedder(dataclasses.replace(spec_for(cfg, 512), image=image))
+    embedder = Embedder(dataclasses.replace(spec_for(cfg, 512), image=image))
     files = [encode(photo(120 + 7 * i, 90 + 5 * i, seed=i)) for i in range(7)]
     files[3] = b"not an image"
     n = len(files)
@@ -120,9 +120,9 @@ def test_layer_choice_and_pooling_shapes(arch, layer, pool, crop, dim):
 def test_max_and_avg_pooling_differ_as_they_should():
     cfg = ModelConfig(arch="resnet18", weights="none", layer="layer3")
     pixels = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    avg = CnnEmbedder(spec_for(cfg, 256)).embed(pixels)
-    mx = CnnEmbedder(spec_for(ModelConfig(arch="resnet18", weights="none", layer="layer3", pool="max"), 256)).embed(pixels)
-    flat = CnnEmbedder(spec_for(ModelConfig(arch="resnet18", weights="none", layer="layer3", pool="none"), 4096)).embed(pixels)
+    avg = Embedder(spec_for(cfg, 256)).embed(pixels)
+    mx = Embedder(spec_for(ModelConfig(arch="resnet18", weights="none", layer="layer3", pool="max"), 256)).embed(pixels)
+    flat = Embedder(spec_for(ModelConfig(arch="resnet18", weights="none", layer="layer3", pool="none"), 4096)).embed(pixels)
     maps = flat.reshape(2, 256, 16)
     np.testing.assert_allclose(avg, maps.mean(-1), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(mx, maps.max(-1), rtol=1e-5, atol=1e-6)
@@ -138,8 +138,8 @@ def test_unknown_arch_and_layer_are_refused_by_name():
 def test_random_init_is_seeded():
     cfg = ModelConfig(arch="resnet18", weights="none", seed=7)
     pixels = np.full((1, 64, 64, 3), 128, np.uint8)
-    a = CnnEmbedder(spec_for(cfg, 512)).embed(pixels)
-    b = CnnEmbedder(spec_for(cfg, 512)).embed(pixels)
+    a = Embedder(spec_for(cfg, 512)).embed(pixels)
+    b = Embedder(spec_for(cfg, 512)).embed(pixels)
     np.testing.assert_array_equal(a, b)
 
 
@@ -153,7 +153,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"fc.weight": RunsCode()}))
     cfg = ModelConfig(arch="resnet18", weights=str(path))
     with pytest.raises(WeightsError, match="not a plain state dict"):
-        CnnEmbedder(spec_for(cfg, 512))
+        Embedder(spec_for(cfg, 512))
     assert not os.path.exists("/tmp/featurize-pwned")
 
 
@@ -170,7 +170,7 @@ def test_weights_that_do_not_fit_the_arch_are_refused(resnet18_state):
     _, folder = resnet18_state
     cfg = ModelConfig(arch="resnet50", weights=str(folder / "r18.pth"))
     with pytest.raises(WeightsError, match="does not fit"):
-        CnnEmbedder(spec_for(cfg, 2048))
+        Embedder(spec_for(cfg, 2048))
 
 
 def test_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch, resnet18_state):
@@ -187,7 +187,7 @@ def test_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch, resn
     assert weights.transforms["mean"] == pytest.approx(MEAN)
     assert weights.transforms["interpolation"] == "bilinear"
     pixels = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    ours = CnnEmbedder(spec_for(cfg, 512)).embed(pixels)
+    ours = Embedder(spec_for(cfg, 512)).embed(pixels)
     np.testing.assert_allclose(ours, reference_features(state, pixels), rtol=1e-4, atol=1e-5)
 
 

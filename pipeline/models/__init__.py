@@ -3,7 +3,7 @@
 base.py holds the family contract; a new family is one file in families/ plus its tests.
 Temporal heads (temporal.py, registry HEADS) then map per-frame features to `clip_<name>` columns.
 """
-from .actor import CnnEmbedder, Embedder, EmbedSpec
+from .actor import Embedder, EmbedSpec
 from .base import (
            Family,
            ModelError,
@@ -26,6 +26,6 @@ from .temporal import (
     save_head,
 )
 
-__all__ = ["CnnEmbedder", "Embedder", "EmbedSpec", "Family", "ModelError", "build_module", "check_arch", "family",
+__all__ = ["Embedder", "EmbedSpec", "Family", "ModelError", "build_module", "check_arch", "family",
            "family_names", "feature_dim", "pool", "preprocess_defaults", "HEADS", "HeadInfo", "TemporalEmbedder",
            "TemporalError", "build_head", "resolve_head", "resolve_heads", "save_head"]

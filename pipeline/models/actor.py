@@ -138,4 +138,3 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-CnnEmbedder = Embedder  # its name before model families
