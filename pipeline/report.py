@@ -106,8 +106,9 @@ def write_record(ws: "Workspace", head: Dict[str, Any], status: str, started_at:
                               "versions": versions(), "counts": {"planned": len(ws.plan)}, "runs": runs + [run]}
     if error is not None:
         record["error"] = error
-    if split_list_gaps(ws.plan):  # a video_folder job's split lists: videos in none, entries with no video
-        record["counts"]["split_lists"] = split_list_gaps(ws.plan)
+    gaps = split_list_gaps(ws.plan)  # a video_folder job's split lists: videos in none, entries with no video
+    if gaps:
+        record["counts"]["split_lists"] = gaps
     if summary is not None:
         record["finished_at"] = run["finished_at"] = _iso(time.time())
         rows = summary.output_rows  # features and errors in OUT, all runs together
