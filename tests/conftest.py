@@ -65,11 +65,13 @@ def ray_session(faults_dir):
     """One local Ray for the whole session; `run_job` finds it initialised and reuses it."""
     import ray
 
+    from pipeline.jobrun import LOCAL_RAY_ENV
+
     if ray.is_initialized():  # pragma: no cover - someone else started it in this process
         yield ray
         return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"FEATURIZE_FAULTS": str(faults_dir)}})
+             runtime_env={"env_vars": {"FEATURIZE_FAULTS": str(faults_dir), **LOCAL_RAY_ENV}})
     try:
         yield ray
     finally:
