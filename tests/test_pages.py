@@ -305,6 +305,16 @@ def test_report_and_thumbnails_on_an_object_store(tmp_path, s3, media):
     assert options["secret"] not in html and options["key"] not in html
 
 
+def test_progress_series_is_bounded_and_cumulative():
+    from pipeline.jobrun import progress_series
+
+    commits = [(100.0 + i * 0.5, 3) for i in range(1000)][::-1]  # any order, as write tasks end
+    series = progress_series(commits, started=99.0)
+    assert len(series) == 300 and series[0] == [0.0, 0] and series[-1] == [500.5, 3000]
+    assert all(a[0] <= b[0] and a[1] < b[1] for a, b in zip(series, series[1:]))
+    assert progress_series([(5.0, 2)], 4.0) == [[0.0, 0], [1.0, 2]] and progress_series([], 0.0) == []
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
