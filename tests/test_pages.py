@@ -145,6 +145,26 @@ def test_thumbnails_of_videos_tar_members_and_failures(media):
     assert "no URI" in reason(thumbnail(""))
 
 
+def test_a_read_that_hangs_gets_a_placeholder_in_time(media, monkeypatch):
+    import importlib
+    import threading
+
+    module = importlib.import_module("pipeline.pages.thumbnails")  # the package's `thumbnails` is the function
+
+    release = threading.Event()
+    real = module.thumbnail
+
+    def slow(uri, *args):
+        if "tall" in uri:
+            release.wait(30)  # a store that does not answer
+        return real(uri, *args)
+
+    monkeypatch.setattr(module, "thumbnail", slow)
+    got = thumbnails([(f"{media}/wide.jpg", None), (f"{media}/tall.png", None)], timeout_s=1.0)
+    release.set()
+    assert jpeg_size(got[0]) == (160, 80) and "not read within 1 s" in reason(got[1])
+
+
 def _hits(media) -> List[Dict]:
     hits = [{"rank": 1, "sample_id": "wide.jpg", "score": 0.99, "label": "<script>alert(1)</script>",
              "uri": f"file://{media}/wide.jpg", "split": "train"},

@@ -95,11 +95,12 @@ def scatter(xy: np.ndarray, labels: Sequence[str], explained: Sequence[float]) -
     top = [str(n) for n in names[np.argsort(-counts, kind="stable")][:MAX_LEGEND]]
     lab = np.asarray(labels, dtype=object).astype(str)
     rest = ~np.isin(lab, top)
+    dot = 24 if len(lab) < 300 else 8
     if rest.any():
-        ax.scatter(xy[rest, 0], xy[rest, 1], s=6, color=OTHER, label=f"other ({len(names) - len(top)} labels)")
+        ax.scatter(xy[rest, 0], xy[rest, 1], s=dot * 0.75, color=OTHER, label=f"other ({len(names) - len(top)} labels)")
     for i, name in enumerate(top):
         mask = lab == name
-        ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=PALETTE[i], label=name[:30])
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=dot, color=PALETTE[i], label=name[:30])
     ax.set_xlabel(f"PC1 ({explained[0]:.0%} of the variance)")
     ax.set_ylabel(f"PC2 ({explained[1]:.0%} of the variance)")
     ax.legend(fontsize=7, markerscale=2, loc="best")

@@ -151,7 +151,8 @@ def _errors_section(fs, folder: str) -> str:
     for kind, n in counts.most_common():
         shown = "; ".join(f"{sid}: {msg[:200]}" for sid, msg in examples[kind])
         rows.append((kind, n, shown))
-    return (f"<p>{sum(counts.values())} samples failed, of {len(counts)} kinds (stage/error type)</p>\n"
+    failed = sum(counts.values())
+    return (f"<p>{_n(failed, 'sample')} failed, of {_n(len(counts), 'kind')} (stage/error type)</p>\n"
             + table_html(["kind", "samples", f"examples (first {EXAMPLES}: id: message)"], rows))
 
 
@@ -194,7 +195,7 @@ def _feature_sections(fs, files: List[str]) -> List[str]:
     finite = np.isfinite(x).all(axis=1)
     norm = np.linalg.norm(x[finite], axis=1)
     bad = f", {int((~finite).sum())} with NaN or infinite values left out" if (~finite).any() else ""
-    stats = (f"<p>{len(x)} rows sampled{bad}: norm mean {norm.mean():.3f}, min {norm.min():.3f}, "
+    stats = (f"<p>{_n(len(x), 'row')} sampled{bad}: norm mean {norm.mean():.3f}, min {norm.min():.3f}, "
              f"max {norm.max():.3f}, {int((norm == 0).sum())} all-zero</p>\n") if len(norm) else ""
     norms += chosen + stats + (_figure(charts.histogram(norm, f"L2 norm of {column}"), "norm histogram")
                                if len(norm) else '<p class="note">no finite rows</p>')
@@ -203,7 +204,7 @@ def _feature_sections(fs, files: List[str]) -> List[str]:
     if finite.sum() >= 3:
         xy, share = charts.pca_2d(x[finite])
         proj += chosen + (f"<p>{int(finite.sum())} sampled rows on their first two principal components, "
-                          f"coloured by label ({len(set(kept))} labels)</p>\n")
+                          f"coloured by label ({_n(len(set(kept)), 'label')})</p>\n")
         proj += _figure(charts.scatter(xy, kept, share), "PCA projection")
     else:
         proj += '<p class="note">too few rows for a projection (3 at least)</p>'
@@ -247,6 +248,10 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
         return np.zeros((0, 1), dtype=np.float32)
     d = arr.type.list_size
     return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _figure(src: str, alt: str) -> str:

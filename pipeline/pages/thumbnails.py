@@ -9,12 +9,15 @@ extraction already decoded, so a video is decoded in-process here (PyAV), not in
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import queue
 import re
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from html import escape, unescape
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote
 
 from PIL import Image, ImageOps
@@ -31,6 +34,7 @@ MAX_VIDEO_BYTES = 256 << 20  # what PyAV may read of one video (it seeks: usuall
 MAX_SHARD_SCAN_BYTES = 1 << 30  # how far into a tar shard a member is looked for
 MAX_MEMBER_BYTES = 64 << 20
 WORKERS = 8
+TIMEOUT_S = 120.0  # for all the thumbnails of one page
 _TAR_MEMBER = re.compile(r"^(?P<shard>.+?\.(?:tar|tar\.gz|tgz|tar\.bz2|tar\.xz))#(?P<key>.+)$", re.I)
 
 
@@ -53,9 +57,10 @@ def thumbnail(uri: str, storage_options: Optional[Dict[str, Any]] = None, size: 
 
 
 def thumbnails(items: Sequence[Tuple[str, Optional[float]]], storage_options: Optional[Dict[str, Any]] = None,
-               size: int = 160, workers: int = WORKERS) -> List[str]:
-    """Thumbnails of many (uri, start_s) at once, in order, read in a thread pool; the members of
-    one tar shard are all taken in one pass over it."""
+               size: int = 160, workers: int = WORKERS, timeout_s: float = TIMEOUT_S) -> List[str]:
+    """Thumbnails of many (uri, start_s) at once, in order, read by a pool of threads; the members
+    of one tar shard are all taken in one pass over it. What is not done within `timeout_s` (a
+    store that does not answer) gets a placeholder saying so."""
     options = storage_options or {}
     out: List[Optional[str]] = [None] * len(items)
     shards: Dict[str, Dict[str, List[int]]] = {}  # shard -> key -> positions
@@ -81,11 +86,32 @@ def thumbnails(items: Sequence[Tuple[str, Optional[float]]], storage_options: Op
             for i in positions:
                 out[i] = found[key]
 
-    if items:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
-            list(pool.map(one_file, files))
-            list(pool.map(one_shard, shards))
-    return [o or placeholder("no thumbnail", size) for o in out]
+    tasks = [functools.partial(one_file, i) for i in files] + [functools.partial(one_shard, s) for s in shards]
+    _run(tasks, workers, timeout_s)
+    return [o or placeholder(f"not read within {timeout_s:g} s", size) for o in list(out)]
+
+
+def _run(tasks: List[Callable[[], None]], workers: int, timeout_s: float) -> None:
+    """Run `tasks` on daemon threads, waiting at most `timeout_s` in all: a read that hangs is left
+    behind (a daemon thread holds neither the page nor the process's exit, as a pool's would)."""
+    todo: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+    for task in tasks:
+        todo.put(task)
+
+    def work() -> None:
+        while True:
+            try:
+                todo.get_nowait()()
+            except queue.Empty:
+                return
+
+    threads = [threading.Thread(target=work, name="featurize-thumbnail", daemon=True)
+               for _ in range(max(1, min(workers, len(tasks))))] if tasks else []
+    for t in threads:
+        t.start()
+    end = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
 
 
 def placeholder(reason: str, size: int = 160) -> str:
