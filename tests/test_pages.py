@@ -217,6 +217,8 @@ def test_dedup_page_rows_of_thumbnails(media):
     assert "FileNotFoundError" in reason(page.images[3])
     text = "".join(page.text)
     assert "group 0: 2 samples" in text and "showing the first 2 of 3 groups" in text and "0.9600" in text
+    pq.write_table(groups, media / "groups.parquet")  # or the table's file
+    assert dedup_page(str(media / "groups.parquet"), max_groups=2).count("<img") == 4
     assert "no near-duplicates" in dedup_page(groups.slice(0, 0))
 
 

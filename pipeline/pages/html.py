@@ -6,9 +6,10 @@ there is no script. Every string from a table or a query is escaped, and every U
 from __future__ import annotations
 
 from html import escape
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..redact import redact_text
 from .thumbnails import is_placeholder, placeholder_reason, thumbnails
@@ -98,9 +99,15 @@ def _cosine_like(hits: Sequence[Dict[str, Any]]) -> bool:
     return len(scores) < 2 or scores[0] >= scores[-1]
 
 
-def dedup_page(groups_table: pa.Table, storage_options: Optional[Dict[str, Any]] = None, max_groups: int = 200,
-               size: int = 120, max_members: int = 24) -> str:
-    """Duplicate groups as rows of thumbnails (the first `max_groups` groups, `max_members` each)."""
+def dedup_page(groups_table: Union[pa.Table, str], storage_options: Optional[Dict[str, Any]] = None,
+               max_groups: int = 200, size: int = 120, max_members: int = 24) -> str:
+    """Duplicate groups as rows of thumbnails (the first `max_groups` groups, `max_members` each).
+    `groups_table`: the dedup table (pyarrow), or its Parquet file's URI."""
+    if isinstance(groups_table, str):
+        from ..sources import filesystem
+
+        fs, path = filesystem(groups_table, storage_options or {})
+        groups_table = pq.read_table(path, filesystem=fs)
     rows = groups_table.select([c for c in ("group", "sample_id", "uri", "label", "split", "score", "start_s",
                                             "end_s") if c in groups_table.column_names]).to_pylist()
     groups: Dict[int, List[Dict[str, Any]]] = {}
