@@ -1,4 +1,4 @@
-"""`featurize run | train | apply | submit | status | inspect | models | layers | demo`.
+"""`featurize run | train | apply | submit | status | inspect | models | layers | demo | report`.
 
 Exit codes: 0 when the job completed (some samples may be error rows), 2 when it could not run
 (bad job file, unreachable source, unknown model, output holding another job's), 1 when it failed
@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--order-data", default="demo-data/order", help="where the order demo's clips go")
     demo.add_argument("--order-videos", type=int, default=64, help="how many order clips (default: 64)")
     demo.set_defaults(func=cmd_demo)
+    from .pages.commands import add_parsers as pages_parsers
+    pages_parsers(sub)  # report
     return parser
 
 
@@ -391,6 +393,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"sample data  {args.data}: {counts['images']} images in {counts['classes']} classes, "
           f"{counts['broken']} broken files among them")
     code = _demo_job(args.job, args.data)
+    if code == EXIT_OK:
+        from .pages.commands import demo_report
+        demo_report(load_job(args.job).output.uri)
     if code != EXIT_OK or not args.video_job:
         return code
     counts = make_video_folder(args.video_data, n=args.videos)

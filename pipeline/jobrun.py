@@ -106,3 +106,19 @@ def steady_state(commits: List[Tuple[float, int]], started: float) -> Dict[str, 
     after_first = sum(n for _, n in commits[1:])
     rate = after_first / (last - first) if last > first else 0.0
     return {"first_commit_s": first - started, "steady_throughput": rate}
+
+
+def progress_series(commits: List[Tuple[float, int]], started: float, points: int = 300) -> List[List[float]]:
+    """The run's rows committed over time, [[seconds since execution began, rows so far], ...],
+    for the report's throughput chart: one point per commit, evenly thinned to at most `points`
+    (the first and the last kept), so _job.json stays small however long the run."""
+    if not commits:
+        return []
+    series, total = [[0.0, 0]], 0
+    for t, n in sorted(commits):
+        total += n
+        series.append([round(max(0.0, t - started), 2), total])
+    if len(series) > points:
+        step = (len(series) - 1) / (points - 1)
+        series = [series[round(i * step)] for i in range(points)]
+    return series

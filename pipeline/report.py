@@ -59,6 +59,7 @@ class Summary:
     layout: Dict[str, Any] = field(default_factory=dict)
     stages: Dict[str, Any] = field(default_factory=dict)  # time per stage and the bound (timing.breakdown)
     split_lists: Dict[str, Any] = field(default_factory=dict)  # sources.split_list_gaps: unlisted, missing
+    progress: List[List[float]] = field(default_factory=list)  # jobrun.progress_series: [[s, rows so far], ...]
     ray_logs: str = ""  # Ray's own logs of the run (its session's folder on the driver's node), if known
 
     @property
@@ -115,6 +116,8 @@ def write_record(ws: "Workspace", head: Dict[str, Any], status: str, started_at:
         record["counts"].update(samples=sum(rows.values()), **rows, errors_by_kind=summary.errors)
         run.update(samples=summary.samples, features=summary.features, errors=sum(summary.errors.values()),
                    errors_by_kind=summary.errors, duplicates_dropped=summary.duplicates)
+        if summary.progress:  # the report's throughput chart (pipeline/pages/report.py)
+            run["progress"] = summary.progress
         record["timings"] = {
             "startup_s": round(summary.startup_s, 3), "wall_s": round(summary.wall_s, 3),
             "first_commit_s": round(summary.first_commit_s, 3), "samples_per_s": round(summary.throughput, 2),

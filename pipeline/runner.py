@@ -18,6 +18,7 @@ from .jobrun import (  # noqa: F401 (re-exported)
     IncompleteOutput,
     NotExactlyOnce,
     init_ray,
+    progress_series,
     start_committer,
     steady_state,
     stop,
@@ -157,6 +158,7 @@ def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dic
         layout=vars(layout) if layout else {},
         split_lists=split_list_gaps(ws.plan),
         ray_logs=(ray_log_dir() or "") if layout else "",
+        progress=progress_series(totals.get("commits", []), t1),
         **steady_state(totals.get("commits", []), t1),
     )
     if layout is not None:

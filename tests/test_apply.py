@@ -127,6 +127,12 @@ def test_a_linear_head_makes_a_table_of_every_sample_with_pred_and_probs(tmp_pat
     assert json.loads(meta[b"featurize.source"])["job"] == "tiny"
     record = json.loads((out2 / JOB_FILE).read_text())
     assert record["kind"] == "apply" and record["settings"]["apply.input_rows"] == len(ids)
+    assert record["runs"][-1]["progress"][-1][1] == len(ids)  # rows committed over time
+    from pipeline.pages import build_report
+
+    page = build_report(str(out2))  # an apply table's report: no stage timings, its series, its vector column
+    assert "not recorded for this apply" in page and "<code>probs</code>" in page
+    assert page.count('src="data:image/png;base64,') == 3
 
     before = tree(out2 / "features")  # the same apply again: nothing to do, nothing rewritten
     again = apply_head(head, str(out), str(out2))

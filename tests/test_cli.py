@@ -243,3 +243,5 @@ def test_demo_runs_outside_the_checkout(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "8 images in 5 classes, 4 broken files" in out and "(8 features, 4 errors)" in out
     assert (tmp_path / "out" / "demo" / "_job.json").exists() and (tmp_path / "demo-data" / "images").is_dir()
+    assert f"report       {tmp_path / 'out' / 'demo' / '_report.html'}" in out  # the image demo's report
+    assert (tmp_path / "out" / "demo" / "_report.html").read_text().count("data:image/png") == 4

@@ -186,6 +186,14 @@ def test_image_folder_files_metadata_and_job_record(image_folder_run):
 
     plan = pq.read_table(os.path.join(out, "_plan.parquet"))
     assert sorted(plan["sample_id"].to_pylist()) == _files_under(r["src"])
+    # rows committed over time, for the report's throughput chart (pipeline/pages)
+    series = record["runs"][-1]["progress"]
+    assert series[0] == [0.0, 0] and series[-1][1] == counts["samples"] and len(series) <= 300
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(series, series[1:]))
+    from pipeline.pages import build_report
+
+    html = build_report(out)  # a real output's report: every chart drawn, the series among them
+    assert html.count('src="data:image/png;base64,') == 4 and "not recorded" not in html
 
 
 @pytest.mark.timeout(120)

@@ -30,7 +30,7 @@ from ..commit import Ledger, staging_folder
 from ..config import absolute_local, same_store
 from ..console import ray_log_dir
 from ..errors import Refused
-from ..jobrun import init_ray, start_committer, steady_state, stop, take_lease, verify
+from ..jobrun import init_ray, progress_series, start_committer, steady_state, stop, take_lease, verify
 from ..output import OutputExists, Workspace, finish, open_planned, table_rows
 from ..partitions import folder_key
 from ..progress import Nouns, watch
@@ -340,7 +340,7 @@ def _finish(plan: Plan, ws: Workspace, out_uri: str, t0: float, t1: float, total
         features=totals.get("features", 0), errors=dict(sorted(totals.get("errors", {}).items())),
         wall_s=time.time() - t1, startup_s=t1 - t0, skipped=ws.skipped, duplicates=totals.get("duplicates", 0),
         output_rows=table_rows(ws.fs, ws.root), ray_logs=(ray_log_dir() or "") if totals else "",
-        **steady_state(totals.get("commits", []), t1))
+        progress=progress_series(totals.get("commits", []), t1), **steady_state(totals.get("commits", []), t1))
     write_record(ws, _record_head(plan), status="complete", started_at=t0, summary=summary)
     finish(ws)  # and an overwrite replaces the old table now
     return summary

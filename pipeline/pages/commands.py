@@ -1,0 +1,52 @@
+"""`featurize report OUT`: the CLI side of the pages (cli.py calls add_parsers)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import Refused
+from ..redact import redact_text
+
+EXIT_OK, EXIT_REFUSED = 0, 2
+
+
+def add_parsers(sub) -> None:
+    report = sub.add_parser("report", help="write OUT/_report.html: time per stage, throughput, errors, "
+                                           "feature norms and a PCA projection")
+    report.add_argument("out", help="output root (local path or URI)")
+    report.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for the output's store")
+    report.add_argument("--out", dest="target", default=None, metavar="PATH",
+                        help="where the page goes (default: OUT/_report.html)")
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        options = json.loads(args.storage_options)
+    except ValueError as e:
+        print(f"featurize: --storage-options: not JSON ({e})", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        where = write_report(args.out, options, args.target)
+    except Refused as e:
+        print(redact_text(f"featurize: {e}"), file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"report       {where}")
+    return EXIT_OK
+
+
+def demo_report(out: str) -> None:
+    """`featurize demo`'s last step for the image job: write its report and print where it is."""
+    import os
+
+    from .report import write_report
+
+    try:
+        where = write_report(out)
+    except Exception as e:  # the demo's tables are made; a report that fails says so and the demo goes on
+        print(redact_text(f"featurize: the report of {out} failed: {type(e).__name__}: {e}"), file=sys.stderr)
+        return
+    print(f"report       {os.path.abspath(where) if '://' not in where else where}  (open it in a browser)")
