@@ -32,6 +32,16 @@ class RayNoise(logging.Filter):
 
 _FILTER = RayNoise()
 
+# Messages the raylet publishes to the driver, which Ray prints to *stdout* with print() (the
+# driver's error listener, ray._private.worker.listen_error_messages), so no logging filter sees
+# them and they land among the summary's lines. Only these are dropped; a worker killed for
+# memory, a dead actor and the like still print.
+RAYLET_NOISE = (
+    # a job's first actors and tasks start several workers at once on a small machine; Ray
+    # says so at warning level, and nothing is wrong (the line stays in the raylet's log)
+    "worker processes have been started on node",
+)
+
 
 def quiet_ray(quiet: bool = True) -> None:
     """Filter (or with quiet=False, stop filtering) Ray's console handlers. Idempotent."""
@@ -45,6 +55,28 @@ def quiet_ray(quiet: bool = True) -> None:
                 handler.addFilter(_FILTER)
             else:
                 handler.removeFilter(_FILTER)
+    _filter_raylet_messages(quiet)
+
+
+def _filter_raylet_messages(quiet: bool) -> None:
+    """Wraps Ray's printer of raylet messages (no public hook exists) to drop RAYLET_NOISE."""
+    from ray._private import worker
+
+    original = getattr(worker.print_to_stdstream, "featurize_original", worker.print_to_stdstream)
+    if not quiet:
+        worker.print_to_stdstream = original
+        return
+
+    def printer(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet":
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAYLET_NOISE)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        original(data, ignore_prefix)
+
+    printer.featurize_original = original
+    worker.print_to_stdstream = printer
 
 
 def ray_log_dir() -> Optional[str]:

@@ -106,6 +106,28 @@ def test_ray_noise_is_filtered_from_the_console_only():
     assert RayNoise().filter(keep)
 
 
+def test_raylet_startup_notice_is_dropped_and_other_raylet_messages_print(capsys):
+    from ray._private import worker
+
+    from pipeline.console import quiet_ray
+
+    message = {"pid": "raylet", "is_err": False, "lines": [
+        "WARNING: 12 PYTHON worker processes have been started on node: abc with address: 127.0.0.1. "
+        "This could be a result of using a large number of actors, or due to tasks blocked in ray.get() calls",
+        "Task was killed due to the node running low on memory."]}
+    try:
+        quiet_ray(True)
+        quiet_ray(True)  # idempotent: one wrapper, not two
+        worker.print_to_stdstream(dict(message), ignore_prefix=False)
+        shown = capsys.readouterr().out
+        assert "running low on memory" in shown and "worker processes have been started" not in shown
+        quiet_ray(False)  # --verbose: Ray prints everything again
+        worker.print_to_stdstream(dict(message), ignore_prefix=False)
+        assert "worker processes have been started" in capsys.readouterr().out
+    finally:
+        quiet_ray(True)
+
+
 def test_native_stderr_lines_are_filtered_and_python_stderr_is_untouched():
     code = ("import os, sys\nfrom pipeline.console import NativeStderr\nwith NativeStderr():\n"
             f"    os.write(2, b'[core_worker.cc] Actor ' + {NATIVE_NOISE[0]!r} + b' see #53727\\n')\n"
