@@ -7,6 +7,7 @@ The open_clip weights are a random-init model saved to a file here; nothing is d
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -21,11 +22,12 @@ from pipeline.config import parse_job, to_dict
 from pipeline.errors import Refused
 from pipeline.index.query import query_vector
 from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder
+from pipeline.models.weights import resolve
 from pipeline.prepare import prepare
 from pipeline.samples import encode, encode_video, photo
 from pipeline.video import decode_video_batch
 
-from conftest import job_dict, read_features, run
+from conftest import S3_BUCKET, job_dict, read_features, run
 from tables import write_table
 
 CLIP = "ViT-S-32-alt"  # the smallest plain open_clip model: 256-d embedding, a 10-layer 256-wide text tower
@@ -95,15 +97,25 @@ def test_a_secret_in_the_query_uri_never_shows(image_table):
     assert "hunter2" not in str(info.value) and "sig-secret" not in str(info.value)
 
 
+def test_a_table_and_a_query_file_on_an_object_store_take_the_options_given(image_table, s3):
+    fs, options = s3
+    fs.put(str(image_table / "out"), f"{S3_BUCKET}/out", recursive=True)
+    fs.put(str(image_table / "src" / "cat" / "img1.jpg"), f"{S3_BUCKET}/queries/img1.jpg")
+    local = str(image_table / "src" / "cat" / "img1.jpg")
+    stored = np.array(rows(image_table / "out")["cat/img1.jpg"]["feature"], np.float32)
+    for path in (local, f"s3://{S3_BUCKET}/queries/img1.jpg"):  # a local path takes no options
+        vector, _ = query_vector(f"s3://{S3_BUCKET}/out", storage_options=options, image=path)
+        assert cosine(vector, stored) >= 0.999
+    with pytest.raises(Refused, match=r"--image: .*nothing.jpg not found"):
+        query_vector(f"s3://{S3_BUCKET}/out", storage_options=options, image=f"s3://{S3_BUCKET}/nothing.jpg")
+
+
 # --- tables written directly (no Ray), their provenance from prepare() as extraction writes it -------------
 
-def hand_table(root, model: dict, meta: dict | None = None) -> str:
-    """OUT with 3 random rows, the job and the provenance prepare() gives for `model`."""
-    data = job_dict(str(root / "src"), str(root / "out"), name="hand")
-    data["model"], data["preprocess"] = {"device": "cpu", **model}, {}
-    prepared = prepare(parse_job(data))
-    vectors = np.random.default_rng(0).standard_normal((3, prepared.dim))
-    return write_out(root / "out", prepared, ["a", "b", "c"], {"feature": vectors}, meta)
+def with_weights(prepared, weights: str):
+    """`prepared` for the same model with other weights of the same shape, as prepare() would give it."""
+    job = dataclasses.replace(prepared.job, model=dataclasses.replace(prepared.job.model, weights=weights))
+    return dataclasses.replace(prepared, job=job, weights=resolve(job.model))
 
 
 def write_out(out, prepared, ids: list, columns: dict, meta: dict | None = None) -> str:
@@ -164,6 +176,21 @@ def test_a_video_query_runs_the_columns_head_on_the_first_window(video_table):
 
 
 @pytest.fixture(scope="module")
+def clip_prepared(tmp_path_factory):
+    """The open_clip job prepared once (random init); tables with other weights reuse it (with_weights)."""
+    root = tmp_path_factory.mktemp("clip-job")
+    data = job_dict(str(root / "src"), str(root / "out"), name="clip")
+    data["model"] = {"family": "open_clip", "arch": CLIP, "weights": "none", "device": "cpu"}
+    data["preprocess"] = {}
+    return prepare(parse_job(data))
+
+
+def clip_table(out, prepared, meta: dict | None = None) -> str:
+    vectors = np.random.default_rng(0).standard_normal((3, prepared.dim))
+    return write_out(out, prepared, ["a", "b", "c"], {"feature": vectors}, meta)
+
+
+@pytest.fixture(scope="module")
 def clip_weights(tmp_path_factory):
     torch.manual_seed(5)
     model = open_clip.create_model(CLIP, pretrained=None).eval()
@@ -172,9 +199,10 @@ def clip_weights(tmp_path_factory):
     return model, str(path)
 
 
-def test_text_on_an_open_clip_table_equals_encode_text_and_changed_weights_are_refused(clip_weights, tmp_path):
+def test_text_on_an_open_clip_table_equals_encode_text_and_changed_weights_are_refused(
+        clip_prepared, clip_weights, tmp_path):
     model, path = clip_weights
-    out = hand_table(tmp_path, {"family": "open_clip", "arch": CLIP, "weights": path})
+    out = clip_table(tmp_path / "out", with_weights(clip_prepared, path))
     vector, query = query_vector(out, text="a red car")
     assert query == {"kind": "text", "value": "a red car", "uri": None}
     assert vector.dtype == np.float32 and vector.shape == (256,)
@@ -191,20 +219,33 @@ def test_text_on_an_open_clip_table_equals_encode_text_and_changed_weights_are_r
             query_vector(out, **kwargs)
 
 
-def test_text_refuses_another_layer_image_tower_weights_and_random_init(clip_weights, tmp_path):
+def test_text_refuses_another_layer_image_tower_weights_and_random_init(clip_prepared, clip_weights, tmp_path):
     model, _ = clip_weights
-    out = hand_table(tmp_path / "layer", {"family": "open_clip", "arch": CLIP, "weights": "none"},
-                     meta={"featurize.layer": "transformer.resblocks.3"})
+    out = clip_table(tmp_path / "layer", clip_prepared, meta={"featurize.layer": "transformer.resblocks.3"})
     with pytest.raises(Refused, match=r"--text: .* holds layer 'transformer.resblocks.3' of ViT-S-32-alt, not its "):
         query_vector(out, text="a dog")
-    out = hand_table(tmp_path / "none", {"family": "open_clip", "arch": CLIP, "weights": "none"})
+    out = clip_table(tmp_path / "none", clip_prepared)
     with pytest.raises(Refused, match=r"model.weights: none \(random init\) of ViT-S-32-alt has no text tower"):
         query_vector(out, text="a dog")
     tower = str(tmp_path / "visual.safetensors")
     save_file({k: v.contiguous() for k, v in model.visual.state_dict().items()}, tower)
-    out = hand_table(tmp_path / "tower", {"family": "open_clip", "arch": CLIP, "weights": tower})
+    out = clip_table(tmp_path / "tower", with_weights(clip_prepared, tower))
     with pytest.raises(Refused, match=r"holds an image tower only; text search needs the whole CLIP model"):
         query_vector(out, text="a dog")
+
+
+def test_a_table_whose_provenance_the_job_no_longer_resolves_to_is_refused(tmp_path):
+    """As when a library's preprocessing defaults changed since extraction: queries would land elsewhere."""
+    data = job_dict(str(tmp_path / "src"), str(tmp_path / "out"), name="old")
+    data["model"]["device"] = "cpu"
+    prepared = prepare(parse_job(data))
+    old = json.dumps({**json.loads(prepared.provenance()["featurize.preprocess"]), "crop": 48})
+    out = write_out(tmp_path / "out", prepared, ["a"], {"feature": np.ones((1, prepared.dim))},
+                    meta={"featurize.preprocess": old})
+    (tmp_path / "x.jpg").write_bytes(encode(photo(64, 48, seed=1)))
+    with pytest.raises(Refused, match=r"featurize.preprocess of .* was \{.*\"crop\": 48.*, the job resolves to "
+                                      r"\{.*\"crop\": 56.*extract the table again"):
+        query_vector(out, image=str(tmp_path / "x.jpg"))
 
 
 def test_tables_without_a_job_or_made_by_apply_refuse(tmp_path):

@@ -107,8 +107,14 @@ def _job(table: FeatureTable, meta: Dict[str, str], storage_options: Options) ->
         raise QueryError(f"search: {where}/_job.json: the job cannot be read back ({e})") from None
     # Weights and head checkpoints on the table's store get the options given, as the table does.
     source = dataclasses.replace(job.source, uri=table.uri, storage_options=dict(storage_options or {}))
-    device = "cpu" if job.model.device == "cuda" and not torch.cuda.is_available() else job.model.device
-    return dataclasses.replace(job, source=source, model=dataclasses.replace(job.model, device=device))
+    return dataclasses.replace(job, source=source, model=dataclasses.replace(job.model, device=_device(job, table)))
+
+
+def _device(job: JobConfig, table: FeatureTable) -> str:
+    """The kind of device extraction ran on (a GPU computes in bfloat16), when this machine has one; else CPU."""
+    on_gpu = job.model.device == "cuda" or (job.model.device == "auto" and
+                                            (table.record.get("layout") or {}).get("gpus_per_actor", 0) > 0)
+    return "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
 
 
 def read_query_file(path: str, storage_options: Options, kind: str, job: JobConfig) -> bytes:
@@ -169,7 +175,7 @@ def _media_vector(table: FeatureTable, job: JobConfig, meta: Dict[str, str], col
                                   torch_threads=threads, storage_options=prepared.model_options))
     if kind == "image":
         pixels = _decoded(lambda: decode_image(data, prepared.image)[0], kind)
-        return embedder.embed(pixels[None])[0]
+        return embedder.embed(pixels[None].copy())[0]  # a writable batch of one, as decode_rows gives
     return _clip_vector(prepared, embedder, column, data, threads)
 
 
