@@ -48,10 +48,10 @@ def query_vector(uri: str, storage_options: Options = None, column: Optional[str
     if kind == "text":
         vector = _text_vector(table, job, meta, column, value)
     else:
-        if (kind == "video") != job.is_video:
-            other = "a video" if job.is_video else "an image"
-            raise QueryError(f"--{kind}: {redact_text(table.uri)} is {other} table; query it with --{other[-5:]} "
-                             "or --id")
+        media = "video" if job.is_video else "image"
+        if kind != media:
+            raise QueryError(f"--{kind}: {redact_text(table.uri)} is {'a video' if job.is_video else 'an image'} "
+                             f"table; query it with --{media} or --id")
         vector = _media_vector(table, job, meta, column, kind, read_query_file(value, storage_options, kind, job))
     shown = redact_text(value)
     return vector.astype(np.float32), {"kind": kind, "value": shown, "uri": None if kind == "text" else shown}
