@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import parse_job, to_dict
+from pipeline.config import TemporalConfig, parse_job, to_dict
 from pipeline.errors import Refused
 from pipeline.index.query import query_vector
 from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder
+from pipeline.models.temporal import resolve_heads
 from pipeline.models.weights import resolve
 from pipeline.prepare import prepare
 from pipeline.samples import encode, encode_video, photo
@@ -185,6 +186,15 @@ def clip_prepared(tmp_path_factory):
     return prepare(parse_job(data))
 
 
+def clip_video(prepared):
+    """`prepared` as a video job with a mean and an LSTM head, as prepare() would give it."""
+    temporal = [TemporalConfig(kind="mean", name="mean"),
+                TemporalConfig(kind="lstm", name="lstm", allow_random_init=True, hidden_size=8)]
+    job = dataclasses.replace(prepared.job, source=dataclasses.replace(prepared.job.source, format="video_folder"),
+                              temporal=temporal)
+    return dataclasses.replace(prepared, job=job, heads=resolve_heads(temporal, prepared.dim))
+
+
 def clip_table(out, prepared, meta: dict | None = None) -> str:
     vectors = np.random.default_rng(0).standard_normal((3, prepared.dim))
     return write_out(out, prepared, ["a", "b", "c"], {"feature": vectors}, meta)
@@ -210,6 +220,13 @@ def test_text_on_an_open_clip_table_equals_encode_text_and_changed_weights_are_r
     with torch.no_grad():
         own = model.encode_text(open_clip.get_tokenizer(CLIP)(["a red car"]), normalize=True)[0].numpy()
     np.testing.assert_allclose(vector, own, atol=1e-5)
+    # A video table of the same model: a mean head's column stays in CLIP's space, an LSTM's leaves it.
+    videos = clip_video(with_weights(clip_prepared, path))
+    out_video = write_out(tmp_path / "video", videos, ["v#w0"], {c: np.ones((1, d)) for c, d in
+                                                                 (("clip_mean", 256), ("clip_lstm", 8))})
+    np.testing.assert_allclose(query_vector(out_video, column="clip_mean", text="a red car")[0], own, atol=1e-5)
+    with pytest.raises(Refused, match=r"--text: clip_lstm of .* comes from a lstm head, which leaves CLIP's"):
+        query_vector(out_video, column="clip_lstm", text="a red car")
     # The weights file changes after extraction: both kinds of query refuse rather than use other weights.
     state = {k: v.contiguous() + 0.01 for k, v in model.state_dict().items()}
     save_file(state, path)
