@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
 from . import __version__
 from .config import DEFAULT_CROP, DEFAULT_RESIZE, ConfigError, JobConfig, output_storage_options, source_store_options
@@ -17,8 +17,10 @@ from .models import check_arch, family, feature_dim, preprocess_defaults
 from .models.temporal import HeadInfo, resolve_heads
 from .models.weights import Weights, resolve
 from .redact import redact_text
-from .sinks import SinkSpec, image_columns, video_columns
 from .video import FrameSpec
+
+if TYPE_CHECKING:
+    from .sinks import SinkSpec
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -39,6 +41,8 @@ class Prepared:
         return FrameSpec(resize=self.job.video.size or self.image.resize, crop=self.image.crop)
 
     def sink_spec(self) -> SinkSpec:
+        from .sinks import SinkSpec, image_columns, video_columns  # Ray's: the runner's, not search's
+
         dtype = self.job.output.dtype
         if self.job.is_video:
             heads = [(h.column, h.out_dim) for h in self.heads]

@@ -1,7 +1,8 @@
 """model.family: open_clip: a CLIP image tower (`ViT-B-32`, `ViT-L-14`, `RN50` ...: open_clip.list_models()).
 
 Only the image tower is built (open_clip's own `_build_vision_tower` from the model's config); a
-checkpoint's text tower is dropped on loading and never held by an image actor. model.layer: null
+checkpoint's text tower is dropped on loading and never held by an image actor. Text search queries
+build the text tower alone (text_encoder, `_build_text_tower`) from the same config and weights. model.layer: null
 gives the image embedding, L2-normalised as CLIP search expects; a named module of the tower gives
 its output pooled with model.pool (not normalised). model.weights: a pretrained tag (`openai`,
 `laion2b_s34b_b79k`: `featurize models` shows the names, open_clip.list_pretrained_tags_by_model the
@@ -19,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import _build_vision_tower
+from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
 
@@ -101,10 +102,9 @@ class OpenClip(Family):
         self.check(cfg)
         model_cfg = copy.deepcopy(open_clip.get_model_config(cfg.arch))
         model_cfg["vision_cfg"]["timm_model_pretrained"] = False  # never a download from inside the tower
-        # A tag trained with QuickGELU (OpenAI's) gets it even under the plain model name.
-        quick_gelu = bool(model_cfg.get("quick_gelu", False) or _tag(cfg).get("quick_gelu", False))
         torch.manual_seed(cfg.seed)
-        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=quick_gelu).eval()
+        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
+                                     quick_gelu=_quick_gelu(cfg, model_cfg)).eval()
         state = load_state_dict(weights, storage_options) if weights else None
         if state is not None:
             fit_state_dict(visual, image_tower(state), weights, cfg.arch)
@@ -122,10 +122,69 @@ class OpenClip(Family):
         return module_layers(module.visual, crop)
 
 
+def _quick_gelu(cfg: ModelConfig, model_cfg: Dict[str, Any]) -> bool:
+    """A tag trained with QuickGELU (OpenAI's) gets it even under the plain model name."""
+    return bool(model_cfg.get("quick_gelu", False) or _tag(cfg).get("quick_gelu", False))
+
+
+class TextEmbedding(nn.Module):
+    """Token ids (N, context) -> the text tower's output, L2-normalised (encode_text(normalize=True))."""
+
+    def __init__(self, text: nn.Module):
+        super().__init__()
+        self.text = text
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text(tokens), dim=-1)
+
+
+def text_encoder(cfg: ModelConfig, weights: Weights, storage_options: Dict[str, Any]) -> nn.Module:
+    """The text tower of model.arch with the text entries of the job's whole-model weights, for search
+    queries only (no image actor builds it); refused when the weights hold no text tower."""
+    FAMILY.check(cfg)
+    model_cfg = open_clip.get_model_config(cfg.arch)
+    text_cfg = model_cfg["text_cfg"]
+    if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
+        raise WeightsError(f"model.arch: {cfg.arch}'s text tower is a Hugging Face model, which text search "
+                           "does not build (offline)")
+    if weights.kind == "none":
+        raise WeightsError(f"model.weights: none (random init) of {cfg.arch} has no text tower trained with its "
+                           "image tower; text search needs the CLIP weights the table was made with")
+    state = text_tower(load_state_dict(weights, storage_options))
+    if not state:
+        raise WeightsError(f"model.weights: {weights.id} holds an image tower only; text search needs the whole "
+                           "CLIP model's weights")
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; leave the caller's RNG alone
+        text = _build_text_tower(model_cfg["embed_dim"], text_cfg, quick_gelu=_quick_gelu(cfg, model_cfg))
+    fit_state_dict(text, state, weights, cfg.arch)
+    return TextEmbedding(text).eval()
+
+
+def tokenize(arch: str, texts: List[str]) -> torch.Tensor:
+    """open_clip's own tokenizer of the model (its context length), as token ids (N, context)."""
+    return open_clip.get_tokenizer(arch)(texts)
+
+
+def _unwrapped(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    if next(iter(state), "").startswith("module."):  # saved from DistributedDataParallel
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def text_tower(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The text tower's entries of a whole-model state dict, named as the tower names them; {} for an
+    image tower's own state dict. CLIP keeps them at the top level, CustomTextCLIP (CoCa ...) under text."""
+    state = _unwrapped(state)
+    if any(k.startswith("text.") for k in state):
+        return {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
+    if not any(k.startswith("visual.") for k in state):
+        return {}
+    return {k: v for k, v in state.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+
+
 def image_tower(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The image tower's entries of a whole-model state dict (the text tower's are dropped); a tower's own as is."""
-    if next(iter(state), "").startswith("module."):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _unwrapped(state)
     if not any(k.startswith("visual.") for k in state):
         return state
     return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
