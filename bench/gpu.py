@@ -11,7 +11,7 @@ machine's cores, lists them with the project's planner and reads them with the r
 `resources.decode_on: actor` (encoded bytes in `data`). Then, each as images/s with warm-up
 excluded and the GPU synchronised:
 
-- model alone: `CnnEmbedder.embed` on a uint8 batch already on the device (normalise, bf16
+- model alone: `Embedder.embed` on a uint8 batch already on the device (normalise, bf16
   autocast, channels_last, pool, features back to the host), for the job's arch, ResNet-18 and
   timm's ConvNeXt-T;
 - decode alone: torchvision's batched `decode_jpeg(device=...)` (nvJPEG), and the project's whole
@@ -219,7 +219,7 @@ def features(a, batch: Dict[str, np.ndarray]) -> np.ndarray:
 
 
 def embed_fp32(a, pixels) -> np.ndarray:
-    """CnnEmbedder.embed without autocast (and without TF32): the float32 reference."""
+    """Embedder.embed without autocast (and without TF32): the float32 reference."""
     x = torch.as_tensor(pixels).to(a.device).permute(0, 3, 1, 2)
     x = (x.float() - a.mean) / a.std
     if a.device.type == "cuda":
@@ -402,7 +402,7 @@ def correctness(args: argparse.Namespace, main, batches) -> Dict[str, Any]:
 
 
 def _actor_decode(a):
-    """The decode function CnnEmbedder.__init__ chose for its device."""
+    """The decode function Embedder.__init__ chose for its device."""
     from functools import partial
 
     return partial(decode_on_device, device=a.device) if a.device.type == "cuda" else decode_batch

@@ -3,7 +3,7 @@
     .venv/bin/python bench/images.py [--images 2000] [--arch resnet18] [--crop 112 224]
 
 Generates JPEGs of ImageNet-like sizes (500x375) once under bench/out/, then in one run times
-the model alone (CnnEmbedder.embed on uint8 batches already in memory, all cores) and the
+the model alone (Embedder.embed on uint8 batches already in memory, all cores) and the
 pipeline from JPEG files to committed Parquet on an embedded local Ray. Prints images/s and the
 ratio for the whole execution (actor start and model load included; planning and Ray start
 excluded, reported apart) and at steady state (between the first and the last commit; flattered
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ModelConfig, parse_job  # noqa: E402
 from pipeline.decode import ImageSpec, decode_image  # noqa: E402
-from pipeline.models import CnnEmbedder, EmbedSpec, feature_dim  # noqa: E402
+from pipeline.models import Embedder, EmbedSpec, feature_dim  # noqa: E402
 from pipeline.models.weights import resolve  # noqa: E402
 from pipeline.samples import photo  # noqa: E402
 
@@ -56,7 +56,7 @@ def model_alone(arch: str, crop: int, paths: list, batch: int, seconds: float = 
     pixels = np.stack([decode_image(open(p, "rb").read(), spec)[0] for p in paths[: batch * 8]])
     family, name = family_arch(arch)
     cfg = ModelConfig(arch=name, family=family, weights="none")
-    embedder = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), crop, feature_dim(cfg, crop), MEAN, STD,
+    embedder = Embedder(EmbedSpec(cfg, resolve(cfg), crop, feature_dim(cfg, crop), MEAN, STD,
                                      torch_threads=os.cpu_count() or 1))
     embedder.embed(pixels[:batch])  # warm-up
     done, t = 0, time.perf_counter()

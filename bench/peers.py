@@ -10,7 +10,7 @@ open_clip's transforms), featurize the family's defaults at that crop.
 For each model it runs, each in a fresh process whose whole process tree's memory is sampled
 (Ray's raylet and workers included; they descend from the driver of an embedded Ray):
 
-- model alone: the ceiling, `CnnEmbedder.embed` on uint8 batches already in memory, all cores;
+- model alone: the ceiling, `Embedder.embed` on uint8 batches already in memory, all cores;
 - featurize: this project's pipeline, JPEG files to committed Parquet on an embedded local Ray;
 - dataloader: a plain PyTorch loop, `DataLoader(num_workers=cores)` decoding with PIL and
   torchvision transforms, the model in the main process;
@@ -199,12 +199,12 @@ def _video_models():
     from video import LSTM, SPEC
 
     from pipeline.config import ModelConfig, TemporalConfig
-    from pipeline.models import CnnEmbedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads
+    from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads
     from pipeline.models.weights import resolve
 
     cfg, cores = ModelConfig(arch="resnet18", weights="none"), os.cpu_count() or 1
     dim = feature_dim(cfg, SPEC.crop)
-    cnn = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), SPEC.crop, dim, MEAN, STD, torch_threads=cores))
+    cnn = Embedder(EmbedSpec(cfg, resolve(cfg), SPEC.crop, dim, MEAN, STD, torch_threads=cores))
     heads = TemporalEmbedder(resolve_heads([TemporalConfig(**LSTM)], dim), dtype="float16", torch_threads=cores)
 
     def embed(clips):

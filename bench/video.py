@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ModelConfig, TemporalConfig, VideoConfig, parse_job  # noqa: E402
-from pipeline.models import CnnEmbedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads  # noqa: E402
+from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads  # noqa: E402
 from pipeline.models.weights import resolve  # noqa: E402
 from pipeline.samples import encode_video  # noqa: E402
 from pipeline.video import FrameSpec, decode_video  # noqa: E402
@@ -61,7 +61,7 @@ def decode_alone(paths: list, frames: int) -> tuple:
 def models_alone(clips: np.ndarray, batch_clips: int) -> float:
     cfg = ModelConfig(arch="resnet18", weights="none")
     dim = feature_dim(cfg, SPEC.crop)
-    cnn = CnnEmbedder(EmbedSpec(cfg, resolve(cfg), SPEC.crop, dim, MEAN, STD, torch_threads=os.cpu_count() or 1))
+    cnn = Embedder(EmbedSpec(cfg, resolve(cfg), SPEC.crop, dim, MEAN, STD, torch_threads=os.cpu_count() or 1))
     # torch's thread count is per process: the heads get every core too, as the CNN does
     heads = TemporalEmbedder(resolve_heads([TemporalConfig(**LSTM)], dim), dtype="float16",
                              torch_threads=os.cpu_count() or 1)
