@@ -180,6 +180,8 @@ def main():
     p.add_argument("--dups", type=int, default=1000, help="planted near-duplicates per 50k rows (dedup table)")
     p.add_argument("--threshold", type=float, default=0.95)
     p.add_argument("--no-dedup", action="store_true")
+    p.add_argument("--one-table", action="store_true",
+                   help="recall, latency and dedup on the table with planted duplicates (one build, not two)")
     p.add_argument("--work", default=os.path.join(HERE, "out", "index"))
     p.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     p.add_argument("--table", help=argparse.SUPPRESS)
@@ -188,16 +190,17 @@ def main():
     if a.step:
         print(json.dumps(STEPS[a.step](a)))
         return
-    table = ensure_table(a, 0)
+    table = ensure_table(a, a.dups if a.one_table else 0)
     for kind in a.kinds:
         build = run_step("build", a, table=table, kind=kind)
         print(json.dumps({"rows": a.rows, "dim": a.dim, "build": build}), flush=True)
-        print(json.dumps({"rows": a.rows, "kind": build["kind"], "query": run_step("query", a, table=table)}),
-              flush=True)
-    if not a.no_dedup:
+        query = run_step("query", a, table=table, dups=a.dups if a.one_table else 0)
+        print(json.dumps({"rows": a.rows, "kind": build["kind"], "query": query}), flush=True)
+    if not a.no_dedup and not a.one_table:
         table = ensure_table(a, a.dups)
         build = run_step("build", a, table=table, kind=a.kinds[-1])
         print(json.dumps({"rows": a.rows, "dups_table_build": build}), flush=True)
+    if not a.no_dedup:
         print(json.dumps({"rows": a.rows, "dedup": run_step("dedup", a, table=table, dups=a.dups)}), flush=True)
 
 

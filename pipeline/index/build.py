@@ -149,12 +149,24 @@ class _Probe:
         grid = sorted({v for p in range(13) for v in (2 ** p, 3 * 2 ** p // 2) if v <= top} | {top})
         if kind == "hnsw":
             grid = [v for v in grid if v >= 16]
-        space, recall = faiss.ParameterSpace(), 0.0
-        for value in grid:
-            space.set_index_parameter(self.index, name, value)
-            recall = self.recall()
-            if recall >= RECALL_TARGET:
-                break
+        # recall grows with the parameter: double it until the target is met, then try the 1.5x step below
+        space, tried = faiss.ParameterSpace(), {}
+
+        def reaches(i: int) -> bool:
+            space.set_index_parameter(self.index, name, grid[i])
+            tried[i] = self.recall()
+            return tried[i] >= RECALL_TARGET
+
+        lo, hi = -1, 0
+        while hi < len(grid) - 1 and not reaches(hi):
+            lo, hi = hi, min(hi + 2, len(grid) - 1)  # two grid steps per doubling
+        if hi not in tried:
+            reaches(hi)
+        while hi - lo > 1 and tried[hi] >= RECALL_TARGET:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+        value, recall = grid[hi], tried[hi]
+        space.set_index_parameter(self.index, name, value)
         return ({"at": RECALL_K, "value": round(recall, 4), "queries": len(self.queries), "target": RECALL_TARGET,
                  "rows": self.index.ntotal, "against": "exact search, queries are the table's own rows "
                  "(each query's own row left out)"}, {name: value})
