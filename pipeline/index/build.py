@@ -21,7 +21,7 @@ from ..train.table import FeatureTable, open_table
 from . import KINDS, METRICS, store
 from .table import IndexRefused, batches, choose_column, file_rows, gather, relative, row_columns
 
-FLAT_MAX = 100_000  # exact search over this many rows answers in ~10 ms at D=512 (bench/README.md)
+FLAT_MAX = 100_000  # exact search over 100k rows at D=512: ~4 ms a query in batches (bench/README.md)
 RECALL_TARGET, RECALL_K, RECALL_QUERIES = 0.95, 10, 1000
 HNSW_M = 32
 
