@@ -249,3 +249,22 @@ def test_dedup_finds_planted_groups_exactly(tmp_path, capsys):
     assert "3 groups, 9 rows" in capsys.readouterr().out
     written = pq.read_table(tmp_path / "out/_duplicates/feature.parquet")
     assert written.equals(groups) and written.schema.field("score").type == pa.float32()
+
+
+def test_index_search_and_dedup_need_neither_ray_nor_torch(tmp_path):
+    import subprocess
+    import sys
+
+    out = make_table(tmp_path / "out", vectors(30))
+    poison = tmp_path / "poison"
+    for module in ("ray", "torch"):
+        (poison / module).mkdir(parents=True)
+        (poison / module / "__init__.py").write_text(f"raise ImportError('{module} imported')\n")
+    code = ("import sys; from pipeline.cli import main; "
+            f"sys.exit(main(['index', {out!r}]) or main(['search', {out!r}, '--id', 's00001']) "
+            f"or main(['dedup', {out!r}]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{poison}:{root}"})
+    assert result.returncode == 0, result.stderr
+    assert "s00001" in result.stdout and "duplicates 0 groups" in result.stdout
