@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--order-data", default="demo-data/order", help="where the order demo's clips go")
     demo.add_argument("--order-videos", type=int, default=64, help="how many order clips (default: 64)")
     demo.set_defaults(func=cmd_demo)
+    from .index.commands import add_parsers as index_parsers
+    index_parsers(sub)  # index, search, dedup
     from .pages.commands import add_parsers as pages_parsers
     pages_parsers(sub)  # report
     return parser

@@ -1,1 +1,27 @@
-"""After extraction, without Ray: a similarity index over a features table, search, dedup and query embedding."""
+"""Similarity index over a features table (faiss), search by vector, sample id or query (query.py), near-duplicate groups.
+
+    build_index(OUT, storage_options, column=None, kind="auto", metric="cosine") -> meta
+    open_index(OUT, storage_options, column=None) -> Index (.search(vectors, k), .vector(id), .meta)
+    find_duplicates(OUT, storage_options, column=None, threshold=0.95) -> groups table
+
+Nothing here imports Ray; everything reads the output contract only (pipeline/train/table.py). faiss
+is imported on first use, so the CLI's parser stays quick to build.
+"""
+from __future__ import annotations
+
+KINDS = ("auto", "flat", "ivf", "hnsw")
+METRICS = ("cosine", "l2")
+__all__ = ["build_index", "open_index", "find_duplicates", "Index", "KINDS", "METRICS"]
+
+
+def __getattr__(name: str):
+    if name == "build_index":
+        from .build import build_index
+        return build_index
+    if name == "find_duplicates":
+        from .dedup import find_duplicates
+        return find_duplicates
+    if name in ("open_index", "Index"):
+        from . import search
+        return getattr(search, name)
+    raise AttributeError(name)

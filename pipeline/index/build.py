@@ -1,0 +1,192 @@
+"""Build (or bring up to date) a faiss index over a features table, streaming its Parquet files.
+
+Memory stays bounded by the index itself: an approximate index trains on a sample of rows, then
+every file is read once, batch by batch, and added. `auto` is exact search (flat) up to FLAT_MAX
+rows and IVF (fp16 scalar quantizer: the table's own float16 precision) above; an approximate
+index's recall@10 is measured at build time against exact search, on a sample of the table's own
+rows, and its search parameter (nprobe, efSearch) is the smallest that reaches RECALL_TARGET.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from ..redact import redact_strings, redact_text
+from ..train.table import FeatureTable, open_table
+from . import KINDS, METRICS, store
+from .table import IndexRefused, batches, choose_column, file_rows, gather, relative, row_columns
+
+FLAT_MAX = 100_000  # exact search over 100k rows at D=512: ~4 ms a query in batches (bench/README.md)
+RECALL_TARGET, RECALL_K, RECALL_QUERIES = 0.95, 10, 1000
+HNSW_M = 32
+
+
+def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None,
+                kind: str = "auto", metric: str = "cosine", *, nlist: Optional[int] = None,
+                hnsw_m: int = HNSW_M) -> Dict[str, Any]:
+    """Index `column` of the table under OUT `uri`; returns the published meta plus `action` (built,
+    rebuilt, added or unchanged), `reason` and `added_rows`. Re-running adds only new files' rows;
+    a table whose indexed files were removed or replaced is indexed again from scratch."""
+    if kind not in KINDS:
+        raise IndexRefused(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if metric not in METRICS:
+        raise IndexRefused(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    t0 = time.time()
+    table = open_table(uri, storage_options, key="OUT")
+    column, dim = choose_column(table, column)
+    files = [relative(table, f) for f in table.files]
+    loaded = store.load(table.fs, table.root, column)
+    old = loaded[0] if loaded else None
+    known = {f["path"] for f in old["files"]} if old else set()
+    new = [f for f in files if f not in known]
+    counts = file_rows(table, new)
+    reason = _rebuild_reason(old, files, kind, metric, dim, sum(counts))
+    if old and reason is None:
+        if not new:
+            return {**old, "action": "unchanged", "reason": "no new files", "added_rows": 0}
+        meta, index, rows = _add(table, column, loaded, new, counts)
+        meta = store.save(table.fs, table.root, column, {**meta, "update_s": round(time.time() - t0, 2)}, index, rows)
+        return {**meta, "action": "added", "reason": f"{len(new)} new files", "added_rows": sum(counts)}
+    if old:
+        counts = file_rows(table, files)
+    if sum(counts) == 0:
+        raise IndexRefused(f"OUT: {redact_text(uri)}: the features table has no rows; nothing to index")
+    meta, index, rows = _build(table, column, dim, files, counts, kind, metric, nlist, hnsw_m)
+    meta = {**meta, "table": _provenance(table), "uri": redact_text(uri), "build_s": round(time.time() - t0, 2)}
+    meta = store.save(table.fs, table.root, column, meta, index, rows)
+    return {**meta, "action": "rebuilt" if old else "built", "reason": reason or "no index yet",
+            "added_rows": meta["rows"]}
+
+
+def _rebuild_reason(old: Optional[Dict[str, Any]], files: List[str], kind: str, metric: str, dim: int,
+                    added: int) -> Optional[str]:
+    """Why an existing index cannot just be extended (None: it can)."""
+    if old is None:
+        return None
+    if any(f["path"] not in set(files) for f in old["files"]):
+        return "indexed files were removed or replaced (an --overwrite run)"
+    if old["metric"] != metric or old["dim"] != dim:
+        return f"metric or dimension changed ({old['metric']}, {old['dim']} -> {metric}, {dim})"
+    if kind not in ("auto", old["kind"]):
+        return f"kind changed ({old['kind']} -> {kind})"
+    if kind == "auto" and old["kind"] == "flat" and old["rows"] + added > FLAT_MAX:
+        return f"the table grew past {FLAT_MAX} rows: an approximate index replaces exact search"
+    return None
+
+
+def _add(table: FeatureTable, column: str, loaded, new: List[str], counts: List[int]):
+    """The loaded index with the new files' rows added (an approximate index keeps its training)."""
+    meta, index, rows = loaded
+    parts = [rows]
+    for x, extra in batches(table, new, column, meta["metric"], row_columns(table)):
+        index.add(x)
+        parts.append(pa.Table.from_batches([extra]))
+    rows = pa.concat_tables(parts, promote_options="default")
+    files = meta["files"] + [{"path": f, "rows": n} for f, n in zip(new, counts)]
+    return {**meta, "rows": index.ntotal, "files": files, "updated_at": _now()}, index, rows
+
+
+def _build(table: FeatureTable, column: str, dim: int, files: List[str], counts: List[int], kind: str,
+           metric: str, nlist: Optional[int], hnsw_m: int) -> Tuple[Dict[str, Any], Any, pa.Table]:
+    n = sum(counts)
+    kind = "flat" if kind == "auto" and n <= FLAT_MAX else ("ivf" if kind == "auto" else kind)
+    index, params = _empty(kind, dim, metric, n, nlist, hnsw_m)
+    probe = _Probe(table, files, column, metric, n, index, params) if kind != "flat" else None
+    parts, start = [], 0
+    for x, extra in batches(table, files, column, metric, row_columns(table)):
+        index.add(x)
+        if probe:
+            probe.truth(x, start)
+        parts.append(pa.Table.from_batches([extra]))
+        start += len(x)
+    recall, search = probe.tune(kind) if probe else (None, {})
+    meta = {"format": 1, "kind": kind, "metric": metric, "column": column, "dim": dim, "rows": index.ntotal,
+            "files": [{"path": f, "rows": c} for f, c in zip(files, counts)], "params": params,
+            "search": search, "recall": recall, "exact": kind == "flat", "built_at": _now()}
+    return meta, index, pa.concat_tables(parts, promote_options="default")
+
+
+def _empty(kind: str, dim: int, metric: str, n: int, nlist: Optional[int], hnsw_m: int):
+    m = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    if kind == "flat":
+        return faiss.IndexFlat(dim, m), {}
+    if kind == "ivf":
+        # ~2 sqrt(N) lists, each trained on >= 39 points (faiss's minimum)
+        lists = nlist or max(1, min(int(2 * math.sqrt(n)), n // 39))
+        return faiss.index_factory(dim, f"IVF{lists},SQfp16", m), {"nlist": lists}
+    return faiss.index_factory(dim, f"HNSW{hnsw_m},SQfp16", m), {"M": hnsw_m}
+
+
+class _Probe:
+    """Trains an approximate index on a sample, accumulates exact top-k of RECALL_QUERIES sampled
+    rows while the table streams by, then picks the search parameter that reaches the target."""
+
+    def __init__(self, table, files, column, metric, n, index, params):
+        rng = np.random.default_rng(0)
+        size = min(n, max(RECALL_QUERIES, 64 * params.get("nlist", 0)))  # faiss uses <= 256 per list
+        positions = np.sort(rng.choice(n, size, replace=False))
+        sample = gather(table, files, column, metric, positions)
+        if not index.is_trained:
+            index.train(sample)
+        pick = np.sort(rng.choice(size, min(RECALL_QUERIES, size), replace=False))
+        self.queries, self.positions, self.index = sample[pick], positions[pick], index
+        self.metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+        self.heap = faiss.ResultHeap(len(pick), RECALL_K + 1, keep_max=metric == "cosine")
+
+    def truth(self, x: np.ndarray, start: int) -> None:
+        d, i = faiss.knn(self.queries, x, min(RECALL_K + 1, len(x)), metric=self.metric)
+        self.heap.add_result(d, i + start)
+
+    def tune(self, kind: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
+        self.heap.finalize()
+        name = "nprobe" if kind == "ivf" else "efSearch"
+        top = self.index.nlist if kind == "ivf" else 4096
+        grid = sorted({v for p in range(13) for v in (2 ** p, 3 * 2 ** p // 2) if v <= top} | {top})
+        if kind == "hnsw":
+            grid = [v for v in grid if v >= 16]
+        # recall grows with the parameter: double it until the target is met, then try the 1.5x step below
+        space, tried = faiss.ParameterSpace(), {}
+
+        def reaches(i: int) -> bool:
+            space.set_index_parameter(self.index, name, grid[i])
+            tried[i] = self.recall()
+            return tried[i] >= RECALL_TARGET
+
+        lo, hi = -1, 0
+        while hi < len(grid) - 1 and not reaches(hi):
+            lo, hi = hi, min(hi + 2, len(grid) - 1)  # two grid steps per doubling
+        if hi not in tried:
+            reaches(hi)
+        while hi - lo > 1 and tried[hi] >= RECALL_TARGET:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+        value, recall = grid[hi], tried[hi]
+        space.set_index_parameter(self.index, name, value)
+        return ({"at": RECALL_K, "value": round(recall, 4), "queries": len(self.queries), "target": RECALL_TARGET,
+                 "rows": self.index.ntotal, "against": "exact search, queries are the table's own rows "
+                 "(each query's own row left out)"}, {name: value})
+
+    def recall(self) -> float:
+        _, found = self.index.search(self.queries, RECALL_K + 1)
+        hits = 0
+        total = 0
+        for own, truth, got in zip(self.positions, self.heap.I, found):
+            truth = [j for j in truth if j != own and j >= 0][:RECALL_K]
+            got = [j for j in got if j != own and j >= 0][:RECALL_K]
+            hits += len(set(got).intersection(truth))
+            total += len(truth)
+        return hits / max(total, 1)
+
+
+def _provenance(table: FeatureTable) -> Dict[str, Any]:
+    return redact_strings({"uri": redact_text(table.uri), "job": table.record.get("name"),
+                           "status": table.record.get("status"), "metadata": table.metadata()})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,161 @@
+"""`featurize index | search | dedup`: the CLI of the similarity index (no Ray)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List
+
+from ..errors import Refused
+from ..redact import redact_text
+from . import KINDS, METRICS
+
+EXIT_OK, EXIT_REFUSED = 0, 2
+
+
+def add_parsers(sub) -> None:
+    index = sub.add_parser("index", help="build or update a faiss index over a features table (OUT/_index/)")
+    _common(index)
+    index.add_argument("--kind", choices=KINDS, default="auto",
+                       help="auto: exact search for small tables, IVF with a measured recall for large ones")
+    index.add_argument("--metric", choices=METRICS, default="cosine", help="default: cosine")
+    index.set_defaults(func=cmd_index)
+
+    search = sub.add_parser("search", help="the nearest samples to an id, an image, a video or a text")
+    _common(search)
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--id", dest="sample_id", help="a sample_id of the table (ID#START_S: one clip of a video)")
+    query.add_argument("--image", help="an image file, embedded with the table's own model and preprocessing")
+    query.add_argument("--video", help="a video file, embedded with the table's model and temporal head")
+    query.add_argument("--text", help="a text (open_clip tables only)")
+    search.add_argument("-k", type=int, default=10, help="how many neighbours (default: 10)")
+    search.add_argument("--json", action="store_true", help="print the query and hits as JSON")
+    search.add_argument("--html", default=None, metavar="PATH", help="also write a page with thumbnails")
+    search.set_defaults(func=cmd_search)
+
+    dedup = sub.add_parser("dedup", help="near-duplicate groups of a features table, as a Parquet table")
+    _common(dedup)
+    dedup.add_argument("--threshold", type=float, default=0.95,
+                       help="cosine similarity at or above which two rows are duplicates (l2: distance at or below)")
+    dedup.add_argument("--out", dest="dedup_out", default=None,
+                       help="where the groups table goes (default: OUT/_duplicates/<column>.parquet)")
+    dedup.add_argument("--html", default=None, metavar="PATH", help="also write a page of the groups as thumbnails")
+    dedup.set_defaults(func=cmd_dedup)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="output root of a featurize run (local path or URI)")
+    parser.add_argument("--column", default=None, help="the vector column (default: feature, else clip_<head>)")
+    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for OUT's store")
+
+
+def _refusing(command):
+    """Run a command; a refusal or bad options: one line on stderr, exit 2."""
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            args.options = json.loads(args.storage_options)
+        except ValueError as e:
+            _say(f"featurize: --storage-options: not JSON ({e})")
+            return EXIT_REFUSED
+        try:
+            return command(args)
+        except Refused as e:
+            _say(f"featurize: {e}")
+            return EXIT_REFUSED
+    wrapper.__name__ = command.__name__
+    return wrapper
+
+
+def _say(line: str) -> None:
+    print(redact_text(line), file=sys.stderr)
+
+
+@_refusing
+def cmd_index(args: argparse.Namespace) -> int:
+    from .build import build_index
+
+    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric)
+    print(describe(meta, args.out))
+    return EXIT_OK
+
+
+def describe(meta: Dict[str, Any], out: str) -> str:
+    where = f"{redact_text(out.rstrip('/'))}/_index/{meta['column']}"
+    params = ", ".join(f"{k} {v}" for k, v in {**meta.get("params", {}), **meta.get("search", {})}.items())
+    lines = [f"index    {where}: {meta['action']} ({meta['reason']}), {meta['added_rows']} rows added",
+             f"kind     {meta['kind']}{f' ({params})' if params else ''}, metric {meta['metric']}, "
+             f"{meta['rows']} rows of {meta['column']} (D={meta['dim']}) from {len(meta['files'])} files"]
+    recall = meta.get("recall")
+    if meta.get("exact"):
+        lines.append("recall   exact search (recall 1.0)")
+    elif recall:
+        lines.append(f"recall   recall@{recall['at']} {recall['value']:.3f} against exact search on "
+                     f"{recall['queries']} of the table's rows (measured at build, {recall['rows']} rows; "
+                     f"target {recall['target']})")
+    return "\n".join(lines)
+
+
+@_refusing
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import open_index
+
+    if args.k < 1:
+        _say(f"featurize: -k {args.k}: at least 1")
+        return EXIT_REFUSED
+    index = open_index(args.out, args.options, args.column)
+    if index.note:
+        _say(f"featurize: {index.note}")
+    if args.sample_id is not None:
+        vector = index.vector(args.sample_id)
+        query = {"kind": "id", "value": args.sample_id, "uri": index.row(args.sample_id).get("uri")}
+    else:
+        from .query import query_vector  # written beside this module; embeds with the table's model
+
+        vector, query = query_vector(args.out, args.options, index.column,
+                                     image=args.image, video=args.video, text=args.text)
+    hits = index.search(vector[None, :], args.k)[0]
+    if args.html:
+        from ..pages.html import search_page
+
+        _write_text(args.html, search_page(query, hits, args.options), args.options)
+    if args.json:
+        print(json.dumps({"query": query, "column": index.column, "metric": index.metric, "hits": hits}, indent=1))
+    else:
+        print(format_hits(hits, index.metric))
+    return EXIT_OK
+
+
+def format_hits(hits: List[Dict[str, Any]], metric: str) -> str:
+    head = f"{'rank':>4}  {'score' if metric == 'cosine' else 'distance':>8}  {'label':<16} sample_id  uri"
+    lines = [head]
+    for h in hits:
+        clip = f"#{h['start_s']:g}" if h.get("start_s") is not None else ""
+        lines.append(f"{h['rank']:>4}  {h['score']:>8.4f}  {h['label'][:16]:<16} {h['sample_id']}{clip}  {h['uri']}")
+    return redact_text("\n".join(lines))
+
+
+@_refusing
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from ..train.table import open_table
+    from .dedup import find_duplicates, write_groups
+    from .table import choose_column
+
+    column, _ = choose_column(open_table(args.out, args.options, key="OUT"), args.column)
+    groups = find_duplicates(args.out, args.options, column, threshold=args.threshold)
+    where = write_groups(args.out, args.options, column, groups, args.dedup_out)
+    if args.html:
+        from ..pages.html import dedup_page
+
+        _write_text(args.html, dedup_page(groups, args.options), args.options)
+    n = len(set(groups.column("group").to_pylist())) if len(groups) else 0
+    print(f"duplicates {n} groups, {len(groups)} rows (threshold {args.threshold}) -> {where}")
+    return EXIT_OK
+
+
+def _write_text(path: str, text: str, options: Dict[str, Any]) -> None:
+    from ..sources import filesystem
+    from ..store import write_atomic
+
+    fs, p = filesystem(path, options or {})
+    write_atomic(fs, p, text.encode())
+    print(f"page     {redact_text(path)}", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""Open a table's index and answer nearest-neighbour queries with hit dicts.
+
+A hit: {"rank", "sample_id", "score", "label", "uri", "split"} (+ "start_s", "end_s" for clip rows).
+Score: cosine similarity (higher is closer) for metric cosine, L2 distance (lower is closer) for l2.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import faiss
+import numpy as np
+
+from ..redact import redact_text
+from ..train.table import FeatureTable, open_table
+from . import store
+from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, file_rows, relative
+
+
+class Index:
+    """A loaded index: `.search(vectors, k)`, `.vector(sample_id)`, `.meta`, and `.pending` (rows the
+    table has that the index does not yet) with `.note` saying so (None when up to date)."""
+
+    def __init__(self, table: FeatureTable, meta: Dict[str, Any], index, rows, uri: str):
+        self.table, self.meta, self.index, self.rows = table, meta, index, rows
+        self.column, self.metric = meta["column"], meta["metric"]
+        self._ids = rows.column("sample_id").to_numpy(zero_copy_only=False)
+        if meta.get("search"):
+            (name, value), = meta["search"].items()
+            faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+        files = [relative(table, f) for f in table.files]
+        known = {f["path"] for f in meta["files"]}
+        self.removed = len(known - set(files))
+        self.pending = sum(file_rows(table, [f for f in files if f not in known]))
+        out = redact_text(uri)
+        self.note = None
+        if self.removed:
+            self.note = (f"note: {self.removed} indexed files are no longer in the table (an --overwrite run); "
+                         f"run featurize index {out} to rebuild")
+        elif self.pending:
+            self.note = f"note: {self.pending} rows are not indexed yet; run featurize index {out} to add them"
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> List[List[Dict[str, Any]]]:
+        """The k nearest rows of each query vector (n, D), nearest first."""
+        x = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if x.shape[1] != self.meta["dim"]:
+            raise IndexRefused(f"a query of dimension {x.shape[1]} against an index of dimension {self.meta['dim']}")
+        if self.metric == "cosine":
+            x = x.copy()
+            faiss.normalize_L2(x)
+        scores, found = self.index.search(x, min(int(k), self.index.ntotal))
+        if self.metric == "l2":
+            scores = np.sqrt(np.maximum(scores, 0))  # faiss answers squared distances
+        return [self._hits(s, f) for s, f in zip(scores, found)]
+
+    def _hits(self, scores: np.ndarray, found: np.ndarray) -> List[Dict[str, Any]]:
+        keep = found >= 0
+        rows = self.rows.take(found[keep]).to_pylist()
+        return [{"rank": r + 1, "sample_id": row["sample_id"], "score": float(s), "label": str(row.get("label", "")),
+                 "uri": row.get("uri", ""), "split": str(row.get("split", "")),
+                 **{c: row[c] for c in CLIP_COLUMNS if c in row}}
+                for r, (s, row) in enumerate(zip(scores[keep], rows))]
+
+    def position(self, sample_id: str) -> int:
+        """The index row of a sample id; for a video with several clip rows, its first clip, or
+        the clip starting at S seconds when written `ID#S`."""
+        where = np.flatnonzero(self._ids == sample_id)
+        if not len(where) and "#" in sample_id and "start_s" in self.rows.column_names:
+            base, _, start = sample_id.rpartition("#")
+            try:
+                wanted = float(start)
+            except ValueError:
+                wanted = None
+            if wanted is not None:
+                starts = self.rows.column("start_s").to_numpy(zero_copy_only=False)
+                where = np.flatnonzero((self._ids == base) & np.isclose(starts, wanted, atol=1e-3))
+        if not len(where):
+            more = f"; {self.pending} rows are not indexed yet: run featurize index first" if self.pending else ""
+            raise IndexRefused(f"--id {sample_id!r}: no such sample_id in the index of {self.column!r}{more}")
+        return int(where[0])
+
+    def vector(self, sample_id: str) -> np.ndarray:
+        """The sample's stored vector (D,) float32, read from its table file (as stored, not normalised)."""
+        pos = self.position(sample_id)
+        for f in self.meta["files"]:
+            if pos < f["rows"]:
+                for x, _ in batches(self.table, [f["path"]], self.column, "raw", batch_rows=max(pos + 1, 1)):
+                    return x[pos]
+            pos -= f["rows"]
+        raise IndexRefused(f"--id {sample_id!r}: its file is no longer in the table; run featurize index first")
+
+    def row(self, sample_id: str) -> Dict[str, Any]:
+        return self.rows.slice(self.position(sample_id), 1).to_pylist()[0]
+
+
+def open_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None) -> Index:
+    """The index of `column` (default: as `featurize index` picks it) of the table under OUT `uri`."""
+    table = open_table(uri, storage_options, key="OUT")
+    column, _ = choose_column(table, column)
+    loaded = store.load(table.fs, table.root, column)
+    if loaded is None:
+        raise IndexRefused(f"OUT: {redact_text(uri)} has no index of {column!r}; run featurize index "
+                           f"{redact_text(uri)} first")
+    return Index(table, *loaded, uri=uri)
+

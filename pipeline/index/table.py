@@ -1,0 +1,90 @@
+"""A features table as the index reads it: which vector column, its files in a fixed order, and its
+rows streamed as float32 batches (bounded memory: one Parquet batch at a time)."""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..train.table import FeatureTable, TableError
+from ..train.tensors import SEQUENCE, VECTOR, column_shape, vectors
+
+ROW_COLUMNS = ("sample_id", "uri", "label", "split")
+CLIP_COLUMNS = ("start_s", "end_s")  # clip rows of video tables
+BATCH_ROWS = 16384
+
+
+class IndexRefused(TableError):
+    """An index that cannot be built, opened or searched as asked; names the problem."""
+
+
+def feature_columns(table: FeatureTable) -> Dict[str, str]:
+    """column -> VECTOR or SEQUENCE, for every feature column of the table."""
+    out = {}
+    for f in table.schema:
+        try:
+            out[f.name] = column_shape(f.name, f.type)[0]
+        except ValueError:
+            continue
+    return out
+
+
+def choose_column(table: FeatureTable, column: Optional[str] = None) -> Tuple[str, int]:
+    """(column, D): `column`, else `feature`, else the table's first vector column (clip_<head>)."""
+    kinds = feature_columns(table)
+    named = ", ".join(f"{c} ({k})" for c, k in kinds.items()) or "none"
+    if column is None:
+        found = [c for c, k in kinds.items() if k == VECTOR]
+        if not found:
+            raise IndexRefused(f"{table.uri} has no vector column to index (feature columns: {named})")
+        column = "feature" if "feature" in found else found[0]
+    if column not in kinds:
+        raise IndexRefused(f"--column: {table.uri} has no feature column {column!r} (feature columns: {named})")
+    if kinds[column] == SEQUENCE:
+        vec = [c for c, k in kinds.items() if k == VECTOR]
+        raise IndexRefused(f"--column: {column!r} is a sequence of frame vectors, not one vector per row; "
+                          f"index a vector column ({', '.join(vec) or 'none in this table'})")
+    return column, table.shape(column, "--column")[1]
+
+
+def relative(table: FeatureTable, path: str) -> str:
+    return path[len(table.root) + 1:] if path.startswith(table.root + "/") else path
+
+
+def file_rows(table: FeatureTable, rel_files: Sequence[str]) -> List[int]:
+    """Row count of each file, from its Parquet footer."""
+    return [pq.read_metadata(f"{table.root}/{f}", filesystem=table.fs).num_rows for f in rel_files]
+
+
+def row_columns(table: FeatureTable) -> List[str]:
+    names = table.schema.names
+    return [c for c in (*ROW_COLUMNS, *CLIP_COLUMNS) if c in names]
+
+
+def batches(table: FeatureTable, rel_files: Sequence[str], column: str, metric: str,
+            extra: Sequence[str] = (), batch_rows: int = BATCH_ROWS) -> Iterator[Tuple[np.ndarray, pa.RecordBatch]]:
+    """(float32 (n, D) vectors, the batch's `extra` columns), file after file in the given order;
+    unit length for cosine."""
+    for rel in rel_files:
+        with table.fs.open(f"{table.root}/{rel}", "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=[column, *extra]):
+                x = np.ascontiguousarray(vectors(batch.column(column)))
+                if metric == "cosine":
+                    faiss.normalize_L2(x)
+                yield x, batch.select(list(extra))
+
+
+def gather(table: FeatureTable, rel_files: Sequence[str], column: str, metric: str,
+           positions: np.ndarray) -> np.ndarray:
+    """The vectors at sorted global `positions` (over rel_files in order), in one streaming pass."""
+    out = np.empty((len(positions), table.shape(column)[1]), dtype=np.float32)
+    start, taken = 0, 0
+    for x, _ in batches(table, rel_files, column, metric):
+        lo, hi = np.searchsorted(positions, [start, start + len(x)])
+        out[taken:taken + hi - lo] = x[positions[lo:hi] - start]
+        taken += hi - lo
+        start += len(x)
+    return out
