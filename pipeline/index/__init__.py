@@ -1,4 +1,4 @@
-"""Similarity index over a features table (faiss), search by vector, sample id or query (query.py), near-duplicate groups.
+"""Similarity index over a features table (faiss): search by vector, id or query (query.py), near-duplicates.
 
     build_index(OUT, storage_options, column=None, kind="auto", metric="cosine") -> meta
     open_index(OUT, storage_options, column=None) -> Index (.search(vectors, k), .vector(id), .meta)
