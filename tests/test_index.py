@@ -251,6 +251,27 @@ def test_dedup_finds_planted_groups_exactly(tmp_path, capsys):
     assert written.equals(groups) and written.schema.field("score").type == pa.float32()
 
 
+def test_center_separates_what_a_common_component_hides(tmp_path, capsys):
+    """Features of one backbone share a large common part (ReLU outputs are positive): every cosine
+    is near 1 and a 0.95 threshold groups everything; --center subtracts the table's mean first."""
+    rng = np.random.default_rng(4)
+    x = 10.0 + rng.normal(scale=1.0, size=(80, D))  # a common component far larger than what differs
+    x[41] = x[40] + rng.normal(scale=0.05, size=D)  # one planted near-duplicate
+    out = make_table(tmp_path / "out", x)
+    assert len(find_duplicates(out, threshold=0.95)) == 80  # plain cosine: one group of everything
+    groups = find_duplicates(out, threshold=0.95, center=True)
+    assert sorted(groups["sample_id"].to_pylist()) == ["s00040", "s00041"]
+    assert len(find_duplicates(out, threshold=0.95)) == 2  # dedup keeps the index's centring by default
+    index = open_index(out)
+    assert index.meta["center"] is not None and len(index.meta["center"]) == D
+    hits = index.search(index.vector("s00040")[None], k=2)[0]
+    assert ids(hits) == ["s00040", "s00041"] and hits[0]["score"] >= 0.999
+    assert main(["index", out]) == 0  # without --center: rebuilt plain, and says why
+    assert "--center not asked" in capsys.readouterr().out and open_index(out).meta["center"] is None
+    assert main(["index", out, "--center", "--metric", "l2"]) == 2
+    assert "only for --metric cosine" in capsys.readouterr().err
+
+
 def test_index_search_and_dedup_need_neither_ray_nor_torch(tmp_path):
     import subprocess
     import sys

@@ -23,19 +23,26 @@ from .table import IndexRefused, batches, choose_column, file_rows, gather, rela
 
 FLAT_MAX = 100_000  # exact search over 100k rows at D=512: ~4 ms a query in batches (bench/README.md)
 RECALL_TARGET, RECALL_K, RECALL_QUERIES = 0.95, 10, 1000
+CENTER_SAMPLE = 50_000  # rows whose mean is the table's centre (--center)
 HNSW_M = 32
 
 
 def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None,
-                kind: str = "auto", metric: str = "cosine", *, nlist: Optional[int] = None,
+                kind: str = "auto", metric: str = "cosine", *, center: bool = False, nlist: Optional[int] = None,
                 hnsw_m: int = HNSW_M) -> Dict[str, Any]:
     """Index `column` of the table under OUT `uri`; returns the published meta plus `action` (built,
     rebuilt, added or unchanged), `reason` and `added_rows`. Re-running adds only new files' rows;
-    a table whose indexed files were removed or replaced is indexed again from scratch."""
+    a table whose indexed files were removed or replaced is indexed again from scratch.
+
+    `center`: cosine between vectors minus the table's mean (over a sample of its rows). Features of
+    one backbone share a large common component (every ReLU output is positive), which squeezes all
+    cosines towards 1; without it, distinct images can score 0.99 (random weights) or 0.8 (trained)."""
     if kind not in KINDS:
         raise IndexRefused(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     if metric not in METRICS:
         raise IndexRefused(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    if center and metric != "cosine":
+        raise IndexRefused("--center: only for --metric cosine (L2 distances do not change when every vector moves)")
     t0 = time.time()
     table = open_table(uri, storage_options, key="OUT")
     column, dim = choose_column(table, column)
@@ -45,7 +52,7 @@ def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, colu
     known = {f["path"] for f in old["files"]} if old else set()
     new = [f for f in files if f not in known]
     counts = file_rows(table, new)
-    reason = _rebuild_reason(old, files, kind, metric, dim, sum(counts))
+    reason = _rebuild_reason(old, files, kind, metric, dim, sum(counts), center)
     if old and reason is None:
         if not new:
             return {**old, "action": "unchanged", "reason": "no new files", "added_rows": 0}
@@ -56,7 +63,7 @@ def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, colu
         counts = file_rows(table, files)
     if sum(counts) == 0:
         raise IndexRefused(f"OUT: {redact_text(uri)}: the features table has no rows; nothing to index")
-    meta, index, rows = _build(table, column, dim, files, counts, kind, metric, nlist, hnsw_m)
+    meta, index, rows = _build(table, column, dim, files, counts, kind, metric, nlist, hnsw_m, center)
     meta = {**meta, "table": _provenance(table), "uri": redact_text(uri), "build_s": round(time.time() - t0, 2)}
     meta = store.save(table.fs, table.root, column, meta, index, rows)
     return {**meta, "action": "rebuilt" if old else "built", "reason": reason or "no index yet",
@@ -64,7 +71,7 @@ def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, colu
 
 
 def _rebuild_reason(old: Optional[Dict[str, Any]], files: List[str], kind: str, metric: str, dim: int,
-                    added: int) -> Optional[str]:
+                    added: int, center: bool = False) -> Optional[str]:
     """Why an existing index cannot just be extended (None: it can)."""
     if old is None:
         return None
@@ -72,6 +79,8 @@ def _rebuild_reason(old: Optional[Dict[str, Any]], files: List[str], kind: str, 
         return "indexed files were removed or replaced (an --overwrite run)"
     if old["metric"] != metric or old["dim"] != dim:
         return f"metric or dimension changed ({old['metric']}, {old['dim']} -> {metric}, {dim})"
+    if bool(old.get("center")) != center:
+        return f"--center {'asked' if center else 'not asked'} (the index was built {'without' if center else 'with'})"
     if kind not in ("auto", old["kind"]):
         return f"kind changed ({old['kind']} -> {kind})"
     if kind == "auto" and old["kind"] == "flat" and old["rows"] + added > FLAT_MAX:
@@ -83,7 +92,8 @@ def _add(table: FeatureTable, column: str, loaded, new: List[str], counts: List[
     """The loaded index with the new files' rows added (an approximate index keeps its training)."""
     meta, index, rows = loaded
     parts = [rows]
-    for x, extra in batches(table, new, column, meta["metric"], row_columns(table)):
+    center = np.asarray(meta["center"], np.float32) if meta.get("center") else None
+    for x, extra in batches(table, new, column, meta["metric"], row_columns(table), center=center):
         index.add(x)
         parts.append(pa.Table.from_batches([extra]))
     rows = pa.concat_tables(parts, promote_options="default")
@@ -92,13 +102,15 @@ def _add(table: FeatureTable, column: str, loaded, new: List[str], counts: List[
 
 
 def _build(table: FeatureTable, column: str, dim: int, files: List[str], counts: List[int], kind: str,
-           metric: str, nlist: Optional[int], hnsw_m: int) -> Tuple[Dict[str, Any], Any, pa.Table]:
+           metric: str, nlist: Optional[int], hnsw_m: int,
+           center: bool = False) -> Tuple[Dict[str, Any], Any, pa.Table]:
     n = sum(counts)
     kind = "flat" if kind == "auto" and n <= FLAT_MAX else ("ivf" if kind == "auto" else kind)
     index, params = _empty(kind, dim, metric, n, nlist, hnsw_m)
-    probe = _Probe(table, files, column, metric, n, index, params) if kind != "flat" else None
+    mean = _mean(table, files, column, n) if center else None
+    probe = _Probe(table, files, column, metric, n, index, params, mean) if kind != "flat" else None
     parts, start = [], 0
-    for x, extra in batches(table, files, column, metric, row_columns(table)):
+    for x, extra in batches(table, files, column, metric, row_columns(table), center=mean):
         index.add(x)
         if probe:
             probe.truth(x, start)
@@ -107,8 +119,15 @@ def _build(table: FeatureTable, column: str, dim: int, files: List[str], counts:
     recall, search = probe.tune(kind) if probe else (None, {})
     meta = {"format": 1, "kind": kind, "metric": metric, "column": column, "dim": dim, "rows": index.ntotal,
             "files": [{"path": f, "rows": c} for f, c in zip(files, counts)], "params": params,
-            "search": search, "recall": recall, "exact": kind == "flat", "built_at": _now()}
+            "search": search, "recall": recall, "exact": kind == "flat", "built_at": _now(),
+            "center": mean.tolist() if mean is not None else None}
     return meta, index, pa.concat_tables(parts, promote_options="default")
+
+
+def _mean(table: FeatureTable, files: List[str], column: str, n: int) -> np.ndarray:
+    """The mean vector of up to CENTER_SAMPLE rows drawn evenly at random (one streaming pass)."""
+    positions = np.sort(np.random.default_rng(1).choice(n, min(n, CENTER_SAMPLE), replace=False))
+    return gather(table, files, column, "raw", positions).mean(axis=0).astype(np.float32)
 
 
 def _empty(kind: str, dim: int, metric: str, n: int, nlist: Optional[int], hnsw_m: int):
@@ -126,11 +145,11 @@ class _Probe:
     """Trains an approximate index on a sample, accumulates exact top-k of RECALL_QUERIES sampled
     rows while the table streams by, then picks the search parameter that reaches the target."""
 
-    def __init__(self, table, files, column, metric, n, index, params):
+    def __init__(self, table, files, column, metric, n, index, params, center=None):
         rng = np.random.default_rng(0)
         size = min(n, max(RECALL_QUERIES, 64 * params.get("nlist", 0)))  # faiss uses <= 256 per list
         positions = np.sort(rng.choice(n, size, replace=False))
-        sample = gather(table, files, column, metric, positions)
+        sample = gather(table, files, column, metric, positions, center)
         if not index.is_trained:
             index.train(sample)
         pick = np.sort(rng.choice(size, min(RECALL_QUERIES, size), replace=False))

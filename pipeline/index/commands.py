@@ -11,6 +11,8 @@ from ..redact import redact_text
 from . import KINDS, METRICS
 
 EXIT_OK, EXIT_REFUSED = 0, 2
+CENTER_HELP = ("cosine of the vectors minus the table's mean: a backbone's features share a large common part "
+               "that pushes every cosine towards 1")
 
 
 def add_parsers(sub) -> None:
@@ -19,6 +21,7 @@ def add_parsers(sub) -> None:
     index.add_argument("--kind", choices=KINDS, default="auto",
                        help="auto: exact search for small tables, IVF with a measured recall for large ones")
     index.add_argument("--metric", choices=METRICS, default="cosine", help="default: cosine")
+    index.add_argument("--center", action="store_true", help=CENTER_HELP)
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="the nearest samples to an id, an image, a video or a text")
@@ -37,6 +40,8 @@ def add_parsers(sub) -> None:
     _common(dedup)
     dedup.add_argument("--threshold", type=float, default=0.95,
                        help="cosine similarity at or above which two rows are duplicates (l2: distance at or below)")
+    dedup.add_argument("--center", action="store_true", default=None,
+                       help=CENTER_HELP + " (default: as the table's index was built)")
     dedup.add_argument("--out", dest="dedup_out", default=None,
                        help="where the groups table goes (default: OUT/_duplicates/<column>.parquet)")
     dedup.add_argument("--html", default=None, metavar="PATH", help="also write a page of the groups as thumbnails")
@@ -74,7 +79,7 @@ def _say(line: str) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from .build import build_index
 
-    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric)
+    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric, center=args.center)
     print(describe(meta, args.out))
     return EXIT_OK
 
@@ -83,7 +88,8 @@ def describe(meta: Dict[str, Any], out: str) -> str:
     where = f"{redact_text(out.rstrip('/'))}/_index/{meta['column']}"
     params = ", ".join(f"{k} {v}" for k, v in {**meta.get("params", {}), **meta.get("search", {})}.items())
     lines = [f"index    {where}: {meta['action']} ({meta['reason']}), {meta['added_rows']} rows added",
-             f"kind     {meta['kind']}{f' ({params})' if params else ''}, metric {meta['metric']}, "
+             f"kind     {meta['kind']}{f' ({params})' if params else ''}, metric {meta['metric']}"
+             f"{' (centred)' if meta.get('center') else ''}, "
              f"{meta['rows']} rows of {meta['column']} (D={meta['dim']}) from {len(meta['files'])} files"]
     recall = meta.get("recall")
     if meta.get("exact"):
@@ -141,7 +147,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from .table import choose_column
 
     column, _ = choose_column(open_table(args.out, args.options, key="OUT"), args.column)
-    groups = find_duplicates(args.out, args.options, column, threshold=args.threshold)
+    groups = find_duplicates(args.out, args.options, column, threshold=args.threshold, center=args.center)
     where = write_groups(args.out, args.options, column, groups, args.dedup_out)
     if args.html:
         from ..pages.html import dedup_page

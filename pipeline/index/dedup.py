@@ -25,24 +25,27 @@ GROUP_COLUMNS = ("group", "sample_id", "uri", "label", "split", "score")
 
 
 def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None,
-                    threshold: float = 0.95, *, k: int = DEDUP_K, search: Optional[Dict[str, int]] = None) -> pa.Table:
+                    threshold: float = 0.95, *, k: int = DEDUP_K, search: Optional[Dict[str, int]] = None,
+                    center: Optional[bool] = None) -> pa.Table:
     """Groups of rows whose pairwise score passes `threshold` (cosine: similarity >= threshold; l2:
     distance <= threshold), connected transitively. Builds or updates the index first. Columns:
     group (0.., largest first), sample_id, uri, label, split, score (float32: to the group's first
-    member, 1.0 for it; cosine similarity or L2 distance), sorted by group, then closest first."""
+    member, 1.0 for it; cosine similarity or L2 distance), sorted by group, then closest first.
+    `center` (build_index's): None keeps what the table's index has (none: not centred)."""
     table = open_table(uri, storage_options, key="OUT")
     column, _ = choose_column(table, column)
     old = store.read_meta(table.fs, table.root, column)
     metric = old["metric"] if old else "cosine"
     if metric == "cosine" and not -1.0 <= threshold <= 1.0:
         raise IndexRefused(f"--threshold {threshold}: a cosine similarity, between -1 and 1 (e.g. 0.95)")
-    build_index(uri, storage_options, column, kind=old["kind"] if old else "auto", metric=metric)
+    center = bool(old and old.get("center")) if center is None else center
+    build_index(uri, storage_options, column, kind=old["kind"] if old else "auto", metric=metric, center=center)
     idx = open_index(uri, storage_options, column)
     _set_search(idx, search)
     files = [f["path"] for f in idx.meta["files"]]
     parent = _Components()
     start = 0
-    for x, _ in batches(idx.table, files, column, metric):
+    for x, _ in batches(idx.table, files, column, metric, center=idx.center):
         scores, found = idx.index.search(x, min(k, idx.index.ntotal))
         own = np.arange(start, start + len(x))[:, None]
         close = (scores >= threshold) if metric == "cosine" else (np.sqrt(np.maximum(scores, 0)) <= threshold)
@@ -93,7 +96,7 @@ class _Components:
 
 def _groups(idx, files, groups) -> pa.Table:
     members = np.array(sorted(p for g in groups for p in g), dtype=np.int64)
-    vecs = gather(idx.table, files, idx.column, idx.metric, members) if len(members) else None
+    vecs = gather(idx.table, files, idx.column, idx.metric, members, idx.center) if len(members) else None
     extra = [c for c in CLIP_COLUMNS if c in idx.rows.column_names]
     order, group_ids, scores = [], [], []
     for gid, g in enumerate(groups):

@@ -13,7 +13,7 @@ import numpy as np
 from ..redact import redact_text
 from ..train.table import FeatureTable, open_table
 from . import store
-from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, file_rows, relative
+from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, file_rows, prepare, relative
 
 
 class Index:
@@ -23,6 +23,7 @@ class Index:
     def __init__(self, table: FeatureTable, meta: Dict[str, Any], index, rows, uri: str):
         self.table, self.meta, self.index, self.rows = table, meta, index, rows
         self.column, self.metric = meta["column"], meta["metric"]
+        self.center = np.asarray(meta["center"], np.float32) if meta.get("center") else None  # --center
         self._ids = rows.column("sample_id").to_numpy(zero_copy_only=False)
         if meta.get("search"):
             (name, value), = meta["search"].items()
@@ -41,12 +42,10 @@ class Index:
 
     def search(self, vectors: np.ndarray, k: int = 10) -> List[List[Dict[str, Any]]]:
         """The k nearest rows of each query vector (n, D), nearest first."""
-        x = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        x = np.atleast_2d(vectors)
         if x.shape[1] != self.meta["dim"]:
             raise IndexRefused(f"a query of dimension {x.shape[1]} against an index of dimension {self.meta['dim']}")
-        if self.metric == "cosine":
-            x = x.copy()
-            faiss.normalize_L2(x)
+        x = prepare(x, self.metric, self.center)
         scores, found = self.index.search(x, min(int(k), self.index.ntotal))
         if self.metric == "l2":
             scores = np.sqrt(np.maximum(scores, 0))  # faiss answers squared distances

@@ -65,24 +65,33 @@ def row_columns(table: FeatureTable) -> List[str]:
 
 
 def batches(table: FeatureTable, rel_files: Sequence[str], column: str, metric: str,
-            extra: Sequence[str] = (), batch_rows: int = BATCH_ROWS) -> Iterator[Tuple[np.ndarray, pa.RecordBatch]]:
+            extra: Sequence[str] = (), batch_rows: int = BATCH_ROWS,
+            center: Optional[np.ndarray] = None) -> Iterator[Tuple[np.ndarray, pa.RecordBatch]]:
     """(float32 (n, D) vectors, the batch's `extra` columns), file after file in the given order;
-    unit length for cosine."""
+    `center` subtracted when given, then unit length for cosine."""
     for rel in rel_files:
         with table.fs.open(f"{table.root}/{rel}", "rb") as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=[column, *extra]):
-                x = np.ascontiguousarray(vectors(batch.column(column)))
-                if metric == "cosine":
-                    faiss.normalize_L2(x)
-                yield x, batch.select(list(extra))
+                yield prepare(vectors(batch.column(column)), metric, center), batch.select(list(extra))
+
+
+def prepare(x: np.ndarray, metric: str, center: Optional[np.ndarray] = None) -> np.ndarray:
+    """Vectors as the index holds them: minus `center` (the table's mean, `--center`), unit length
+    for cosine. A new array: the caller's stays as it was."""
+    x = np.array(x, dtype=np.float32, order="C")
+    if center is not None:
+        x -= center
+    if metric == "cosine":
+        faiss.normalize_L2(x)
+    return x
 
 
 def gather(table: FeatureTable, rel_files: Sequence[str], column: str, metric: str,
-           positions: np.ndarray) -> np.ndarray:
+           positions: np.ndarray, center: Optional[np.ndarray] = None) -> np.ndarray:
     """The vectors at sorted global `positions` (over rel_files in order), in one streaming pass."""
     out = np.empty((len(positions), table.shape(column)[1]), dtype=np.float32)
     start, taken = 0, 0
-    for x, _ in batches(table, rel_files, column, metric):
+    for x, _ in batches(table, rel_files, column, metric, center=center):
         lo, hi = np.searchsorted(positions, [start, start + len(x)])
         out[taken:taken + hi - lo] = x[positions[lo:hi] - start]
         taken += hi - lo
