@@ -1,7 +1,8 @@
 """The progress a run shows (pipeline/progress.py) and the quiet console (pipeline/console.py).
 
-The lines are formatted without Ray; two runs of the command, each in its own process with its own
-Ray, show the line in a pseudo-terminal and in a pipe, and that Ray's noise stays off stderr."""
+The lines are formatted without Ray; two runs of the command, each in its own process, show the line
+in a pseudo-terminal (a Ray of its own) and in a pipe (joining the session's Ray with --address), and
+that Ray's noise stays off stderr."""
 from __future__ import annotations
 
 import logging
