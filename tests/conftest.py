@@ -70,7 +70,10 @@ def ray_session(faults_dir):
     if ray.is_initialized():  # pragma: no cover - someone else started it in this process
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": always a Ray of our own; without it ray.init joins any cluster that a
+    # concurrent `ray start` or ray.cluster_utils.Cluster (test_cluster, test_faults) advertises in
+    # /tmp/ray, and fails ("num_cpus ... must not be provided").
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"FEATURIZE_FAULTS": str(faults_dir), **LOCAL_RAY_ENV}})
     try:
         yield ray

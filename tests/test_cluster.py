@@ -44,7 +44,10 @@ def local_cluster():
     state = tempfile.mkdtemp(prefix="fzc", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "FEATURIZE_CLUSTER_DIR": state, "RAY": str(BIN / "ray"),
            "RAY_PORT": str(_free_port()), "DASHBOARD_PORT": str(_free_port()), "CLIENT_PORT": str(_free_port()),
-           "HEAD_CPUS": "2", "WORKER_CPUS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+           "HEAD_CPUS": "2", "WORKER_CPUS": "1", "PATH": f"{BIN}:{os.environ['PATH']}",
+           # On SIGTERM a node first drains, up to 30 s: the head, which hosts the Jobs API and the
+           # drivers' leftovers, never goes idle, so `down` waited out the whole 30 s after the tests.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     try:
         up = subprocess.run([str(LOCAL_SH), "up", "1"], env=env, capture_output=True, text=True, timeout=240)

@@ -216,8 +216,9 @@ def test_3_driver_sigkilled_then_the_same_command_resumes(ray_session, faults, f
     assert_whole_files(str(out))
 
 
-def _store_options(proxy: FaultProxy):
-    return {**s3_options(proxy.endpoint), "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
+def _store_options(proxy: FaultProxy, attempts: int = 3):
+    return {**s3_options(proxy.endpoint),
+            "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"}}}
 
 
 @pytest.mark.timeout(400)
@@ -236,11 +237,13 @@ def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_pat
     assert_exactly_once(out, planned(src), fs)
     assert_whole_files(out, fs)
 
-    # a permanent outage mid-job: the job fails with the store's error, and OUT stays resumable
+    # a permanent outage mid-job: the job fails with the store's error, and OUT stays resumable.
+    # One attempt per botocore call (s3fs still retries SlowDown itself): the outage is permanent,
+    # so more attempts only make the failure take longer (~65 s with 3 attempts, retried at every layer).
     out2 = f"s3://{S3_BUCKET}/out2"
     with FaultProxy(s3_server) as proxy:
-        job = job_dict(f"s3://{S3_BUCKET}/images/", out2, source={"storage_options": _store_options(proxy)},
-                       resources={"batch_size": 4})
+        job = job_dict(f"s3://{S3_BUCKET}/images/", out2,
+                       source={"storage_options": _store_options(proxy, attempts=1)}, resources={"batch_size": 4})
 
         def outage_after_first_commit():
             def committed():

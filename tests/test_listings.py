@@ -1,12 +1,18 @@
 """`featurize models`, `featurize layers ARCH`, and the model refusals that point at them.
 
 The listings never import Ray (proved by poisoning the import); the refusals of `featurize run`
-come before Ray starts (no RAY_TMPDIR/ray), with one line and exit 2.
+come before Ray starts (no RAY_TMPDIR/ray), with one line and exit 2. The commands run in a separate
+process (one for the listings, one for the refusals: each command's main() in turn, its exit code,
+stdout and stderr kept apart), so that nothing this test process imported is taken for granted.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +23,7 @@ from pipeline.models.weights import WeightsError, resolve
 from pipeline.samples import make_image_folder
 
 from conftest import job_dict
-from test_cli import assert_refused, featurize, write_job
+from test_cli import assert_refused, write_job
 
 
 def without_ray(tmp_path: Path) -> dict:
@@ -28,8 +34,36 @@ def without_ray(tmp_path: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(poison.parent), os.environ.get("PYTHONPATH")]))}
 
 
-def test_models_lists_each_family_without_ray(tmp_path):
-    result = featurize("models", env_extra=without_ray(tmp_path))
+SEP = "=== featurize exited "
+COMMANDS = f"""import json, sys
+from pipeline.cli import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    print({SEP!r} + str(code), flush=True)
+    print({SEP!r}, file=sys.stderr, flush=True)
+"""
+
+
+def featurize_each(*commands, env_extra=None, timeout=180):
+    """Each command (the arguments of `featurize`) through the command's main() in turn, in one new
+    process: a list of (returncode, stdout, stderr), one per command, as separate runs would give."""
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", COMMANDS, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs, errs = proc.stdout.split(SEP), proc.stderr.split(SEP + "\n")
+    assert len(outs) == len(errs) == len(commands) + 1, (proc.stdout[-2000:], proc.stderr[-2000:])
+    codes = [int(out.split("\n", 1)[0]) for out in outs[1:]]
+    stdouts = [outs[0]] + [out.split("\n", 1)[1] for out in outs[1:-1]]
+    return [SimpleNamespace(returncode=c, stdout=o, stderr=e) for c, o, e in zip(codes, stdouts, errs)]
+
+
+def test_models_and_layers_list_without_ray(tmp_path):
+    result, layers = featurize_each(["models"], ["layers", "resnet18", "--crop", "112"], env_extra=without_ray(tmp_path))
     assert result.returncode == 0, result.stderr
     sections = {}
     for block in result.stdout.strip().split("\n\n"):
@@ -42,6 +76,14 @@ def test_models_lists_each_family_without_ray(tmp_path):
     assert "maskrcnn_resnet50_fpn" not in sections["torchvision"]  # detection models are not backbones here
     assert {"mean", "max", "lstm", "attention"} == sections["temporal"]
     assert "model.arch" in result.stdout and "temporal[].kind" in result.stdout
+
+    # `featurize layers ARCH`: a table of each node's output shape at the crop
+    result = layers
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:-1]}
+    assert "(512, 4, 4)" in rows["layer4.1.relu_1"] and rows["layer4.1.relu_1"].endswith("= layer4, layer4.1")
+    assert rows["avgpool"].split()[1:] == ["(512,", "1,", "1)", "512"]
+    assert "crop 112" in result.stdout.splitlines()[0]
 
 
 def test_layers_have_their_output_shapes_at_the_crop():
@@ -72,42 +114,33 @@ def test_models_and_layers_of_one_family():
         layer_nodes("resnet18x", 64, "timm")
 
 
-def test_layers_prints_a_table_without_ray(tmp_path):
-    result = featurize("layers", "resnet18", "--crop", "112", env_extra=without_ray(tmp_path))
-    assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:-1]}
-    assert "(512, 4, 4)" in rows["layer4.1.relu_1"] and rows["layer4.1.relu_1"].endswith("= layer4, layer4.1")
-    assert rows["avgpool"].split()[1:] == ["(512,", "1,", "1)", "512"]
-    assert "crop 112" in result.stdout.splitlines()[0]
-
-
-def test_an_unknown_arch_is_refused_naming_the_closest(tmp_path, ray_tmpdir):
-    result = featurize("layers", "resnet181", env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
-    line = assert_refused(result, ray_tmpdir, "model.arch", "'resnet181'", "featurize models")
-    assert line.split("did you mean ")[1].startswith("resnet18,")
-
-
 @pytest.fixture
 def images(tmp_path):
     make_image_folder(str(tmp_path / "images"), n=4, broken=0)
     return tmp_path / "images"
 
 
-def test_an_unknown_layer_is_refused_naming_the_closest(tmp_path, images, ray_tmpdir):
-    data = job_dict(str(images), str(tmp_path / "out"))
-    data["model"]["layer"] = "layer5"
-    result = featurize("run", str(write_job(tmp_path / "job.yaml", data)), env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
-    line = assert_refused(result, ray_tmpdir, "model.layer", "'layer5'", "featurize layers resnet18")
+def test_an_unknown_arch_or_layer_and_a_crop_the_model_cannot_take_are_refused_before_ray(tmp_path, images,
+                                                                                          ray_tmpdir):
+    layer = job_dict(str(images), str(tmp_path / "out"))
+    layer["model"]["layer"] = "layer5"
+    crop = job_dict(str(images), str(tmp_path / "out"))
+    crop["model"] = {"arch": "vit_b_16", "weights": "none"}
+    crop["preprocess"] = {"resize": 128, "crop": 112}
+    arch, layer, crop = featurize_each(
+        ["layers", "resnet181"], ["run", str(write_job(tmp_path / "layer.yaml", layer))],
+        ["run", str(write_job(tmp_path / "crop.yaml", crop))], env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
+
+    # an unknown arch, naming the closest
+    line = assert_refused(arch, ray_tmpdir, "model.arch", "'resnet181'", "featurize models")
+    assert line.split("did you mean ")[1].startswith("resnet18,")
+
+    # an unknown layer, naming the closest
+    line = assert_refused(layer, ray_tmpdir, "model.layer", "'layer5'", "featurize layers resnet18")
     assert line.split("did you mean ")[1].startswith("layer4,")
-    assert not (tmp_path / "out").exists()
 
-
-def test_a_crop_the_model_cannot_take_is_refused_before_ray(tmp_path, images, ray_tmpdir):
-    data = job_dict(str(images), str(tmp_path / "out"))
-    data["model"] = {"arch": "vit_b_16", "weights": "none"}
-    data["preprocess"] = {"resize": 128, "crop": 112}
-    result = featurize("run", str(write_job(tmp_path / "job.yaml", data)), env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
-    line = assert_refused(result, ray_tmpdir, "preprocess.crop", "vit_b_16", "112x112", "needs crop 224")
+    # a crop the model cannot take
+    line = assert_refused(crop, ray_tmpdir, "preprocess.crop", "vit_b_16", "112x112", "needs crop 224")
     assert "resume" not in line
     assert not (tmp_path / "out").exists()
 

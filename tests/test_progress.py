@@ -1,7 +1,8 @@
 """The progress a run shows (pipeline/progress.py) and the quiet console (pipeline/console.py).
 
-The lines are formatted without Ray; two runs of the command, each in its own process with its own
-Ray, show the line in a pseudo-terminal and in a pipe, and that Ray's noise stays off stderr."""
+The lines are formatted without Ray; two runs of the command, each in its own process, show the line
+in a pseudo-terminal (a Ray of its own) and in a pipe (joining the session's Ray with --address), and
+that Ray's noise stays off stderr."""
 from __future__ import annotations
 
 import logging
@@ -184,7 +185,7 @@ def env_for(ray_tmpdir, **extra):  # ray_tmpdir: conftest's fixture
 
 
 @pytest.mark.timeout(480)
-def test_the_command_shows_progress_in_a_terminal_and_in_a_pipe_and_no_ray_noise(job_file, ray_tmpdir):
+def test_the_command_shows_progress_in_a_terminal_and_in_a_pipe_and_no_ray_noise(job_file, ray_tmpdir, ray_session):
     job, out = job_file
     code, terminal, stdout = in_terminal([*featurize_command(), "run", str(job)], env_for(ray_tmpdir))
     assert code == 0, terminal[-3000:]
@@ -198,7 +199,9 @@ def test_the_command_shows_progress_in_a_terminal_and_in_a_pipe_and_no_ray_noise
     lost = sorted((out / "features").rglob("*.parquet"))[0]
     kept = 9 - pq.read_metadata(lost).num_rows
     lost.unlink()
-    result = subprocess.run([*featurize_command(), "run", str(job)], capture_output=True, text=True, timeout=240,
+    address = ray_session.get_runtime_context().gcs_address  # no second Ray start: it joins the session's
+    result = subprocess.run([*featurize_command(), "run", str(job), "--address", address], capture_output=True,
+                            text=True, timeout=240,
                             env=env_for(ray_tmpdir, FEATURIZE_PROGRESS_INTERVAL="0.3"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
