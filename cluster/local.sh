@@ -69,7 +69,9 @@ check_alive() {  # a `ray start --block` that exited means its node failed to st
 
 start_node() {  # start_node NAME ARGS...: one `ray start --block` in the background
   local name=$1; shift
-  nohup "$RAY" start --block --node-ip-address=127.0.0.1 --dashboard-agent-listen-port=0 \
+  # `down` stops the whole cluster at once: a node's graceful drain (waiting up to 30 s for its work
+  # to go idle, which the head's never does) would only hold `down` for 30 s and race its SIGKILL.
+  RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0} nohup "$RAY" start --block --node-ip-address=127.0.0.1 --dashboard-agent-listen-port=0 \
     --min-worker-port=0 --max-worker-port=0 "$@" >"$STATE/$name.log" 2>&1 &
   echo $! >"$STATE/$name.pid"
 }
