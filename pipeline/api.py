@@ -80,6 +80,42 @@ def apply(checkpoint: str, input: str, output: str, **options):
     return apply_head(checkpoint, input, output, **{"progress": True, **options})
 
 
+def index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None,
+          **options) -> Dict[str, Any]:
+    """Build or bring up to date the similarity index of a table (kind=, metric=, center= as
+    `featurize index`); returns its meta (kind, rows, recall, what this call did). No Ray."""
+    from .index.build import build_index
+
+    return build_index(uri, storage_options, column, **options)
+
+
+def search(uri: str, *, id: Optional[str] = None, image: Optional[str] = None,  # noqa: A002 - the CLI's word
+           video: Optional[str] = None, text: Optional[str] = None, k: int = 10, column: Optional[str] = None,
+           storage_options: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """The k nearest rows to one query (a sample id, an image or video file, or a text), nearest
+    first: dicts of rank, sample_id, score, label, uri, split. Needs `index(uri)` first."""
+    from .index.search import open_index, query
+
+    return query(open_index(uri, storage_options, column), uri, storage_options, sample_id=id, image=image,
+                 video=video, text=text, k=k)[1]
+
+
+def dedup(uri: str, threshold: float = 0.95, storage_options: Optional[Dict[str, Any]] = None,
+          column: Optional[str] = None, **options) -> pa.Table:
+    """Near-duplicate groups (group, sample_id, uri, label, split, score), as `featurize dedup`
+    finds them (center= as there); the table is returned, not written."""
+    from .index.dedup import find_duplicates
+
+    return find_duplicates(uri, storage_options, column, threshold, **options)
+
+
+def report(uri: str, storage_options: Optional[Dict[str, Any]] = None, out: Optional[str] = None) -> str:
+    """Write the self-contained HTML report of an output root (default OUT/_report.html); returns where."""
+    from .pages.report import write_report
+
+    return write_report(uri, storage_options, out)
+
+
 def open(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> "Output":  # noqa: A001 - the API's name
     """An output root of `run` or `apply`, to read."""
     return Output(uri, dict(storage_options or {}))

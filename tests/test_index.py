@@ -289,3 +289,18 @@ def test_index_search_and_dedup_need_neither_ray_nor_torch(tmp_path):
                             env={**os.environ, "PYTHONPATH": f"{poison}:{root}"})
     assert result.returncode == 0, result.stderr
     assert "s00001" in result.stdout and "duplicates 0 groups" in result.stdout
+
+
+def test_the_public_api_indexes_searches_dedups_and_reports(tmp_path):
+    import featurize
+
+    x = vectors(40)
+    x[7] = x[3] + 0.01
+    out = make_table(tmp_path / "out", x)
+    assert featurize.index(out, center=True)["action"] == "built"
+    hits = featurize.search(out, id="s00003", k=3)
+    assert ids(hits)[:2] == ["s00003", "s00007"] and hits[0]["score"] >= 0.999
+    assert featurize.dedup(out, 0.95)["sample_id"].to_pylist() == ["s00003", "s00007"]
+    assert featurize.report(out).endswith("_report.html") and (tmp_path / "out/_report.html").exists()
+    with pytest.raises(featurize.Refused, match="exactly one query"):
+        featurize.search(out, id="s00003", text="a red car")

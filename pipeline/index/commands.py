@@ -104,6 +104,7 @@ def describe(meta: Dict[str, Any], out: str) -> str:
 @_refusing
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import open_index
+    from .search import query as nearest
 
     if args.k < 1:
         _say(f"featurize: -k {args.k}: at least 1")
@@ -111,15 +112,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = open_index(args.out, args.options, args.column)
     if index.note:
         _say(f"featurize: {index.note}")
-    if args.sample_id is not None:
-        vector = index.vector(args.sample_id)
-        query = {"kind": "id", "value": args.sample_id, "uri": index.row(args.sample_id).get("uri")}
-    else:
-        from .query import query_vector  # written beside this module; embeds with the table's model
-
-        vector, query = query_vector(args.out, args.options, index.column,
-                                     image=args.image, video=args.video, text=args.text)
-    hits = index.search(vector[None, :], args.k)[0]
+    query, hits = nearest(index, args.out, args.options, sample_id=args.sample_id, image=args.image,
+                          video=args.video, text=args.text, k=args.k)
     if args.html:
         from ..pages.html import search_page
 

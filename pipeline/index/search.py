@@ -5,7 +5,7 @@ Score: cosine similarity (higher is closer) for metric cosine, L2 distance (lowe
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import faiss
 import numpy as np
@@ -89,6 +89,25 @@ class Index:
 
     def row(self, sample_id: str) -> Dict[str, Any]:
         return self.rows.slice(self.position(sample_id), 1).to_pylist()[0]
+
+
+def query(index: Index, uri: str, storage_options: Optional[Dict[str, Any]] = None, *,
+          sample_id: Optional[str] = None, image: Optional[str] = None, video: Optional[str] = None,
+          text: Optional[str] = None, k: int = 10) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """(the query as pages show it, its k nearest hits): exactly one of a sample id of the table, an
+    image or video file (embedded with the table's own model) or a text (open_clip tables)."""
+    if sum(q is not None for q in (sample_id, image, video, text)) != 1:
+        raise IndexRefused("a search takes exactly one query: an id, an image, a video or a text")
+    if k < 1:
+        raise IndexRefused(f"-k {k}: at least 1")
+    if sample_id is not None:
+        vector = index.vector(sample_id)
+        asked = {"kind": "id", "value": sample_id, "uri": index.row(sample_id).get("uri")}
+    else:
+        from .query import query_vector  # imports the model stack: only for file and text queries
+
+        vector, asked = query_vector(uri, storage_options, index.column, image=image, video=video, text=text)
+    return asked, index.search(vector[None, :], k)[0]
 
 
 def open_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None) -> Index:
