@@ -3,6 +3,7 @@ time and peak memory, and dedup's time, precision and recall on planted near-dup
 
     .venv/bin/python bench/index.py --rows 1000000            # the issue's case: 1M random unit vectors, D=512
     .venv/bin/python bench/index.py --rows 100000 --kinds ivf hnsw
+    .venv/bin/python bench/index.py --rows 1000000 --clusters 1000 --no-dedup   # clustered, as embeddings are
 
 Each step (write the table, build, query, dedup) runs in its own process; its peak resident memory
 is that process's ru_maxrss (os.wait4), which counts faiss's own allocations. Tables go under
@@ -34,14 +35,27 @@ def unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def table_vectors(rows, dim, dups, start, stop):
+SPREAD = 0.5  # --clusters: a point's distance from its cluster's centre, against the centres' ~1.4
+
+
+def points(rng, n, d, clusters=0):
+    """n unit vectors: uniform on the sphere, or (clusters > 0) around `clusters` fixed random centres,
+    a shape closer to real embeddings (classes, near-identical scenes) than the uniform worst case."""
+    if not clusters:
+        return unit(rng, n, d)
+    centres = unit(np.random.default_rng(12345), clusters, d)
+    x = centres[rng.integers(clusters, size=n)] + rng.standard_normal((n, d), dtype=np.float32) * (SPREAD / d ** 0.5)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def table_vectors(rows, dim, dups, start, stop, clusters=0):
     """Rows start..stop of the synthetic table (deterministic per 50k chunk). With dups, the last
     `dups` rows of each chunk are near copies of earlier rows of that chunk."""
     out = []
     for c in range(start // CHUNK, (stop - 1) // CHUNK + 1):
         n = min(CHUNK, rows - c * CHUNK)
         rng = np.random.default_rng(c)
-        x = unit(rng, n, dim)
+        x = points(rng, n, dim, clusters)
         if dups:
             src = rng.choice(n - dups, dups, replace=False)
             noise = rng.standard_normal((dups, dim), dtype=np.float32) * rng.uniform(0.004, 0.008, (dups, 1))
@@ -51,12 +65,12 @@ def table_vectors(rows, dim, dups, start, stop):
     return np.concatenate(out)
 
 
-def planted_pairs(rows, dim, dups):
+def planted_pairs(rows, dim, dups, clusters=0):
     pairs = set()
     for c in range(0, (rows - 1) // CHUNK + 1):
         n = min(CHUNK, rows - c * CHUNK)
         rng = np.random.default_rng(c)
-        rng.standard_normal((n, dim), dtype=np.float32)
+        points(rng, n, dim, clusters)  # the same draws as table_vectors, to reach the same choice
         src = rng.choice(n - dups, dups, replace=False)
         for k, s in enumerate(src):
             pairs.add((c * CHUNK + int(s), c * CHUNK + n - dups + k))
@@ -71,14 +85,15 @@ def step_write(a):
     os.makedirs(folder, exist_ok=True)
     for f, start in enumerate(range(0, a.rows, FILE_ROWS)):
         stop = min(a.rows, start + FILE_ROWS)
-        x = table_vectors(a.rows, a.dim, a.dups, start, stop).astype(np.float16)
+        x = table_vectors(a.rows, a.dim, a.dups, start, stop, a.clusters).astype(np.float16)
         ids = [f"r{i:08d}" for i in range(start, stop)]
         t = pa.table({"sample_id": ids, "uri": [f"file:///synthetic/{i}" for i in ids],
                       "label": [str(i % 1000) for i in range(start, stop)], "split": ["train"] * (stop - start),
                       "feature": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), a.dim)})
         pq.write_table(t, os.path.join(folder, f"part-{f:05d}.parquet"), compression="none")
     with open(os.path.join(a.table, "_job.json"), "w") as fh:
-        json.dump({"name": "bench-index", "status": "complete", "rows": a.rows, "dim": a.dim, "dups": a.dups}, fh)
+        json.dump({"name": "bench-index", "status": "complete", "rows": a.rows, "dim": a.dim, "dups": a.dups,
+                   "clusters": a.clusters}, fh)
     return {}
 
 
@@ -99,7 +114,7 @@ def step_query(a):
     t0 = time.time()
     index = open_index(a.table)
     load_s = time.time() - t0
-    q = unit(np.random.default_rng(99), a.queries, a.dim)
+    q = points(np.random.default_rng(99), a.queries, a.dim, a.clusters)
     got, lat = [], []
     for i in range(len(q)):
         t = time.perf_counter()
@@ -111,7 +126,7 @@ def step_query(a):
     batch_ms = (time.perf_counter() - t) * 1000 / len(q)
     heap = faiss.ResultHeap(len(q), 10, keep_max=True)
     for start in range(0, a.rows, CHUNK):
-        x = table_vectors(a.rows, a.dim, a.dups, start, min(a.rows, start + CHUNK)).astype(np.float16)
+        x = table_vectors(a.rows, a.dim, a.dups, start, min(a.rows, start + CHUNK), a.clusters).astype(np.float16)
         x = x.astype(np.float32)
         faiss.normalize_L2(x)
         d, i = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
@@ -135,7 +150,7 @@ def step_dedup(a):
         members.setdefault(g, []).append(int(sid[1:]))
     for m in members.values():
         found |= {(min(i, j), max(i, j)) for i in m for j in m if i < j}
-    truth = planted_pairs(a.rows, a.dim, a.dups)
+    truth = planted_pairs(a.rows, a.dim, a.dups, a.clusters)
     hit = len(found & truth)
     return {"dedup_s": round(took, 1), "groups": len(members), "rows_in_groups": len(groups),
             "planted_pairs": len(truth), "found_pairs": len(found),
@@ -149,7 +164,7 @@ def run_step(step, a, **extra):
     """One step in a fresh process: (its JSON result, peak RSS in GB, wall seconds)."""
     argv = [sys.executable, __file__, "--step", step, "--rows", str(a.rows), "--dim", str(a.dim),
             "--dups", str(extra.get("dups", 0)), "--table", extra["table"], "--kind", extra.get("kind", "auto"),
-            "--queries", str(a.queries), "--threshold", str(a.threshold)]
+            "--queries", str(a.queries), "--threshold", str(a.threshold), "--clusters", str(a.clusters)]
     t0 = time.time()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     out = proc.stdout.read()
@@ -161,7 +176,8 @@ def run_step(step, a, **extra):
 
 
 def table_path(a, dups):
-    return os.path.join(a.work, f"t{a.rows}x{a.dim}{'-dups' if dups else ''}")
+    shape = f"t{a.rows}x{a.dim}{f'-c{a.clusters}' if a.clusters else ''}"
+    return os.path.join(a.work, f"{shape}{'-dups' if dups else ''}")
 
 
 def ensure_table(a, dups):
@@ -177,6 +193,8 @@ def main():
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--kinds", nargs="+", default=["auto"], help="auto, flat, ivf, hnsw")
+    p.add_argument("--clusters", type=int, default=0,
+                   help="vectors around this many random centres (0: uniform on the sphere, the worst case)")
     p.add_argument("--dups", type=int, default=1000, help="planted near-duplicates per 50k rows (dedup table)")
     p.add_argument("--threshold", type=float, default=0.95)
     p.add_argument("--no-dedup", action="store_true")
