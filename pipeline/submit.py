@@ -14,7 +14,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 from urllib.parse import urlparse
 
 import yaml
@@ -79,9 +79,11 @@ def is_loopback(address: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
-def submit(job, data: Dict[str, Any], address: str, wait: bool, out: TextIO = sys.stdout) -> int:
+def submit(job, data: Dict[str, Any], address: str, wait: bool, out: Optional[TextIO] = None) -> int:
     """Submit the job or training (`data`: the file's mapping, overrides applied); with `wait`, follow
-    it to the end and return its exit code, else return 0 once the cluster has accepted it."""
+    it to the end and return its exit code, else return 0 once the cluster has accepted it. `out`:
+    sys.stdout as it is at the call (a default bound at import kept a stream since replaced)."""
+    out = out or sys.stdout
     from ray.job_submission import JobSubmissionClient
 
     if not is_loopback(address) and local_paths(job):
@@ -112,9 +114,11 @@ def submit(job, data: Dict[str, Any], address: str, wait: bool, out: TextIO = sy
     return follow(client, submission_id, out)
 
 
-def follow(client, submission_id: str, out: TextIO = sys.stdout) -> int:
+def follow(client, submission_id: str, out: Optional[TextIO] = None) -> int:
     """Stream the job's logs until it ends; its exit code (0 when it succeeded)."""
     from ray.job_submission import JobStatus
+
+    out = out or sys.stdout
 
     async def tail():
         async for lines in client.tail_job_logs(submission_id):

@@ -30,6 +30,7 @@ from .table import FeatureTable, TableError, open_table
 from .tensors import SEQUENCE, label_codes, sequences, vectors
 
 READ_BYTES = 32 << 20  # float32 bytes converted per read: big enough to amortise, small enough to bound memory
+HERE_ROWS = 8192  # rows per block of a table ray_dataset(here=True) converts in this process
 
 Rows = Dict[str, np.ndarray]  # "x", "lengths", "y", "sample_id": arrays of the same length
 
@@ -162,11 +163,13 @@ class FeatureDataset(IterableDataset):
 def ray_dataset(uri: str, column: str, label: Optional[str] = "label", split: Optional[str] = None,
                 classes: Optional[Sequence[str]] = None, frames: Optional[int] = None,
                 storage_options: Optional[Dict[str, Any]] = None,
-                keep: Optional[Callable[[pa.Table], pa.Array]] = None):
+                keep: Optional[Callable[[pa.Table], pa.Array]] = None, here: bool = False):
     """A ray.data.Dataset of the table with columns "x" (float32 (D,) or (T, D) tensors), "y" (int64
     index in `classes`, unless label=None) and "lengths" (sequences), ready for
     `ds.iter_torch_batches(batch_size=...)`. `keep(table) -> boolean array` drops rows inside the
-    map (e.g. a hash-based validation fraction); it sees the read columns, sample_id included."""
+    map (e.g. a hash-based validation fraction); it sees the read columns, sample_id included.
+    `here`: read and convert the table in this process and hand Ray the blocks (a small table:
+    Ray Data would start read and map tasks, and their workers, for a few rows)."""
     import pyarrow.fs as pafs
     import ray.data
 
@@ -175,9 +178,16 @@ def ray_dataset(uri: str, column: str, label: Optional[str] = "label", split: Op
     frames = _frames(table, column, kind, frames)
     classes = _classes(table, label, split, None, classes)
     columns = _columns(table, column, label, split, None, ids=keep is not None)
+    convert = _RayConvert(column, kind, label, split, classes, frames, keep)
+    if here:
+        from ray.data.block import BlockAccessor
+
+        rows = table.dataset().to_table(columns=columns)
+        blocks = [BlockAccessor.batch_to_block(convert(rows.slice(i, HERE_ROWS)))
+                  for i in range(0, max(len(rows), 1), HERE_ROWS)]
+        return ray.data.from_blocks(blocks)
     fs = None if is_local(table.fs) else pafs.PyFileSystem(pafs.FSSpecHandler(table.fs))
     ds = ray.data.read_parquet(table.files, partitioning=None, filesystem=fs).select_columns(columns)
-    convert = _RayConvert(column, kind, label, split, classes, frames, keep)
     return ds.map_batches(convert, batch_format="pyarrow")
 
 

@@ -42,6 +42,7 @@ from .tensors import SEQUENCE
 log = logger(__name__)
 RUNS = "_train"  # Ray Train's run storage under the checkpoint directory: per-epoch checkpoints
 STATE = "state.pt"
+HERE_BYTES = 64 << 20  # Parquet bytes up to which the driver reads the table itself (see _fit)
 
 
 class TrainError(Refused, ValueError):
@@ -231,8 +232,11 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     loop_config = {"plan": plan, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                    "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
                    "head": dataclasses.asdict(cfg.head), "lines": lines}
-    datasets = _datasets(cfg, plan)
-    if _parquet_bytes(table) <= cache_bytes(cfg):
+    size = _parquet_bytes(table)
+    # A table this small is read here and handed to Ray as blocks: starting Ray Data's read and
+    # map tasks (and their worker processes) took longer than the rows (the order demo: ~12 s).
+    datasets = _datasets(cfg, plan, here=size <= min(HERE_BYTES, cache_bytes(cfg)))
+    if size <= cache_bytes(cfg):
         # Held in Ray's object store across epochs: streaming a small table anew each epoch costs
         # far more than its rows (Ray Data starts its read and map tasks every time).
         datasets = {k: v.materialize() for k, v in datasets.items()}
@@ -306,11 +310,11 @@ def _storage(fs, root: str, cfg: TrainConfig):
     return f"{root}/{RUNS}", PyFileSystem(FSSpecHandler(fs))
 
 
-def _datasets(cfg: TrainConfig, plan: Plan) -> Dict[str, Any]:
+def _datasets(cfg: TrainConfig, plan: Plan, here: bool = False) -> Dict[str, Any]:
     from .loader import ray_dataset
 
     common = {"column": plan.column, "label": plan.label, "classes": plan.classes or None,
-              "frames": plan.frames, "storage_options": cfg.data.storage_options}
+              "frames": plan.frames, "storage_options": cfg.data.storage_options, "here": here}
     if not supervised(plan.kind):
         common["label"] = None
     frac, seed = cfg.val_fraction, cfg.data.seed
