@@ -74,9 +74,10 @@ def test_image_and_video_tables_refuse_the_other_kind_wrong_columns_and_unreadab
     cases = [
         (dict(uri=images, video=str(video_table / "v1.avi")), r"is an image table; query it with --image"),
         (dict(uri=videos, image=str(image_table / "src/cat/img1.jpg")), r"is a video table; query it with --video"),
-        (dict(uri=images, column="nope", image="x.jpg"), r"--column: .* has no vector column 'nope' "
-                                                         r"\(vector columns: feature\)"),
-        (dict(uri=videos, column="nope", video="x.avi"), r"vector columns: clip_mean, clip_lstm\)"),
+        (dict(uri=images, column="nope", image="x.jpg"), r"--column: .* has no feature column 'nope' "
+                                                         r"\(feature columns: feature \(vector\)\)"),
+        (dict(uri=videos, column="nope", video="x.avi"),
+         r"feature columns: clip_mean \(vector\), clip_lstm \(vector\)(, frame_features \(sequence\))?\)"),
         (dict(uri=images, image=str(tmp_path / "missing.jpg")), r"--image: .*missing.jpg not found"),
         (dict(uri=images, text="a red car"), r"--text: .* was made by torchvision resnet18, which has no text tower"),
         (dict(uri=images), r"give one query"),

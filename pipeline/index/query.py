@@ -21,7 +21,7 @@ from ..errors import Refused
 from ..redact import redact_text
 from ..sources import filesystem
 from ..train.table import FeatureTable, open_table
-from ..train.tensors import VECTOR, ColumnError, column_shape
+from .table import choose_column
 
 Options = Optional[Dict[str, Any]]
 # Provenance keys prepare() must give again for a query to land in the table's space.
@@ -43,7 +43,7 @@ def query_vector(uri: str, storage_options: Options = None, column: Optional[str
     table = open_table(uri, storage_options, key="search")
     meta = table.metadata()
     _refuse_applied(table, meta, kind)
-    column = pick_column(table, column)
+    column, _ = choose_column(table, column)
     job = _job(table, meta, storage_options)
     if kind == "text":
         vector = _text_vector(table, job, meta, column, value)
@@ -65,25 +65,6 @@ def _one_query(image: Optional[str], video: Optional[str], text: Optional[str]) 
     if not str(value).strip():
         raise QueryError(f"--{kind}: empty")
     return kind, str(value)
-
-
-def pick_column(table: FeatureTable, column: Optional[str]) -> str:
-    """The vector column to search; frame_features (a sequence per clip) is none."""
-    vectors = [f.name for f in table.schema if _vector(f.type)]
-    if column is None and vectors:
-        return "feature" if "feature" in vectors else vectors[0]
-    if column not in vectors:
-        asked = "" if column is None else f" {column!r}"
-        raise QueryError(f"--column: {redact_text(table.uri)} has no vector column{asked} "
-                         f"(vector columns: {', '.join(vectors) or 'none'})")
-    return column
-
-
-def _vector(typ) -> bool:
-    try:
-        return column_shape("", typ)[0] == VECTOR
-    except ColumnError:
-        return False
 
 
 def _refuse_applied(table: FeatureTable, meta: Dict[str, str], kind: str) -> None:

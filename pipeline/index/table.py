@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..redact import redact_text
 from ..train.table import FeatureTable, TableError
 from ..train.tensors import SEQUENCE, VECTOR, column_shape, vectors
 
@@ -36,13 +37,14 @@ def choose_column(table: FeatureTable, column: Optional[str] = None) -> Tuple[st
     """(column, D): `column`, else `feature`, else the table's first vector column (clip_<head>)."""
     kinds = feature_columns(table)
     named = ", ".join(f"{c} ({k})" for c, k in kinds.items()) or "none"
+    where = redact_text(table.uri)
     if column is None:
         found = [c for c, k in kinds.items() if k == VECTOR]
         if not found:
-            raise IndexRefused(f"{table.uri} has no vector column to index (feature columns: {named})")
+            raise IndexRefused(f"{where} has no vector column to index (feature columns: {named})")
         column = "feature" if "feature" in found else found[0]
     if column not in kinds:
-        raise IndexRefused(f"--column: {table.uri} has no feature column {column!r} (feature columns: {named})")
+        raise IndexRefused(f"--column: {where} has no feature column {column!r} (feature columns: {named})")
     if kinds[column] == SEQUENCE:
         vec = [c for c, k in kinds.items() if k == VECTOR]
         raise IndexRefused(f"--column: {column!r} is a sequence of frame vectors, not one vector per row; "
