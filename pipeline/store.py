@@ -6,7 +6,7 @@ import errno
 import io
 import os
 import uuid
-from typing import List
+from typing import Dict, List
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -101,12 +101,18 @@ def publish(fs, src: str, dst: str) -> None:
 
 def parquet_files(fs, folder: str) -> List[str]:
     """Published Parquet files under a folder (readers skip names starting with . or _)."""
+    return sorted(parquet_sizes(fs, folder))
+
+
+def parquet_sizes(fs, folder: str) -> Dict[str, int]:
+    """{path: bytes} of the published Parquet files under a folder, from one listing."""
     fs.invalidate_cache()  # all of it: s3fs answers for a file from its parent's cached listing
     try:
-        paths = fs.find(folder)
+        found = fs.find(folder, detail=True)
     except FileNotFoundError:
-        return []
-    return sorted(p for p in paths if p.endswith(".parquet") and not _hidden(p[len(folder):]))
+        return {}
+    return {p: int(info.get("size") or 0) for p, info in found.items()
+            if p.endswith(".parquet") and not _hidden(p[len(folder):])}
 
 
 def _hidden(rel: str) -> bool:

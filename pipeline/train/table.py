@@ -5,6 +5,7 @@ Reads the output contract only: OUT/features/**.parquet (every file holds the ex
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 from ..errors import Refused
 from ..redact import redact_strings, redact_text
 from ..sources import filesystem
-from ..store import parquet_files
+from ..store import parquet_sizes
 from .tensors import SEQUENCE, ColumnError, column_shape
 
 
@@ -34,6 +35,7 @@ class FeatureTable:
     files: List[str]
     schema: pa.Schema
     record: Dict[str, Any] = field(default_factory=dict)  # _job.json, {} if none
+    sizes: Dict[str, int] = field(default_factory=dict)  # bytes of each file, from the listing
 
     def dataset(self) -> pads.Dataset:
         """The features files; no hive partitioning: the exact split and label are in every file."""
@@ -85,6 +87,20 @@ class FeatureTable:
                                "status": self.record.get("status"), "rows": self.rows(),
                                "metadata": self.metadata()})
 
+    def lineage(self) -> Dict[str, Any]:
+        """What the table's content is, for what is derived from it (an index, a head, a list of
+        duplicates) to tell a changed table from the one it was made of: the model, weights, layer
+        and preprocessing of its provenance, and a digest of its files' names and sizes (a run that
+        adds, removes or rewrites files changes it; an --overwrite with another model changes both)."""
+        meta = self.metadata()
+        keep = ("model", "model_family", "weights_id", "weights_sha256", "layer", "pool", "preprocess", "dim",
+                "dtype", "video_sampling", "temporal", "kind", "columns", "head")
+        files = hashlib.sha256()
+        for path in self.files:
+            files.update(f"{path[len(self.root):]}\0{self.sizes.get(path, -1)}\n".encode())
+        return {"provenance": {k: meta[f"featurize.{k}"] for k in keep if f"featurize.{k}" in meta},
+                "files": len(self.files), "digest": files.hexdigest()[:32]}
+
     def rows(self) -> int:
         return sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in self.files)
 
@@ -103,7 +119,8 @@ def open_table(uri: str, storage_options: Optional[Dict[str, Any]] = None, key: 
         fs, root = filesystem(uri, storage_options or {})
         root = root.rstrip("/")
         folder = f"{root}/features" if fs.isdir(f"{root}/features") else root
-        files = parquet_files(fs, folder)
+        sizes = parquet_sizes(fs, folder)
+        files = sorted(sizes)
         record = json.loads(fs.cat_file(f"{root}/_job.json")) if fs.exists(f"{root}/_job.json") else {}
     except Exception as e:  # no endpoint, denied, bad options
         raise TableError(f"{key}: {uri}: cannot be read ({type(e).__name__}: {e})") from None
@@ -113,7 +130,7 @@ def open_table(uri: str, storage_options: Optional[Dict[str, Any]] = None, key: 
         schema = pq.read_schema(files[0], filesystem=fs)
     except Exception as e:
         raise TableError(f"{key}: {files[0]} is not a Parquet file ({type(e).__name__}: {e})") from None
-    return FeatureTable(uri, fs, root, files, schema, record)
+    return FeatureTable(uri, fs, root, files, schema, record, sizes)
 
 
 def is_sequence(table: FeatureTable, column: str) -> bool:
