@@ -178,7 +178,8 @@ def _hits(media) -> List[Dict]:
 
 
 def test_search_page_is_valid_self_contained_and_shows_every_hit(media):
-    html = search_page({"kind": "image", "value": "tall.png", "uri": f"{media}/tall.png"}, _hits(media))
+    html = search_page({"kind": "image", "value": "tall.png", "uri": f"{media}/tall.png"}, _hits(media),
+                       allow_uris=[str(media)])
     page = self_contained(html)
     assert "http://" not in html and "https://" not in html
     images = page.images
@@ -198,7 +199,9 @@ def test_no_secret_of_a_uri_reaches_a_page(media):
     hits = [{"rank": 1, "sample_id": "x.jpg", "score": 1.0, "label": "a", "uri": uri, "split": "train"}]
     groups = pa.table({"group": pa.array([0, 0], pa.int64()), "sample_id": ["x.jpg", "y.jpg"], "uri": [uri, uri],
                        "label": ["a", "a"], "split": ["train", "train"], "score": pa.array([1.0, 0.97], pa.float32())})
-    for html in (search_page({"kind": "image", "value": uri, "uri": uri}, hits), dedup_page(groups)):
+    allowed = ["https://127.0.0.1:9/b/"]  # read (and fail: nothing listens there), so the error is shown
+    for html in (search_page({"kind": "id", "value": "x.jpg", "uri": uri}, hits, allow_uris=allowed),
+                 dedup_page(groups, allow_uris=allowed)):
         self_contained(html)
         decoded = html + "".join(unquote(s) for s in Page(html).images)
         assert SECRET not in decoded and SIGNATURE not in decoded and "AKIAXYZ" not in decoded
@@ -211,14 +214,14 @@ def test_dedup_page_rows_of_thumbnails(media):
     groups = pa.table({"group": pa.array([0, 0, 1, 1, 2, 2], pa.int64()), "sample_id": [f"s{i}" for i in range(6)],
                        "uri": uris, "label": list("aabbcc"), "split": ["train"] * 6,
                        "score": pa.array([1.0, 0.98, 1.0, 0.96, 1.0, 0.95], pa.float32())})
-    page = self_contained(dedup_page(groups, max_groups=2))
+    page = self_contained(dedup_page(groups, max_groups=2, allow_uris=[str(media)]))
     assert len(page.images) == 4  # the first two groups
     assert [jpeg_size(s) for s in page.images[:3]] == [(120, 60), (60, 120), (36, 120)]
     assert "FileNotFoundError" in reason(page.images[3])
     text = "".join(page.text)
     assert "group 0: 2 samples" in text and "showing the first 2 of 3 groups" in text and "0.9600" in text
     pq.write_table(groups, media / "groups.parquet")  # or the table's file
-    assert dedup_page(str(media / "groups.parquet"), max_groups=2).count("<img") == 4
+    assert dedup_page(str(media / "groups.parquet"), max_groups=2, allow_uris=[str(media)]).count("<img") == 4
     assert "no near-duplicates" in dedup_page(groups.slice(0, 0))
 
 
@@ -347,7 +350,8 @@ def test_pages_open_in_a_headless_browser(tmp_path, media):
     (tmp_path / "out" / "_job.json").write_text(json.dumps(_job()))
     write_report(out)
     search = tmp_path / "search.html"
-    search.write_text(search_page({"kind": "image", "value": "tall.png", "uri": f"{media}/tall.png"}, _hits(media)))
+    search.write_text(search_page({"kind": "image", "value": "tall.png", "uri": f"{media}/tall.png"}, _hits(media),
+                                  allow_uris=[str(media)]))
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                f"--user-data-dir={tmp_path / 'profile'}"]
     shot = tmp_path / "report.png"

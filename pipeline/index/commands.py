@@ -7,6 +7,7 @@ import sys
 from typing import Any, Dict, List
 
 from ..errors import Refused
+from ..pages.commands import add_allow_uris
 from ..redact import redact_text
 from . import KINDS, METRICS
 
@@ -34,6 +35,7 @@ def add_parsers(sub) -> None:
     search.add_argument("-k", type=int, default=10, help="how many neighbours (default: 10)")
     search.add_argument("--json", action="store_true", help="print the query and hits as JSON")
     search.add_argument("--html", default=None, metavar="PATH", help="also write a page with thumbnails")
+    add_allow_uris(search)
     search.set_defaults(func=cmd_search)
 
     dedup = sub.add_parser("dedup", help="near-duplicate groups of a features table, as a Parquet table")
@@ -45,6 +47,7 @@ def add_parsers(sub) -> None:
     dedup.add_argument("--out", dest="dedup_out", default=None,
                        help="where the groups table goes (default: OUT/_duplicates/<column>.parquet)")
     dedup.add_argument("--html", default=None, metavar="PATH", help="also write a page of the groups as thumbnails")
+    add_allow_uris(dedup)
     dedup.set_defaults(func=cmd_dedup)
 
 
@@ -117,7 +120,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.html:
         from ..pages.html import search_page
 
-        _write_text(args.html, search_page(query, hits, args.options), args.options)
+        page = search_page(query, hits, args.options, table=args.out, allow_uris=args.allow_uris)
+        _write_text(args.html, page, args.options)
     if args.json:
         print(json.dumps({"query": query, "column": index.column, "metric": index.metric, "hits": hits}, indent=1))
     else:
@@ -146,7 +150,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if args.html:
         from ..pages.html import dedup_page
 
-        _write_text(args.html, dedup_page(groups, args.options), args.options)
+        page = dedup_page(groups, args.options, table=args.out, allow_uris=args.allow_uris)
+        _write_text(args.html, page, args.options)
     n = len(set(groups.column("group").to_pylist())) if len(groups) else 0
     print(f"duplicates {n} groups, {len(groups)} rows (threshold {args.threshold}) -> {where}")
     return EXIT_OK

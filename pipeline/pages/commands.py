@@ -9,6 +9,13 @@ from ..errors import Refused
 from ..redact import redact_text
 
 EXIT_OK, EXIT_REFUSED = 0, 2
+ALLOW_HELP = ("a page's thumbnails may also be read under this prefix (repeatable); by default only under "
+              "the table's own source (its _job.json): any other URI in the table is shown as not read")
+
+
+def add_allow_uris(parser: argparse.ArgumentParser) -> None:
+    """`--allow-uris PREFIX` of the commands that write pages of a table's rows (search, dedup)."""
+    parser.add_argument("--allow-uris", action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
 
 
 def add_parsers(sub) -> None:

@@ -2,6 +2,8 @@
 
 Nothing is fetched when a page is viewed: the style is inline, every picture is a data URI, and
 there is no script. Every string from a table or a query is escaped, and every URI redacted.
+While a page is made, a hit's thumbnail is read only under the table's source or a prefix in
+`allow_uris` (allowed.py); the user's own query file is read as given.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..redact import redact_text
+from .allowed import page_roots
 from .thumbnails import is_placeholder, placeholder_reason, thumbnails
 
 STYLE = """
@@ -73,11 +76,15 @@ def hit_lines(hit: Dict[str, Any]) -> List[str]:
 
 
 def search_page(query: Dict[str, Any], hits: Sequence[Dict[str, Any]],
-                storage_options: Optional[Dict[str, Any]] = None, size: int = 160) -> str:
-    """The query and its nearest samples as thumbnails with score, label, id and URI (redacted)."""
+                storage_options: Optional[Dict[str, Any]] = None, size: int = 160, *, table: Optional[str] = None,
+                allow_uris: Sequence[str] = ()) -> str:
+    """The query and its nearest samples as thumbnails with score, label, id and URI (redacted).
+    `table`: the output root the hits are rows of (its source is read); `allow_uris`: other prefixes
+    to read. A query by file names the user's own file; a query by id, a row of the table."""
     kind, value, uri = query.get("kind", ""), query.get("value", ""), query.get("uri")
     items = ([(uri, None)] if uri else []) + [(h.get("uri", ""), h.get("start_s")) for h in hits]
-    thumbs = thumbnails(items, storage_options, size)
+    roots = page_roots(table, storage_options, allow_uris) + ([uri] if uri and kind != "id" else [])
+    thumbs = thumbnails(items, storage_options, size, roots=roots)
     query_thumb = thumbs.pop(0) if uri else None
     if query_thumb is not None:
         head = card(query_thumb, [f"<b>query</b> ({text(kind)})", text(value)], "card query", uri)
@@ -100,9 +107,11 @@ def _cosine_like(hits: Sequence[Dict[str, Any]]) -> bool:
 
 
 def dedup_page(groups_table: Union[pa.Table, str], storage_options: Optional[Dict[str, Any]] = None,
-               max_groups: int = 200, size: int = 120, max_members: int = 24) -> str:
+               max_groups: int = 200, size: int = 120, max_members: int = 24, *, table: Optional[str] = None,
+               allow_uris: Sequence[str] = ()) -> str:
     """Duplicate groups as rows of thumbnails (the first `max_groups` groups, `max_members` each).
-    `groups_table`: the dedup table (pyarrow), or its Parquet file's URI."""
+    `groups_table`: the dedup table (pyarrow), or its Parquet file's URI; `table`, `allow_uris`:
+    where thumbnails may be read, as for search_page."""
     if isinstance(groups_table, str):
         from ..sources import filesystem
 
@@ -116,7 +125,9 @@ def dedup_page(groups_table: Union[pa.Table, str], storage_options: Optional[Dic
     total, members = len(groups), len(rows)
     shown = sorted(groups)[:max_groups]
     picked = [m for g in shown for m in groups[g][:max_members]]
-    thumbs = iter(thumbnails([(m.get("uri") or "", m.get("start_s")) for m in picked], storage_options, size))
+    roots = page_roots(table, storage_options, allow_uris)
+    thumbs = iter(thumbnails([(m.get("uri") or "", m.get("start_s")) for m in picked], storage_options, size,
+                             roots=roots))
     sections = []
     for g in shown:
         kept = groups[g][:max_members]

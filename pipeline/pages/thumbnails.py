@@ -4,7 +4,10 @@ it), or a video (one frame: from the middle, or at a clip's start).
 
 Every read is bounded (bytes read, pixels decoded) and every failure becomes a placeholder (an
 inline SVG that says why, credentials masked), never an exception out of a page. Hits are rows the
-extraction already decoded, so a video is decoded in-process here (PyAV), not in an isolated child.
+extraction already decoded, so a video is decoded in-process here (PyAV), not in an isolated child;
+it opens no other file or URL a video's bytes may name. `thumbnails(..., roots=)` reads only under
+those roots (allowed.py): the pages pass the table's source, so a table's `uri` cannot make a page
+read anything else.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ..decode import _to_rgb, open_image
 from ..redact import logger, redact_text
 from ..shards import tar_rows
 from ..sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
+from .allowed import NOT_READ, readable
 
 log = logger(__name__)
 
@@ -45,7 +49,8 @@ class ThumbnailError(Exception):
 def thumbnail(uri: str, storage_options: Optional[Dict[str, Any]] = None, size: int = 160,
               start_s: Optional[float] = None) -> str:
     """A `data:image/jpeg;base64,...` thumbnail of the image or video at `uri` (its longer side
-    `size` pixels), or a placeholder SVG data URI naming the reason; never raises."""
+    `size` pixels), or a placeholder SVG data URI naming the reason; never raises. `uri` is read
+    as given: a URI from a table goes through `thumbnails(..., roots=)`."""
     try:
         member = _TAR_MEMBER.match(uri or "")
         if member:
@@ -57,17 +62,21 @@ def thumbnail(uri: str, storage_options: Optional[Dict[str, Any]] = None, size: 
 
 
 def thumbnails(items: Sequence[Tuple[str, Optional[float]]], storage_options: Optional[Dict[str, Any]] = None,
-               size: int = 160, workers: int = WORKERS, timeout_s: float = TIMEOUT_S) -> List[str]:
+               size: int = 160, workers: int = WORKERS, timeout_s: float = TIMEOUT_S,
+               roots: Optional[Sequence[str]] = None) -> List[str]:
     """Thumbnails of many (uri, start_s) at once, in order, read by a pool of threads; the members
     of one tar shard are all taken in one pass over it. What is not done within `timeout_s` (a
-    store that does not answer) gets a placeholder saying so."""
+    store that does not answer) gets a placeholder saying so. `roots`: a URI (a tar member's
+    shard) outside all of them is not opened, and gets a placeholder saying so; None: read any."""
     options = storage_options or {}
     out: List[Optional[str]] = [None] * len(items)
     shards: Dict[str, Dict[str, List[int]]] = {}  # shard -> key -> positions
     files: List[int] = []
     for i, (uri, _) in enumerate(items):
         m = _TAR_MEMBER.match(uri or "")
-        if m:
+        if uri and roots is not None and not readable(m["shard"] if m else uri, roots):
+            out[i] = placeholder(NOT_READ, size)
+        elif m:
             shards.setdefault(m["shard"], {}).setdefault(m["key"], []).append(i)
         else:
             files.append(i)
@@ -209,7 +218,9 @@ def _video_thumbnail(source, size: int, start_s: Optional[float]) -> str:
     """A frame at `start_s`, else from the middle of the video (its first when it has no duration)."""
     import av
 
-    with av.open(source) as container:
+    # no protocol for what a container names (an HLS or DASH playlist's segments, a concat list):
+    # the bytes given are all a thumbnail reads
+    with av.open(source, options={"protocol_whitelist": "none"}) as container:
         stream = container.streams.video[0]
         duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else (
             container.duration / av.time_base if container.duration else 0.0)
