@@ -364,3 +364,25 @@ def test_pages_open_in_a_headless_browser(tmp_path, media):
                          timeout=120, check=True).stdout
     page = Page(dom)  # what the browser built from it: every image still there, no script
     assert len([s for s in page.images if s.startswith("data:image/jpeg")]) == 4 and len(page.images) == 5
+
+
+def test_report_charts_draw_names_as_plain_text(tmp_path):
+    """Stage, run, column and label names with mathtext and TeX in them: matplotlib would parse
+    `$...$` (and fail on `cost$_$model`); every chart still renders."""
+    root = tmp_path / "out"
+    n, names = 60, ["cost$_$model", "$\\undefined{$", "a_b^c{d}$$", "\\", "{}}{"]
+    x = np.random.default_rng(0).normal(0, 1, (n, 8)) + np.eye(8)[[i % 5 for i in range(n)]] * 6
+    write_table(str(root), ["train"] * n, [names[i % 5] for i in range(n)], feature=x)
+    for path in pq.ParquetDataset(str(root / "features")).files:  # the vector column's name too
+        t = pq.read_table(path)
+        pq.write_table(t.rename_columns(["clip_$_$" if c == "feature" else c for c in t.column_names]), path)
+    job = _job()
+    job["stages"]["stages"] = {name: dict(job["stages"]["stages"]["model"]) for name in names}
+    job["stages"]["bound"] = names[0]
+    job["runs"][-1]["started_at"] = "$_$"
+    job["runs"][0].update(progress=[[0.0, 0], [1.0, 5]], started_at="x^{")
+    (root / "_job.json").write_text(json.dumps(job))
+    write_report(str(root))
+    page = self_contained((root / "_report.html").read_text())
+    assert len(_pngs(page)) == 4
+    assert "column clip_$_$" in "".join(page.text) and "coloured by label (5 labels)" in "".join(page.text)

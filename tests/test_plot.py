@@ -61,3 +61,20 @@ def test_gaps_and_empty_metrics_render():
     image(curves_png(rows, "a gap in validation"))
     image(curves_png([], "nothing yet"))
 
+
+
+HOSTILE = ["cost$_$model", "$", "$$", "a_b^c{d}$", "\\frac{1}{0}$", "$\\undefined{$", "\\", "^_^", "{}}{", "50$ & 5%",
+           "$x^2$ \\n\n$", "tab\there"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_any_name_is_plain_text_in_the_title(name):
+    """matplotlib's mathtext would parse `$...$` (and crash on `cost$_$model`): the title is plain."""
+    assert coloured_pixels(image(curves_png(supervised(3), f"{name} (mlp)"))) > 100
+
+
+def test_plain_text_even_where_matplotlibrc_asks_for_tex():
+    import matplotlib
+
+    with matplotlib.rc_context({"text.usetex": True}):  # no TeX here: it would fail to run
+        image(curves_png(supervised(2), "cost$_$model"))

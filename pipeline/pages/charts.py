@@ -1,8 +1,10 @@
 """The report's charts: matplotlib figures (no pyplot, so no global state and no display) as PNG
-data URIs, small enough to embed."""
+data URIs, small enough to embed. Stage, column and label names come from the table: every chart
+draws its text plain (no mathtext, no TeX), so `$`, `_`, `^` or `\\` in a name are just characters."""
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -12,6 +14,18 @@ PALETTE = ["#3b6fd6", "#e0703a", "#3aa35b", "#c8413f", "#8a5cc2", "#8c6d4f", "#d
            "#b5b828", "#2bb3c0"]
 OTHER = "#bbbbbb"
 MAX_LEGEND = len(PALETTE)  # labels beyond the most frequent ten are drawn grey, as "other"
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}  # for the Text objects made while drawing
+
+
+def plain_text(draw):
+    """Draw (and save: tick labels are made then) with mathtext and TeX off."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        from matplotlib import rc_context
+
+        with rc_context(PLAIN_TEXT):
+            return draw(*args, **kwargs)
+    return wrapper
 
 
 def _figure(width: float = 7.0, height: float = 3.2):
@@ -26,6 +40,7 @@ def png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@plain_text
 def stage_chart(stages: Dict[str, Dict[str, Any]], bound: Optional[str]) -> str:
     """Busy seconds per stage (all workers'), the stage that bounds the run highlighted."""
     names = list(stages)
@@ -45,6 +60,7 @@ def stage_chart(stages: Dict[str, Dict[str, Any]], bound: Optional[str]) -> str:
     return png(fig)
 
 
+@plain_text
 def throughput_chart(runs: List[Tuple[str, Sequence[Sequence[float]]]]) -> str:
     """Rows committed over time (left) and the rate between points (right), one line per run."""
     fig = _figure(8.0, 3.0)
@@ -68,6 +84,7 @@ def throughput_chart(runs: List[Tuple[str, Sequence[Sequence[float]]]]) -> str:
     return png(fig)
 
 
+@plain_text
 def runs_chart(points: List[Tuple[float, int]]) -> str:
     """The fallback when no run recorded its series: rows committed, each run's start and end joined."""
     fig = _figure(5.0, 2.8)
@@ -78,6 +95,7 @@ def runs_chart(points: List[Tuple[float, int]]) -> str:
     return png(fig)
 
 
+@plain_text
 def histogram(values: np.ndarray, xlabel: str) -> str:
     fig = _figure(6.0, 2.8)
     ax = fig.add_subplot()
@@ -87,6 +105,7 @@ def histogram(values: np.ndarray, xlabel: str) -> str:
     return png(fig)
 
 
+@plain_text
 def scatter(xy: np.ndarray, labels: Sequence[str], explained: Sequence[float]) -> str:
     """The 2-D projection, coloured by label: the ten most frequent labels each a colour, the rest grey."""
     fig = _figure(6.5, 5.0)

@@ -3,7 +3,8 @@
 Rows are the per-epoch metrics of training: {"epoch", "train_loss", "val_loss", "train_acc",
 "val_acc", ...}. The keys decide the panels: a loss panel always (labelled reconstruction error for
 an autoencoder, whose rows carry no accuracy), an accuracy panel when accuracy is there. A missing
-or None value (no validation set) leaves its point out.
+or None value (no validation set) leaves its point out. The title holds the training's name: all
+text is drawn plain (no mathtext, no TeX), so a `$` in a name is a dollar, not a formula.
 """
 from __future__ import annotations
 
@@ -14,11 +15,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 SIZE_IN = (8.0, 3.5)
 DPI = 100
 SERIES = (("train", "tab:blue", "-"), ("val", "tab:orange", "--"))
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}  # for the Text objects made while drawing
 
 
 def curves_png(metrics: List[Dict[str, Any]], title: str) -> bytes:
     """A PNG (800x350 px) of the learning curves, drawn by Agg without a display or pyplot state."""
-    from matplotlib.figure import Figure  # lazy: importing matplotlib costs ~0.5 s
+    from matplotlib import rc_context  # lazy: importing matplotlib costs ~0.5 s
+
+    with rc_context(PLAIN_TEXT):  # while drawing and saving: tick labels are made then
+        return _curves(metrics, title)
+
+
+def _curves(metrics: List[Dict[str, Any]], title: str) -> bytes:
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=SIZE_IN, dpi=DPI, layout="constrained")
     fig.suptitle(title, fontsize=11)
