@@ -31,13 +31,19 @@ NOT_READ_WORDS = "not read: outside the source"
 
 
 class Counting(http.server.BaseHTTPRequestHandler):
-    """Answers every request (a PNG for /internal.png) and records it."""
+    """Answers every request (a PNG for /internal.png; /src/redirect* redirects there) and records it."""
 
     seen: List[Tuple[str, str]] = []
     png = encode(photo(64, 48, 7), "PNG")
 
     def _answer(self, body: bool) -> None:
         self.seen.append((self.command, self.path))
+        if self.path.startswith("/src/redirect"):
+            self.send_response(302)
+            self.send_header("Location", "/internal.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = self.png if self.path.startswith("/internal.png") else b"deleted"
         self.send_response(200)
         self.send_header("Content-Type", "image/png" if data is self.png else "text/plain")
@@ -155,6 +161,15 @@ def test_allow_uris_reads_that_prefix_only(server, disk, tmp_path):
     got = thumbnails(items[:2], roots=page_roots(None, {}, [f"{base}/"]))
     assert is_jpeg(got[0]) and not is_jpeg(got[1]) and NOT_READ_WORDS not in said(got[1])  # read: not an image
     assert {p for _, p in seen} == {"/internal.png", "/admin?delete=1"}
+
+
+def test_a_server_inside_the_roots_cannot_redirect_a_read_outside(server):
+    base, seen = server
+    got = thumbnails([(f"{base}/src/redirect.png", None)], roots=page_roots(None, {}, [f"{base}/src/"]))
+    assert not is_jpeg(got[0]) and seen and all(path == "/src/redirect.png" for _, path in seen)
+    seen.clear()
+    assert is_jpeg(thumbnails([(f"{base}/src/redirect.png", None)])[0])  # unconfined (the caller's own URI)
+    assert ("GET", "/internal.png") in seen
 
 
 def test_search_and_dedup_html_from_the_cli(server, disk, tmp_path, capsys):

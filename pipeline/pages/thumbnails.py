@@ -81,14 +81,17 @@ def thumbnails(items: Sequence[Tuple[str, Optional[float]]], storage_options: Op
         else:
             files.append(i)
 
+    def opts(uri: str) -> Dict[str, Any]:
+        return options if roots is None else stay(uri, options)
+
     def one_file(i: int) -> None:
-        out[i] = thumbnail(items[i][0], options, size, items[i][1])
+        out[i] = thumbnail(items[i][0], opts(items[i][0]), size, items[i][1])
 
     def one_shard(shard: str) -> None:
         keys = shards[shard]
         starts = {k: items[pos[0]][1] for k, pos in keys.items()}
         try:
-            found = _from_shard(shard, set(keys), options, size, starts)
+            found = _from_shard(shard, set(keys), opts(shard), size, starts)
         except Exception as e:
             found = {k: placeholder(_reason(e), size) for k in keys}
         for key, positions in keys.items():
@@ -98,6 +101,14 @@ def thumbnails(items: Sequence[Tuple[str, Optional[float]]], storage_options: Op
     tasks = [functools.partial(one_file, i) for i in files] + [functools.partial(one_shard, s) for s in shards]
     _run(tasks, workers, timeout_s)
     return [o or placeholder(f"not read within {timeout_s:g} s", size) for o in list(out)]
+
+
+def stay(uri: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """The options for a confined read: a web server inside the roots may not redirect it elsewhere
+    (fsspec's HTTP client follows redirects: to an internal host, a metadata endpoint ...)."""
+    if uri.split("://", 1)[0].lower() in ("http", "https"):
+        return {**options, "allow_redirects": False}
+    return options
 
 
 def _run(tasks: List[Callable[[], None]], workers: int, timeout_s: float) -> None:
