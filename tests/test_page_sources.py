@@ -264,3 +264,17 @@ def test_a_video_thumbnail_opens_nothing_its_bytes_name(server, tmp_path):
 
 def test_not_read_is_the_placeholder_text():
     assert NOT_READ.startswith(NOT_READ_WORDS)
+
+
+def test_a_table_on_an_object_store_reads_its_own_bucket_prefix_only(s3, tmp_path):
+    fs, options = s3
+    bucket = "featurize-e2e"
+    fs.pipe(f"{bucket}/img/a.jpg", encode(photo(80, 40, 5)))
+    fs.pipe(f"{bucket}/private/b.jpg", encode(photo(80, 40, 6)))
+    fs.pipe(f"{bucket}/out/_job.json", json.dumps({"config": {"source": {"uri": f"s3://{bucket}/img"}}}).encode())
+    roots = page_roots(f"s3://{bucket}/out", options)
+    assert roots == [f"s3://{bucket}/img"]
+    got = thumbnails([(f"s3://{bucket}/img/a.jpg", None), (f"s3://{bucket}/private/b.jpg", None),
+                      (f"s3://{bucket}/img/../private/b.jpg", None), ("s3://other-bucket/img/a.jpg", None)],
+                     options, roots=roots)
+    assert is_jpeg(got[0]) and all(NOT_READ_WORDS in said(g) for g in got[1:])
