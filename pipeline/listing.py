@@ -12,7 +12,7 @@ import os
 import posixpath
 import stat
 from typing import Iterator, List, NamedTuple, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 REFUSED_URI = "outside the source's folder and source.allow_uris; not read"
 REFUSED_LINK = "a symlink leaving source.uri; not followed (source.follow_symlinks: true reads it)"
@@ -89,9 +89,22 @@ def _within(path: str, root: str) -> bool:
 
 def confine(target: str, roots: List[str]) -> bool:
     """Whether the URI `target` lies under one of `roots` (URIs or local paths), compared after
-    normalising `..` and, on the local disk, resolving symlinks. Scheme and host must match."""
-    t = _canonical(target)
-    return any(t[:2] == r[:2] and _within(t[2], r[2]) for r in map(_canonical, roots))
+    normalising `..` and, on the local disk, resolving symlinks. Scheme and host must match.
+    A URI is also compared percent-decoded (a web client, and fsspec for file://, decode `%2e%2e`);
+    fsspec's chained URIs (`a::b`), control characters and a web URI's backslashes never pass."""
+    if not roots or "::" in target or any(ord(c) < 32 for c in target):
+        return False
+    forms = [target]
+    if "://" in target:
+        if "\\" in target and not target.lower().startswith(("file://", "local://")):
+            return False
+        forms.append(unquote(target))
+    try:
+        canonical_roots = [_canonical(r) for r in roots]
+        return all(any(t[:2] == r[:2] and _within(t[2], r[2]) for r in canonical_roots)
+                   for t in map(_canonical, forms))
+    except ValueError:  # a URI urlsplit cannot take (a bad IPv6 host)
+        return False
 
 
 def _canonical(uri: str) -> Tuple[str, str, str]:

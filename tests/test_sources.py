@@ -317,3 +317,25 @@ def test_split_lists_gaps_are_counted_and_kept_with_the_plan(tmp_path):
     write_record(ws, {"name": "ucf"}, "running", 0.0)
     assert json.loads((tmp_path / "_job.json").read_text())["counts"]["split_lists"] == gaps
     assert split_list_gaps(plan_source(SourceConfig(uri=str(tmp_path / "videos"), format="video_folder"))) == {}
+
+
+def test_manifest_confinement_holds_against_encoded_dots_chains_and_backslashes(tmp_path):
+    """A web client decodes `%2e%2e` and drops the `..` (GET /admin), fsspec decodes file:// paths, and
+    `a::b` chains another filesystem: each would read outside an allowed prefix; none makes a request."""
+    from pipeline.listing import confine
+
+    outside, root = _outside_and_root(tmp_path)
+    (root / "n01" / "fifo.jpg").unlink()
+    with _Recorder() as http:
+        allowed = f"{http.url}/src/"
+        uris = [f"{http.url}/src/%2e%2e/admin", f"{http.url}/src/%2E%2E/%2e%2e/x.jpg", f"{http.url}/src\\..\\admin",
+                f"file://{root}/n01/%2e%2e/%2e%2e/outside/secret.jpg", f"simplecache::{http.url}/src/a.jpg",
+                f"{http.url}/src/a\n.jpg"]
+        pq.write_table(pa.table({"uri": uris}), root / "m.parquet")
+        rows = read_rows(plan_source(SourceConfig(uri=str(root / "m.parquet"), format="manifest",
+                                                  allow_uris=[allowed])))
+        assert http.seen == []
+    from pipeline.redact import redact_text
+
+    assert {rows[redact_text(u)]["error_type"] for u in uris} == {"refused"}
+    assert confine(f"{http.url}/src/a%20b.jpg", [allowed])  # an encoded name inside stays readable
