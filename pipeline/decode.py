@@ -47,6 +47,11 @@ def decode_image(data: bytes, spec: ImageSpec) -> Tuple[np.ndarray, int, int]:
     return pixels, width, height
 
 
+# Formats Pillow decodes by running another program (EPS: Ghostscript): a crafted file would run
+# it on the worker, so they are refused before any pixel is decoded.
+EXTERNAL = frozenset({"EPS"})
+
+
 def open_image(data: bytes) -> Image.Image:
     """The image's header read, its pixels not yet decoded."""
     if not data:
@@ -56,6 +61,8 @@ def open_image(data: bytes) -> Image.Image:
     except UnidentifiedImageError:  # Pillow's message names a buffer's address, new each run
         raise UnidentifiedImageError("cannot identify image file: not an image Pillow can read") from None
     try:
+        if img.format in EXTERNAL:
+            raise DecodeError(f"{img.format} is not decoded: Pillow would hand it to an outside program")
         _check_pixels(img)
     except BaseException:
         img.close()

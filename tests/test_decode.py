@@ -152,3 +152,21 @@ def _decode_repeatedly(batch) -> None:
             assert all("exceeds limit" in m for m in out["error_message"][:16])
             assert list(out["error_stage"][16:]) == [""] * 4
             assert (out["width"][16:] == 500).all() and out["pixels"][16:].max() > 0
+
+
+def test_formats_pillow_hands_to_another_program_are_refused(monkeypatch, tmp_path):
+    """EPS is decoded by running Ghostscript: a crafted file must not reach it (the marker proves
+    no program ran, even where a `gs` is on PATH)."""
+    import os
+
+    from pipeline.decode import DecodeError, decode_image
+
+    marker = tmp_path / "ran"
+    gs = tmp_path / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(DecodeError, match="EPS is not decoded"):
+        decode_image(eps, SPEC)
+    assert not marker.exists()
