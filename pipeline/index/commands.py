@@ -22,6 +22,8 @@ def add_parsers(sub) -> None:
                        help="auto: exact search for small tables, IVF with a measured recall for large ones")
     index.add_argument("--metric", choices=METRICS, default="cosine", help="default: cosine")
     index.add_argument("--center", action="store_true", help=CENTER_HELP)
+    index.add_argument("--rebuild", action="store_true", help="index the whole table again (a damaged index is "
+                       "rebuilt without it)")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="the nearest samples to an id, an image, a video or a text")
@@ -79,7 +81,8 @@ def _say(line: str) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from .build import build_index
 
-    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric, center=args.center)
+    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric, center=args.center,
+                       rebuild=args.rebuild)
     print(describe(meta, args.out))
     return EXIT_OK
 
@@ -91,6 +94,8 @@ def describe(meta: Dict[str, Any], out: str) -> str:
              f"kind     {meta['kind']}{f' ({params})' if params else ''}, metric {meta['metric']}"
              f"{' (centred)' if meta.get('center') else ''}, "
              f"{meta['rows']} rows of {meta['column']} (D={meta['dim']}) from {len(meta['files'])} files"]
+    if meta.get("skipped"):
+        lines.append(f"skipped  {meta['skipped']} rows without a finite vector (null, inf or NaN): not indexed")
     recall = meta.get("recall")
     if meta.get("exact"):
         lines.append("recall   exact search (recall 1.0)")
