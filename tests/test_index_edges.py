@@ -93,12 +93,32 @@ def test_clean_up_removes_only_generations_holding_the_marker(tmp_path, monkeypa
     (folder / "g0000000004-forged").mkdir()  # a marker naming another folder is not this folder's
     (folder / "g0000000004-forged" / index_store.MARKER).write_text(json.dumps(
         {"made_by": "featurize index", "generation": "g0000000001-keepme", "created": 1.0}))
+    target = tmp_path / "target"  # a link to a folder outside OUT that even holds a marker
+    target.mkdir()
+    (target / index_store.MARKER).write_text(json.dumps({"generation": "g0000000005-link", "created": 1.0}))
+    (folder / "g0000000005-link").symlink_to(target, target_is_directory=True)
+    users.append(target)
+    (target / "data.bin").write_bytes(b"mine")
     monkeypatch.setattr(index_store, "GRACE_S", -1.0)  # every unnamed generation is old enough
     second = build_index(out, rebuild=True)
     assert second["action"] == "rebuilt" and second["reason"] == "--rebuild asked"
     assert not (folder / first).exists() and (folder / second["generation"] / index_store.MARKER).exists()
     assert all((f / "data.bin").read_bytes() == b"mine" for f in users)
     assert (folder / "g0000000004-forged").exists()
+
+
+def test_clean_up_on_an_object_store_keeps_a_users_look_alike(tmp_path, s3, monkeypatch):
+    fs, options = s3
+    fs.put(write_parts(tmp_path / "out", vectors(30)), "featurize-e2e/marked", recursive=True)
+    out = "s3://featurize-e2e/marked"
+    first = build_index(out, options)["generation"]
+    fs.pipe("featurize-e2e/marked/_index/feature/g0000000001-keepme/mine.txt", b"mine")
+    monkeypatch.setattr(index_store, "GRACE_S", -1.0)
+    second = build_index(out, options, rebuild=True)["generation"]
+    fs.invalidate_cache()
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("featurize-e2e/marked/_index/feature"))
+    assert left == sorted(["g0000000001-keepme", second, "meta.json"]) and first != second
+    assert fs.cat_file("featurize-e2e/marked/_index/feature/g0000000001-keepme/mine.txt") == b"mine"
 
 
 # -- damaged indexes -------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def _clean(fs, root: str, column: str, current: str) -> None:
     for info in folders:
         path = info["name"].rstrip("/")
         name = path.rsplit("/", 1)[-1]
-        if info.get("type") != "directory" or name == current:
+        if info.get("type") != "directory" or info.get("islink") or name == current:  # a link: not ours
             continue
         made = _marker_time(fs, path, name)
         if made is not None and time.time() - made > GRACE_S:
