@@ -388,3 +388,21 @@ def test_index_search_checks_k_and_the_query(tmp_path):
                                (3, [["a"] * D], "not an array of numbers"), (3, np.full((1, D), np.nan), "NaN")]:
         with pytest.raises(featurize.Refused, match=message):
             index.search(vector, k)
+
+
+def test_a_search_whose_generation_a_concurrent_build_removed_reads_the_newer_one(tmp_path, monkeypatch):
+    out = write_parts(tmp_path / "out", vectors(30))
+    build_index(out)
+    stale = json.loads((tmp_path / "out/_index/feature/meta.json").read_text())
+    monkeypatch.setattr(index_store, "GRACE_S", -1.0)
+    newer = build_index(out, rebuild=True)["generation"]  # removes the generation `stale` names
+    assert not (tmp_path / f"out/_index/feature/{stale['generation']}").exists()
+    real, answers = index_store.read_meta, [stale]
+
+    def late(*args, **kwargs):  # the search read meta.json just before the other build published
+        return answers.pop() if answers else real(*args, **kwargs)
+
+    monkeypatch.setattr(index_store, "read_meta", late)
+    index = open_index(out)
+    assert index.meta["generation"] == newer and index.search(index.vector("s00003")[None], 1)[0][0][
+        "sample_id"] == "s00003"
