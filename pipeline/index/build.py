@@ -9,7 +9,6 @@ rows, and its search parameter (nprobe, efSearch) is the smallest that reaches R
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,14 +18,14 @@ import pyarrow as pa
 
 from ..redact import redact_strings, redact_text
 from ..train.table import FeatureTable, open_table
-from . import KINDS, METRICS, store
+from . import store
+from .checks import check_options, lineage_change
 from .table import IndexRefused, batches, choose_column, file_rows, gather, relative, row_columns
 
 FLAT_MAX = 100_000  # exact search over 100k rows at D=512: ~4 ms a query in batches (bench/README.md)
 RECALL_TARGET, RECALL_K, RECALL_QUERIES = 0.95, 10, 1000
 CENTER_SAMPLE = 50_000  # rows whose mean is the table's centre (--center)
 HNSW_M = 32
-HNSW_M_MAX, NLIST_MAX = 256, 1 << 20  # faiss aborts on HNSW M < 2 (M 1 crashes it)
 
 
 def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None,
@@ -80,31 +79,6 @@ def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, colu
             "added_rows": meta["rows"]}
 
 
-def check_options(**given: Any) -> None:
-    """Every option, checked before faiss sees it (a bad one can abort the process inside faiss)."""
-    if given["kind"] not in KINDS:
-        raise IndexRefused(f"--kind {given['kind']!r}: expected one of {', '.join(KINDS)}")
-    if given["metric"] not in METRICS:
-        raise IndexRefused(f"--metric {given['metric']!r}: expected one of {', '.join(METRICS)}")
-    for key in ("center", "rebuild"):
-        if not isinstance(given[key], bool):
-            raise IndexRefused(f"{key}: {given[key]!r} is not True or False")
-    if given["center"] and given["metric"] != "cosine":
-        raise IndexRefused("--center: only for --metric cosine (L2 distances do not change when every vector moves)")
-    if given["column"] is not None and not isinstance(given["column"], str):
-        raise IndexRefused(f"column: {given['column']!r} is not a column name")
-    if given["nlist"] is not None:
-        whole(given["nlist"], "nlist", 1, NLIST_MAX)
-    whole(given["hnsw_m"], "hnsw_m", 2, HNSW_M_MAX)
-
-
-def whole(value: Any, key: str, low: int, high: int) -> int:
-    """`value` when it is an integer in [low, high]; else a one-line refusal naming `key`."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
-        raise IndexRefused(f"{key}: {value!r} is not a whole number from {low} to {high}")
-    return int(value)
-
-
 def _check_nlist(nlist: Optional[int], rows: int) -> None:
     if nlist is not None and nlist > rows:
         raise IndexRefused(f"nlist: {nlist} lists for {rows} rows; at most one list per row (about 2 sqrt(rows) "
@@ -132,24 +106,6 @@ def _rebuild_reason(old: Optional[Dict[str, Any]], files: List[str], kind: str, 
     if kind == "auto" and old["kind"] == "flat" and old["rows"] + added > FLAT_MAX:
         return f"the table grew past {FLAT_MAX} rows: an approximate index replaces exact search"
     return None
-
-
-def lineage_change(recorded: Any, now: Dict[str, Any]) -> Optional[str]:
-    """How the table's provenance (model, weights, layer ...) differs from the one an index or a list
-    of duplicates recorded; None when the same."""
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("provenance"), dict):
-        return "the index records no lineage of its table (made before featurize recorded it)"
-    was, is_ = recorded["provenance"], now["provenance"]
-    keys = sorted(k for k in set(was) | set(is_) if was.get(k) != is_.get(k))
-    if not keys:
-        return None
-    said = "; ".join(f"{k} {_short(was.get(k))} -> {_short(is_.get(k))}" for k in keys[:2])
-    return f"the table was made by another model ({said}{'; ...' if len(keys) > 2 else ''})"
-
-
-def _short(value: Any) -> str:
-    text = "-" if value is None else str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _add(table: FeatureTable, column: str, loaded, new: List[str], counts: List[int], sizes: Dict[str, int]):

@@ -7,8 +7,6 @@ nprobe / efSearch than the one tuned for recall@10 (bench/index.py measures what
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -19,7 +17,8 @@ from ..redact import redact_strings, redact_text
 from ..store import parquet_bytes, write_atomic
 from ..train.table import open_table
 from . import KINDS, store
-from .build import build_index, whole
+from .build import build_index
+from .checks import number, whole
 from .search import open_index
 from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, gather
 
@@ -47,7 +46,7 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
     except store.IndexDamaged:  # build_index rebuilds it, saying why
         old = None
     metric = old["metric"] if old else "cosine"
-    if not _number(threshold) or (metric == "cosine" and not -1.0 <= threshold <= 1.0):
+    if not number(threshold) or (metric == "cosine" and not -1.0 <= threshold <= 1.0):
         raise IndexRefused(f"--threshold {threshold!r}: a cosine similarity, between -1 and 1 (e.g. 0.95)")
     if metric == "l2" and threshold < 0:
         raise IndexRefused(f"--threshold {threshold!r}: an L2 distance, at least 0")
@@ -72,10 +71,6 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
     made = redact_strings({"lineage": idx.meta.get("lineage"), "index_generation": idx.meta["generation"],
                            "threshold": threshold, "metric": metric, "column": column})
     return groups.replace_schema_metadata({b"featurize.duplicates": json.dumps(made, allow_nan=False).encode()})
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_search(search: Optional[Dict[str, int]]) -> Optional[Dict[str, int]]:

@@ -13,7 +13,7 @@ import numpy as np
 from ..redact import redact_text
 from ..train.table import FeatureTable, open_table
 from . import store
-from .build import lineage_change, whole
+from .checks import lineage_change, whole
 from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, file_rows, prepare, relative
 
 K_MAX = 10_000  # neighbours a search returns at most

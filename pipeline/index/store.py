@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 import uuid
 from typing import Any, Dict, Optional, Tuple
@@ -34,6 +33,7 @@ from ..names import is_plain, plain_name
 from ..redact import logger, redact_strings, redact_text
 from ..store import parquet_bytes, write_atomic
 from . import METRICS
+from .checks import number
 from .table import IndexRefused
 
 INDEX_DIR, META, INDEX_FILE, ROWS_FILE = "_index", "meta.json", "index.faiss", "rows.parquet"
@@ -92,7 +92,7 @@ def check_meta(meta: Any, column: str) -> Dict[str, Any]:
         raise ValueError("a file path leaves the table's folder")
     center = meta.get("center")
     if center is not None and not (isinstance(center, list) and len(center) == meta["dim"]
-                                   and all(_number(v) for v in center)):
+                                   and all(number(v) for v in center)):
         raise ValueError("center is not a vector of the index's dimension")
     search = meta.get("search") or {}
     if not (isinstance(search, dict) and len(search) <= 1
@@ -109,10 +109,6 @@ def _inside(rel: str) -> bool:
 
 def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _first_line(e: BaseException) -> str:
@@ -204,6 +200,6 @@ def _marker_time(fs, folder: str, name: str) -> Optional[float]:
         marker = json.loads(fs.cat_file(f"{folder}/{MARKER}"))
     except (OSError, ValueError):  # no marker (FileNotFoundError is an OSError), or not ours
         return None
-    if not isinstance(marker, dict) or marker.get("generation") != name or not _number(marker.get("created")):
+    if not isinstance(marker, dict) or marker.get("generation") != name or not number(marker.get("created")):
         return None
     return float(marker["created"])
