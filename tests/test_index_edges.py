@@ -162,8 +162,8 @@ def test_a_damaged_index_is_refused_by_search_and_rebuilt_by_index(tmp_path, cap
     _damage(case, tmp_path / "out/_index/feature", generation, tmp_path)
     assert main(["search", out, "--id", "s00001"]) == 2
     one_line(capsys, f"the index at {out}/_index/feature is damaged", f"run featurize index {out} --rebuild")
-    assert main(["dedup", out]) == 0  # dedup builds first: it rebuilds the damaged index
-    assert "the index was damaged" not in capsys.readouterr().err
+    assert main(["dedup", out]) == 0  # dedup builds first: it rebuilds the damaged index, saying so
+    assert "featurize: note: the index was rebuilt first (the index was damaged: " in capsys.readouterr().err
     _damage(case, tmp_path / "out/_index/feature", open_index(out).meta["generation"], tmp_path)
     assert main(["index", out]) == 0
     said = capsys.readouterr().out
@@ -221,6 +221,8 @@ def test_another_model_under_the_same_file_names_rebuilds_and_search_refuses_unt
     groups = find_duplicates(out)
     made = json.loads(groups.schema.metadata[b"featurize.duplicates"])
     assert made["lineage"]["provenance"]["model"] == "resnet50" and open_index(out).meta["lineage"] == made["lineage"]
+    assert made["index"] == {"action": "rebuilt", "reason": "the table was made by another model "
+                                                            "(model resnet34 -> resnet50)"}
 
 
 def test_a_file_rewritten_under_its_name_with_the_same_model_rebuilds(tmp_path):

@@ -147,6 +147,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
     column, _ = choose_column(open_table(args.out, args.options, key="OUT"), args.column)
     groups = find_duplicates(args.out, args.options, column, threshold=args.threshold, center=args.center)
+    built = json.loads((groups.schema.metadata or {}).get(b"featurize.duplicates", b"{}")).get("index") or {}
+    if built.get("action") == "rebuilt":  # another model's table, a damaged index: say why it took longer
+        _say(f"featurize: note: the index was rebuilt first ({built['reason']})")
     where = write_groups(args.out, args.options, column, groups, args.dedup_out)
     if args.html:
         from ..pages.html import dedup_page

@@ -52,8 +52,8 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
         raise IndexRefused(f"--threshold {threshold!r}: an L2 distance, at least 0")
     center = bool(old and old.get("center")) if center is None else center
     # an index of another table (its lineage) or a damaged one is rebuilt here: the groups are this table's
-    build_index(uri, storage_options, column, kind=old["kind"] if old and old.get("kind") in KINDS else "auto",
-                metric=metric, center=center)
+    built = build_index(uri, storage_options, column, kind=old["kind"] if old and old.get("kind") in KINDS else "auto",
+                        metric=metric, center=center)
     idx = open_index(uri, storage_options, column)
     _set_search(idx, search)
     files = [f["path"] for f in idx.meta["files"]]
@@ -69,7 +69,8 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
         start += len(x)
     groups = _groups(idx, files, parent.groups())
     made = redact_strings({"lineage": idx.meta.get("lineage"), "index_generation": idx.meta["generation"],
-                           "threshold": threshold, "metric": metric, "column": column})
+                           "threshold": threshold, "metric": metric, "column": column,
+                           "index": {"action": built["action"], "reason": built["reason"]}})
     return groups.replace_schema_metadata({b"featurize.duplicates": json.dumps(made, allow_nan=False).encode()})
 
 
