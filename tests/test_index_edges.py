@@ -146,13 +146,16 @@ def _damage(case: str, folder, generation: str, tmp_path) -> None:
         (gen / "index.faiss").unlink()
     elif case == "garbled index.faiss":
         (gen / "index.faiss").write_bytes(b"IxF2" + os.urandom(64))
+    elif case == "a folder":
+        (gen / "rows.parquet").unlink()
+        (gen / "rows.parquet").mkdir()
     elif case == "wrong dim":
         m = json.loads(meta.read_text())
         meta.write_text(json.dumps({**m, "dim": D * 2}))
 
 
 DAMAGE = ["garbage", "{}", "[]", "null", '"text"', "escape", "file path", "short rows", "truncated rows",
-          "no index.faiss", "garbled index.faiss", "wrong dim"]
+          "no index.faiss", "garbled index.faiss", "a folder", "wrong dim"]
 
 
 @pytest.mark.parametrize("case", DAMAGE)

@@ -67,6 +67,8 @@ def read_meta(fs, root: str, column: str, uri: Optional[str] = None) -> Optional
         raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    except OSError as e:  # a folder where the file should be, no permission
+        raise IndexDamaged(_shown(root, column, uri), f"meta.json cannot be read: {_first_line(e)}") from None
     try:
         return check_meta(json.loads(raw), column)
     except (ValueError, TypeError, KeyError) as e:  # not JSON, or not what a build writes
@@ -132,6 +134,8 @@ def load(fs, root: str, column: str, uri: Optional[str] = None) -> Optional[Tupl
                 raise IndexDamaged(_shown(root, column, uri), f"{meta['generation']}: a file is missing "
                                    f"({_first_line(e).rsplit('/', 1)[-1]})") from None
             continue
+        except OSError as e:  # a folder where a file should be, no permission
+            raise IndexDamaged(_shown(root, column, uri), f"{meta['generation']}: {_first_line(e)}") from None
         return (meta, *_decode(meta, raw, rows_raw, _shown(root, column, uri)))
     return None  # pragma: no cover - the loop returns or raises
 
