@@ -174,7 +174,7 @@ def ray_dataset(uri: str, column: str, label: Optional[str] = "label", split: Op
     frames = _frames(table, column, kind, frames)
     classes = _classes(table, label, split, None, classes)
     columns = _columns(table, column, label, split, None, ids=keep is not None)
-    convert = _RayConvert(column, kind, label, split, classes, frames, keep)
+    convert = _RayConvert(column, kind, label, split, classes, frames, keep, table.uri)
     if here:
         from ray.data.block import BlockAccessor
 
@@ -190,16 +190,16 @@ def ray_dataset(uri: str, column: str, label: Optional[str] = "label", split: Op
 class _RayConvert:
     """Arrow batch -> numpy dict; a plain picklable callable (Ray ships it to its workers)."""
 
-    def __init__(self, column, kind, label, split, classes, frames, keep):
+    def __init__(self, column, kind, label, split, classes, frames, keep, uri=""):
         self.column, self.kind, self.label, self.split = column, kind, label, split
-        self.classes, self.frames, self.keep = classes, frames, keep
+        self.classes, self.frames, self.keep, self.uri = classes, frames, keep, uri
 
     def __call__(self, t: pa.Table) -> Dict[str, np.ndarray]:
         if self.split is not None:
             t = t.filter(pc.equal(t.column("split"), self.split))
         if self.keep is not None:
             t = t.filter(self.keep(t))
-        out: Rows = _features(t.column(self.column), self.kind, self.frames, self.column, "the table", "a Ray block")
+        out: Rows = _features(t.column(self.column), self.kind, self.frames, self.column, self.uri, "a Ray block")
         if self.label is not None:
             out["y"] = _codes(t.column(self.label), self.classes, "a Ray block")
         return out
