@@ -36,10 +36,12 @@ def number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def whole(value: Any, key: str, low: int, high: int) -> int:
-    """`value` when it is an integer in [low, high]; else a one-line refusal naming `key`."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
-        raise IndexRefused(f"{key}: {value!r} is not a whole number from {low} to {high}")
+def whole(value: Any, key: str, low: int, high: Optional[int] = None) -> int:
+    """`value` when it is an integer in [low, high] (high None: no bound); else a one-line refusal naming `key`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low or \
+            (high is not None and value > high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise IndexRefused(f"{key}: {value!r} is not a whole number {span}")
     return int(value)
 
 

@@ -16,8 +16,6 @@ from . import store
 from .checks import lineage_change, whole
 from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, file_rows, prepare, relative
 
-K_MAX = 10_000  # neighbours a search returns at most
-
 
 class Index:
     """A loaded index: `.search(vectors, k)`, `.vector(sample_id)`, `.meta`, and `.pending` (rows the
@@ -50,7 +48,7 @@ class Index:
 
     def search(self, vectors: np.ndarray, k: int = 10) -> List[List[Dict[str, Any]]]:
         """The k nearest rows of each query vector (n, D), nearest first."""
-        k = whole(k, "k", 1, K_MAX)
+        k = whole(k, "k", 1)
         try:
             x = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         except (TypeError, ValueError):
@@ -118,7 +116,7 @@ def query(index: Index, uri: str, storage_options: Optional[Dict[str, Any]] = No
     image or video file (embedded with the table's own model) or a text (open_clip tables)."""
     if sum(q is not None for q in (sample_id, image, video, text)) != 1:
         raise IndexRefused("a search takes exactly one query: an id, an image, a video or a text")
-    k = whole(k, "k", 1, K_MAX)
+    k = whole(k, "k", 1)
     if sample_id is not None:
         vector = index.vector(sample_id)
         asked = {"kind": "id", "value": sample_id, "uri": index.row(sample_id).get("uri")}
