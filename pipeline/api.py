@@ -128,37 +128,50 @@ class Output:
 
     def table(self, columns: Optional[List[str]] = None) -> pa.Table:
         """The features table (exact split and label strings; no partition folder columns)."""
-        from .train.table import open_table
+        from .redact import redact_text
+        from .train.table import TableError, open_table
 
-        return open_table(self.uri, self.storage_options, key="uri").dataset().to_table(columns=columns)
+        table = open_table(self.uri, self.storage_options, key="uri")
+        missing = [c for c in columns or () if c not in table.schema.names]
+        if missing:
+            raise TableError(f"column {missing[0]!r}: {redact_text(self.uri)} has no such column "
+                             f"(columns: {', '.join(table.schema.names)})")
+        return table.dataset().to_table(columns=columns)
 
     def to_numpy(self, column: str = "feature") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sample_ids, labels, features float32 (N, D)) of a fixed-size column."""
-        from .train.tensors import vectors
-
         t = self.table(["sample_id", "label", column])
         return (np.asarray(t["sample_id"].to_pylist(), dtype=object), np.asarray(t["label"].to_pylist(), dtype=object),
-                vectors(t[column]))
+                self._vectors(t, column))
+
+    def _vectors(self, t: pa.Table, column: str) -> np.ndarray:
+        """float32 (N, D) of `column`; a null vector is a refusal naming the table and how many rows."""
+        from .redact import redact_text
+        from .train.table import TableError
+        from .train.tensors import VECTOR, ColumnError, column_shape, vectors
+
+        try:
+            if column_shape(column, t.schema.field(column).type)[0] != VECTOR:
+                raise ColumnError("a sequence of frame vectors, not one vector per row: use FeatureDataset")
+            return vectors(t[column])
+        except ColumnError as e:
+            raise TableError(f"column {column!r} of {redact_text(self.uri)}: {e}") from None
 
     def to_pandas(self, column: str = "feature"):
         """A DataFrame of sample_id, label, split and `column`, one float32 array per row."""
         import pandas as pd
 
-        from .train.tensors import vectors
-
         t = self.table(["sample_id", "label", "split", column])  # one read of the table
         return pd.DataFrame({"sample_id": t["sample_id"].to_pylist(), "label": t["label"].to_pylist(),
-                             "split": t["split"].to_pylist(), column: list(vectors(t[column]))})
+                             "split": t["split"].to_pylist(), column: list(self._vectors(t, column))})
 
     def to_polars(self, column: str = "feature"):
         """A Polars frame (Polars is not a dependency: `pip install polars`) of sample_id, label, split
         and `column` as an Array(Float32, D) column."""
         import polars as pl
 
-        from .train.tensors import vectors
-
         t = self.table(["sample_id", "label", "split", column])
-        x = vectors(t[column])
+        x = self._vectors(t, column)
         return pl.DataFrame({"sample_id": t["sample_id"].to_pylist(), "label": t["label"].to_pylist(),
                              "split": t["split"].to_pylist(),
                              column: pl.Series(column, x, dtype=pl.Array(pl.Float32, x.shape[1]))})

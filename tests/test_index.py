@@ -162,8 +162,13 @@ def test_video_clip_rows_default_to_the_clip_column_and_take_id_hash_start(tmp_p
 
 def test_concurrent_builds_each_publish_a_whole_index(tmp_path, monkeypatch):
     out = make_table(tmp_path / "out", vectors(300), rows_per_file=64)
-    stale = tmp_path / "out/_index/feature/g0000000001-deadbeef"  # a build killed long ago
+    stale = tmp_path / "out/_index/feature/g0000000001-deadbeef"  # a build killed long ago: its marker written
     stale.mkdir(parents=True)
+    marker = {"made_by": "featurize index", "generation": stale.name, "created": 1.0}
+    (stale / index_store.MARKER).write_text(json.dumps(marker))
+    users = tmp_path / "out/_index/feature/g0000000002-keepme"  # named like one, but no marker: not ours
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     errors, together = [], threading.Barrier(4)
     real = index_store.write_atomic
 
@@ -189,7 +194,7 @@ def test_concurrent_builds_each_publish_a_whole_index(tmp_path, monkeypatch):
     monkeypatch.undo()
     index = open_index(out)
     assert index.index.ntotal == len(index.rows) == 300 and index.meta["kind"] in ("flat", "ivf")
-    assert not stale.exists()
+    assert not stale.exists() and (users / "notes.txt").read_text() == "mine"
     # a build killed before its publish leaves the published index as it was
     before = index.meta["generation"]
 

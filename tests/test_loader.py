@@ -216,3 +216,22 @@ def test_ray_dataset_object_store(s3):
     ds = ray_dataset(f"s3://{S3_BUCKET}/out", "feature", split="val", storage_options=options)
     ys = [int(y) for b in ds.iter_torch_batches(batch_size=16) for y in b["y"]]
     assert Counter(ys) == {0: total // 4, 1: total // 4}
+
+
+def test_a_null_vector_or_clip_is_one_refusal_naming_the_table(tmp_path):
+    """Not a raw ColumnError from inside a DataLoader or a Ray map: a TableError (featurize.Refused)."""
+    t = _rows(range(6), "train", "cat")
+    feature = pa.array([None if i == 2 else [float(i), 0.0, 0.0, 0.0] for i in range(6)], pa.list_(pa.float16(), D))
+    frames = t.column("frame_features").combine_chunks()
+    nulls = pa.ListArray.from_arrays(frames.offsets, frames.values, mask=pa.array([i in (1, 4) for i in range(6)]))
+    t = t.set_column(t.schema.get_field_index("feature"), "feature", feature)
+    t = t.set_column(t.schema.get_field_index("frame_features"), "frame_features", nulls)
+    (tmp_path / "features").mkdir()
+    pq.write_table(t, tmp_path / "features/part-0.parquet")
+    out = str(tmp_path)
+    with pytest.raises(TableError, match=f"column 'feature' of {out} .*part-0.parquet.: 1 rows have no vector"):
+        list(FeatureDataset(out, "feature", batch_size=4))
+    with pytest.raises(TableError, match="column 'frame_features' .*: 2 rows have no frames"):
+        list(FeatureDataset(out, "frame_features", batch_size=4))
+    with pytest.raises(TableError, match=f"column 'feature' of {out} .a Ray block.: 1 rows have no vector"):
+        ray_dataset(out, "feature", here=True)  # converted in this process, before any Ray work

@@ -23,6 +23,8 @@ def add_parsers(sub) -> None:
                        help="auto: exact search for small tables, IVF with a measured recall for large ones")
     index.add_argument("--metric", choices=METRICS, default="cosine", help="default: cosine")
     index.add_argument("--center", action="store_true", help=CENTER_HELP)
+    index.add_argument("--rebuild", action="store_true", help="index the whole table again (a damaged index is "
+                       "rebuilt without it)")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="the nearest samples to an id, an image, a video or a text")
@@ -82,7 +84,8 @@ def _say(line: str) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from .build import build_index
 
-    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric, center=args.center)
+    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric, center=args.center,
+                       rebuild=args.rebuild)
     print(describe(meta, args.out))
     return EXIT_OK
 
@@ -94,6 +97,8 @@ def describe(meta: Dict[str, Any], out: str) -> str:
              f"kind     {meta['kind']}{f' ({params})' if params else ''}, metric {meta['metric']}"
              f"{' (centred)' if meta.get('center') else ''}, "
              f"{meta['rows']} rows of {meta['column']} (D={meta['dim']}) from {len(meta['files'])} files"]
+    if meta.get("skipped"):
+        lines.append(f"skipped  {meta['skipped']} rows without a finite vector (null, inf or NaN): not indexed")
     recall = meta.get("recall")
     if meta.get("exact"):
         lines.append("recall   exact search (recall 1.0)")
@@ -146,6 +151,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
     column, _ = choose_column(open_table(args.out, args.options, key="OUT"), args.column)
     groups = find_duplicates(args.out, args.options, column, threshold=args.threshold, center=args.center)
+    built = json.loads((groups.schema.metadata or {}).get(b"featurize.duplicates", b"{}")).get("index") or {}
+    if built.get("action") == "rebuilt":  # another model's table, a damaged index: say why it took longer
+        _say(f"featurize: note: the index was rebuilt first ({built['reason']})")
     where = write_groups(args.out, args.options, column, groups, args.dedup_out)
     if args.html:
         from ..pages.html import dedup_page

@@ -6,21 +6,25 @@ nprobe / efSearch than the one tuned for recall@10 (bench/index.py measures what
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from ..redact import redact_text
+from ..names import plain_name
+from ..redact import redact_strings, redact_text
 from ..store import parquet_bytes, write_atomic
 from ..train.table import open_table
-from . import store
+from . import KINDS, store
 from .build import build_index
+from .checks import number, whole
 from .search import open_index
 from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, gather
 
 DEDUP_K = 16  # neighbours looked at per row: a group larger than this still connects through its members
 DEDUP_NPROBE, DEDUP_EF = 16, 64
+DEDUP_K_MAX, SEARCH_MAX = 1024, 1 << 16
 GROUP_COLUMNS = ("group", "sample_id", "uri", "label", "split", "score")
 
 
@@ -32,14 +36,24 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
     group (0.., largest first), sample_id, uri, label, split, score (float32: to the group's first
     member, 1.0 for it; cosine similarity or L2 distance), sorted by group, then closest first.
     `center` (build_index's): None keeps what the table's index has (none: not centred)."""
+    k, search = whole(k, "k", 1, DEDUP_K_MAX), _check_search(search)
+    if center is not None and not isinstance(center, bool):
+        raise IndexRefused(f"center: {center!r} is not True, False or None")
     table = open_table(uri, storage_options, key="OUT")
     column, _ = choose_column(table, column)
-    old = store.read_meta(table.fs, table.root, column)
+    try:
+        old = store.read_meta(table.fs, table.root, column, uri)
+    except store.IndexDamaged:  # build_index rebuilds it, saying why
+        old = None
     metric = old["metric"] if old else "cosine"
-    if metric == "cosine" and not -1.0 <= threshold <= 1.0:
-        raise IndexRefused(f"--threshold {threshold}: a cosine similarity, between -1 and 1 (e.g. 0.95)")
+    if not number(threshold) or (metric == "cosine" and not -1.0 <= threshold <= 1.0):
+        raise IndexRefused(f"--threshold {threshold!r}: a cosine similarity, between -1 and 1 (e.g. 0.95)")
+    if metric == "l2" and threshold < 0:
+        raise IndexRefused(f"--threshold {threshold!r}: an L2 distance, at least 0")
     center = bool(old and old.get("center")) if center is None else center
-    build_index(uri, storage_options, column, kind=old["kind"] if old else "auto", metric=metric, center=center)
+    # an index of another table (its lineage) or a damaged one is rebuilt here: the groups are this table's
+    built = build_index(uri, storage_options, column, kind=old["kind"] if old and old.get("kind") in KINDS else "auto",
+                        metric=metric, center=center)
     idx = open_index(uri, storage_options, column)
     _set_search(idx, search)
     files = [f["path"] for f in idx.meta["files"]]
@@ -53,7 +67,20 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
         a, b = np.nonzero(close)
         parent.union(own[a, 0], found[a, b])
         start += len(x)
-    return _groups(idx, files, parent.groups())
+    groups = _groups(idx, files, parent.groups())
+    made = redact_strings({"lineage": idx.meta.get("lineage"), "index_generation": idx.meta["generation"],
+                           "threshold": threshold, "metric": metric, "column": column,
+                           "index": {"action": built["action"], "reason": built["reason"]}})
+    return groups.replace_schema_metadata({b"featurize.duplicates": json.dumps(made, allow_nan=False).encode()})
+
+
+def _check_search(search: Optional[Dict[str, int]]) -> Optional[Dict[str, int]]:
+    """search={"nprobe": N} or {"efSearch": N}, N a whole number from 1 (None: dedup's own)."""
+    if search is None:
+        return None
+    if not isinstance(search, dict) or not all(name in ("nprobe", "efSearch") for name in search):
+        raise IndexRefused(f"search: {search!r}: expected {{'nprobe': N}} or {{'efSearch': N}}")
+    return {name: whole(value, name, 1, SEARCH_MAX) for name, value in search.items()}
 
 
 def _set_search(idx, search: Optional[Dict[str, int]]) -> None:
@@ -123,7 +150,8 @@ def write_groups(uri: str, storage_options: Optional[Dict[str, Any]], column: st
 
     if out is None:
         table = open_table(uri, storage_options, key="OUT")
-        fs, path = table.fs, f"{table.root}/_duplicates/{column}.parquet"
+        name = plain_name(column, "column (the duplicates file is named after it)")
+        fs, path = table.fs, f"{table.root}/_duplicates/{name}.parquet"
         shown = f"{uri.rstrip('/')}/_duplicates/{column}.parquet"
     else:
         fs, path = filesystem(out, storage_options or {})

@@ -13,6 +13,7 @@ import numpy as np
 from ..redact import redact_text
 from ..train.table import FeatureTable, open_table
 from . import store
+from .checks import lineage_change, whole
 from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, file_rows, prepare, relative
 
 
@@ -23,30 +24,41 @@ class Index:
     def __init__(self, table: FeatureTable, meta: Dict[str, Any], index, rows, uri: str):
         self.table, self.meta, self.index, self.rows = table, meta, index, rows
         self.column, self.metric = meta["column"], meta["metric"]
+        out = redact_text(uri)
+        changed = lineage_change(meta.get("lineage"), table.lineage())
+        if changed:  # its hits would be rows of another model's vectors, stated as this table's
+            raise IndexRefused(f"the index was built from another table than {out} holds now ({changed}): "
+                               f"run featurize index {out}")
         self.center = np.asarray(meta["center"], np.float32) if meta.get("center") else None  # --center
         self._ids = rows.column("sample_id").to_numpy(zero_copy_only=False)
         if meta.get("search"):
             (name, value), = meta["search"].items()
             faiss.ParameterSpace().set_index_parameter(index, name, int(value))
-        files = [relative(table, f) for f in table.files]
+        sizes = {relative(table, f): table.sizes.get(f, -1) for f in table.files}
         known = {f["path"] for f in meta["files"]}
-        self.removed = len(known - set(files))
-        self.pending = sum(file_rows(table, [f for f in files if f not in known]))
-        out = redact_text(uri)
+        self.removed = sum(f["path"] not in sizes or f.get("bytes") not in (None, sizes[f["path"]])
+                           for f in meta["files"])
+        self.pending = sum(file_rows(table, [f for f in sizes if f not in known]))
         self.note = None
         if self.removed:
-            self.note = (f"note: {self.removed} indexed files are no longer in the table (an --overwrite run); "
-                         f"run featurize index {out} to rebuild")
+            self.note = (f"note: {self.removed} indexed files are no longer in the table as indexed (an --overwrite "
+                         f"run); run featurize index {out} to rebuild")
         elif self.pending:
             self.note = f"note: {self.pending} rows are not indexed yet; run featurize index {out} to add them"
 
     def search(self, vectors: np.ndarray, k: int = 10) -> List[List[Dict[str, Any]]]:
         """The k nearest rows of each query vector (n, D), nearest first."""
-        x = np.atleast_2d(vectors)
-        if x.shape[1] != self.meta["dim"]:
-            raise IndexRefused(f"a query of dimension {x.shape[1]} against an index of dimension {self.meta['dim']}")
+        k = whole(k, "k", 1)
+        try:
+            x = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        except (TypeError, ValueError):
+            raise IndexRefused("a query is not an array of numbers") from None
+        if x.ndim != 2 or x.shape[1] != self.meta["dim"]:
+            raise IndexRefused(f"a query of shape {x.shape} against an index of dimension {self.meta['dim']}")
+        if not np.isfinite(x).all():
+            raise IndexRefused("a query vector holds inf or NaN: no distance to it is defined")
         x = prepare(x, self.metric, self.center)
-        scores, found = self.index.search(x, min(int(k), self.index.ntotal))
+        scores, found = self.index.search(x, min(k, self.index.ntotal))
         if self.metric == "l2":
             scores = np.sqrt(np.maximum(scores, 0))  # faiss answers squared distances
         return [self._hits(s, f) for s, f in zip(scores, found)]
@@ -80,10 +92,16 @@ class Index:
     def vector(self, sample_id: str) -> np.ndarray:
         """The sample's stored vector (D,) float32, read from its table file (as stored, not normalised)."""
         pos = self.position(sample_id)
+        current = set(relative(self.table, f) for f in self.table.files)
         for f in self.meta["files"]:
             if pos < f["rows"]:
-                for x, _ in batches(self.table, [f["path"]], self.column, "raw", batch_rows=max(pos + 1, 1)):
-                    return x[pos]
+                if f["path"] not in current:
+                    break
+                for x, _ in batches(self.table, [f["path"]], self.column, "raw"):  # indexed rows only
+                    if pos < len(x):
+                        return x[pos]
+                    pos -= len(x)
+                break
             pos -= f["rows"]
         raise IndexRefused(f"--id {sample_id!r}: its file is no longer in the table; run featurize index first")
 
@@ -98,8 +116,7 @@ def query(index: Index, uri: str, storage_options: Optional[Dict[str, Any]] = No
     image or video file (embedded with the table's own model) or a text (open_clip tables)."""
     if sum(q is not None for q in (sample_id, image, video, text)) != 1:
         raise IndexRefused("a search takes exactly one query: an id, an image, a video or a text")
-    if k < 1:
-        raise IndexRefused(f"-k {k}: at least 1")
+    k = whole(k, "k", 1)
     if sample_id is not None:
         vector = index.vector(sample_id)
         asked = {"kind": "id", "value": sample_id, "uri": index.row(sample_id).get("uri")}
@@ -114,7 +131,7 @@ def open_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, colum
     """The index of `column` (default: as `featurize index` picks it) of the table under OUT `uri`."""
     table = open_table(uri, storage_options, key="OUT")
     column, _ = choose_column(table, column)
-    loaded = store.load(table.fs, table.root, column)
+    loaded = store.load(table.fs, table.root, column, uri)
     if loaded is None:
         raise IndexRefused(f"OUT: {redact_text(uri)} has no index of {column!r}; run featurize index "
                            f"{redact_text(uri)} first")

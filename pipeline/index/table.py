@@ -67,14 +67,23 @@ def row_columns(table: FeatureTable) -> List[str]:
 
 
 def batches(table: FeatureTable, rel_files: Sequence[str], column: str, metric: str,
-            extra: Sequence[str] = (), batch_rows: int = BATCH_ROWS,
-            center: Optional[np.ndarray] = None) -> Iterator[Tuple[np.ndarray, pa.RecordBatch]]:
+            extra: Sequence[str] = (), batch_rows: int = BATCH_ROWS, center: Optional[np.ndarray] = None,
+            skipped: Optional[Dict[str, int]] = None) -> Iterator[Tuple[np.ndarray, pa.RecordBatch]]:
     """(float32 (n, D) vectors, the batch's `extra` columns), file after file in the given order;
-    `center` subtracted when given, then unit length for cosine."""
+    `center` subtracted when given, then unit length for cosine. Rows without a finite vector (null,
+    a null value, inf or NaN) are left out of both, so positions count indexed rows only; `skipped`
+    gets how many per file."""
     for rel in rel_files:
         with table.fs.open(f"{table.root}/{rel}", "rb") as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=[column, *extra]):
-                yield prepare(vectors(batch.column(column)), metric, center), batch.select(list(extra))
+                x = vectors(batch.column(column), missing="nan")
+                keep = np.isfinite(x).all(axis=1)
+                rows = batch.select(list(extra))
+                if not keep.all():
+                    x, rows = x[keep], rows.filter(pa.array(keep))
+                    if skipped is not None:
+                        skipped[rel] = skipped.get(rel, 0) + int((~keep).sum())
+                yield prepare(x, metric, center), rows
 
 
 def prepare(x: np.ndarray, metric: str, center: Optional[np.ndarray] = None) -> np.ndarray:
@@ -90,7 +99,8 @@ def prepare(x: np.ndarray, metric: str, center: Optional[np.ndarray] = None) -> 
 
 def gather(table: FeatureTable, rel_files: Sequence[str], column: str, metric: str,
            positions: np.ndarray, center: Optional[np.ndarray] = None) -> np.ndarray:
-    """The vectors at sorted global `positions` (over rel_files in order), in one streaming pass."""
+    """The vectors at sorted global `positions` (over the indexed rows of rel_files in order), in one
+    streaming pass; positions past the last indexed row are left out (rows skipped as not finite)."""
     out = np.empty((len(positions), table.shape(column)[1]), dtype=np.float32)
     start, taken = 0, 0
     for x, _ in batches(table, rel_files, column, metric, center=center):
@@ -98,4 +108,4 @@ def gather(table: FeatureTable, rel_files: Sequence[str], column: str, metric: s
         out[taken:taken + hi - lo] = x[positions[lo:hi] - start]
         taken += hi - lo
         start += len(x)
-    return out
+    return out[:taken]

@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..redact import redact_text
 from ..sources import filesystem
 from ..store import is_local
 from .table import FeatureTable, TableError, open_table
-from .tensors import SEQUENCE, label_codes, sequences, vectors
+from .tensors import SEQUENCE, ColumnError, label_codes, sequences, vectors
 
 READ_BYTES = 32 << 20  # float32 bytes converted per read: big enough to amortise, small enough to bound memory
 HERE_ROWS = 8192  # rows per block of a table ray_dataset(here=True) converts in this process
@@ -142,12 +143,7 @@ class FeatureDataset(IterableDataset):
         return batch if pc.all(mask).as_py() else batch.filter(mask)
 
     def _convert(self, batch: pa.RecordBatch, path: str) -> Rows:
-        col = batch.column(self.column)
-        out: Rows = {}
-        if self.kind == SEQUENCE:
-            out["x"], out["lengths"] = sequences(col, self.frames)
-        else:
-            out["x"] = vectors(col)
+        out: Rows = _features(batch.column(self.column), self.kind, self.frames, self.column, self.uri, path)
         if not out["x"].flags.writeable:  # a float32 column is a read-only view of Arrow's buffer
             out["x"] = out["x"].copy()
         if self.label is not None:
@@ -178,7 +174,7 @@ def ray_dataset(uri: str, column: str, label: Optional[str] = "label", split: Op
     frames = _frames(table, column, kind, frames)
     classes = _classes(table, label, split, None, classes)
     columns = _columns(table, column, label, split, None, ids=keep is not None)
-    convert = _RayConvert(column, kind, label, split, classes, frames, keep)
+    convert = _RayConvert(column, kind, label, split, classes, frames, keep, table.uri)
     if here:
         from ray.data.block import BlockAccessor
 
@@ -194,20 +190,16 @@ def ray_dataset(uri: str, column: str, label: Optional[str] = "label", split: Op
 class _RayConvert:
     """Arrow batch -> numpy dict; a plain picklable callable (Ray ships it to its workers)."""
 
-    def __init__(self, column, kind, label, split, classes, frames, keep):
+    def __init__(self, column, kind, label, split, classes, frames, keep, uri=""):
         self.column, self.kind, self.label, self.split = column, kind, label, split
-        self.classes, self.frames, self.keep = classes, frames, keep
+        self.classes, self.frames, self.keep, self.uri = classes, frames, keep, uri
 
     def __call__(self, t: pa.Table) -> Dict[str, np.ndarray]:
         if self.split is not None:
             t = t.filter(pc.equal(t.column("split"), self.split))
         if self.keep is not None:
             t = t.filter(self.keep(t))
-        out: Rows = {}
-        if self.kind == SEQUENCE:
-            out["x"], out["lengths"] = sequences(t.column(self.column), self.frames)
-        else:
-            out["x"] = vectors(t.column(self.column))
+        out: Rows = _features(t.column(self.column), self.kind, self.frames, self.column, self.uri, "a Ray block")
         if self.label is not None:
             out["y"] = _codes(t.column(self.label), self.classes, "a Ray block")
         return out
@@ -293,6 +285,18 @@ def _parquet(fs, path: str) -> Iterator[pq.ParquetFile]:
     else:
         with fs.open(path, "rb") as raw, pq.ParquetFile(raw) as f:
             yield f
+
+
+def _features(col, kind: str, frames: Optional[int], column: str, uri: str, where: str) -> Rows:
+    """{"x"} (and "lengths" for sequences) of a batch; a null vector or clip is a refusal naming
+    the table, the file and how many rows, not a raw error from inside a DataLoader."""
+    try:
+        if kind == SEQUENCE:
+            x, lengths = sequences(col, frames)
+            return {"x": x, "lengths": lengths}
+        return {"x": vectors(col)}
+    except ColumnError as e:
+        raise TableError(f"column {column!r} of {redact_text(uri)} ({redact_text(where)}): {e}") from None
 
 
 def _codes(column, classes: List[str], where: str) -> np.ndarray:

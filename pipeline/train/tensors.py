@@ -38,13 +38,22 @@ def _array(column) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def vectors(column) -> np.ndarray:
-    """fixed_size_list<float, D> (N rows) -> float32 (N, D)."""
+def vectors(column, missing: str = "refuse") -> np.ndarray:
+    """fixed_size_list<float, D> (N rows) -> float32 (N, D). A null row or a null value in a row is
+    refused (ColumnError, with the count of such rows), or NaN with missing="nan" (the index skips
+    rows that are not finite)."""
     arr = _array(column)
-    if arr.null_count:
-        raise ColumnError(f"{arr.null_count} rows have no vector (null)")
-    flat = arr.flatten().to_numpy(zero_copy_only=False)  # flatten() honours a slice's offset
-    return flat.astype(np.float32, copy=False).reshape(len(arr), arr.type.list_size)
+    flat = arr.flatten()  # honours a slice's offset; leaves out the values of null rows
+    if not arr.null_count and not flat.null_count:
+        return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), arr.type.list_size)
+    out = np.full((len(arr), arr.type.list_size), np.nan, dtype=np.float32)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    out[valid] = flat.fill_null(float("nan")).to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size)
+    if missing != "nan":
+        holes = flat.is_null().to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size).any(axis=1)
+        bad = arr.null_count + int(holes.sum())
+        raise ColumnError(f"{bad} rows have no vector (null{' or null values' if flat.null_count else ''})")
+    return out
 
 
 def sequences(column, frames: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
