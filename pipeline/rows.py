@@ -3,10 +3,11 @@
 A batch is `Dict[str, np.ndarray]`. Plan rows carry PLAN_COLUMNS; samples add SAMPLE_COLUMNS' rest;
 every stage keeps ERROR_COLUMNS, empty (OK) while the sample is fine: a stage that fails on a sample
 fills them (error_fields) and later stages pass it by, so the sink writes it to the errors table.
+A feature with a NaN or inf in it, as the output stores it, is such a failure (fail_nonfinite).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import numpy as np
 
@@ -25,6 +26,45 @@ OK = {"error_stage": "", "error_type": "", "error_message": ""}
 def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
     message = redact_text(str(exc) or repr(exc))  # exception texts often quote the URL, credentials and all
     return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message[:MAX_MESSAGE]}
+
+
+def fail_rows(batch: Dict[str, np.ndarray], rows: np.ndarray, fields: Mapping[str, str]) -> None:
+    """Mark `rows` (a mask or indices) failed with `fields` (ERROR_COLUMNS' values); copies, as Ray's
+    batches may be read-only views."""
+    for col in ERROR_COLUMNS:
+        batch[col] = batch[col].copy()
+        batch[col][rows] = fields[col]
+
+
+def fail_nonfinite(batch: Dict[str, np.ndarray], columns: Mapping[str, np.ndarray], dtype, stage: str) -> None:
+    """Rows still OK whose feature in any of `columns` (float32 values, (N, ...) or one array per row)
+    holds a NaN or inf once cast to the output `dtype` become `stage` errors: a non-finite feature is
+    never published (float16 overflows above 65504, so finite float32 features can become inf)."""
+    for column, values in columns.items():
+        for i in np.flatnonzero(batch["error_stage"] == ""):
+            problem = nonfinite(np.asarray(values[i]), dtype)
+            if problem:
+                message = f"{column}: {problem}"
+                fail_rows(batch, np.array([i]), {"error_stage": stage, "error_type": "NonFiniteFeature",
+                                                 "error_message": message[:MAX_MESSAGE]})
+
+
+def nonfinite(values: np.ndarray, dtype) -> str:
+    """What is wrong with `values` stored as `dtype`, or "" when every value is finite."""
+    bad = int(np.count_nonzero(~np.isfinite(as_stored(values, dtype))))
+    if not bad:
+        return ""
+    if np.isfinite(values).all():
+        name = np.dtype(dtype).name
+        return (f"{bad} of {values.size} values overflow {name} (largest {float(np.finfo(dtype).max):g}): "
+                "use output.dtype float32")
+    return f"{bad} of {values.size} values are NaN or inf"
+
+
+def as_stored(values: np.ndarray, dtype) -> np.ndarray:
+    """`values` cast to the output dtype; an overflow is no warning here, fail_nonfinite reports it."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return values.astype(dtype)
 
 
 def ragged(arrays: List[np.ndarray]) -> np.ndarray:

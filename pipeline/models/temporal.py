@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
 from ..errors import Refused
-from ..rows import ERROR_COLUMNS, error_fields
+from ..rows import as_stored, error_fields, fail_nonfinite, fail_rows
 from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes
@@ -288,20 +288,19 @@ class TemporalEmbedder:
         # The sequence each head sees is the sampled frames (repeats included for short videos,
         # which uniform sampling spreads over the sequence), not the count of distinct frames.
         lengths = np.array([len(f) for f in features], dtype=np.int64)
+        if self.keep:  # published as stored: float16 can overflow where the model's float32 did not
+            fail_nonfinite(batch, {"frame_features": features}, self.out_dtype, "model")
         ok = batch["error_stage"] == ""
         # Rows that failed earlier keep zeros; the sink writes them to the errors table only.
-        for info, _ in self.heads:
-            batch[info.column] = np.zeros((len(ok), info.out_dim), dtype=self.out_dtype)
+        out = {info.column: np.zeros((len(ok), info.out_dim), dtype=np.float32) for info, _ in self.heads}
         if ok.any():
             try:  # every head first, then assign: a failing head leaves no half-filled rows
-                out = self.clip_features(_stack(features, ok), lengths[ok])
-                for column, values in out.items():
-                    batch[column][ok] = values
+                for column, values in self.clip_features(_stack(features, ok), lengths[ok]).items():
+                    out[column][ok] = values
             except Exception as e:  # the batch's samples become temporal errors; the job goes on
-                fields = error_fields("temporal", e)
-                for col in ERROR_COLUMNS:
-                    batch[col] = batch[col].copy()
-                    batch[col][ok] = fields[col]
+                fail_rows(batch, ok, error_fields("temporal", e))
+        fail_nonfinite(batch, out, self.out_dtype, "temporal")
+        batch.update({column: as_stored(values, self.out_dtype) for column, values in out.items()})
         return batch
 
 
