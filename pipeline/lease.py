@@ -26,6 +26,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from .output import OutputExists
+from .procs import alive, start_time
 from .redact import logger
 from .store import is_local, write_atomic
 
@@ -96,7 +97,7 @@ def stale(held: Dict[str, Any]) -> Optional[str]:
         return f"its heartbeat lies {-age:.0f} s in the future (more than the expiry {expiry:g} s)"
     if held.get("host") != socket.gethostname():
         return None
-    if not _alive(held.get("pid"), held.get("pid_start")):
+    if not alive(held.get("pid"), held.get("pid_start")):
         return f"its process {held.get('pid')} on this host is gone"
     if held.get("pid") == os.getpid() and held.get("run_id") not in _HELD:
         return "an earlier run of this process that has ended (its release failed)"
@@ -128,7 +129,7 @@ class Lease:
         self.fs, self.root, self.uri, self.run_id = fs, root.rstrip("/"), uri, run_id
         now = time.time()
         self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                       "pid_start": _start_time(os.getpid()), "started": now, "heartbeat": now,
+                       "pid_start": start_time(os.getpid()), "started": now, "heartbeat": now,
                        "expiry_s": expiry or expiry_s()}
         self.lost: Optional[str] = None  # why the heartbeat found the lease gone
         self._stop = threading.Event()
@@ -234,28 +235,6 @@ class Fence:
             holder = f"run {held.get('run_id')}" if held else "no run"
             raise LeaseLost(f"{self.root}: this run ({self.run_id}) no longer holds the output's lease "
                             f"({holder} does); it stops without publishing")
-
-
-def _alive(pid: Any, started: Any) -> bool:
-    """Whether the process is running and is the one that took the lease (not a reused pid)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError, OverflowError):
-        return True  # someone else's process, or a record we cannot judge: assume alive
-    now = _start_time(int(pid))
-    return now is None or started is None or now == started
-
-
-def _start_time(pid: int) -> Optional[str]:
-    """The process's start time from /proc (Linux), None where unknown; a zombie counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return "zombie" if fields[0] == "Z" else fields[19]
 
 
 def _iso(t: Any) -> str:
