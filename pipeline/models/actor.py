@@ -21,7 +21,7 @@ from .. import faults
 from ..config import ModelConfig
 from ..decode import ImageSpec, decode_batch
 from ..device_decode import decode_on_device
-from ..rows import as_stored, error_fields, fail_nonfinite, fail_rows, ragged
+from ..rows import error_fields, fail_nonfinite, fail_rows, ragged
 from ..timing import timed
 from .base import build_module
 from .weights import Weights
@@ -102,8 +102,7 @@ class Embedder:
                 features[ok] = self.embed(rows)
             except Exception as e:  # the batch's samples become model errors; the job goes on
                 fail_rows(batch, ok, error_fields("model", e))
-        fail_nonfinite(batch, {"feature": features}, self.out_dtype, "model")
-        batch["feature"] = as_stored(features, self.out_dtype)
+        batch["feature"] = fail_nonfinite(batch, {"feature": features}, self.out_dtype, "model")["feature"]
         return batch
 
     def _call_frames(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

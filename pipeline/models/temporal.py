@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
 from ..errors import Refused
-from ..rows import as_stored, error_fields, fail_nonfinite, fail_rows
+from ..rows import error_fields, fail_nonfinite, fail_rows
 from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes
@@ -299,8 +299,7 @@ class TemporalEmbedder:
                     out[column][ok] = values
             except Exception as e:  # the batch's samples become temporal errors; the job goes on
                 fail_rows(batch, ok, error_fields("temporal", e))
-        fail_nonfinite(batch, out, self.out_dtype, "temporal")
-        batch.update({column: as_stored(values, self.out_dtype) for column, values in out.items()})
+        batch.update(fail_nonfinite(batch, out, self.out_dtype, "temporal"))
         return batch
 
 
