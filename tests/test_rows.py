@@ -22,7 +22,7 @@ def test_only_values_that_are_not_finite_as_stored_fail_their_row():
     assert list(b["error_message"][2:4]) == [
         "feature: 1 of 3 values overflow float16 (largest 65504): use output.dtype float32",
         "feature: 1 of 3 values are NaN or inf"]
-    assert fail_nonfinite(batch(6), {"feature": values[:3]}, np.float32, "m")["feature"].dtype == np.float32
+    assert fail_nonfinite(batch(3), {"feature": values[:3]}, np.float32, "m")["feature"].dtype == np.float32
 
 
 def test_ragged_columns_and_empty_batches():
