@@ -10,7 +10,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from pipeline.report import format_summary
-from pipeline.samples import make_image_folder
+from pipeline.samples import encode_video, make_image_folder
 
 from conftest import accounted, job_dict, read_errors, run
 
@@ -40,3 +40,22 @@ def test_features_that_overflow_float16_are_error_rows_not_features(tmp_path, ra
     assert messages == {"feature: 512 of 512 values overflow float16 (largest 65504): use output.dtype float32"}
     record = json.loads((out / "_job.json").read_text())
     assert record["status"] == "complete" and record["counts"]["errors_by_kind"] == {"model/NonFiniteFeature": 4}
+
+
+@pytest.mark.timeout(300)
+def test_clip_features_that_overflow_float16_are_temporal_error_rows(tmp_path, ray_session):
+    """Frame features near 1e6 are finite in float32 (the temporal heads take them so); their mean
+    clip feature overflows float16 as stored."""
+    src, out = tmp_path / "videos", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    for i in range(2):
+        (src / "a" / f"v{i}.avi").write_bytes(encode_video(12 + i))
+    data = job_dict(str(src), str(out), name="overflow-video", source={"format": "video_folder"},
+                    resources={"batch_size": 8, "decode_batch_size": 2})
+    data["model"] = {"arch": "resnet18", "weights": overflowing_resnet18(tmp_path / "big_bias.safetensors")}
+    data["video"] = {"num_frames": 4}
+    data["temporal"] = [{"kind": "mean", "name": "mean"}]
+    summary = run(data)
+    assert summary.features == 0 and summary.errors == {"temporal/NonFiniteFeature": 2}
+    assert set(read_errors(str(out))["message"].to_pylist()) == {
+        "clip_mean: 512 of 512 values overflow float16 (largest 65504): use output.dtype float32"}
