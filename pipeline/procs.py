@@ -9,8 +9,8 @@ which died too, and wait up to 60 s for it (Ray 2.x, ray/_private/process_watche
 So the embedded Ray starts with a mark in its environment naming its driver (pid and start
 time); every process Ray starts (head processes, agents, workers, and what those start) inherits
 it. The next local start stops the marked processes whose driver is gone (stop_orphans). Only
-those: /proc/<pid>/environ is readable for one's own processes only, a Ray the user started with
-`ray start` carries no mark, and a live run's driver is alive. Linux only (/proc); elsewhere nothing
+those: only this user's processes are read, a Ray the user started with `ray start` carries no
+mark, and a live run's driver is alive. Linux only (/proc); elsewhere nothing
 is found and nothing is stopped.
 """
 from __future__ import annotations
@@ -62,10 +62,13 @@ def marked_environment() -> Iterator[None]:
 
 
 def _mark(pid: int) -> Optional[str]:
+    """The process's mark; None when it has none, is gone, or is another user's (root reads all)."""
     try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return None
         with open(f"/proc/{pid}/environ", "rb") as f:
             entries = f.read().split(b"\0")
-    except OSError:  # gone, or another user's
+    except OSError:
         return None
     prefix = f"{MARK}=".encode()
     return next((e[len(prefix):].decode(errors="replace") for e in entries if e.startswith(prefix)), None)

@@ -97,3 +97,17 @@ def test_only_processes_of_a_dead_driver_are_stopped():
         for p in orphans + kept:
             p.kill()
             p.wait()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="starting another user's process needs root")
+def test_another_users_process_is_never_stopped():
+    """Root reads every process's environment: a dead driver's mark on another user's process is
+    still not ours to stop."""
+    env = {**os.environ, MARK: f"{dead_pid()}:123"}
+    other = subprocess.Popen(["sleep", "60"], env=env, user=65534)
+    try:
+        assert other.pid not in stop_orphans()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
