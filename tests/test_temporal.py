@@ -280,3 +280,11 @@ def test_kept_frame_features_that_overflow_become_model_errors():
     assert kept["error_message"][0].startswith("frame_features: 1 of 36 values overflow float16")
     dropped = TemporalEmbedder(heads, dtype="float16")(float32_batch(frames.copy()))  # not published: fine
     assert list(dropped["error_stage"]) == ["", ""]
+
+
+def test_a_head_name_that_is_not_plain_is_refused_in_code_too():
+    """A JobConfig built in code skips the job file's checks; the name still becomes clip_<name>."""
+    from pipeline.names import UnsafeName
+
+    with pytest.raises(UnsafeName, match=r"^temporal\[0\]\.name: '\.\./x' is not a plain name"):
+        resolve_heads([TemporalConfig(kind="mean", name="../x")], D)

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
 from ..errors import Refused
+from ..names import plain_name
 from ..rows import error_fields, fail_nonfinite, fail_rows
 from ..sources import filesystem
 from ..timing import timed
@@ -141,7 +142,8 @@ class HeadInfo:
 def resolve_heads(cfgs: List[TemporalConfig], input_dim: int, storage_options: Options = None) -> List[HeadInfo]:
     names = [c.name for c in cfgs]
     for i, name in enumerate(names):
-        if not name or names.index(name) != i:
+        plain_name(name, f"temporal[{i}].name")  # as config.py checks a job file: a job built in code too
+        if names.index(name) != i:
             raise TemporalError(f"temporal[{i}].name: {name!r} is empty or used twice (columns are clip_<name>)")
     return [resolve_head(c, input_dim, storage_options, i) for i, c in enumerate(cfgs)]
 
