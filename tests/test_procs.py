@@ -3,6 +3,7 @@ for the GCS that died with it); the next local start stops them, and only them (
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,8 +47,8 @@ def marked_by(driver_pid: int):
 
 @pytest.mark.timeout(180)  # one Ray start in a subprocess: 10-30 s on a busy machine
 def test_the_next_local_start_stops_what_a_killed_driver_left(monkeypatch):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
-           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ftray-", dir="/tmp")}  # its own Ray, never the session's
+    tmpdir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")  # short: Ray's socket paths must stay under 107
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmpdir}  # its own Ray
     env.pop("RAY_ADDRESS", None)
     killed = subprocess.Popen([sys.executable, "-c", DRIVER], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
@@ -66,6 +67,7 @@ def test_the_next_local_start_stops_what_a_killed_driver_left(monkeypatch):
     finally:
         for pid in marked_by(killed.pid):  # whatever the test's failure left
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def sleeper(mark=None) -> subprocess.Popen:
