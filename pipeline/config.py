@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from . import safe_yaml
 from .errors import Refused
+from .names import plain_name
 from .redact import redact
 
 Auto = Literal["auto"]
@@ -358,6 +359,7 @@ def _check_video(job: JobConfig) -> None:
                           "for a folder of videos use source.format: video_folder, for images remove temporal:")
     names = [t.name for t in job.temporal]
     for i, t in enumerate(job.temporal):
+        plain_name(t.name, f"temporal[{i}].name")  # it becomes the column clip_<name>, a part of paths
         if not re.fullmatch(r"[A-Za-z0-9_]+", t.name) or names.count(t.name) > 1:
             raise ConfigError(f"temporal[{i}].name: {t.name!r} must be unique and made of letters, digits, _")
     if job.is_video and not job.temporal:

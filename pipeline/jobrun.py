@@ -16,6 +16,7 @@ from .console import quiet_ray
 from .interrupt import reclaim_sigterm
 from .lease import Lease
 from .output import OutputExists, Workspace
+from .procs import marked_environment, stop_orphans
 from .redact import logger
 from .sources import filesystem
 
@@ -46,9 +47,19 @@ def init_ray(address: Optional[str], verbose: bool = False) -> None:
     if address:
         ray.init(address=address, logging_level=level, log_to_driver=verbose)
     else:  # "local": a new embedded Ray, never a cluster `ray start` left on this machine
-        ray.init(address="local", include_dashboard=False, logging_level=level, log_to_driver=verbose,
-                 runtime_env={"env_vars": LOCAL_RAY_ENV})
+        stop_left_behind()
+        with marked_environment():  # its processes carry this driver's mark (procs.py)
+            ray.init(address="local", include_dashboard=False, logging_level=level, log_to_driver=verbose,
+                     runtime_env={"env_vars": LOCAL_RAY_ENV})
     reclaim_sigterm()  # ray.init replaced the CLI's SIGTERM handler (pipeline/interrupt.py)
+
+
+def stop_left_behind() -> None:
+    """Stop the processes of local Rays whose driver was killed (SIGKILL leaves some running)."""
+    stopped = stop_orphans()
+    if stopped:
+        log.warning("stopped %d processes of a local Ray left running by a run that was killed (pids %s)",
+                    len(stopped), ", ".join(map(str, sorted(stopped))))
 
 
 def take_lease(uri: str, storage_options: Dict[str, Any], key: str = "output.uri") -> Lease:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import threading
@@ -25,6 +26,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from .output import OutputExists
+from .procs import alive, start_time
 from .redact import logger
 from .store import is_local, write_atomic
 
@@ -48,8 +50,8 @@ def expiry_s() -> float:
         value = float(text) if text else DEFAULT_EXPIRY_S
     except ValueError:
         raise OutputExists(f"{EXPIRY_ENV}={text!r}: not a number of seconds") from None
-    if value <= 0:
-        raise OutputExists(f"{EXPIRY_ENV}={text!r}: must be more than 0 seconds")
+    if not (math.isfinite(value) and value > 0):  # an infinite expiry would make a dead run's lease last forever
+        raise OutputExists(f"{EXPIRY_ENV}={text!r}: must be a finite number of seconds, more than 0")
     return value
 
 
@@ -67,29 +69,57 @@ def read(fs, root: str) -> Tuple[bytes, Optional[Dict[str, Any]]]:
 
 
 def describe(uri: str, held: Dict[str, Any]) -> str:
-    age = time.time() - float(held.get("heartbeat", 0))
     return (f"output.uri {uri} is in use by run {held.get('run_id')} (pid {held.get('pid')} on "
-            f"{held.get('host')}) since {_iso(held.get('started', 0))}, last heartbeat {age:.0f} s ago; "
+            f"{held.get('host')}) since {_iso(held.get('started', 0))}, last heartbeat {_ago(held)}; "
             f"wait for it to end (its lease is taken over once its heartbeat is older than "
             f"{held.get('expiry_s')} s or its process is gone)")
 
 
+def _ago(held: Dict[str, Any]) -> str:
+    """The heartbeat's age in words, never negative (another host's clock may run ahead of ours)."""
+    try:
+        age = time.time() - float(held.get("heartbeat"))
+    except (TypeError, ValueError):
+        return "unknown"
+    if not math.isfinite(age):
+        return "unknown"
+    return f"{age:.0f} s ago" if age >= 0 else f"{-age:.0f} s ahead of this host's clock"
+
+
 def stale(held: Dict[str, Any]) -> Optional[str]:
     """Why a lease's holder is gone, or None while it is alive."""
-    try:
-        age = time.time() - float(held["heartbeat"])
-        expiry = float(held["expiry_s"])
-    except (KeyError, TypeError, ValueError):
-        return "the lease file is unreadable"
+    age, expiry, why = _heartbeat(held)
+    if why:
+        return why
     if age > expiry:
         return f"its heartbeat is {age:.0f} s old (expiry {expiry:g} s)"
+    if -age > expiry:  # a live holder renews it to its own clock's now: this one cannot be
+        return f"its heartbeat lies {-age:.0f} s in the future (more than the expiry {expiry:g} s)"
     if held.get("host") != socket.gethostname():
         return None
-    if not _alive(held.get("pid"), held.get("pid_start")):
+    if not alive(held.get("pid"), held.get("pid_start")):
         return f"its process {held.get('pid')} on this host is gone"
     if held.get("pid") == os.getpid() and held.get("run_id") not in _HELD:
         return "an earlier run of this process that has ended (its release failed)"
     return None
+
+
+def _heartbeat(held: Dict[str, Any]) -> Tuple[float, float, Optional[str]]:
+    """(the heartbeat's age, the expiry, None), or a reason to take the lease over when the record
+    cannot be judged: a heartbeat that is not a finite number never ages, so it would hold OUT forever."""
+    try:
+        heartbeat = float(held["heartbeat"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0, 0.0, "the lease file is unreadable (no heartbeat time)"
+    if not math.isfinite(heartbeat):
+        return 0.0, 0.0, f"its heartbeat {held['heartbeat']!r} is not a finite time"
+    try:
+        expiry = float(held.get("expiry_s"))
+    except (TypeError, ValueError):
+        expiry = math.nan
+    if not (math.isfinite(expiry) and expiry > 0):  # its own expiry cannot be trusted: this host's
+        expiry = expiry_s()
+    return time.time() - heartbeat, expiry, None
 
 
 class Lease:
@@ -99,7 +129,7 @@ class Lease:
         self.fs, self.root, self.uri, self.run_id = fs, root.rstrip("/"), uri, run_id
         now = time.time()
         self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                       "pid_start": _start_time(os.getpid()), "started": now, "heartbeat": now,
+                       "pid_start": start_time(os.getpid()), "started": now, "heartbeat": now,
                        "expiry_s": expiry or expiry_s()}
         self.lost: Optional[str] = None  # why the heartbeat found the lease gone
         self._stop = threading.Event()
@@ -205,28 +235,6 @@ class Fence:
             holder = f"run {held.get('run_id')}" if held else "no run"
             raise LeaseLost(f"{self.root}: this run ({self.run_id}) no longer holds the output's lease "
                             f"({holder} does); it stops without publishing")
-
-
-def _alive(pid: Any, started: Any) -> bool:
-    """Whether the process is running and is the one that took the lease (not a reused pid)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError, OverflowError):
-        return True  # someone else's process, or a record we cannot judge: assume alive
-    now = _start_time(int(pid))
-    return now is None or started is None or now == started
-
-
-def _start_time(pid: int) -> Optional[str]:
-    """The process's start time from /proc (Linux), None where unknown; a zombie counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return "zombie" if fields[0] == "Z" else fields[19]
 
 
 def _iso(t: Any) -> str:

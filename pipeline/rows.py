@@ -3,10 +3,11 @@
 A batch is `Dict[str, np.ndarray]`. Plan rows carry PLAN_COLUMNS; samples add SAMPLE_COLUMNS' rest;
 every stage keeps ERROR_COLUMNS, empty (OK) while the sample is fine: a stage that fails on a sample
 fills them (error_fields) and later stages pass it by, so the sink writes it to the errors table.
+A feature with a NaN or inf in it, as the output stores it, is such a failure (fail_nonfinite).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 
@@ -25,6 +26,56 @@ OK = {"error_stage": "", "error_type": "", "error_message": ""}
 def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
     message = redact_text(str(exc) or repr(exc))  # exception texts often quote the URL, credentials and all
     return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message[:MAX_MESSAGE]}
+
+
+def fail_rows(batch: Dict[str, np.ndarray], rows: np.ndarray, fields: Mapping[str, str]) -> None:
+    """Mark `rows` (a mask or indices) failed with `fields` (ERROR_COLUMNS' values); copies, as Ray's
+    batches may be read-only views."""
+    for col in ERROR_COLUMNS:
+        batch[col] = batch[col].copy()
+        batch[col][rows] = fields[col]
+
+
+def fail_nonfinite(batch: Dict[str, np.ndarray], columns: Mapping[str, Any], dtype,
+                   stage: str) -> Dict[str, np.ndarray]:
+    """Rows still OK whose feature in any of `columns` (float32 values, (N, ...) or one array per row)
+    holds a NaN or inf once cast to the output `dtype` become `stage` errors: a non-finite feature is
+    never published (float16 overflows above 65504, so finite float32 features can become inf).
+    Returns the dense columns as stored."""
+    stored = {}
+    for column, values in columns.items():
+        rows = np.flatnonzero(batch["error_stage"] == "")
+        if isinstance(values, np.ndarray) and values.dtype != object:  # dense: one vectorised pass first
+            stored[column] = as_stored(values, dtype)
+            # a row's largest magnitude, in float32 (NaN stays NaN): only rows beyond the dtype's
+            # largest finite value are looked at (np.isfinite on float16 is ten times slower)
+            peak = np.abs(values).max(axis=tuple(range(1, values.ndim)), initial=0)
+            rows = rows[~(peak[rows] <= np.finfo(dtype).max)]
+        for i in rows:
+            problem = nonfinite(np.asarray(values[i]), dtype)
+            if problem:
+                message = f"{column}: {problem}"
+                fail_rows(batch, np.array([i]), {"error_stage": stage, "error_type": "NonFiniteFeature",
+                                                 "error_message": message[:MAX_MESSAGE]})
+    return stored
+
+
+def nonfinite(values: np.ndarray, dtype) -> str:
+    """What is wrong with `values` stored as `dtype`, or "" when every value is finite."""
+    bad = int(np.count_nonzero(~np.isfinite(as_stored(values, dtype))))
+    if not bad:
+        return ""
+    if np.isfinite(values).all():
+        name = np.dtype(dtype).name
+        return (f"{bad} of {values.size} values overflow {name} (largest {float(np.finfo(dtype).max):g}): "
+                "use output.dtype float32")
+    return f"{bad} of {values.size} values are NaN or inf"
+
+
+def as_stored(values: np.ndarray, dtype) -> np.ndarray:
+    """`values` cast to the output dtype; an overflow is no warning here, fail_nonfinite reports it."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return values.astype(dtype, copy=False)
 
 
 def ragged(arrays: List[np.ndarray]) -> np.ndarray:

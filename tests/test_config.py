@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_job, output_storage_options, parse_job, redact, to_dict
+from pipeline.errors import Refused
 
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
 
@@ -227,3 +228,14 @@ def test_temporal_heads_on_an_image_source_are_refused_naming_both_keys(source):
     key = "source.media: image" if "media" in source else "source.format: image_folder"
     assert str(e.value).startswith("temporal: heads over frames need videos") and key in str(e.value)
     parse_job({**data, "source": {"uri": "v/", "format": "video_folder"}})  # the same heads on videos: fine
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs", ".hidden", "a/b", "x" * 129, "", "a..b"])
+def test_a_temporal_head_name_that_is_not_plain_is_refused_naming_the_key(name):
+    """The name becomes the column clip_<name>, which later commands turn into paths (OUT/_index/...)."""
+    data = {"name": "t", "source": {"uri": "v/", "format": "video_folder"}, "output": {"uri": "out"},
+            "temporal": [{"kind": "mean", "name": "mean"}, {"kind": "max", "name": name}]}
+    with pytest.raises(Refused) as e:
+        parse_job(data)
+    message = str(e.value)
+    assert message.startswith("temporal[1].name: ") and "is not a plain name" in message and "\n" not in message

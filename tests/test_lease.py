@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -66,6 +67,44 @@ def test_a_lease_whose_holder_is_gone_is_taken_over(store, why):
     lease.release()
 
 
+@pytest.mark.parametrize("heartbeat,why", [
+    (time.time() + 315360000, r"heartbeat lies \d+ s in the future"),  # ten years ahead
+    (float("inf"), "heartbeat inf is not a finite time"),
+    (float("nan"), "heartbeat nan is not a finite time"),
+    ("yesterday", "no heartbeat time"),
+    (None, "no heartbeat time"),
+], ids=["future", "inf", "nan", "text", "null"])
+def test_a_lease_whose_heartbeat_cannot_age_is_taken_over(tmp_path, caplog, heartbeat, why):
+    """A heartbeat in the future, infinite or unreadable never grows older than the expiry: such a
+    lease would hold OUT forever, so it counts as stale, and the takeover says why."""
+    root = str(tmp_path)
+    plant(FS, root, heartbeat=heartbeat)  # another host's, so only the heartbeat can free it
+    lease = Lease(FS, root, "OUT", "mine").acquire()
+    assert read(FS, root)[1]["run_id"] == "mine"
+    assert re.search(f"took over the lease of run other-run: .*{why}", caplog.text)
+    lease.release()
+
+
+@pytest.mark.parametrize("expiry", [float("inf"), float("nan"), -5, "never"])
+def test_a_lease_with_a_bad_expiry_ages_by_this_hosts_expiry(tmp_path, expiry):
+    root = str(tmp_path)
+    plant(FS, root, heartbeat=time.time() - 120, expiry_s=expiry)  # older than the default 60 s
+    Lease(FS, root, "OUT", "mine").acquire().release()
+    plant(FS, root, heartbeat=time.time() - 5, expiry_s=expiry)  # a live one stays held
+    with pytest.raises(LeaseHeld, match="other-run"):
+        Lease(FS, root, "OUT", "mine").acquire()
+
+
+def test_the_refusal_never_shows_a_negative_age(tmp_path):
+    """Another host's clock 20 s ahead: within the expiry, so held; said without a negative age."""
+    root = str(tmp_path)
+    plant(FS, root, heartbeat=time.time() + 20)
+    with pytest.raises(LeaseHeld) as e:
+        Lease(FS, root, "OUT", "mine").acquire()
+    assert re.search(r"last heartbeat \d+ s ahead of this host's clock", str(e.value))
+    assert not re.search(r"-\d+ s", str(e.value))
+
+
 def test_a_live_lease_on_another_host_is_not_taken_over(tmp_path):
     root = str(tmp_path)
     plant(FS, root, pid=dead_pid())  # that pid means nothing on another host
@@ -116,9 +155,10 @@ def test_the_heartbeat_renews_and_a_run_that_lost_its_lease_is_fenced(tmp_path, 
 
 
 def test_a_bad_expiry_setting_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEATURIZE_LEASE_EXPIRY_S", "soon")
-    with pytest.raises(OutputExists, match="FEATURIZE_LEASE_EXPIRY_S"):
-        Lease(FS, str(tmp_path), "OUT", "r")
+    for value in ("soon", "inf", "nan", "0"):
+        monkeypatch.setenv("FEATURIZE_LEASE_EXPIRY_S", value)
+        with pytest.raises(OutputExists, match="FEATURIZE_LEASE_EXPIRY_S"):
+            Lease(FS, str(tmp_path), "OUT", "r")
 
 
 def test_a_lease_this_process_failed_to_release_does_not_block_its_next_run(tmp_path, monkeypatch):

@@ -202,3 +202,49 @@ def test_torchvision_weights_offline_name_the_file_to_place(tmp_path, monkeypatc
         resolve(ModelConfig(arch="resnet50", weights="IMAGENET1K_V2"))
     with pytest.raises(WeightsError, match="not a weights name"):
         resolve(ModelConfig(arch="resnet50", weights="IMAGENET9K"))
+
+
+def overflowing_weights(state, folder, bias=1e6):
+    """ResNet-18 weights whose last BatchNorm adds `bias` to every channel: pooled features near
+    1e6 are finite in float32 and inf in float16 (largest 65504); a NaN bias makes them NaN."""
+    state = {k: v.clone() for k, v in state.items()}
+    state["layer4.1.bn2.bias"].fill_(bias)
+    path = folder / f"r18_bias_{bias}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
+
+
+def failed_batch(pixels):
+    return {"sample_id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
+            "error_stage": np.array(["", "decode", ""], dtype=object),
+            "error_type": np.array(["", "OSError", ""], dtype=object),
+            "error_message": np.array(["", "truncated", ""], dtype=object)}
+
+
+def test_features_that_are_not_finite_as_stored_become_model_errors(resnet18_state, tmp_path):
+    state, _ = resnet18_state
+    cfg = ModelConfig(arch="resnet18", weights=overflowing_weights(state, tmp_path))
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    out = Embedder(spec_for(cfg, 512, dtype="float16"))(failed_batch(pixels))
+    assert list(out["error_stage"]) == ["model", "decode", "model"]
+    assert list(out["error_type"]) == ["NonFiniteFeature", "OSError", "NonFiniteFeature"]
+    assert out["error_message"][0] == "feature: 512 of 512 values overflow float16 (largest 65504): " \
+                                      "use output.dtype float32"
+    assert out["error_message"][1] == "truncated"
+    as_float32 = Embedder(spec_for(cfg, 512, dtype="float32"))(failed_batch(pixels))  # what the message advises
+    assert list(as_float32["error_stage"]) == ["", "decode", ""] and np.isfinite(as_float32["feature"]).all()
+    cfg = ModelConfig(arch="resnet18", weights=overflowing_weights(state, tmp_path, bias=float("nan")))
+    out = Embedder(spec_for(cfg, 512, dtype="float32"))(failed_batch(pixels))
+    assert list(out["error_type"]) == ["NonFiniteFeature", "OSError", "NonFiniteFeature"]
+    assert out["error_message"][2] == "feature: 512 of 512 values are NaN or inf"
+
+
+def test_frame_features_that_are_not_finite_become_model_errors(resnet18_state, tmp_path):
+    state, _ = resnet18_state
+    cfg = ModelConfig(arch="resnet18", weights=overflowing_weights(state, tmp_path, bias=float("inf")))
+    frames = np.random.default_rng(2).integers(0, 256, (3, 2, 64, 64, 3), dtype=np.uint8)
+    batch = failed_batch(None)
+    del batch["pixels"]
+    out = Embedder(spec_for(cfg, 512))({**batch, "frames": frames})
+    assert list(out["error_stage"]) == ["model", "decode", "model"]
+    assert out["error_message"][0] == "frame_features: 1024 of 1024 values are NaN or inf"

@@ -246,3 +246,45 @@ def test_a_failing_head_turns_the_batch_ok_rows_into_temporal_errors():
     assert out["error_type"][0] == "ValueError" and out["error_message"][0]
     assert out["error_message"][1] == "bad file"
     assert not out["clip_mean"].any()
+
+
+def float32_batch(frames):
+    n = len(frames)
+    return {"frame_features": frames, "error_stage": np.array([""] * n, dtype=object),
+            "error_type": np.array([""] * n, dtype=object), "error_message": np.array([""] * n, dtype=object)}
+
+
+def test_clip_features_that_overflow_the_output_dtype_become_temporal_errors():
+    """Frame features near 1e5 are finite in float32; their mean is inf in float16 (largest 65504)."""
+    heads = resolve_heads([TemporalConfig(kind="mean", name="mean")], D)
+    frames = np.random.default_rng(4).standard_normal((3, 4, D)).astype(np.float32)
+    frames[1] += 1e5
+    out = TemporalEmbedder(heads, dtype="float16")(float32_batch(frames.copy()))
+    assert list(out["error_stage"]) == ["", "temporal", ""]
+    assert out["error_type"][1] == "NonFiniteFeature"
+    assert out["error_message"][1] == f"clip_mean: {D} of {D} values overflow float16 (largest 65504): " \
+                                      "use output.dtype float32"
+    assert np.isfinite(out["clip_mean"][[0, 2]]).all()
+    out = TemporalEmbedder(heads, dtype="float32")(float32_batch(frames.copy()))
+    assert list(out["error_stage"]) == ["", "", ""]
+
+
+def test_kept_frame_features_that_overflow_become_model_errors():
+    """The max head's clip is finite (the frame's inf is at one frame only, which max does not
+    pick) while frame_features as stored would hold inf."""
+    heads = resolve_heads([TemporalConfig(kind="max", name="max")], D)
+    frames = np.random.default_rng(5).standard_normal((2, 3, D)).astype(np.float32)
+    frames[0, 1, 0] = -1e6  # below float16's range: -inf as stored; the max of the column is another frame's
+    kept = TemporalEmbedder(heads, dtype="float16", keep_frame_features=True)(float32_batch(frames.copy()))
+    assert list(kept["error_stage"]) == ["model", ""] and kept["error_type"][0] == "NonFiniteFeature"
+    assert kept["error_message"][0].startswith("frame_features: 1 of 36 values overflow float16")
+    dropped = TemporalEmbedder(heads, dtype="float16")(float32_batch(frames.copy()))  # not published: fine
+    assert list(dropped["error_stage"]) == ["", ""]
+
+
+def test_a_head_name_that_is_not_plain_is_refused_in_code_too():
+    """A JobConfig built in code skips the job file's checks; the name still becomes clip_<name>."""
+    from pipeline.names import UnsafeName
+
+    with pytest.raises(UnsafeName, match=r"^temporal\[0\]\.name: '\.\./x' is not a plain name"):
+        resolve_heads([TemporalConfig(kind="mean", name="../x")], D)

@@ -21,7 +21,7 @@ from .. import faults
 from ..config import ModelConfig
 from ..decode import ImageSpec, decode_batch
 from ..device_decode import decode_on_device
-from ..rows import ERROR_COLUMNS, error_fields, ragged
+from ..rows import error_fields, fail_nonfinite, fail_rows, ragged
 from ..timing import timed
 from .base import build_module
 from .weights import Weights
@@ -95,13 +95,14 @@ class Embedder:
         pixels = batch.pop("pixels")
         ok = batch["error_stage"] == ""
         # Rows that failed earlier keep zeros; the sink writes them to the errors table only.
-        batch["feature"] = np.zeros((len(ok), self.spec.dim), dtype=self.out_dtype)
+        features = np.zeros((len(ok), self.spec.dim), dtype=np.float32)
         if ok.any():
             try:
                 rows = pixels[torch.from_numpy(ok).to(pixels.device)] if torch.is_tensor(pixels) else pixels[ok]
-                batch["feature"][ok] = self.embed(rows)
+                features[ok] = self.embed(rows)
             except Exception as e:  # the batch's samples become model errors; the job goes on
-                _fail_rows(batch, ok, e)
+                fail_rows(batch, ok, error_fields("model", e))
+        batch["feature"] = fail_nonfinite(batch, {"feature": features}, self.out_dtype, "model")["feature"]
         return batch
 
     def _call_frames(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -117,19 +118,14 @@ class Embedder:
                 for i, part in zip(rows, np.split(flat, np.cumsum([len(clips[i]) for i in rows])[:-1])):
                     out[i] = part
             except Exception as e:
-                _fail_rows(batch, ok, e)
+                fail_rows(batch, ok, error_fields("model", e))
+        # float32 here: the temporal stage checks them as stored, when they are kept (temporal.py)
+        fail_nonfinite(batch, {"frame_features": out}, np.float32, "model")
         if isinstance(frames, np.ndarray) and frames.dtype != object:  # dense: (B, T, D)
             batch["frame_features"] = np.stack(out)
         else:
             batch["frame_features"] = ragged(out)
         return batch
-
-
-def _fail_rows(batch: Dict[str, np.ndarray], ok: np.ndarray, exc: BaseException) -> None:
-    fields = error_fields("model", exc)
-    for col in ERROR_COLUMNS:
-        batch[col] = batch[col].copy()
-        batch[col][ok] = fields[col]
 
 
 def _device(name: str) -> torch.device:

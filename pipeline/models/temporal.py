@@ -21,7 +21,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
 from ..errors import Refused
-from ..rows import ERROR_COLUMNS, error_fields
+from ..names import plain_name
+from ..rows import error_fields, fail_nonfinite, fail_rows
 from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes
@@ -141,7 +142,8 @@ class HeadInfo:
 def resolve_heads(cfgs: List[TemporalConfig], input_dim: int, storage_options: Options = None) -> List[HeadInfo]:
     names = [c.name for c in cfgs]
     for i, name in enumerate(names):
-        if not name or names.index(name) != i:
+        plain_name(name, f"temporal[{i}].name")  # as config.py checks a job file: a job built in code too
+        if names.index(name) != i:
             raise TemporalError(f"temporal[{i}].name: {name!r} is empty or used twice (columns are clip_<name>)")
     return [resolve_head(c, input_dim, storage_options, i) for i, c in enumerate(cfgs)]
 
@@ -288,20 +290,18 @@ class TemporalEmbedder:
         # The sequence each head sees is the sampled frames (repeats included for short videos,
         # which uniform sampling spreads over the sequence), not the count of distinct frames.
         lengths = np.array([len(f) for f in features], dtype=np.int64)
+        if self.keep:  # published as stored: float16 can overflow where the model's float32 did not
+            fail_nonfinite(batch, {"frame_features": features}, self.out_dtype, "model")
         ok = batch["error_stage"] == ""
         # Rows that failed earlier keep zeros; the sink writes them to the errors table only.
-        for info, _ in self.heads:
-            batch[info.column] = np.zeros((len(ok), info.out_dim), dtype=self.out_dtype)
+        out = {info.column: np.zeros((len(ok), info.out_dim), dtype=np.float32) for info, _ in self.heads}
         if ok.any():
             try:  # every head first, then assign: a failing head leaves no half-filled rows
-                out = self.clip_features(_stack(features, ok), lengths[ok])
-                for column, values in out.items():
-                    batch[column][ok] = values
+                for column, values in self.clip_features(_stack(features, ok), lengths[ok]).items():
+                    out[column][ok] = values
             except Exception as e:  # the batch's samples become temporal errors; the job goes on
-                fields = error_fields("temporal", e)
-                for col in ERROR_COLUMNS:
-                    batch[col] = batch[col].copy()
-                    batch[col][ok] = fields[col]
+                fail_rows(batch, ok, error_fields("temporal", e))
+        batch.update(fail_nonfinite(batch, out, self.out_dtype, "temporal"))
         return batch
 
 
