@@ -180,6 +180,6 @@ def test_a_second_apply_into_a_held_output_is_refused_and_overwrites_nothing(tmp
     try:
         with pytest.raises(ApplyError, match="is in use by run other-run"):
             apply_head(head(tmp_path / "h"), str(src), str(out2), overwrite=True)
+        assert sorted(p.name for p in out2.rglob("*")) == before == ["_lease.json"]
     finally:
         held.release()
-    assert sorted(p.name for p in out2.rglob("*")) == before
