@@ -230,7 +230,7 @@ def test_a_rebuilt_table_is_not_nothing_to_do(tmp_path, capsys):
     vectors_table(table, model="resnet34", seed=1)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "the table changed since" in err and 'model "resnet18" -> "resnet34"' in err
+    assert f"data.uri {table} changed since the checkpoint in output.uri {out} was trained" in err and 'model "resnet18" -> "resnet34"' in err
     assert "--overwrite" in err and "\n" not in err  # (--overwrite itself: the non-finite test above)
 
 

@@ -137,7 +137,10 @@ def refuse_same_root(input_uri: str, in_options: Dict[str, Any], output_uri: str
     if p_in == p_out and (out == root_in or any(out.startswith(f"{root_in}/{t}") for t in ("features", "errors"))):
         raise error(f"--output {output_uri} is the input table {input_uri} (or inside it, links resolved): "
                     "apply writes a new table; choose another --output")
-    p_ck, root_ck = _real(checkpoint, ck_options)
+    try:
+        p_ck, root_ck = _real(checkpoint, ck_options)
+    except Exception:  # a checkpoint URI that cannot be opened: load() says so, naming it
+        return
     if p_ck == p_out and out == root_ck:
         raise error(f"--output {output_uri} is the checkpoint directory {checkpoint} (links resolved): "
                     "choose another --output")

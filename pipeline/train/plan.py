@@ -161,8 +161,8 @@ def compare(recorded: Optional[Dict[str, Any]], plan: Plan, uri: str) -> None:
         return
     diff = _diff(_flat(old), _flat(new))
     if diff and all(k.startswith("table.") or k in ("table_rows", "dim") for k, _ in diff):
-        raise OutputExists(f"output.uri {uri} holds a training on data.uri as it was before; the table changed "
-                           f"since (in: {_changes(diff)}); {OVERWRITE}")
+        raise OutputExists(f"data.uri {plan.settings['data'].get('uri')} changed since the checkpoint in output.uri "
+                           f"{uri} was trained on it (in: {_changes(diff)}); {OVERWRITE}")
     raise OutputExists(f"output.uri {uri} holds the checkpoint of another training (differs in: "
                        f"{_changes(diff) or 'settings'}); {OVERWRITE}")
 
