@@ -143,6 +143,7 @@ def test_a_planted_pickle_in_an_epoch_state_is_refused_never_loaded(tmp_path, fa
     assert main(["train", str(path)]) == 1
     states = _states(out)
     assert states and sorted(os.listdir(states[-1])) == sorted(epoch_state.FILES)  # safetensors and JSON only
+    assert (states[-1].parent / "checkpoint_manager_snapshot.json").exists()  # Ray Train's record: checked, passes
     marker = tmp_path / "pwned"
     planted = states[-1] / "state.pt"
     planted.write_bytes(pickle.dumps(Payload(str(marker))))
@@ -285,3 +286,27 @@ def test_the_api_refuses_bad_arguments_before_torch_or_ray(tmp_path, call, messa
     with pytest.raises(featurize.Refused, match=message.replace("[", r"\[").replace("(", r"\(")):
         call(str(path))
     assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("snapshot, message", [
+    (b"\x80\x04garbage", "not valid JSON"),
+    (json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "../../elsewhere"}]}).encode(), "outside the run's"),
+    (json.dumps({"validated_checkpoint_dir_names": ["/etc"]}).encode(), "outside the run's"),
+    (json.dumps([1]).encode(), "not Ray Train's record"),
+])
+def test_ray_trains_record_of_the_states_is_checked_too(tmp_path, snapshot, message):
+    """A planted checkpoint_manager_snapshot.json would have Ray Train hand the workers a folder
+    elsewhere (which they would refuse to unpickle anyway): refused before any work, naming it."""
+    import fsspec
+
+    from pipeline.train import outdir
+
+    class Run:
+        fingerprint = "0123456789abcdef"
+
+    run = tmp_path / "_train" / Run.fingerprint
+    (run / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    (run / outdir.SNAPSHOT).write_bytes(snapshot)
+    with pytest.raises(TrainError) as e:
+        outdir.check_states(fsspec.filesystem("file"), str(tmp_path), Run(), "OUT")
+    assert f"OUT/_train/{Run.fingerprint}/{outdir.SNAPSHOT}: " in str(e.value) and message in str(e.value)

@@ -24,6 +24,8 @@ from .plan import Plan, TrainError, compare
 RUNS = "_train"  # Ray Train's run storage under the checkpoint directory: per-epoch checkpoints
 PLAN = "plan.json"
 RUN_NAME = re.compile(r"[0-9a-f]{16}")  # Plan.fingerprint: Ray Train's run folders
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints (JSON)
+CHECKPOINT = re.compile(r"checkpoint_[A-Za-z0-9_.\-]+")  # the folders it names, inside the run's folder
 
 
 def finished(fs, root: str, plan: Plan, uri: str, overwrite: bool = False) -> Optional[List[Dict[str, Any]]]:
@@ -89,12 +91,14 @@ def write_plan(fs, root: str, plan: Plan, cfg: TrainConfig) -> None:
 
 def check_states(fs, root: str, plan: Plan, uri: str) -> None:
     """Every epoch state Ray Train could resume from is read here first, as the workers would read
-    it (safetensors and JSON only): a folder holding anything else is refused before any work."""
+    it (safetensors and JSON only): a folder holding anything else is refused before any work, and
+    so is Ray Train's record of them when it is not JSON or names a folder outside the run's."""
     run = f"{root}/{RUNS}/{plan.fingerprint}"
     try:
         entries = fs.ls(run, detail=True)
     except FileNotFoundError:
         return
+    _check_snapshot(fs, run, f"{uri}/{RUNS}/{plan.fingerprint}/{SNAPSHOT}")
     for entry in entries:
         name = os.path.basename(entry["name"].rstrip("/"))
         if entry["type"] != "directory" or not name.startswith("checkpoint_"):
@@ -103,6 +107,35 @@ def check_states(fs, root: str, plan: Plan, uri: str) -> None:
         folder = entry["name"].rstrip("/")
         epoch_state.check_names(fs.ls(folder, detail=False), where)
         epoch_state.load(lambda n, folder=folder: fs.cat_file(f"{folder}/{n}"), where)
+
+
+def _check_snapshot(fs, run: str, where: str) -> None:
+    try:
+        record = json.loads(fs.cat_file(f"{run}/{SNAPSHOT}"))
+    except FileNotFoundError:
+        return
+    except ValueError as e:
+        raise TrainError(f"{where}: not valid JSON ({str(e)[:100]}); run with --overwrite to train anew") from None
+    names = list(_dir_names(record))
+    if not isinstance(record, dict) or not all(isinstance(n, str) and CHECKPOINT.fullmatch(n) and ".." not in n
+                                               for n in names):
+        raise TrainError(f"{where}: not Ray Train's record of this run's checkpoints (it names a folder outside "
+                         "the run's); run with --overwrite to train anew")
+
+
+def _dir_names(value: Any):
+    """Every checkpoint folder name in Ray Train's snapshot (checkpoint_dir_name, *_dir_names)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "checkpoint_dir_name":
+                yield v
+            elif k.endswith("checkpoint_dir_names") and isinstance(v, list):
+                yield from v
+            else:
+                yield from _dir_names(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _dir_names(v)
 
 
 def drop_runs(fs, root: str, plan: Plan) -> None:
