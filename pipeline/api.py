@@ -62,21 +62,25 @@ def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = No
 
 
 def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, *, address: Optional[str] = None,
-          say=print, verbose: bool = False):
+          say=print, verbose: bool = False, overwrite: bool = False):
     """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch).
-    `say` gets a line per epoch (None: no lines)."""
+    `say` gets a line per epoch (None: no lines); `overwrite`: replace an earlier training in output.uri."""
     from .train.config import parse_training
+    from .train.guard import check_train_call
     from .train.loop import train as train_head
 
+    check_train_call(training, overrides, address, say, verbose, overwrite)
     return train_head(parse_training(_mapping(training, overrides, "training file")), address=address,
-                      say=say or (lambda line: None), verbose=verbose)
+                      say=say or (lambda line: None), verbose=verbose, overwrite=overwrite)
 
 
 def apply(checkpoint: str, input: str, output: str, **options):
     """Apply a trained head to a features table, writing a new one (see train/apply.py for options;
     progress=True by default, as for `run`)."""
     from .train.apply import apply_head
+    from .train.guard import check_apply_options
 
+    check_apply_options(options)
     return apply_head(checkpoint, input, output, **{"progress": True, **options})
 
 

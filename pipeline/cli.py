@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key, e.g. --set train.epochs=5 (repeatable)")
     train.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the earlier training in output.uri (epoch states, checkpoint); train anew")
     _console_arguments(train, "a line per epoch")
     train.set_defaults(func=cmd_train)
 
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="fsspec options for the output (default: --storage-options when on the same store)")
     apply.add_argument("--address", default=None, help="Ray address; default: local Ray")
     apply.add_argument("--overwrite", action="store_true", help="replace another table in --output, once complete")
+    apply.add_argument("--allow-other-source", action="store_true",
+                       help="apply a head to features of another model, weights or layer than it was trained on")
     _console_arguments(apply)
     apply.set_defaults(func=cmd_apply)
 
@@ -258,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         # epoch lines are its progress: on stderr, as run's line is; none with --quiet
         say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-        result = train(cfg, address=args.address, say=say, verbose=args.verbose)
+        result = train(cfg, address=args.address, say=say, verbose=args.verbose, overwrite=args.overwrite)
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
@@ -281,6 +285,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         summary = apply_head(args.checkpoint, args.input, args.output, name=args.name, storage_options=options,
                              output_storage_options=out_options, address=args.address, overwrite=args.overwrite,
+                             allow_other_source=args.allow_other_source,
                              progress=not args.quiet, verbose=args.verbose)
     except Refused as e:
         _say(f"featurize: {e}")

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .. import __version__, faults
+from .. import __version__
 from ..commit import Ledger, staging_folder
 from ..config import absolute_local, same_store
 from ..console import ray_log_dir
@@ -34,19 +30,17 @@ from ..jobrun import init_ray, progress_series, start_committer, steady_state, s
 from ..output import OutputExists, Workspace, finish, open_planned, table_rows
 from ..partitions import folder_key
 from ..progress import Nouns, watch
-from ..read import ERROR_COLUMNS, error_fields
 from ..redact import logger, redact, redact_strings, redact_text
 from ..report import Summary, write_record
 from ..sinks import ParquetCommitSink, SinkSpec
-from ..sources import filesystem
+from .apply_map import CARRIED, HeadActor, read_rows
 from .checkpoint import Checkpoint, CheckpointError, load
+from .guard import check_apply_args, check_input, refuse_same_root
 from .models import TEMPORAL
 from .table import FeatureTable, TableError, open_table
-from .tensors import SEQUENCE, VECTOR, sequences, vectors
+from .tensors import SEQUENCE, VECTOR
 
 log = logger(__name__)  # credentials masked in every record
-CARRIED = ("sample_id", "uri", "label", "split")  # the columns of every features table, copied as they are
-STAGE = "apply"
 BATCH_BYTES = 64 << 20
 
 
@@ -71,22 +65,24 @@ def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[
                storage_options: Optional[Dict[str, Any]] = None,
                output_storage_options: Optional[Dict[str, Any]] = None, address: Optional[str] = None,
                overwrite: bool = False, batch_size: Optional[int] = None, progress: bool = False,
-               verbose: bool = False) -> Summary:
+               verbose: bool = False, allow_other_source: bool = False) -> Summary:
     """Apply the head at `checkpoint` to the features table at `input_uri`, into `output_uri`.
     `storage_options` are the input's (and the checkpoint's, when on the same store);
     `output_storage_options` default to them when OUT2 is on the same store. Refusals raise
     ApplyError before any work; a failure midway raises as it is (run again to resume).
-    `progress` and `verbose` as for runner.run_job."""
+    `progress` and `verbose` as for runner.run_job; `allow_other_source`: apply a head to a table
+    whose input provenance (model, weights, layer ...) differs from the one it was trained on."""
     t0 = time.time()
+    check_apply_args(checkpoint, input_uri, output_uri, name, storage_options, output_storage_options, address,
+                     {"overwrite": overwrite, "progress": progress, "verbose": verbose,
+                      "allow_other_source": allow_other_source}, batch_size, ApplyError)
     checkpoint, input_uri, output_uri = (absolute_local(u) for u in (checkpoint, input_uri, output_uri))
-    if batch_size is not None and batch_size < 1:
-        raise ApplyError(f"batch_size: must be a positive integer, got {batch_size}")
     if address and address.startswith("ray://"):  # Ray Data's executor needs a core worker, which a client lacks
         raise ApplyError(f"--address {address}: Ray Client is not supported by apply; run it on a node of the "
                          "cluster with the cluster's address (host:6379, or auto)")
     in_options = dict(storage_options or {})
     out_options = _options_for(output_uri, input_uri, in_options, output_storage_options)
-    plan = _plan(checkpoint, input_uri, output_uri, name, in_options, out_options)
+    plan = _plan(checkpoint, input_uri, output_uri, name, in_options, out_options, allow_other_source)
     try:
         lease = take_lease(output_uri, out_options, key="--output")
     except OutputExists as e:
@@ -117,17 +113,16 @@ def _options_for(uri: str, other: str, options: Dict[str, Any], given: Optional[
 
 
 def _plan(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str], in_options: Dict[str, Any],
-          out_options: Dict[str, Any]) -> Plan:
+          out_options: Dict[str, Any], allow_other_source: bool = False) -> Plan:
     """Every refusal, before any work: the head, the table, and whether they fit."""
+    ck_options = in_options if same_store(checkpoint, input_uri) else {}
+    refuse_same_root(input_uri, in_options, output_uri, out_options, checkpoint, ck_options, ApplyError)
     try:
-        head = load(checkpoint, in_options if same_store(checkpoint, input_uri) else {})
+        head = load(checkpoint, ck_options)
         table = open_table(input_uri, in_options, key="--input")
     except (CheckpointError, TableError) as e:
         raise ApplyError(str(e)) from None
-    _refuse_same_root(input_uri, in_options, output_uri, out_options)
     name = name or head.kind
-    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
-        raise ApplyError(f"--name {name!r}: letters, digits and _ only (it names the column clip_<name>)")
     column, dim = head.input["column"], int(head.input["dim"])
     shape, found = _shape(table, column, checkpoint, input_uri)
     wanted = SEQUENCE if head.kind in TEMPORAL else VECTOR
@@ -137,6 +132,7 @@ def _plan(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str],
     if found != dim:
         raise ApplyError(f"checkpoint {checkpoint} expects {column} of dimension {dim}, "
                          f"{input_uri} has dimension {found}")
+    check_input(head, table, checkpoint, input_uri, allow_other_source, ApplyError)
     settings_ = table.record.get("settings", {})
     partition_by = list(settings_.get("output.partition_by", ["split"]))
     frames = head.input.get("frames") if shape == SEQUENCE else None
@@ -162,17 +158,6 @@ def _dtype(table: FeatureTable, column: str) -> str:
     while pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
         typ = typ.value_type
     return "float16" if typ == pa.float16() else "float32"
-
-
-def _refuse_same_root(input_uri: str, in_options: Dict[str, Any], output_uri: str, out_options: Dict[str, Any]):
-    fs_in, root_in = filesystem(input_uri, in_options)
-    fs_out, root_out = filesystem(output_uri, out_options)
-    root_in, root_out = root_in.rstrip("/"), root_out.rstrip("/")
-    if fs_in.protocol != fs_out.protocol:
-        return
-    if root_out == root_in or any(root_out.startswith(f"{root_in}/{t}") for t in ("features", "errors")):
-        raise ApplyError(f"--output {output_uri} is the input table {input_uri} (or inside it): "
-                         "apply writes a new table; choose another --output")
 
 
 def settings(plan: Plan) -> Dict[str, Any]:
@@ -264,60 +249,9 @@ def dataset(plan: Plan, ws: Workspace, batch_size: int, committer=None):
         read_rows, fn_kwargs={"fs": plan.table.fs, "columns": [*CARRIED, plan.column], "todo": todo},
         batch_size=1, batch_format="pyarrow",
         num_cpus=0.5)  # reads wait on I/O; and so they stay apart from the head's op, one block per file
-    return ds.map_batches(HeadActor, fn_constructor_args=(plan.head, plan.column, plan.name, plan.frames, committer),
+    return ds.map_batches(HeadActor, fn_constructor_args=(plan.head, plan.column, plan.name, plan.frames, committer,
+                                                          plan.dtype),
                           batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1))
-
-
-def read_rows(files: pa.Table, fs, columns: List[str], todo=None) -> pa.Table:
-    """The rows of OUT's files (one, as planned above), only `columns`; only the `todo` ids if given."""
-    import ray
-
-    tables = [pq.read_table(path, columns=columns, filesystem=fs) for path in files["path"].to_pylist()]
-    rows = pa.concat_tables(tables)
-    if todo is not None:
-        ids = ray.get(todo) if isinstance(todo, ray.ObjectRef) else todo
-        rows = rows.filter(pc.is_in(rows["sample_id"], value_set=ids))
-    return rows
-
-
-class HeadActor:
-    """Ray Data actor: the head, loaded once; a batch of OUT's rows in, its output columns out."""
-
-    def __init__(self, head: Checkpoint, column: str, name: str, frames: Optional[int], committer=None):
-        import torch
-
-        if committer is not None:  # Ray Data leaves a failed job's actors running: the driver stops them
-            import ray
-
-            committer.register.remote(ray.get_runtime_context().current_actor)
-
-        torch.set_num_threads(1)
-        self.head, self.column, self.name, self.frames = head, column, name, frames
-        self.columns = head.columns(name)
-
-    def __call__(self, batch: pa.Table) -> Dict[str, np.ndarray]:
-        ids = batch["sample_id"].to_pylist()
-        faults.point(STAGE, lambda: "\n".join(ids))
-        out = {c: np.asarray(batch[c].to_pylist(), dtype=object) for c in CARRIED}
-        try:
-            out.update(self.outputs(batch[self.column]))
-            fields = {c: "" for c in ERROR_COLUMNS}
-        except Exception as e:  # the batch's samples become error rows; the job goes on
-            out.update(self.blank(len(ids)))
-            fields = error_fields(STAGE, e)
-        out.update({c: np.full(len(ids), v, dtype=object) for c, v in fields.items()})
-        return out
-
-    def outputs(self, column) -> Dict[str, np.ndarray]:
-        if self.head.kind in TEMPORAL:
-            x, lengths = sequences(column, self.frames)
-            return self.head.outputs(x, lengths, self.name)
-        return self.head.outputs(vectors(column), None, self.name)
-
-    def blank(self, n: int) -> Dict[str, np.ndarray]:
-        """Values of rows that become errors (the sink writes them to the errors table only)."""
-        return {c: np.full(n, "", dtype=object) if pa.types.is_string(t) else np.zeros((n, t.list_size), np.float32)
-                for c, t in self.columns}
 
 
 def _record_head(plan: Plan) -> Dict[str, Any]:

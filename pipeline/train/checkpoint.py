@@ -121,6 +121,10 @@ def load(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Checkpoi
     except Exception as e:  # weights of another shape, a truncated file
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{uri}: {MODEL} does not fit {CONFIG} ({type(e).__name__}: {first})") from None
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a training gone to NaN: its outputs would be NaN, its predictions one class
+        raise CheckpointError(f"{uri}/{MODEL}: weights that are not finite (nan or inf) in {bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; train the head again")
     return Checkpoint(uri, config, model.eval(), hashlib.sha256(data).hexdigest())
 
 

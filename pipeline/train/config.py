@@ -5,6 +5,7 @@ any work, naming the key.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -98,19 +99,23 @@ def load_training(path: str, overrides: Optional[List[str]] = None) -> TrainConf
 
 
 def _check(cfg: TrainConfig) -> None:
+    """Every value before any work: a one-line refusal naming the key (NaN and inf included)."""
     for key, value in (("name", cfg.name), ("data.uri", cfg.data.uri), ("data.column", cfg.data.column),
                        ("output.uri", cfg.output.uri)):
         if not value.strip():
             raise ConfigError(f"{key}: must not be empty")
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.workers": cfg.train.workers, "head.layers": cfg.head.layers,
-                "head.hidden": cfg.head.hidden or 1, "data.frames": cfg.data.frames or 1}
+                "head.hidden": cfg.head.hidden, "data.frames": cfg.data.frames}  # None: not set; 0 is no size
     for key, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
+    if not 0 <= cfg.train.seed < 2**32:  # torch.manual_seed's range
+        raise ConfigError(f"train.seed: must be an integer in [0, 2**32), got {cfg.train.seed}")
+    _number("train.lr", cfg.train.lr, "must be positive", lambda v: v > 0)
+    _number("train.weight_decay", cfg.train.weight_decay, "must be 0 or more", lambda v: v >= 0)
+    _number("train.cpus_per_worker", cfg.train.cpus_per_worker, "must be positive", lambda v: v > 0)
     cache_bytes(cfg)  # refuses what is not a size
-    if not cfg.train.lr > 0:
-        raise ConfigError(f"train.lr: must be positive, got {cfg.train.lr}")
     if not 0 <= cfg.head.dropout < 1:
         raise ConfigError(f"head.dropout: must lie in [0, 1), got {cfg.head.dropout}")
     if cfg.head.kind == "autoencoder" and not (cfg.head.code_dim or 0) >= 1:
@@ -119,9 +124,16 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"head.code_dim: only for kind autoencoder, not {cfg.head.kind}")
     if cfg.data.val_split is not None and cfg.data.val_fraction is not None:
         raise ConfigError("data.val_split and data.val_fraction: choose one")
-    if not 0 <= cfg.val_fraction < 1:
+    if not 0 <= cfg.val_fraction < 1:  # 0: no validation rows (the one way to train on all of a split)
         raise ConfigError(f"data.val_fraction: must lie in [0, 1), got {cfg.data.val_fraction}")
     if cfg.data.val_split is not None and cfg.data.val_split == cfg.data.train_split:
         raise ConfigError(f"data.val_split: {cfg.data.val_split!r} is also data.train_split; validate on other rows")
     if same_store(cfg.output.uri, "file://") and cfg.output.uri.rstrip("/") == cfg.data.uri.rstrip("/"):
         raise ConfigError("output.uri: is data.uri; the checkpoint needs a folder of its own")
+
+
+def _number(key: str, value: float, rule: str, ok) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if not ok(value):
+        raise ConfigError(f"{key}: {rule}, got {value}")
