@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..read import ERROR_COLUMNS, error_fields
+from ..rows import fail_nonfinite
 from .checkpoint import Checkpoint
 from .models import TEMPORAL
 from .tensors import sequences, vectors
@@ -65,22 +66,12 @@ class HeadActor:
         return out
 
     def refuse_non_finite(self, out: Dict[str, np.ndarray]) -> None:
-        """A row whose values are not finite (or overflow the column's float16) is an error row, never
-        published as a feature: NaN would poison every mean, index and search downstream."""
-        bad = np.zeros(len(out["sample_id"]), dtype=bool)
+        """A row whose values are not finite as stored (float16 overflows) is an error row, as in a run
+        (rows.fail_nonfinite): NaN would poison every mean, index and search downstream."""
         for c, t in self.columns:
             if pa.types.is_fixed_size_list(t):
-                v = np.asarray(out[c], dtype=np.float32)
-                limit = np.finfo(np.float16).max if t.value_type == pa.float16() else np.inf
-                bad |= ~(np.isfinite(v) & (np.abs(v) <= limit)).all(axis=1)
-        bad &= out["error_stage"] == ""
-        if not bad.any():
-            return
-        blank = self.blank(int(bad.sum()))
-        for c, _ in self.columns:
-            out[c][bad] = blank[c]
-        out["error_stage"][bad], out["error_type"][bad] = STAGE, "NonFiniteFeature"
-        out["error_message"][bad] = f"the head's {', '.join(c for c, _ in self.columns)} are not finite for this row"
+                dtype = np.float16 if t.value_type == pa.float16() else np.float32
+                fail_nonfinite(out, {c: np.asarray(out[c], dtype=np.float32)}, dtype, STAGE)
 
     def outputs(self, column) -> Dict[str, np.ndarray]:
         if self.head.kind in TEMPORAL:
