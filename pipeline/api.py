@@ -25,13 +25,22 @@ Overrides = Union[None, Mapping[str, Any], Sequence[str]]
 
 def _overrides(overrides: Overrides) -> List[str]:
     """`{"model.arch": "resnet50"}` or `["model.arch=resnet50"]` -> the CLI's `--set` items."""
-    import json
-
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
-        return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]  # JSON is YAML: values keep their types
+        return [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
     return list(overrides)
+
+
+def _yaml_value(value: Any) -> str:
+    """JSON is YAML, so values keep their types; but JSON writes inf as `Infinity`, a string to
+    YAML: non-finite floats are spelled as YAML's own, so that the value's check names them."""
+    import json
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    return json.dumps(value)
 
 
 def _mapping(config: Any, overrides: Overrides, what: str) -> Dict[str, Any]:

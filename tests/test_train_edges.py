@@ -276,7 +276,8 @@ def test_overwrite_never_removes_what_no_training_wrote(tmp_path):
     (lambda p: featurize.train(p, overwrite="yes"), "overwrite: expected True or False"),
     (lambda p: featurize.train(p, say=3), "say: expected a function"),
     (lambda p: featurize.train(p, address=6379), "address: expected a Ray address"),
-    (lambda p: featurize.train(p, {"train.lr": float("inf")}), "train.lr: expected float"),  # JSON's Infinity
+    (lambda p: featurize.train(p, {"train.lr": float("inf")}), "train.lr: must be a finite number, got inf"),
+    (lambda p: featurize.train(p, {"train.lr": float("nan")}), "train.lr: must be a finite number, got nan"),
     (lambda p: featurize.train({**json.load(open(p)), "train": {"lr": float("inf")}}), "train.lr: must be a finite"),
 ])
 def test_the_api_refuses_bad_arguments_before_torch_or_ray(tmp_path, call, message):
