@@ -149,6 +149,19 @@ def test_weights_that_do_not_fit_the_json_config_are_refused(tmp_path):
         resolve_head(TemporalConfig(kind="lstm", name="x", checkpoint=path), D)
 
 
+def test_weights_that_are_not_finite_are_refused(tmp_path):
+    """A head trained to NaN would make every clip feature NaN: refused before any work, naming it."""
+    from safetensors.torch import load_file
+
+    path = attention_checkpoint(tmp_path)
+    state = load_file(path)
+    name = next(iter(state))
+    state[name][0] = float("nan")
+    save_file(state, path)
+    with pytest.raises(TemporalError, match=rf"^temporal\[0\]\.checkpoint: weights that are not finite .* in {name}"):
+        resolve_head(TemporalConfig(kind="attention", name="a", checkpoint=path), D)
+
+
 def test_sha256_is_recorded_and_a_checkpoint_changed_after_resolve_is_refused(tmp_path):
     path = attention_checkpoint(tmp_path)
     info = resolve_head(TemporalConfig(kind="attention", name="a", checkpoint=path), D)

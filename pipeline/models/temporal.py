@@ -260,6 +260,10 @@ def _load(module: nn.Module, data: bytes, key: str) -> nn.Module:
     except Exception as e:  # not safetensors, or weights of another shape: one line, the first problem
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise TemporalError(f"{key}.checkpoint: weights do not fit the JSON config ({' '.join(lines[:2])})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a training gone to NaN: every clip feature would be NaN (error rows, not features)
+        raise TemporalError(f"{key}.checkpoint: weights that are not finite (nan or inf) in {bad[0]}; "
+                            "train the head again")
     return module
 
 
