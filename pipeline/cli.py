@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     _job_arguments(submit)
     submit.add_argument("--address", default=None,
                         help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--overwrite", action="store_true",
+                        help="the job or training runs with --overwrite: it replaces the output it finds")
     submit.add_argument("--wait", action="store_true",
                         help="stream the job's logs and exit with its outcome")
     submit.set_defaults(func=cmd_submit)
@@ -235,7 +237,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _say("featurize: submit: no cluster given: pass --address http://HOST:8265 or set $RAY_API_SERVER_ADDRESS")
         return EXIT_REFUSED
     try:
-        return submit(job, data, address, args.wait)
+        return submit(job, data, address, args.wait, overwrite=args.overwrite)
     except Refused as e:
         _say(f"featurize: {e}")
         return EXIT_REFUSED

@@ -79,10 +79,12 @@ def is_loopback(address: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
-def submit(job, data: Dict[str, Any], address: str, wait: bool, out: Optional[TextIO] = None) -> int:
+def submit(job, data: Dict[str, Any], address: str, wait: bool, out: Optional[TextIO] = None,
+           overwrite: bool = False) -> int:
     """Submit the job or training (`data`: the file's mapping, overrides applied); with `wait`, follow
     it to the end and return its exit code, else return 0 once the cluster has accepted it. `out`:
-    sys.stdout as it is at the call (a default bound at import kept a stream since replaced)."""
+    sys.stdout as it is at the call (a default bound at import kept a stream since replaced).
+    `overwrite`: the command on the cluster runs with --overwrite."""
     out = out or sys.stdout
     from ray.job_submission import JobSubmissionClient
 
@@ -98,7 +100,7 @@ def submit(job, data: Dict[str, Any], address: str, wait: bool, out: Optional[Te
         Path(folder, JOB_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
         submission_id = client.submit_job(
             entrypoint=(f"python -m pipeline.cli {'run' if isinstance(job, JobConfig) else 'train'} {JOB_FILE} "
-                        "--address auto"),
+                        f"--address auto{' --overwrite' if overwrite else ''}"),
             runtime_env={"working_dir": folder, "py_modules": [str(PACKAGE)],
                          "excludes": ["__pycache__", "*.pyc"]},
             submission_id=f"featurize-{_slug(job.name)}-{uuid.uuid4().hex[:8]}",

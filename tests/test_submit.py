@@ -49,3 +49,28 @@ def test_the_layout_line_says_where_each_stage_runs():
     in_actor = {**cpu, "decode_on": "the model actor", "decode_in_actor": True}
     assert format_layout(in_actor) == ("1 model actor, on CPU with 2 torch threads, batch 32; "
                                        "decode in the model actor; 2 CPUs in the cluster")
+
+
+def test_the_submitted_command_carries_overwrite(monkeypatch, capsys):
+    """`featurize submit --overwrite`: the cluster runs the job (or training) with --overwrite, which
+    a training left failed or a rebuilt table needs (their refusals suggest it)."""
+    import ray.job_submission
+
+    from pipeline import submit as submit_module
+
+    sent = []
+
+    class Client:
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, **kwargs):
+            sent.append(kwargs["entrypoint"])
+            return kwargs["submission_id"]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    job = parse_job({"name": "t", "source": {"uri": "s3://b/images"}, "output": {"uri": "s3://b/o"}})
+    for overwrite in (False, True):
+        assert submit_module.submit(job, {}, "http://127.0.0.1:8265", wait=False, overwrite=overwrite) == 0
+    assert sent[0].endswith("run job.yaml --address auto") and sent[1].endswith("--address auto --overwrite")
+    assert "submitted" in capsys.readouterr().out
