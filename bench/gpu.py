@@ -48,13 +48,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # a bare checkout: the package is not installed there
 
 from pipeline.config import ModelConfig, SourceConfig  # noqa: E402
-from pipeline.decode import ImageSpec, decode_batch  # noqa: E402
-from pipeline.device_decode import _decode_jpegs, decode_on_device  # noqa: E402
+from pipeline.extract.decode import ImageSpec, decode_batch  # noqa: E402
+from pipeline.extract.device_decode import _decode_jpegs, decode_on_device  # noqa: E402
+from pipeline.extract.plan import plan_source  # noqa: E402
+from pipeline.extract.read import read_batch  # noqa: E402
 from pipeline.models import Embedder, EmbedSpec, feature_dim  # noqa: E402
-from pipeline.models.weights import resolve  # noqa: E402
-from pipeline.read import read_batch  # noqa: E402
+from pipeline.models.base import resolve  # noqa: E402
 from pipeline.samples import photo  # noqa: E402
-from pipeline.sources import plan_source  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # prepare.py's ImageNet defaults
 GPU_SIZES = [(500, 375), (375, 500), (500, 333), (640, 480), (500, 400)]  # ImageNet-like

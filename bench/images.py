@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ModelConfig, parse_job  # noqa: E402
-from pipeline.decode import ImageSpec, decode_image  # noqa: E402
+from pipeline.extract.decode import ImageSpec, decode_image  # noqa: E402
 from pipeline.models import Embedder, EmbedSpec, feature_dim  # noqa: E402
-from pipeline.models.weights import resolve  # noqa: E402
+from pipeline.models.base import resolve  # noqa: E402
 from pipeline.samples import photo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +68,7 @@ def model_alone(arch: str, crop: int, paths: list, batch: int, seconds: float = 
 
 
 def pipeline(arch: str, crop: int, root: str, n: int, batch: int, overrides: list) -> dict:
-    from pipeline.runner import run_job
+    from pipeline.extract.runner import run_job
 
     family, name = family_arch(arch)
     out = os.path.join(HERE, "out", f"run-{family}-{name}-{crop}")

@@ -32,8 +32,8 @@ import pyarrow.dataset as pads
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.store import parquet_bytes, parquet_files  # noqa: E402
-from pipeline.train.tensors import vectors  # noqa: E402
+from pipeline.output.store import parquet_bytes, parquet_files  # noqa: E402
+from pipeline.output.tensors import vectors  # noqa: E402
 
 if "--one" in sys.argv and "loader" in sys.argv:  # only the loader's process pays for torch
     from torch.utils.data import DataLoader  # noqa: E402

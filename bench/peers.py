@@ -200,7 +200,7 @@ def _video_models():
 
     from pipeline.config import ModelConfig, TemporalConfig
     from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads
-    from pipeline.models.weights import resolve
+    from pipeline.models.base import resolve
 
     cfg, cores = ModelConfig(arch="resnet18", weights="none"), os.cpu_count() or 1
     dim = feature_dim(cfg, SPEC.crop)

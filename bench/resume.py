@@ -21,14 +21,15 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.commit import Ledger, Staged, parquet_bytes, part_name, write_atomic  # noqa: E402
 from pipeline.config import parse_job  # noqa: E402
-from pipeline.output import open_output, status  # noqa: E402
-from pipeline.partitions import partition_folder  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
-from pipeline.report import write_job_record  # noqa: E402
-from pipeline.runner import run_job  # noqa: E402
-from pipeline.sinks import features_schema  # noqa: E402
+from pipeline.extract.prepare import prepare  # noqa: E402
+from pipeline.extract.runner import run_job  # noqa: E402
+from pipeline.output.ledger import Ledger, Staged, parquet_bytes, part_name, write_atomic  # noqa: E402
+from pipeline.output.partitions import partition_folder  # noqa: E402
+from pipeline.output.record import write_job_record  # noqa: E402
+from pipeline.output.root import open_output
+from pipeline.output.sink import features_schema  # noqa: E402
+from pipeline.output.status import status  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "resume")
 

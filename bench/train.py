@@ -47,8 +47,8 @@ def tables(rows: int, clips: int, dim: int, frames: int):
 
 
 def bench_head(kind: str, column: str, head: dict, uri: str, epochs: int):
-    from pipeline.train.config import parse_training
     from pipeline.train.loop import train
+    from pipeline.train.trainfile import parse_training
 
     out = os.path.join(OUT, f"head-{kind}")
     shutil.rmtree(out, ignore_errors=True)

@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ModelConfig, TemporalConfig, VideoConfig, parse_job  # noqa: E402
+from pipeline.extract.video import FrameSpec, decode_video  # noqa: E402
 from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads  # noqa: E402
-from pipeline.models.weights import resolve  # noqa: E402
+from pipeline.models.base import resolve  # noqa: E402
 from pipeline.samples import encode_video  # noqa: E402
-from pipeline.video import FrameSpec, decode_video  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC = FrameSpec(resize=128, crop=112)
@@ -76,7 +76,7 @@ def models_alone(clips: np.ndarray, batch_clips: int) -> float:
 
 
 def pipeline(root: str, n: int, frames: int) -> dict:
-    from pipeline.runner import run_job
+    from pipeline.extract.runner import run_job
 
     out = os.path.join(HERE, "out", "run-video")
     shutil.rmtree(out, ignore_errors=True)

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import VideoConfig  # noqa: E402
-from pipeline.video import FrameSpec, decode_video  # noqa: E402
+from pipeline.extract.video import FrameSpec, decode_video  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

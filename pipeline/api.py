@@ -64,7 +64,7 @@ def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = No
     """Run a job (a job file's path, its mapping, or a JobConfig); returns the run's Summary.
     `progress`: a live line on stderr (a bar in a terminal or a notebook, a plain line every 10 s
     elsewhere); False for none. `verbose`: everything Ray prints."""
-    from .runner import run_job
+    from .extract.runner import run_job
 
     return run_job(parse_job(_mapping(job, overrides, "job file")), address=address, overwrite=overwrite,
                    retry_failed=retry_failed, incremental=incremental, progress=progress, verbose=verbose)
@@ -74,9 +74,9 @@ def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, 
           say=print, verbose: bool = False, overwrite: bool = False):
     """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch).
     `say` gets a line per epoch (None: no lines); `overwrite`: replace an earlier training in output.uri."""
-    from .train.config import parse_training
     from .train.guard import check_train_call
     from .train.loop import train as train_head
+    from .train.trainfile import parse_training
 
     check_train_call(training, overrides, address, say, verbose, overwrite)
     return train_head(parse_training(_mapping(training, overrides, "training file")), address=address,
@@ -86,8 +86,7 @@ def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, 
 def apply(checkpoint: str, input: str, output: str, **options):
     """Apply a trained head to a features table, writing a new one (see train/apply.py for options;
     progress=True by default, as for `run`)."""
-    from .train.apply import apply_head
-    from .train.guard import check_apply_options
+    from .train.apply import apply_head, check_apply_options
 
     check_apply_options(options)
     return apply_head(checkpoint, input, output, **{"progress": True, **options})
@@ -141,8 +140,8 @@ class Output:
 
     def table(self, columns: Optional[List[str]] = None) -> pa.Table:
         """The features table (exact split and label strings; no partition folder columns)."""
+        from .output.table import TableError, open_table
         from .redact import redact_text
-        from .train.table import TableError, open_table
 
         table = open_table(self.uri, self.storage_options, key="uri")
         missing = [c for c in columns or () if c not in table.schema.names]
@@ -159,9 +158,9 @@ class Output:
 
     def _vectors(self, t: pa.Table, column: str) -> np.ndarray:
         """float32 (N, D) of `column`; a null vector is a refusal naming the table and how many rows."""
+        from .output.table import TableError
+        from .output.tensors import VECTOR, ColumnError, column_shape, vectors
         from .redact import redact_text
-        from .train.table import TableError
-        from .train.tensors import VECTOR, ColumnError, column_shape, vectors
 
         try:
             if column_shape(column, t.schema.field(column).type)[0] != VECTOR:
@@ -200,9 +199,8 @@ class Output:
         """The errors table (sample_id, uri, stage, error_type, message, attempts); empty if none."""
         import pyarrow.dataset as pads
 
-        from .sinks import ERRORS_SCHEMA
-        from .sources import filesystem
-        from .store import parquet_files
+        from .output.sink import ERRORS_SCHEMA
+        from .output.store import filesystem, parquet_files
 
         fs, root = filesystem(self.uri, self.storage_options)
         files = parquet_files(fs, f"{root.rstrip('/')}/errors")
@@ -210,6 +208,6 @@ class Output:
 
     def status(self) -> Dict[str, Any]:
         """Planned, committed, errored and remaining counts, as `featurize status` prints them."""
-        from .output import status
+        from .output.status import status
 
         return status(self.uri, self.storage_options)

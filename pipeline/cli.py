@@ -142,9 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--order-data", default="demo-data/order", help="where the order demo's clips go")
     demo.add_argument("--order-videos", type=int, default=64, help="how many order clips (default: 64)")
     demo.set_defaults(func=cmd_demo)
-    from .index.commands import add_parsers as index_parsers
+    from .index.index_commands import add_parsers as index_parsers
     index_parsers(sub)  # index, search, dedup
-    from .pages.commands import add_parsers as pages_parsers
+    from .pages.page_commands import add_parsers as pages_parsers
     pages_parsers(sub)  # report
     return parser
 
@@ -176,7 +176,7 @@ def _load(job_path: str, overrides: List[str]):
     as a driver elsewhere (submit, ray://) and Ray's workers need them). A bad job is refused here,
     naming the key."""
     raw = read_job_file(job_path)
-    from .train.config import is_training_file
+    from .train.trainfile import is_training_file
 
     if is_training_file(raw):
         raise ConfigError(f"{job_path} is a training file (it has head:, no source:): run it with featurize train")
@@ -187,7 +187,7 @@ def _load(job_path: str, overrides: List[str]):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .report import format_summary
+    from .output.record import format_summary
 
     code, summary = _run(args.job, args.overrides, args.address, progress=not args.quiet, verbose=args.verbose,
                          overwrite=args.overwrite, retry_failed=args.retry_failed, incremental=args.incremental)
@@ -205,7 +205,8 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
         _say(f"featurize: {e}")
         return EXIT_REFUSED, None
 
-    from .runner import NotExactlyOnce, run_job
+    from .extract.runner import run_job
+    from .jobrun import NotExactlyOnce
 
     try:
         return EXIT_OK, run_job(job, address=address, progress=progress, verbose=verbose, **modes)
@@ -222,7 +223,7 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import submit
-    from .train.config import is_training_file
+    from .train.trainfile import is_training_file
 
     try:  # the whole file is checked here: a bad one never reaches the cluster
         if is_training_file(read_job_file(args.job)):
@@ -246,7 +247,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _load_training(path: str, overrides: List[str]):
     """(training config, the mapping a cluster is sent: overrides applied, local paths absolute)."""
     from .submit import shipped_job
-    from .train.config import parse_training
+    from .train.trainfile import parse_training
 
     data = shipped_job(read_job_file(path, "training file"), overrides, os.getcwd())
     return parse_training(data), data
@@ -259,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _say(f"featurize: {e}")
         return EXIT_REFUSED
     from .train.loop import train
-    from .train.report import format_training
+    from .train.summary import format_training
 
     try:
         # epoch lines are its progress: on stderr, as run's line is; none with --quiet
@@ -281,7 +282,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out_options = None if args.output_storage_options is None else _storage_options(args.output_storage_options)
     if options is None or (args.output_storage_options is not None and out_options is None):
         return EXIT_REFUSED  # None: the input's options when --output is on the same store
-    from .report import format_summary
+    from .output.record import format_summary
     from .train.apply import apply_head
 
     try:
@@ -313,7 +314,7 @@ def _storage_options(text: str):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .output import status
+    from .output.status import status
 
     options = _storage_options(args.storage_options)
     if options is None:
@@ -343,7 +344,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .report import inspect_output
+    from .output.record import inspect_output
 
     options = _storage_options(args.storage_options)
     if options is None:
@@ -357,13 +358,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models.listing import format_models
+    from .models.catalog import format_models
 
     return _listing(lambda: format_models(only=args.family))
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .models.listing import format_layers
+    from .models.catalog import format_layers
 
     return _listing(lambda: format_layers(args.arch, args.crop, args.family))
 
@@ -403,7 +404,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{counts['broken']} broken files among them")
     code = _demo_job(args.job, args.data)
     if code == EXIT_OK:
-        from .pages.commands import demo_report
+        from .pages.page_commands import demo_report
         demo_report(load_job(args.job).output.uri)
     if code != EXIT_OK or not args.video_job:
         return code
@@ -418,7 +419,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _order_outputs(args: argparse.Namespace):
     """The order demo's trained head and applied table: the demo's own folders, replaced each run."""
-    from .train.config import load_training
+    from .train.trainfile import load_training
 
     head = load_training(args.order_train).output.uri.rstrip("/")
     return [(head, f"{args.order_train}: output.uri"), (f"{head}-applied", f"{args.order_train}: output.uri-applied")]
@@ -427,7 +428,7 @@ def _order_outputs(args: argparse.Namespace):
 def _demo_order(args: argparse.Namespace) -> int:
     """Frames in, a trained LSTM and a new table out; then how well each clip feature separates the classes."""
     from .demo import claim
-    from .train.demo import order_loop
+    from .train.order_demo import order_loop
 
     def run(job_path: str, overrides: List[str]) -> None:
         claim(load_job(job_path).output.uri, f"{job_path}: output.uri", clear=True)
@@ -436,7 +437,7 @@ def _demo_order(args: argparse.Namespace) -> int:
             raise SystemExit(code)
         print(format_summary(summary))
 
-    from .report import format_summary
+    from .output.record import format_summary
 
     print()
     for folder, key in _order_outputs(args):
@@ -458,7 +459,7 @@ def _demo_order(args: argparse.Namespace) -> int:
 def _demo_job(job_path: str, data: str) -> int:
     """Run one demo job on its generated data (replacing its own earlier output), then say how to read it."""
     from .demo import claim
-    from .report import format_summary
+    from .output.record import format_summary
 
     try:
         out = load_job(job_path).output.uri

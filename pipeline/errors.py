@@ -8,3 +8,7 @@ from .redact import RedactedError
 class Refused(RedactedError):
     """A command that cannot run as asked (a bad job file, an unreachable source, an unknown model,
     an output holding another job's ...). Nothing was written or lost; fix the cause and run again."""
+
+
+class OutputExists(Refused, RuntimeError):
+    """The output root holds another job's output, or cannot be used as asked."""

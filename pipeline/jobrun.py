@@ -11,14 +11,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .commit import Committer, audit
 from .console import quiet_ray
+from .errors import OutputExists
 from .interrupt import reclaim_sigterm
-from .lease import Lease
-from .output import OutputExists, Workspace
+from .output.committer import Committer
+from .output.lease import Lease
+from .output.ledger import audit
+from .output.root import Workspace
+from .output.store import filesystem
 from .procs import marked_environment, stop_orphans
 from .redact import logger
-from .sources import filesystem
 
 log = logger(__name__)  # credentials masked in every record
 

@@ -149,7 +149,7 @@ def job_dict(source_uri: str, output_uri: str, *, name: str = "e2e", source: Opt
 def run(data: Dict[str, Any], **modes):
     """parse_job + run_job on the Ray the caller's `ray_session` fixture started."""
     from pipeline.config import parse_job
-    from pipeline.runner import run_job
+    from pipeline.extract.runner import run_job
 
     return run_job(parse_job(data), **modes)
 

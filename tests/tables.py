@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store import parquet_bytes
+from pipeline.output.store import parquet_bytes
 
 
 def order_sequences(n: int, frames: int = 6, dim: int = 8, seed: int = 0):

@@ -14,14 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit import part_name
-from pipeline.output import JOB_FILE, status
-from pipeline.report import inspect_output
+from pipeline.output.ledger import part_name
+from pipeline.output.record import inspect_output
+from pipeline.output.root import JOB_FILE
+from pipeline.output.status import status
+from pipeline.output.tensors import sequences, vectors
 from pipeline.train.apply import ApplyError, apply_head
 from pipeline.train.checkpoint import load, save
-from pipeline.train.config import HeadConfig
 from pipeline.train.models import build
-from pipeline.train.tensors import sequences, vectors
+from pipeline.train.trainfile import HeadConfig
 
 from conftest import S3_BUCKET, assert_exactly_once, assert_whole_files, read_errors, read_features, recorded, tree
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import featurize
+from pipeline.output.tensors import vectors
 from pipeline.train.apply import ApplyError, apply_head
 from pipeline.train.checkpoint import MODEL, load, save
-from pipeline.train.config import HeadConfig
 from pipeline.train.models import build
-from pipeline.train.tensors import vectors
+from pipeline.train.trainfile import HeadConfig
 
 from conftest import assert_exactly_once, read_errors, read_features
 from tables import write_table
@@ -170,7 +170,7 @@ def test_a_second_apply_into_a_held_output_is_refused_and_overwrites_nothing(tmp
     --overwrite: refused before any work; the first one's files stay as they are."""
     import fsspec
 
-    from pipeline.lease import Lease
+    from pipeline.output.lease import Lease
 
     src, out2 = tmp_path / "t", tmp_path / "o"
     table(src)

@@ -148,7 +148,7 @@ PLACEMENT_JOB = textwrap.dedent('''
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors, list_tasks
     from pipeline.config import parse_job
-    from pipeline.runner import run_job
+    from pipeline.extract.runner import run_job
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
     gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)  # declared: the actor falls back to the CPU

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_job, memory_bytes
-from pipeline.layout import plan_resources
+from pipeline.extract.layout import plan_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import faults
-from pipeline.commit import (
+from pipeline.extract.plan import PLAN_SCHEMA
+from pipeline.output.ledger import (
     CommitConflict,
     Ledger,
     Staged,
@@ -23,7 +24,6 @@ from pipeline.commit import (
     remaining,
     write_atomic,
 )
-from pipeline.sources import PLAN_SCHEMA
 
 from conftest import S3_BUCKET
 
@@ -145,7 +145,7 @@ def test_a_failpoint_counts_its_hits_afresh_each_time_it_is_armed(tmp_path, monk
 def test_the_sink_passes_over_an_empty_block(tmp_path):
     """A read task can yield nothing (a resumed tar shard whose members are all committed); Ray
     Data then hands the sink a block without columns, which holds nothing to write."""
-    from pipeline.sinks import ParquetCommitSink, SinkSpec, image_columns
+    from pipeline.output.sink import ParquetCommitSink, SinkSpec, image_columns
 
     spec = SinkSpec(str(tmp_path / "out"), {}, ["split"], image_columns("float16", 4))
     result = ParquetCommitSink(spec, committer=None).write([pa.table({})], ctx=None)

@@ -208,7 +208,7 @@ def test_garbage_weights_and_head_checkpoints_are_refused_before_any_work(tmp_pa
 def test_an_output_that_recorded_a_relative_source_path_still_resumes_from_its_folder(tmp_path, monkeypatch):
     """Local paths are made absolute when a job is loaded; an output made before recorded them as written."""
     from pipeline.config import absolute_local
-    from pipeline.output import differences
+    from pipeline.output.root import differences
 
     monkeypatch.chdir(tmp_path)
     assert absolute_local("data/images") == str(tmp_path / "data/images")

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.decode import ImageSpec, decode_batch, decode_image, decode_rows
+from pipeline.extract.decode import ImageSpec, decode_batch, decode_image, decode_rows
 from pipeline.rows import ERROR_COLUMNS
 from pipeline.samples import encode, image_cases, photo
 
@@ -159,7 +159,7 @@ def test_formats_pillow_hands_to_another_program_are_refused(monkeypatch, tmp_pa
     no program ran, even where a `gs` is on PATH)."""
     import os
 
-    from pipeline.decode import DecodeError, decode_image
+    from pipeline.extract.decode import DecodeError, decode_image
 
     marker = tmp_path / "ran"
     gs = tmp_path / "gs"

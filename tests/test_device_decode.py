@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.decode import ImageSpec, decode_batch
-from pipeline.device_decode import _sort_rows, decode_on_device
+from pipeline.extract.decode import ImageSpec, decode_batch
+from pipeline.extract.device_decode import _sort_rows, decode_on_device
 from pipeline.samples import encode, image_cases, photo
 from pipeline.timing import block_seconds
 
@@ -66,7 +66,7 @@ def test_same_outcome_as_the_cpu_path_and_pixels_equal_up_to_resampling():
 def test_a_file_the_device_refuses_is_found_alone_and_decoded_on_the_cpu(monkeypatch):
     """A file Pillow reads but the device decoder refuses fails the batch call: each file is then
     tried alone, and the refused one takes the CPU path."""
-    import pipeline.device_decode as dd
+    import pipeline.extract.device_decode as dd
 
     files = {f"p{i}.jpg": encode(photo(120, 90, seed=i)) for i in range(3)}
     real = dd.decode_jpeg
@@ -102,7 +102,7 @@ def test_the_actor_embeds_pixels_left_on_the_device():
     error rows skipped; features as from the CPU path's pixels, up to their resampling."""
     from pipeline.config import ModelConfig
     from pipeline.models import Embedder, EmbedSpec
-    from pipeline.models.weights import resolve
+    from pipeline.models.base import resolve
 
     cfg = ModelConfig(arch="resnet18", weights="none")
     embedder = Embedder(EmbedSpec(cfg, resolve(cfg), 64, 512, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.output import OutputExists
+from pipeline.errors import OutputExists
 from pipeline.samples import CLASSES, encode, image_cases, make_image_folder, photo
 
 from conftest import S3_BUCKET, S3_SECRET, assert_exactly_once, job_dict, read_errors, read_features, run, tree
@@ -329,7 +329,7 @@ def test_s3_source_and_output(s3):
             assert not any(secret in k or secret in v for k, v in meta.items()), path
     assert not [p for p in written if os.path.basename(p).startswith(".")]
 
-    from pipeline.report import inspect_output
+    from pipeline.output.record import inspect_output
 
     text = inspect_output(out_uri, options)
     assert "dim 512, halffloat" in text and f"rows       {len(good)}" in text and "errors     2" in text

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.commit import staging_folder
-from pipeline.output import JOB_FILE, fingerprint, status
-from pipeline.runner import IncompleteOutput
+from pipeline.jobrun import IncompleteOutput
+from pipeline.output.ledger import staging_folder
+from pipeline.output.root import JOB_FILE, fingerprint
+from pipeline.output.status import status
 from pipeline.samples import encode, make_image_folder, photo
 
 from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, run

@@ -20,11 +20,11 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
 from pipeline.config import parse_job
-from pipeline.decode import decode_image
+from pipeline.extract.decode import decode_image
+from pipeline.extract.prepare import prepare
 from pipeline.models import Embedder, EmbedSpec, ModelError
 from pipeline.models.weights import WeightsError
-from pipeline.output import differences, settings
-from pipeline.prepare import prepare
+from pipeline.output.root import differences, settings
 from pipeline.samples import encode, encode_video, photo
 
 from conftest import job_dict, read_features, run

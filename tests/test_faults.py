@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.output import JOB_FILE
+from pipeline.output.root import JOB_FILE
 from pipeline.samples import make_image_folder, make_video_folder
 
 from conftest import (
@@ -110,7 +110,7 @@ CLUSTER_JOB = textwrap.dedent('''
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.config import parse_job
-    from pipeline.runner import run_job
+    from pipeline.extract.runner import run_job
 
     job, out = json.loads(sys.argv[1]), sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from pipeline.output import JOB_FILE, OutputExists, status
+from pipeline.errors import OutputExists
+from pipeline.output.root import JOB_FILE
+from pipeline.output.status import status
 from pipeline.samples import encode, make_image_folder, photo
 
 from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_features, run, tree

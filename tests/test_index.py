@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.index import build_index, find_duplicates, open_index
-from pipeline.index import store as index_store
-from pipeline.store import parquet_bytes
+from pipeline.index import generations as index_store
+from pipeline.output.store import parquet_bytes
 
 from tables import write_table
 

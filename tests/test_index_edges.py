@@ -17,9 +17,9 @@ import pytest
 import featurize
 from pipeline.cli import main
 from pipeline.index import build_index, find_duplicates, open_index
-from pipeline.index import store as index_store
+from pipeline.index import generations as index_store
 from pipeline.index.dedup import write_groups
-from pipeline.store import parquet_bytes
+from pipeline.output.store import parquet_bytes
 
 D = 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

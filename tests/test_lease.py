@@ -12,8 +12,8 @@ import time
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.lease import LEASE_FILE, Fence, Lease, LeaseHeld, LeaseLost, read
-from pipeline.output import OutputExists
+from pipeline.errors import OutputExists
+from pipeline.output.lease import LEASE_FILE, Fence, Lease, LeaseHeld, LeaseLost, read
 
 from conftest import S3_BUCKET
 

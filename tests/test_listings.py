@@ -18,8 +18,9 @@ import pytest
 
 from pipeline.config import ModelConfig
 from pipeline.models import ModelError
-from pipeline.models.listing import FAMILIES, format_layers, format_models, layer_nodes
-from pipeline.models.weights import WeightsError, resolve
+from pipeline.models.base import resolve
+from pipeline.models.catalog import FAMILIES, format_layers, format_models, layer_nodes
+from pipeline.models.weights import WeightsError
 from pipeline.samples import make_image_folder
 
 from conftest import job_dict

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import DataLoader
 
+from pipeline.output.table import TableError
 from pipeline.train.loader import FeatureDataset, ray_dataset
-from pipeline.train.table import TableError
 
 from conftest import S3_BUCKET
 

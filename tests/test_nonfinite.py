@@ -9,7 +9,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from pipeline.report import format_summary
+from pipeline.output.record import format_summary
 from pipeline.samples import encode_video, make_image_folder
 
 from conftest import accounted, job_dict, read_errors, run

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.demo import order_loop
+from pipeline.train.order_demo import order_loop
 
 from conftest import SMALL_MODEL, run
 

@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.output.store import parquet_bytes
 from pipeline.pages import dedup_page, search_page, thumbnail, thumbnails, write_report
 from pipeline.samples import encode, encode_video, photo
-from pipeline.store import parquet_bytes
 
 from tables import write_table
 

@@ -17,11 +17,11 @@ from fsspec.implementations.local import LocalFileSystem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.commit import parquet_bytes, write_atomic
-from pipeline.partitions import folder_value, partition_folder
-from pipeline.report import inspect_output
+from pipeline.output.ledger import parquet_bytes, write_atomic
+from pipeline.output.partitions import folder_value, partition_folder
+from pipeline.output.record import inspect_output
+from pipeline.output.sink import ParquetCommitSink, SinkSpec, features_schema, image_columns
 from pipeline.samples import encode, photo
-from pipeline.sinks import ParquetCommitSink, SinkSpec, features_schema, image_columns
 
 from conftest import assert_exactly_once, job_dict, read_features, run
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.commit import Ledger, Staged, Tally, parquet_bytes, part_name, write_atomic
 from pipeline.console import NATIVE_NOISE, NOISE, RayNoise
+from pipeline.output.ledger import Ledger, Staged, Tally, parquet_bytes, part_name, write_atomic
 from pipeline.progress import Counts, Nouns, bar_format, clock, nouns_of, plain_line, postfix
 from pipeline.samples import make_image_folder
 
@@ -216,10 +216,10 @@ def test_quiet_turns_progress_off_and_verbose_turns_ray_on(job_file, capsys, mon
     """The flags as run_job gets them (a run itself is above; without Ray here)."""
     import contextlib
 
-    import pipeline.runner
+    import pipeline.extract.runner
     from pipeline.cli import main
+    from pipeline.output.record import Summary
     from pipeline.progress import watch
-    from pipeline.report import Summary
 
     job, out = job_file
     seen = []
@@ -228,7 +228,7 @@ def test_quiet_turns_progress_off_and_verbose_turns_ray_on(job_file, capsys, mon
         seen.append({k: kwargs[k] for k in ("progress", "verbose")})
         return Summary(str(out), planned=9, features=8, errors={"decode/DecodeError": 1}, wall_s=1.0, startup_s=1.0)
 
-    monkeypatch.setattr(pipeline.runner, "run_job", run_job)
+    monkeypatch.setattr(pipeline.extract.runner, "run_job", run_job)
     for flags in ([], ["--quiet"], ["-q"], ["--verbose"], ["--progress"]):
         assert main(["run", str(job), *flags]) == 0
     assert seen == [{"progress": True, "verbose": False}, {"progress": False, "verbose": False},

@@ -20,13 +20,13 @@ from safetensors.torch import save_file
 
 from pipeline.config import TemporalConfig, parse_job, to_dict
 from pipeline.errors import Refused
+from pipeline.extract.prepare import prepare
+from pipeline.extract.video import decode_video_batch
 from pipeline.index.query import query_vector
 from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder
+from pipeline.models.base import resolve
 from pipeline.models.temporal import resolve_heads
-from pipeline.models.weights import resolve
-from pipeline.prepare import prepare
 from pipeline.samples import encode, encode_video, photo
-from pipeline.video import decode_video_batch
 
 from conftest import S3_BUCKET, job_dict, read_features, run
 from tables import write_table

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import SourceConfig
-from pipeline.read import read_batch
+from pipeline.extract.plan import PLAN_SCHEMA, plan_source
+from pipeline.extract.read import read_batch
 from pipeline.samples import encode, photo
-from pipeline.sources import PLAN_SCHEMA, plan_source
 
 from conftest import assert_exactly_once, job_dict, read_errors, run
 
@@ -156,7 +156,7 @@ def test_links_devices_and_fifos_in_a_shard_are_error_rows_and_folders_are_passe
 
 
 def test_a_compressed_shard_from_a_stream_that_cannot_seek_is_read(tmp_path):
-    from pipeline.shards import tar_rows
+    from pipeline.extract.shards import tar_rows
 
     make_tar(tmp_path / "s.tar.gz", [("a.jpg", JPEG[0]), ("b.jpg", JPEG[1])], mode="w:gz")
 

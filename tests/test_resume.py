@@ -7,7 +7,9 @@ import tarfile
 
 import pytest
 
-from pipeline.output import JOB_FILE, OutputExists, status
+from pipeline.errors import OutputExists
+from pipeline.output.root import JOB_FILE
+from pipeline.output.status import status
 from pipeline.samples import encode, make_image_folder, photo
 
 from conftest import (

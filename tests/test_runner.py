@@ -3,7 +3,7 @@ and hand-built node lists of heterogeneous clusters (no Ray needed)."""
 import pytest
 
 from pipeline.config import ConfigError, parse_job
-from pipeline.layout import decode_args, model_args, plan_resources, stage_workers
+from pipeline.extract.layout import decode_args, model_args, plan_resources, stage_workers
 
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
 
@@ -116,7 +116,7 @@ def test_a_client_connection_whose_server_failed_to_start_is_tried_once_more(mon
     """Ray Client's per-connection server can fail to start on a busy head; no Ray needed here."""
     import ray
 
-    from pipeline import runner
+    from pipeline.extract import runner
 
     calls = []
 

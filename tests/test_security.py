@@ -66,10 +66,10 @@ def test_featurize_errors_mask_the_uris_they_quote():
     import pickle
 
     from pipeline.config import ConfigError
+    from pipeline.extract.plan import SourceError
+    from pipeline.extract.read import StoreError
     from pipeline.models.temporal import TemporalError
     from pipeline.models.weights import WeightsError
-    from pipeline.read import StoreError
-    from pipeline.sources import SourceError
 
     for cls in (ConfigError, SourceError, WeightsError, TemporalError, StoreError):
         err = cls(f"cannot read http://u:{M}@h/x.jpg?sig={M} (401)")
@@ -81,7 +81,9 @@ def test_featurize_log_records_mask_the_uris_they_quote(caplog):
     """The lease, the committer and the runner log output URIs and exceptions: no credentials."""
     import logging
 
-    from pipeline import commit, lease, runner
+    from pipeline.extract import runner
+    from pipeline.output import lease
+    from pipeline.output import ledger as commit
 
     with caplog.at_level(logging.WARNING):
         for module in (commit, lease, runner):

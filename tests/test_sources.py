@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import SourceConfig
-from pipeline.read import read_batch
+from pipeline.extract.plan import SourceError, expand_braces, plan_source
+from pipeline.extract.read import read_batch
 from pipeline.samples import encode, photo
-from pipeline.sources import SourceError, expand_braces, plan_source
 
 JPEG = encode(photo(32, 24, seed=0))
 
@@ -291,9 +291,9 @@ def test_split_lists_gaps_are_counted_and_kept_with_the_plan(tmp_path):
     from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.config import SourceConfig
-    from pipeline.report import Summary, format_summary, write_record
-    from pipeline.sources import plan_source, split_list_gaps
-    from pipeline.store import parquet_bytes
+    from pipeline.extract.plan import plan_source, split_list_gaps
+    from pipeline.output.record import Summary, format_summary, write_record
+    from pipeline.output.store import parquet_bytes
 
     for name in ("Run/v_1.avi", "Run/v_2.avi", "Jump/v_3.avi"):
         (tmp_path / "videos" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +322,7 @@ def test_split_lists_gaps_are_counted_and_kept_with_the_plan(tmp_path):
 def test_manifest_confinement_holds_against_encoded_dots_chains_and_backslashes(tmp_path):
     """A web client decodes `%2e%2e` and drops the `..` (GET /admin), fsspec decodes file:// paths, and
     `a::b` chains another filesystem: each would read outside an allowed prefix; none makes a request."""
-    from pipeline.listing import confine
+    from pipeline.extract.listing import confine
 
     outside, root = _outside_and_root(tmp_path)
     (root / "n01" / "fifo.jpg").unlink()

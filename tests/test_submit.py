@@ -1,7 +1,7 @@
 """What `featurize submit` sends, without a cluster: the job as shipped, and the layout line."""
 
 from pipeline.config import parse_job
-from pipeline.report import format_layout
+from pipeline.output.record import format_layout
 from pipeline.submit import is_loopback, local_paths, shipped_job
 
 JOB = {"name": "t", "source": {"uri": "data/videos", "format": "video_folder", "split_files": {"train": "lists/train.txt"}},

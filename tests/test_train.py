@@ -12,12 +12,12 @@ import torch
 from pipeline.cli import main
 from pipeline.config import ConfigError, TemporalConfig
 from pipeline.models.temporal import build_head, resolve_head
+from pipeline.output.table import TableError, open_table
+from pipeline.output.tensors import label_codes, sequences, vectors
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.config import parse_training
 from pipeline.train.loop import TrainError, plan_training, train
 from pipeline.train.models import KINDS, TEMPORAL, build, supervised
-from pipeline.train.table import TableError, open_table
-from pipeline.train.tensors import label_codes, sequences, vectors
+from pipeline.train.trainfile import parse_training
 
 from conftest import S3_BUCKET, S3_SECRET
 from tables import order_sequences, write_table
@@ -224,7 +224,7 @@ def test_a_second_training_into_the_same_directory_is_refused(order_table, tmp_p
     as a live process would hold it) refuses another before any work."""
     import fsspec
 
-    from pipeline.lease import Lease
+    from pipeline.output.lease import Lease
 
     out = tmp_path / "head"
     held = Lease(fsspec.filesystem("file"), str(out), str(out), "other-run").acquire()

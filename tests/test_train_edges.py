@@ -14,11 +14,11 @@ import pytest
 import featurize
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.output import OutputExists
+from pipeline.errors import OutputExists
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import state as epoch_state
-from pipeline.train.config import parse_training
 from pipeline.train.loop import TrainError, plan_training, train
+from pipeline.train.trainfile import parse_training
 
 from tables import write_table
 
@@ -238,7 +238,7 @@ def test_overwrite_while_another_training_holds_the_directory_removes_nothing(tm
     """A concurrent second run with --overwrite: refused by the lease before anything is removed."""
     import fsspec
 
-    from pipeline.lease import Lease
+    from pipeline.output.lease import Lease
 
     uri = vectors_table(tmp_path / "t")
     out = tmp_path / "head"

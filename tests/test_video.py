@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import VideoConfig
-from pipeline.isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
+from pipeline.extract.isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
+from pipeline.extract.video import FrameSpec, VideoDecodeError, _decode_pyav, decode_video, plan_windows
 from pipeline.samples import encode_video
-from pipeline.video import FrameSpec, VideoDecodeError, _decode_pyav, decode_video, plan_windows
 
 SPEC = FrameSpec(resize=128, crop=112)
 
@@ -208,7 +208,7 @@ def video_batch(*paths):
 
 @pytest.mark.parametrize("target, kind", [(hang_on_poison, "timeout"), (crash_on_poison, "crash")])
 def test_the_stage_turns_a_hanging_or_crashing_file_into_one_error_row(tmp_path, ucf_like, monkeypatch, target, kind):
-    import pipeline.video as video
+    import pipeline.extract.video as video
 
     good, poison = good_and_poison(tmp_path, ucf_like)
     call = IsolatedCall(target, timeout_s=3.0)
@@ -229,7 +229,7 @@ def test_each_job_gets_its_own_decode_time_limit_in_a_reused_worker(tmp_path, uc
     job with a 60 s limit must apply the next job's 2 s limit."""
     import json
 
-    import pipeline.video as video
+    import pipeline.extract.video as video
 
     monkeypatch.setenv("FEATURIZE_FAULTS", str(tmp_path))  # read by the decoder process it spawns
     (tmp_path / "decode.json").write_text(json.dumps({"action": "hang", "match": "poison", "once": False}))

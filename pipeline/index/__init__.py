@@ -4,17 +4,18 @@
     open_index(OUT, storage_options, column=None) -> Index (.search(vectors, k), .vector(id), .meta)
     find_duplicates(OUT, storage_options, column=None, threshold=0.95) -> groups table
 
-Nothing here imports Ray; everything reads the output contract only (pipeline/train/table.py). faiss
+Nothing here imports Ray; everything reads the output contract only (pipeline/output/table.py). faiss
 is imported on first use, so the CLI's parser stays quick to build.
 """
 from __future__ import annotations
 
-KINDS = ("auto", "flat", "ivf", "hnsw")
-METRICS = ("cosine", "l2")
 __all__ = ["build_index", "open_index", "find_duplicates", "Index", "KINDS", "METRICS"]
 
 
 def __getattr__(name: str):
+    if name in ("KINDS", "METRICS"):  # defined with the checks, which read them
+        from . import checks
+        return getattr(checks, name)
     if name == "build_index":
         from .build import build_index
         return build_index

@@ -16,11 +16,11 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from ..output.table import FeatureTable, open_table
 from ..redact import redact_strings, redact_text
-from ..train.table import FeatureTable, open_table
-from . import store
+from . import generations as store
+from .batches import IndexRefused, batches, choose_column, file_rows, gather, relative, row_columns
 from .checks import check_options, lineage_change
-from .table import IndexRefused, batches, choose_column, file_rows, gather, relative, row_columns
 
 FLAT_MAX = 100_000  # exact search over 100k rows at D=512: ~4 ms a query in batches (bench/README.md)
 RECALL_TARGET, RECALL_K, RECALL_QUERIES = 0.95, 10, 1000

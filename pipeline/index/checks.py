@@ -7,9 +7,10 @@ import math
 import numbers
 from typing import Any, Dict, Optional
 
-from . import KINDS, METRICS
-from .table import IndexRefused
+from .batches import IndexRefused
 
+KINDS = ("auto", "flat", "ivf", "hnsw")
+METRICS = ("cosine", "l2")
 HNSW_M_MAX, NLIST_MAX = 256, 1 << 20
 
 

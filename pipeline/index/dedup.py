@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..names import plain_name
+from ..output.store import parquet_bytes, write_atomic
+from ..output.table import open_table
 from ..redact import redact_strings, redact_text
-from ..store import parquet_bytes, write_atomic
-from ..train.table import open_table
-from . import KINDS, store
+from . import generations as store
+from .batches import CLIP_COLUMNS, IndexRefused, batches, choose_column, gather
 from .build import build_index
-from .checks import number, whole
+from .checks import KINDS, number, whole
 from .search import open_index
-from .table import CLIP_COLUMNS, IndexRefused, batches, choose_column, gather
 
 DEDUP_K = 16  # neighbours looked at per row: a group larger than this still connects through its members
 DEDUP_NPROBE, DEDUP_EF = 16, 64
@@ -146,7 +146,7 @@ def _groups(idx, files, groups) -> pa.Table:
 def write_groups(uri: str, storage_options: Optional[Dict[str, Any]], column: str, groups: pa.Table,
                  out: Optional[str] = None) -> str:
     """Write the groups table (default OUT/_duplicates/<column>.parquet); returns where, redacted."""
-    from ..sources import filesystem
+    from ..output.store import filesystem
 
     if out is None:
         table = open_table(uri, storage_options, key="OUT")

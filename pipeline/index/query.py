@@ -18,10 +18,10 @@ import torch
 
 from ..config import ConfigError, JobConfig, memory_bytes, parse_job, source_store_options
 from ..errors import Refused
+from ..output.store import filesystem
+from ..output.table import FeatureTable, open_table
 from ..redact import redact_text
-from ..sources import filesystem
-from ..train.table import FeatureTable, open_table
-from .table import choose_column
+from .batches import choose_column
 
 Options = Optional[Dict[str, Any]]
 # Provenance keys prepare() must give again for a query to land in the table's space.
@@ -144,9 +144,9 @@ def _value(text: str) -> Any:
 
 def _media_vector(table: FeatureTable, job: JobConfig, meta: Dict[str, str], column: str, kind: str,
                   data: bytes) -> np.ndarray:
-    from ..decode import decode_image
+    from ..extract.decode import decode_image
+    from ..extract.prepare import prepare
     from ..models import Embedder, EmbedSpec
-    from ..prepare import prepare
 
     prepared = prepare(job)
     check_provenance(prepared.provenance(), meta, redact_text(table.uri))
@@ -162,8 +162,8 @@ def _media_vector(table: FeatureTable, job: JobConfig, meta: Dict[str, str], col
 
 def _clip_vector(prepared, embedder, column: str, data: bytes, threads: int) -> np.ndarray:
     """The first window's frames, embedded, then the column's temporal head, as extraction runs them."""
+    from ..extract.video import decode_video
     from ..models import TemporalEmbedder
-    from ..video import decode_video
 
     heads = [h for h in prepared.heads if h.column == column]
     if not heads:
@@ -186,7 +186,7 @@ def _decoded(decode, kind: str):
 
 def _text_vector(table: FeatureTable, job: JobConfig, meta: Dict[str, str], column: str, text: str) -> np.ndarray:
     """open_clip's text tower, from the table's model config and weights; only for the image embedding."""
-    from ..models.weights import resolve
+    from ..models.base import resolve
 
     where, model = redact_text(table.uri), job.model
     if model.family != "open_clip":

@@ -19,8 +19,8 @@ import torch
 
 from .. import faults
 from ..config import ModelConfig
-from ..decode import ImageSpec, decode_batch
-from ..device_decode import decode_on_device
+from ..extract.decode import ImageSpec, decode_batch
+from ..extract.device_decode import decode_on_device
 from ..rows import error_fields, fail_nonfinite, fail_rows, ragged
 from ..timing import timed
 from .base import build_module

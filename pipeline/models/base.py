@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig, model_families
 from ..errors import Refused
-from .weights import Weights, WeightsError
+from .weights import Weights, WeightsError, from_file, looks_like_path
 
 
 class ModelError(Refused, ValueError):
@@ -87,6 +87,16 @@ def family(name: str) -> Family:
     if name not in names:
         raise ModelError(f"model.family: {name!r} is not one of {', '.join(names)}{did_you_mean(name, names)}")
     return importlib.import_module(f"{__package__}.families.{name}").FAMILY
+
+
+def resolve(cfg: ModelConfig, storage_options: Optional[Dict[str, Any]] = None) -> Weights:
+    """Identify the weights and check they can be had; runs on the driver before any work. Beside
+    the registry, because a weights *name* is the family's to resolve."""
+    if cfg.weights.lower() == "none":
+        return Weights(kind="none", id=f"random-init(seed={cfg.seed})")
+    if looks_like_path(cfg.weights):
+        return from_file(cfg, storage_options)
+    return family(cfg.family).weights_by_name(cfg)
 
 
 def did_you_mean(name: str, choices: List[str]) -> str:

@@ -22,8 +22,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..config import TemporalConfig
 from ..errors import Refused
 from ..names import plain_name
+from ..output.store import filesystem
 from ..rows import error_fields, fail_nonfinite, fail_rows
-from ..sources import filesystem
 from ..timing import timed
 from .weights import WeightsError, read_bytes
 

@@ -21,7 +21,7 @@ from torch.hub import get_dir
 
 from ..config import ModelConfig
 from ..errors import Refused
-from ..sources import filesystem
+from ..output.store import filesystem
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
@@ -40,17 +40,10 @@ class Weights:
     transforms: Dict[str, Any] = field(default_factory=dict)
 
 
-def resolve(cfg: ModelConfig, storage_options: Optional[Dict[str, Any]] = None) -> Weights:
-    """Identify the weights and check they can be had; runs on the driver before any work."""
-    name = cfg.weights
-    if name.lower() == "none":
-        return Weights(kind="none", id=f"random-init(seed={cfg.seed})")
-    if _looks_like_path(name):
-        data = read_bytes(name, storage_options or {})
-        return Weights(kind="file", id=name, location=name, sha256=_verify(cfg, data))
-    from .base import family  # the family resolves its own names
-
-    return family(cfg.family).weights_by_name(cfg)
+def from_file(cfg: ModelConfig, storage_options: Optional[Dict[str, Any]] = None) -> Weights:
+    """model.weights names a file: read it once to hash it (and check `weights_sha256`)."""
+    data = read_bytes(cfg.weights, storage_options or {})
+    return Weights(kind="file", id=cfg.weights, location=cfg.weights, sha256=_verify(cfg, data))
 
 
 def cached_file(cfg: ModelConfig, path: str, id: str, transforms: Optional[Dict[str, Any]] = None) -> Weights:
@@ -77,7 +70,7 @@ def not_cached(cfg: ModelConfig, repo: str, filename: str) -> WeightsError:
                         f"to that file's path")
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return "/" in name or "\\" in name or "://" in name or name.lower().endswith(STATE_DICT_SUFFIXES)
 
 

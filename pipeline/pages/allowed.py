@@ -12,9 +12,10 @@ import os
 import posixpath
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..listing import confine
+from ..extract.listing import confine
+from ..extract.plan import expand_braces
+from ..output.store import filesystem
 from ..redact import logger, redact_text
-from ..sources import expand_braces, filesystem
 
 log = logger(__name__)
 NOT_READ = "not read: outside the source (--allow-uris PREFIX reads it)"

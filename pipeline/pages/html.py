@@ -113,7 +113,7 @@ def dedup_page(groups_table: Union[pa.Table, str], storage_options: Optional[Dic
     `groups_table`: the dedup table (pyarrow), or its Parquet file's URI; `table`, `allow_uris`:
     where thumbnails may be read, as for search_page."""
     if isinstance(groups_table, str):
-        from ..sources import filesystem
+        from ..output.store import filesystem
 
         fs, path = filesystem(groups_table, storage_options or {})
         groups_table = pq.read_table(path, filesystem=fs)

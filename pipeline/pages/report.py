@@ -21,9 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import Refused
+from ..output.store import filesystem, parquet_files, write_atomic
 from ..redact import logger, redact_text
-from ..sources import filesystem
-from ..store import parquet_files, write_atomic
 from . import charts
 from .html import document, table_html, text
 

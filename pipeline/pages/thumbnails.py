@@ -25,10 +25,11 @@ from urllib.parse import quote, unquote
 
 from PIL import Image, ImageOps
 
-from ..decode import _to_rgb, open_image
+from ..extract.decode import open_image, to_rgb
+from ..extract.plan import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from ..extract.shards import tar_rows
+from ..output.store import filesystem
 from ..redact import logger, redact_text
-from ..shards import tar_rows
-from ..sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
 from .allowed import NOT_READ, readable
 
 log = logger(__name__)
@@ -220,7 +221,7 @@ def _image_thumbnail(data: bytes, size: int) -> str:
         img.seek(0)
         if img.format == "JPEG":
             img.draft("RGB", (size, size))  # libjpeg decodes at 1/2 .. 1/8 scale
-        rgb = _to_rgb(ImageOps.exif_transpose(img))
+        rgb = to_rgb(ImageOps.exif_transpose(img))
         rgb.thumbnail((size, size))
     return _jpeg(rgb)
 

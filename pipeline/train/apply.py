@@ -17,28 +17,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import pyarrow as pa
 
 from .. import __version__
-from ..commit import Ledger, staging_folder
 from ..config import absolute_local, same_store
 from ..console import ray_log_dir
-from ..errors import Refused
+from ..errors import OutputExists, Refused
 from ..jobrun import init_ray, progress_series, start_committer, steady_state, stop, take_lease, verify
-from ..output import OutputExists, Workspace, finish, open_planned, table_rows
-from ..partitions import folder_key
+from ..output.ledger import Ledger, staging_folder
+from ..output.partitions import folder_key
+from ..output.record import Summary, write_record
+from ..output.root import Workspace, finish, open_planned, table_rows
+from ..output.sink import ParquetCommitSink, SinkSpec
+from ..output.table import FeatureTable, TableError, open_table
+from ..output.tensors import SEQUENCE, VECTOR
 from ..progress import Nouns, watch
 from ..redact import logger, redact, redact_strings, redact_text
-from ..report import Summary, write_record
-from ..sinks import ParquetCommitSink, SinkSpec
 from .apply_map import CARRIED, HeadActor, read_rows
 from .checkpoint import Checkpoint, CheckpointError, load
-from .guard import check_apply_args, check_input, refuse_same_root
+from .guard import BadArgument, check_apply_args, check_input, refuse_same_root
 from .models import TEMPORAL
-from .table import FeatureTable, TableError, open_table
-from .tensors import SEQUENCE, VECTOR
 
 log = logger(__name__)  # credentials masked in every record
 BATCH_BYTES = 64 << 20
@@ -278,3 +278,13 @@ def _finish(plan: Plan, ws: Workspace, out_uri: str, t0: float, t1: float, total
     write_record(ws, _record_head(plan), status="complete", started_at=t0, summary=summary)
     finish(ws)  # and an overwrite replaces the old table now
     return summary
+
+
+def check_apply_options(options: Mapping[str, Any]) -> None:
+    """featurize.apply(**options): only apply_head's keywords (a typo is refused, not a TypeError)."""
+    import inspect
+
+    known = [p for p in inspect.signature(apply_head).parameters if p not in ("checkpoint", "input_uri", "output_uri")]
+    for key in options:
+        if key not in known:
+            raise BadArgument(f"{key}: not an option of apply (options: {', '.join(known)})")

@@ -13,11 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import faults
-from ..read import ERROR_COLUMNS, error_fields
-from ..rows import fail_nonfinite
+from ..output.tensors import sequences, vectors
+from ..rows import ERROR_COLUMNS, error_fields, fail_nonfinite
 from .checkpoint import Checkpoint
 from .models import TEMPORAL
-from .tensors import sequences, vectors
 
 CARRIED = ("sample_id", "uri", "label", "split")  # the columns of every features table, copied as they are
 STAGE = "apply"

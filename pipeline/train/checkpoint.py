@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import Refused
+from ..output.store import filesystem, write_atomic
 from ..redact import redact_strings
-from ..sources import filesystem
-from ..store import write_atomic
 from .models import CLASSIFIERS, KINDS, TEMPORAL, build, temporal_config
 
 CONFIG, MODEL, HEAD, HEAD_JSON, METRICS, CURVES = ("config.json", "model.safetensors", "head.safetensors",

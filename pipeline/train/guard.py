@@ -13,8 +13,8 @@ from typing import Any, Dict, Mapping, Sequence
 
 from ..errors import Refused
 from ..names import plain_name
+from ..output.store import filesystem
 from ..redact import redact_text
-from ..sources import filesystem
 
 # what a head's input is, of a table's lineage (table.lineage()): another model, weights, layer,
 # pooling, preprocessing or head upstream makes other features, whatever their dimension
@@ -102,23 +102,11 @@ def check_apply_args(checkpoint: Any, input_uri: Any, output_uri: Any, name: Any
         raise error(f"batch_size: must be a positive integer, got {batch_size}")
 
 
-def check_apply_options(options: Mapping[str, Any]) -> None:
-    """featurize.apply(**options): only apply_head's keywords (a typo is refused, not a TypeError)."""
-    import inspect
-
-    from .apply import apply_head
-
-    known = [p for p in inspect.signature(apply_head).parameters if p not in ("checkpoint", "input_uri", "output_uri")]
-    for key in options:
-        if key not in known:
-            raise BadArgument(f"{key}: not an option of apply (options: {', '.join(known)})")
-
-
 # ---------------------------------------------------------------- apply: roots and provenance
 
 def _real(uri: str, options: Dict[str, Any]):
     """(protocol, the root with links resolved when local): two names of one folder compare equal."""
-    from ..store import is_local
+    from ..output.store import is_local
 
     fs, root = filesystem(uri, options)
     root = root.rstrip("/")

@@ -6,8 +6,8 @@
         for batch in DataLoader(ds, batch_size=None, num_workers=4):
             loss = F.cross_entropy(head(batch["x"]), batch["y"])
 
-Reads the output contract only (pipeline.train.table); Arrow columns become float32 through
-pipeline.train.tensors, a whole read at a time, never a Python loop over rows or values.
+Reads the output contract only (pipeline.output.table); Arrow columns become float32 through
+pipeline.output.tensors, a whole read at a time, never a Python loop over rows or values.
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..output.store import filesystem, is_local
+from ..output.table import FeatureTable, TableError, open_table
+from ..output.tensors import SEQUENCE, ColumnError, label_codes, sequences, vectors
 from ..redact import redact_text
-from ..sources import filesystem
-from ..store import is_local
-from .table import FeatureTable, TableError, open_table
-from .tensors import SEQUENCE, ColumnError, label_codes, sequences, vectors
 
 READ_BYTES = 32 << 20  # float32 bytes converted per read: big enough to amortise, small enough to bound memory
 HERE_ROWS = 8192  # rows per block of a table ray_dataset(here=True) converts in this process

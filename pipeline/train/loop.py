@@ -23,18 +23,18 @@ from typing import Any, Callable, Dict, List, Optional
 import pyarrow as pa
 
 from ..jobrun import init_ray
-from ..lease import Lease
+from ..output.lease import Lease
+from ..output.store import filesystem
+from ..output.table import FeatureTable
 from ..redact import logger
-from ..sources import filesystem
 from . import checkpoint as ckpt
 from . import outdir
 from . import state as epoch_state
-from .config import TrainConfig, cache_bytes
 from .epochs import format_epoch, train_loop
 from .models import supervised
 from .outdir import RUNS
-from .plan import Plan, TrainError, held_out, plan_training
-from .table import FeatureTable
+from .train_plan import Plan, TrainError, held_out, plan_training
+from .trainfile import TrainConfig, cache_bytes
 
 __all__ = ["TrainError", "TrainResult", "format_epoch", "plan_training", "train"]
 log = logger(__name__)
@@ -169,7 +169,7 @@ def _print_lines(lines, stop: threading.Event, say: Callable[[str], None], stopp
 
 def _storage(fs, root: str, cfg: TrainConfig):
     """Ray Train's storage_path (and filesystem, for an object store) for OUT/_train."""
-    from ..store import is_local
+    from ..output.store import is_local
 
     if is_local(fs):
         return os.path.abspath(f"{root}/{RUNS}"), None

@@ -14,12 +14,12 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
-from ..output import OutputExists
-from ..store import write_atomic
+from ..errors import OutputExists
+from ..output.store import write_atomic
 from . import checkpoint as ckpt
 from . import state as epoch_state
-from .config import TrainConfig
-from .plan import Plan, TrainError, compare
+from .train_plan import Plan, TrainError, compare
+from .trainfile import TrainConfig
 
 RUNS = "_train"  # Ray Train's run storage under the checkpoint directory: per-epoch checkpoints
 PLAN = "plan.json"

@@ -9,8 +9,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .table import TableError, open_table
-from .tensors import label_codes, vectors
+from ..output.table import TableError, open_table
+from ..output.tensors import label_codes, vectors
 
 
 def centroid_accuracy(uri: str, column: str, train_split: str = "train", test_split: str = "test",

@@ -19,13 +19,12 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import pyarrow as pa
 
-from ..errors import Refused
-from ..output import OutputExists
+from ..errors import OutputExists, Refused
+from ..output.table import FeatureTable, open_table
+from ..output.tensors import SEQUENCE
 from ..redact import redact, redact_text
-from .config import TrainConfig
 from .models import TEMPORAL, supervised
-from .table import FeatureTable, open_table
-from .tensors import SEQUENCE
+from .trainfile import TrainConfig
 
 OVERWRITE = "run with --overwrite (featurize.train(..., overwrite=True)) to replace it, or choose another output.uri"
 

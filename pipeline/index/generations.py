@@ -30,11 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..names import is_plain, plain_name
+from ..output.store import parquet_bytes, write_atomic
 from ..redact import logger, redact_strings, redact_text
-from ..store import parquet_bytes, write_atomic
-from . import METRICS
-from .checks import number
-from .table import IndexRefused
+from .batches import IndexRefused
+from .checks import METRICS, number
 
 INDEX_DIR, META, INDEX_FILE, ROWS_FILE = "_index", "meta.json", "index.faiss", "rows.parquet"
 MARKER = "_featurize_generation"  # written first into every generation folder: what _clean may remove

@@ -11,18 +11,18 @@ import json
 import os
 import posixpath
 import re
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
-import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import SourceConfig
-from .errors import Refused
+from ..config import SourceConfig
+from ..errors import Refused
+from ..output.store import filesystem, full_uri
+from ..redact import FETCH_URI, has_masked_uris, public_row, saved_plan
 from .listing import REFUSED_URI, Entry, ListingError, confine, raw_path, utf8, walk_local
-from .redact import FETCH_URI, has_masked_uris, public_row, saved_plan
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
@@ -45,16 +45,6 @@ PLAN_SCHEMA = pa.schema(
 
 class SourceError(Refused, RuntimeError):
     """The source cannot be listed: unreachable, empty or malformed."""
-
-
-def filesystem(uri: str, storage_options: Dict[str, Any]) -> Tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    return fs, path
-
-
-def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A URI another process can open with the same storage options."""
-    return fs.unstrip_protocol(path)
 
 
 def plan_source(cfg: SourceConfig) -> pa.Table:

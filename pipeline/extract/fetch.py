@@ -14,7 +14,7 @@ import stat
 import threading
 from typing import Any, Iterator, List, Union
 
-from . import faults
+from .. import faults
 from .shards import NotAFile, TooLarge
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..console import ray_log_dir
 from ..redact import redact_text
 from .checkpoint import CURVES, TEMPORAL_NOTE
-from .config import TrainConfig
+from .trainfile import TrainConfig
 
 
 def format_training(cfg: TrainConfig, result) -> str:

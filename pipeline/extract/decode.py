@@ -16,9 +16,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import faults
-from .rows import ERROR_COLUMNS, error_fields
-from .timing import timed
+from .. import faults
+from ..rows import ERROR_COLUMNS, error_fields
+from ..timing import timed
 
 ORIENTATION_TAG = 0x0112
 
@@ -42,7 +42,7 @@ def decode_image(data: bytes, spec: ImageSpec) -> Tuple[np.ndarray, int, int]:
         if img.format == "JPEG":
             # libjpeg scales by 1/2, 1/4 or 1/8 while decoding; keep at least `resize` pixels.
             img.draft("RGB", (spec.resize, spec.resize))
-        rgb = _to_rgb(ImageOps.exif_transpose(img))
+        rgb = to_rgb(ImageOps.exif_transpose(img))
         pixels = _resize_center_crop(rgb, spec)
     return pixels, width, height
 
@@ -92,7 +92,7 @@ def _displayed_size(img: Image.Image) -> Tuple[int, int]:
     return width, height
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         return _high_bit_depth_to_rgb(img)

@@ -18,10 +18,10 @@ import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from .commit import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
+from ..timing import block_seconds
+from .ledger import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
 from .partitions import partition_folder
-from .sources import filesystem
-from .timing import block_seconds
+from .store import filesystem
 
 ERRORS_SCHEMA = pa.schema(
     [

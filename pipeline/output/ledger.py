@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .redact import logger
+from ..redact import logger
 from .store import is_local, move, parquet_bytes, parquet_files, publish, read_column, write_atomic  # noqa: F401 (re-exported)
 
 STAGING, UNITS = "_staging", "_units"
@@ -214,65 +214,6 @@ def audit(fs, root: str, plan: pa.Table) -> Dict[str, Any]:
     left = remaining(plan, set(ids), units)
     return {"missing": len(left), "first_missing": left["sample_id"][0].as_py() if len(left) else None,
             "duplicates": sorted(k for k, n in Counter(ids).items() if n > 1)}
-
-
-class Committer:
-    """The Ray actor around a Ledger: one, so that publishing is serial and needs no locks.
-
-    It reads its state from OUT (the files are the truth) when it starts, so that nothing it
-    needs lives in the object store: the driver's copy of a large set would be a constructor
-    argument there, which an actor restart cannot count on (ray-project/ray#53727). Restarted
-    after a failure, it also publishes what was left staged. `job` is the job's fingerprint;
-    `lease` (OUT's uri, the run's id) fences every commit; `base` is (rows, units) committed
-    before this run, which lets a restarted actor estimate the run's progress.
-    """
-
-    def __init__(self, out_uri: str, storage_options: Dict[str, Any], job: str = "",
-                 lease: Optional[Tuple[str, str]] = None, base: Tuple[int, int] = (0, 0)):
-        import ray
-
-        from .lease import Fence
-        from .sources import filesystem
-
-        fs, root = filesystem(out_uri, storage_options)
-        fence = None
-        if lease is not None:
-            fence = Fence(*filesystem(lease[0], storage_options), run_id=lease[1])
-        self.ledger = Ledger(fs, root, job=job, fence=fence)
-        self.tally = Tally()
-        if ray.get_runtime_context().was_current_actor_reconstructed:
-            if fence is not None:
-                fence()
-            self.ledger.recover()
-            # this run's tally died with the actor: what OUT gained since the run began stands in
-            # for it (without the error count, and counting a unit's rows as it goes)
-            rows = len(self.ledger.rows) - base[0]
-            self.tally.features = self.tally.units = max(0, rows)
-        self.actors: List[Any] = []
-
-    def register(self, actor: Any) -> None:
-        """A model actor of this job: Ray Data leaves a failed job's actors running (its forced
-        shutdown comes after a non-forced one and is skipped), so the driver stops them itself."""
-        self.actors.append(actor)
-
-    def registered(self) -> List[Any]:
-        actors, self.actors = self.actors, []
-        return actors
-
-    def commit(self, staged: List[Staged], seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-        result = self.ledger.commit(staged)
-        self.tally.add(result, seconds or {})
-        return result
-
-    def complete_units(self, units: List[str]) -> None:
-        self.ledger.complete_units(units)
-
-    def state(self) -> Tuple[Set[str], Set[str]]:
-        return self.ledger.rows, self.ledger.units
-
-    def progress(self) -> "Tally":
-        """What this run has committed so far: a few counters, cheap to ask for every second."""
-        return self.tally
 
 
 @dataclass

@@ -12,17 +12,18 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from . import __version__
-from .commit import write_atomic
-from .config import to_dict
-from .output import JOB_FILE, settings
+from .. import __version__
+from ..config import to_dict
+from ..extract.plan import split_list_gaps
+from ..redact import redact_strings, redact_text
+from .ledger import write_atomic
 from .partitions import column_of
-from .redact import redact_strings, redact_text
-from .sources import filesystem, split_list_gaps
+from .root import JOB_FILE, settings
+from .store import filesystem
 
 if TYPE_CHECKING:  # imported for types only: report stays importable without Ray
-    from .output import Workspace
-    from .prepare import Prepared
+    from ..extract.prepare import Prepared
+    from .root import Workspace
 
 
 def versions() -> Dict[str, str]:

@@ -9,14 +9,10 @@ from typing import Any, Dict, Optional
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from .commit import Ledger, staging_folder
-from .config import JobConfig, memory_bytes
-from .console import ray_log_dir
-from .decode import decode_batch
-from .interrupt import reclaim_sigterm
-from .jobrun import (  # noqa: F401 (re-exported)
-    IncompleteOutput,
-    NotExactlyOnce,
+from ..config import JobConfig, memory_bytes
+from ..console import ray_log_dir
+from ..interrupt import reclaim_sigterm
+from ..jobrun import (
     init_ray,
     progress_series,
     start_committer,
@@ -25,19 +21,21 @@ from .jobrun import (  # noqa: F401 (re-exported)
     take_lease,
     verify,
 )
+from ..models import Embedder, EmbedSpec
+from ..models.temporal import TemporalEmbedder
+from ..output.lease import Lease
+from ..output.ledger import Ledger, staging_folder
+from ..output.record import Summary, write_job_record
+from ..output.root import Workspace, finish, multi_row_units, open_output, table_rows
+from ..output.sink import ParquetCommitSink
+from ..progress import nouns_of, watch
+from ..redact import logger
+from ..timing import breakdown
+from .decode import decode_batch
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
-from .lease import Lease
-from .models import Embedder, EmbedSpec
-from .models.temporal import TemporalEmbedder
-from .output import Workspace, finish, multi_row_units, open_output, table_rows
+from .plan import split_list_gaps
 from .prepare import Prepared, prepare
-from .progress import nouns_of, watch
 from .read import read_batch
-from .redact import logger
-from .report import Summary, write_job_record
-from .sinks import ParquetCommitSink
-from .sources import split_list_gaps
-from .timing import breakdown
 from .video import decode_video_batch
 
 log = logger(__name__)  # credentials masked in every record
@@ -97,7 +95,7 @@ def _run_on_head(job: JobConfig, address: str, **modes) -> Summary:
     """Through Ray Client, the driver itself runs as a task on the head node: Ray Data's executor
     needs a core worker, which a client process does not have. Ctrl-C here cancels the task, and
     with it the job's actors (they belong to it)."""
-    from .submit import PACKAGE
+    from ..submit import PACKAGE
 
     _connect_client(address, runtime_env={"py_modules": [str(PACKAGE)]})
     driver = ray.remote(run_job).options(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})

@@ -18,12 +18,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .commit import (
+from ..errors import OutputExists
+from ..extract.plan import plan_source, with_fetch_uris
+from ..redact import redact, saved_plan
+from .ledger import (
     STAGING,
     TABLES,
     UNITS,
     Ledger,
-    audit,
     is_local,
     move,
     parquet_bytes,
@@ -32,17 +34,11 @@ from .commit import (
     remaining,
     write_atomic,
 )
-from .errors import Refused
 from .partitions import folder_key
-from .redact import redact, saved_plan
-from .sources import filesystem, plan_source, with_fetch_uris
+from .store import filesystem
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
 OVERWRITE, SWAP_FILE = "_overwrite", "_swap.json"
-
-
-class OutputExists(Refused, RuntimeError):
-    """The output root holds another job's output, or cannot be used as asked."""
 
 
 @dataclass
@@ -149,7 +145,7 @@ def open_planned(uri: str, storage_options: Dict[str, Any], wanted: Dict[str, An
 
     def planned(root: str, at: str, earlier: Optional[Dict[str, Any]]) -> Workspace:
         resuming = earlier is not None and earlier.get("settings") == wanted
-        plan = _load_plan(fs, root) if resuming else None
+        plan = load_plan(fs, root) if resuming else None
         if plan is None:
             plan = make_plan()
             write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
@@ -207,7 +203,7 @@ def _refuse_other_job(uri: str, previous: Optional[Dict[str, Any]], wanted: Dict
 def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previous,
                incremental: bool = False) -> Workspace:
     resuming = previous is not None and previous.get("settings") == wanted
-    plan = _load_plan(fs, root) if resuming else None
+    plan = load_plan(fs, root) if resuming else None
     added = gone = 0
     if plan is None:
         plan = plan_source(prepared.job.source)
@@ -247,7 +243,7 @@ def extend_plan(fs, root: str, plan: pa.Table, source) -> Tuple[pa.Table, int, i
     return with_fetch_uris(plan, source, listed), len(new), gone  # the source is listed once
 
 
-def _load_plan(fs, root: str) -> Optional[pa.Table]:
+def load_plan(fs, root: str) -> Optional[pa.Table]:
     try:
         return pq.read_table(f"{root}/{PLAN_FILE}", filesystem=fs)
     except FileNotFoundError:
@@ -389,35 +385,3 @@ def table_rows(fs, root: str) -> Dict[str, int]:
     """Rows in OUT/features and OUT/errors, from the files' footers."""
     return {t: sum(pq.read_metadata(f, filesystem=fs).num_rows for f in parquet_files(fs, f"{root}/{t}"))
             for t in TABLES}
-
-
-def status(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Planned, committed, errored and remaining counts of an output root."""
-    fs, root = filesystem(uri, storage_options or {})
-    root = root.rstrip("/")
-    record = read_record(fs, root)
-    plan = _load_plan(fs, root)
-    if record is None or plan is None:
-        raise FileNotFoundError(f"{uri}: no {JOB_FILE} and {PLAN_FILE} there")
-    found = audit(fs, root, plan)
-    rows = table_rows(fs, root)
-    return {
-        "name": record.get("name"), "status": record.get("status"), "planned": len(plan),
-        "features": rows["features"], "errors": rows["errors"], "remaining": found["missing"],
-        "duplicates": len(found["duplicates"]),
-        "staged_files": len(parquet_files(fs, f"{root}/{STAGING}")),
-        "overwrite_pending": fs.exists(f"{root}/{OVERWRITE}"),
-        "lease": _lease_holder(fs, root),
-        "complete": record.get("status") == "complete" and not found["missing"] and not found["duplicates"],
-    }
-
-
-def _lease_holder(fs, root: str) -> Optional[str]:
-    """Who holds OUT's lease, in words, or None."""
-    from .lease import describe, read, stale
-
-    held = read(fs, root)[1]
-    if held is None:
-        return None
-    gone = stale(held)
-    return describe(root, held) if gone is None else f"a stale lease of run {held.get('run_id')} ({gone})"

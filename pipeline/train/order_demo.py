@@ -7,8 +7,8 @@ import os
 from typing import Callable, Dict, List
 
 from ..config import load_job
-from .config import load_training
 from .probe import centroid_accuracy
+from .trainfile import load_training
 
 
 def order_loop(job_path: str, train_path: str, data: str, videos: int, run: Callable, say: Callable[[str], None],
@@ -26,7 +26,7 @@ def order_loop(job_path: str, train_path: str, data: str, videos: int, run: Call
     run(job_path, [f"source.uri={data}", *splits])
     cfg = load_training(train_path, [f"data.uri={job.output.uri}", *overrides])
     say(f"\ntraining     {cfg.head.kind} on {cfg.data.column} of {cfg.data.uri}, {cfg.train.epochs} epochs")
-    from .report import format_training
+    from .summary import format_training
 
     say(format_training(cfg, train(cfg, say=say)))
     applied = f"{cfg.output.uri.rstrip('/')}-applied"

@@ -25,9 +25,9 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .output import OutputExists
-from .procs import alive, start_time
-from .redact import logger
+from ..errors import OutputExists
+from ..procs import alive, start_time
+from ..redact import logger
 from .store import is_local, write_atomic
 
 LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..output.table import FeatureTable, TableError
+from ..output.tensors import SEQUENCE, VECTOR, column_shape, vectors
 from ..redact import redact_text
-from ..train.table import FeatureTable, TableError
-from ..train.tensors import SEQUENCE, VECTOR, column_shape, vectors
 
 ROW_COLUMNS = ("sample_id", "uri", "label", "split")
 CLIP_COLUMNS = ("start_s", "end_s")  # clip rows of video tables

@@ -14,20 +14,13 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from ..output.store import filesystem
+from ..redact import FETCH_URI, RedactedError
+from ..rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, error_fields
+from ..timing import timed
 from .fetch import TIMED_OUT, Refused, bounded, read_local, read_remote, timeout_error
-from .redact import FETCH_URI, RedactedError
-from .rows import (  # noqa: F401 (the row contract, re-exported for older imports)
-    ERROR_COLUMNS,
-    MAX_MESSAGE,
-    OK,
-    PLAN_COLUMNS,
-    SAMPLE_COLUMNS,
-    error_fields,
-    ragged,
-)
+from .plan import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS
 from .shards import tar_rows
-from .sources import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS, filesystem
-from .timing import timed
 
 Batch = Dict[str, np.ndarray]
 

@@ -10,17 +10,18 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from . import __version__
-from .config import DEFAULT_CROP, DEFAULT_RESIZE, ConfigError, JobConfig, output_storage_options, source_store_options
+from .. import __version__
+from ..config import DEFAULT_CROP, DEFAULT_RESIZE, ConfigError, JobConfig, output_storage_options, source_store_options
+from ..models import check_arch, family, feature_dim, preprocess_defaults
+from ..models.base import resolve
+from ..models.temporal import HeadInfo, resolve_heads
+from ..models.weights import Weights
+from ..redact import redact_text
 from .decode import ImageSpec
-from .models import check_arch, family, feature_dim, preprocess_defaults
-from .models.temporal import HeadInfo, resolve_heads
-from .models.weights import Weights, resolve
-from .redact import redact_text
 from .video import FrameSpec
 
 if TYPE_CHECKING:
-    from .sinks import SinkSpec
+    from ..output.sink import SinkSpec
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -41,7 +42,7 @@ class Prepared:
         return FrameSpec(resize=self.job.video.size or self.image.resize, crop=self.image.crop)
 
     def sink_spec(self) -> SinkSpec:
-        from .sinks import SinkSpec, image_columns, video_columns  # Ray's: the runner's, not search's
+        from ..output.sink import SinkSpec, image_columns, video_columns  # Ray's: the runner's, not search's
 
         dtype = self.job.output.dtype
         if self.job.is_video:

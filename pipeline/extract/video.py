@@ -4,7 +4,7 @@ decord resizes inside the decoder, so a 4K or 1080p frame is never held at full 
 indices are chosen by the sampling mode from the container's frame count and fps and recorded as
 timestamps. A file decord cannot read is tried once with PyAV, which scales each frame as it is
 converted; the decoder used is returned with the frames. Both can hang or crash on hostile
-files: `pipeline.isolate` runs this module in a child process with a time limit.
+files: `pipeline.extract.isolate` runs this module in a child process with a time limit.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from . import faults
-from .config import VideoConfig
+from .. import faults
+from ..config import VideoConfig
+from ..rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
+from ..timing import timed
 from .isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
-from .rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
-from .timing import timed
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import sys
 from typing import Any, Dict, List
 
 from ..errors import Refused
-from ..pages.commands import add_allow_uris
+from ..pages.page_commands import add_allow_uris
 from ..redact import redact_text
-from . import KINDS, METRICS
+from .checks import KINDS, METRICS
 
 EXIT_OK, EXIT_REFUSED = 0, 2
 CENTER_HELP = ("cosine of the vectors minus the table's mean: a backbone's features share a large common part "
@@ -145,9 +145,9 @@ def format_hits(hits: List[Dict[str, Any]], metric: str) -> str:
 
 @_refusing
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from ..train.table import open_table
+    from ..output.table import open_table
+    from .batches import choose_column
     from .dedup import find_duplicates, write_groups
-    from .table import choose_column
 
     column, _ = choose_column(open_table(args.out, args.options, key="OUT"), args.column)
     groups = find_duplicates(args.out, args.options, column, threshold=args.threshold, center=args.center)
@@ -166,8 +166,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def _write_text(path: str, text: str, options: Dict[str, Any]) -> None:
-    from ..sources import filesystem
-    from ..store import write_atomic
+    from ..output.store import filesystem, write_atomic
 
     fs, p = filesystem(path, options or {})
     write_atomic(fs, p, text.encode())

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from ..rows import ERROR_COLUMNS
+from ..timing import timed
 from .decode import ImageSpec, decode_rows, decoded_columns, fault_point, open_image
-from .rows import ERROR_COLUMNS
-from .timing import timed
 
 DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB the way Pillow does
 

@@ -6,14 +6,25 @@ import errno
 import io
 import os
 import uuid
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
+import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from . import faults
+from .. import faults
+
+
+def filesystem(uri: str, storage_options: Dict[str, Any]) -> Tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs, path
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URI another process can open with the same storage options."""
+    return fs.unstrip_protocol(path)
 
 
 def is_local(fs) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import ray
 from ray.data import TaskPoolStrategy
 
-from .config import ConfigError, JobConfig, ResourcesConfig, memory_bytes
+from ..config import ConfigError, JobConfig, ResourcesConfig, memory_bytes
 
 GPU_BATCH, CPU_BATCH = 256, 32
 

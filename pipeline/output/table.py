@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 
 from ..errors import Refused
 from ..redact import redact_strings, redact_text
-from ..sources import filesystem
-from ..store import parquet_sizes
+from .store import filesystem, parquet_sizes
 from .tensors import SEQUENCE, ColumnError, column_shape
 
 

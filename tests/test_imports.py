@@ -1,0 +1,127 @@
+"""The shape of the code: pipeline/'s import graph has no cycles (lazy imports inside functions
+count), no two modules share a file name, and no subpackage imports another's private names.
+
+Read with `ast` only: nothing here imports the modules, so it runs in a fraction of a second.
+"""
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Set, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "pipeline"
+
+
+def _modules() -> Dict[str, Path]:
+    """Every module under pipeline/, by dotted name (a package by its own name)."""
+    found = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _package_of(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def _imports(name: str, path: Path, modules: Dict[str, Path]) -> List[Tuple[str, str, int]]:
+    """(imported module, imported name or "", line) for every import in the file, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "", node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = _package_of(name, path).split(".")
+                package = package[: len(package) - (node.level - 1)]
+                base = ".".join(package + ([base] if base else []))
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                # `from pkg import module` imports the module; `from module import name` the module
+                found.append((sub, "", node.lineno) if sub in modules else (base, alias.name, node.lineno))
+    return [(m, n, line) for m, n, line in found if m == PACKAGE or m.startswith(PACKAGE + ".")]
+
+
+def _graph() -> Tuple[Dict[str, Set[str]], List[str]]:
+    """The edges between pipeline's modules, and every private name imported across subpackages."""
+    modules = _modules()
+    edges: Dict[str, Set[str]] = defaultdict(set)
+    private = []
+    for name, path in modules.items():
+        here = _package_of(name, path)
+        for target, imported, line in _imports(name, path, modules):
+            while target not in modules:  # `import pipeline.a.b` names a module; strip an attribute
+                target = target.rpartition(".")[0]
+            if target != name:
+                edges[name].add(target)
+            there = _package_of(target, modules[target])
+            if imported.startswith("_") and not imported.startswith("__") and there != here:
+                private.append(f"{path.relative_to(ROOT)}:{line} imports {target}.{imported}")
+            # importing a module named with an underscore from another package is as private
+            last = target.rpartition(".")[2]
+            if not imported and last.startswith("_") and not last.startswith("__") and there != here:
+                private.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    return edges, private
+
+
+def _cycle(edges: Dict[str, Set[str]]) -> Optional[List[str]]:
+    """One cycle of the graph, as the list of modules around it, or None."""
+    state: Dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: List[str] = []
+
+    def visit(node: str) -> Optional[List[str]]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    edges, _ = _graph()
+    cycle = _cycle(edges)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_two_modules_share_a_name():
+    by_name = defaultdict(list)
+    for path in _modules().values():
+        if path.name != "__init__.py":
+            by_name[path.name].append(str(path.relative_to(ROOT)))
+    shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    assert not shared, f"modules sharing a name: {shared}"
+
+
+def test_no_private_names_across_subpackages():
+    _, private = _graph()
+    assert not private, "private names imported across subpackages:\n" + "\n".join(private)
+
+
+def test_the_graph_sees_lazy_and_relative_imports():
+    """The checker itself: a function-level relative import is an edge, resolved from its package."""
+    edges, _ = _graph()
+    modules = _modules()
+    assert "pipeline.cli" in modules and edges["pipeline.cli"]
+    assert all(t in modules for targets in edges.values() for t in targets)
+    cycle = _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}})
+    assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 4
