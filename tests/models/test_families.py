@@ -29,7 +29,7 @@ from pipeline.samples import encode, encode_video, photo
 
 from conftest import job_dict, read_features, run
 
-JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs")
 CLIP = "ViT-S-32"  # the smallest plain open_clip ViT: 224 px, 384-d embedding
 
 

@@ -22,7 +22,7 @@ from pipeline.index.dedup import write_groups
 from pipeline.output.store import parquet_bytes
 
 D = 16
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def vectors(n: int, seed: int = 0) -> np.ndarray:

@@ -289,7 +289,7 @@ def test_index_search_and_dedup_need_neither_ray_nor_torch(tmp_path):
     code = ("import sys; from pipeline.cli import main; "
             f"sys.exit(main(['index', {out!r}]) or main(['search', {out!r}, '--id', 's00001']) "
             f"or main(['dedup', {out!r}]))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": f"{poison}:{root}"})
     assert result.returncode == 0, result.stderr
