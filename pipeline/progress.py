@@ -1,4 +1,4 @@
-"""The live progress of a run, built from what its committer knows (commit.Tally).
+"""The live progress of a run, built from what its committer knows (output/ledger.py: Tally).
 
 A driver thread asks the committer for its tally about once a second. In a terminal (or a
 notebook) one line is redrawn in place by tqdm; elsewhere (a pipe, CI, a Ray Jobs log, `featurize

@@ -15,7 +15,7 @@ from .redact import redact_text
 
 PLAN_COLUMNS = ("sample_id", "uri", "label", "split")
 # unit: the plan row a sample comes from (a tar shard, a video cut into windows, or itself);
-# unit_rows: how many rows that unit yields, 0 while unknown (see commit.py);
+# unit_rows: how many rows that unit yields, 0 while unknown (see output/ledger.py);
 # attempts: how many earlier runs failed on the sample (--retry-failed).
 SAMPLE_COLUMNS = (*PLAN_COLUMNS, "unit", "unit_rows", "attempts")
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")

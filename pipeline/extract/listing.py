@@ -19,7 +19,7 @@ REFUSED_LINK = "a symlink leaving source.uri; not followed (source.follow_symlin
 
 
 class ListingError(RuntimeError):
-    """A folder under the source cannot be listed (sources.py makes it a SourceError)."""
+    """A folder under the source cannot be listed (plan.py makes it a SourceError)."""
 
 
 class Entry(NamedTuple):

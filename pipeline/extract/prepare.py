@@ -1,7 +1,7 @@
 """Everything about the model and its input resolved on the driver before any work starts.
 
 A job that cannot run (unknown model or layer, missing weights, bad temporal heads) is refused
-here, with the key or path in the message; the source and the output root are output.py's.
+here, with the key or path in the message; the source and the output root are output/root.py's.
 """
 from __future__ import annotations
 

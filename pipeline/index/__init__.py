@@ -9,13 +9,12 @@ is imported on first use, so the CLI's parser stays quick to build.
 """
 from __future__ import annotations
 
+from .options import KINDS, METRICS
+
 __all__ = ["build_index", "open_index", "find_duplicates", "Index", "KINDS", "METRICS"]
 
 
 def __getattr__(name: str):
-    if name in ("KINDS", "METRICS"):  # defined with the checks, which read them
-        from . import checks
-        return getattr(checks, name)
     if name == "build_index":
         from .build import build_index
         return build_index

@@ -8,9 +8,8 @@ import numbers
 from typing import Any, Dict, Optional
 
 from .batches import IndexRefused
+from .options import KINDS, METRICS
 
-KINDS = ("auto", "flat", "ivf", "hnsw")
-METRICS = ("cosine", "l2")
 HNSW_M_MAX, NLIST_MAX = 256, 1 << 20
 
 

@@ -19,7 +19,8 @@ from ..redact import redact_strings, redact_text
 from . import generations as store
 from .batches import CLIP_COLUMNS, IndexRefused, batches, choose_column, gather
 from .build import build_index
-from .checks import KINDS, number, whole
+from .checks import number, whole
+from .options import KINDS
 from .search import open_index
 
 DEDUP_K = 16  # neighbours looked at per row: a group larger than this still connects through its members

@@ -33,7 +33,8 @@ from ..names import is_plain, plain_name
 from ..output.store import parquet_bytes, write_atomic
 from ..redact import logger, redact_strings, redact_text
 from .batches import IndexRefused
-from .checks import METRICS, number
+from .checks import number
+from .options import METRICS
 
 INDEX_DIR, META, INDEX_FILE, ROWS_FILE = "_index", "meta.json", "index.faiss", "rows.parquet"
 MARKER = "_featurize_generation"  # written first into every generation folder: what _clean may remove

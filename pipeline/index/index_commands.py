@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 from ..errors import Refused
 from ..pages.page_commands import add_allow_uris
 from ..redact import redact_text
-from .checks import KINDS, METRICS
+from .options import KINDS, METRICS
 
 EXIT_OK, EXIT_REFUSED = 0, 2
 CENTER_HELP = ("cosine of the vectors minus the table's mean: a backbone's features share a large common part "

@@ -2,7 +2,7 @@
 
 Why a custom sink rather than `write_parquet`: Ray's writer streams files to their final names
 (a reader can see a partial file) and a rerun appends copies. Here each write task stages whole
-files and the job's committer publishes them, each sample exactly once (see commit.py).
+files and the job's committer publishes them, each sample exactly once (see ledger.py).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class SinkSpec:
     partition_by: List[str]
     columns: List[Tuple[str, pa.DataType]]  # after sample_id, uri, label, split
     metadata: Dict[str, str] = field(default_factory=dict)  # provenance, in every file
-    staging: str = ""  # under OUT/_staging: "<job fingerprint>/<run id>" (commit.staging_folder)
+    staging: str = ""  # under OUT/_staging: "<job fingerprint>/<run id>" (ledger.staging_folder)
 
 
 def feature_type(dtype: str, dim: int) -> pa.DataType:
@@ -70,7 +70,7 @@ def features_schema(spec: SinkSpec) -> pa.Schema:
 
 
 class ParquetCommitSink(Datasink):
-    """Stages each block's tables whole, then has the committer publish them (see commit.py)."""
+    """Stages each block's tables whole, then has the committer publish them (see ledger.py)."""
 
     def __init__(self, spec: SinkSpec, committer: Any):
         self.spec = spec

@@ -89,5 +89,5 @@ def _folder(pattern: str) -> str:
 
 def _absolute(uri: str) -> str:
     """A relative local path (a `_job.json` written before paths were made absolute) as the user
-    meant it: against the current folder (as output.py compares them)."""
+    meant it: against the current folder (as output/root.py compares them)."""
     return uri if "://" in uri else os.path.abspath(uri)

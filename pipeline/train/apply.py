@@ -7,7 +7,7 @@ the input column is read from OUT's Parquet files. OUT's error rows have no feat
 carried over: OUT2's plan is OUT's feature rows (saved as OUT2/_plan.parquet, so `featurize
 status` and `inspect` read OUT2 as they read a run's output).
 
-It commits through the same protocol as a run (commit.py, sinks.py): OUT2's lease, one
+It commits through the same protocol as a run (output/ledger.py, output/sink.py): OUT2's lease, one
 Committer, staged whole files, an audit at the end. The same apply run again resumes (its
 committed rows are skipped); OUT2 holding anything else is refused, naming what differs, unless
 `overwrite`. A batch the head fails on becomes error rows (stage "apply"), as in a run.
@@ -161,7 +161,7 @@ def _dtype(table: FeatureTable, column: str) -> str:
 
 
 def settings(plan: Plan) -> Dict[str, Any]:
-    """What decides OUT2's content: the same settings resume, others are refused (output.py)."""
+    """What decides OUT2's content: the same settings resume, others are refused (output/root.py)."""
     out = {
         "apply.input": redact_text(plan.table.uri), "apply.input_job": plan.table.record.get("name"),
         "apply.input_rows": plan.table.rows(), "apply.column": plan.column, "apply.frames": plan.frames,

@@ -6,7 +6,7 @@ stream their shard of the table (never the whole table in memory). Each epoch ev
 its metrics and rank 0 a Ray Train checkpoint (weights, optimizer, history) under OUT/_train: a
 training that is stopped resumes there from its last epoch when run again, since Ray Train restores
 a run of the same name and storage path (its states are safetensors and JSON, state.py, never
-a pickle). The plan and its refusals are plan.py's, the checkpoint directory's states outdir.py's,
+a pickle). The plan and its refusals are train_plan.py's, the checkpoint directory's states outdir.py's,
 the epochs epochs.py's. At the end the driver writes the checkpoint directory
 (checkpoint.py) with the learning curves beside it.
 """
