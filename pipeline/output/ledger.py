@@ -1,9 +1,9 @@
 """The commit protocol: every planned sample exactly once across OUT/features and OUT/errors.
 
 Write tasks stage each Parquet file whole under `OUT/_staging/` and hand it to one Committer
-actor. The committer holds the set of committed sample ids (read back from the files when it
-starts) and publishes a staged file by a rename on local disk or a server-side copy on object
-stores, both of which make a file visible only whole. Rows it has already published, because
+actor (committer.py), around the Ledger here. It holds the set of committed sample ids (read back
+from the files when it starts) and publishes a staged file by a rename on local disk or a
+server-side copy on object stores, both of which make a file visible only whole. Rows it has already published, because
 Ray re-ran a task after an actor, worker or node died and the blocks came out cut differently,
 are dropped before publishing, so no sample ever lands twice. The published files themselves
 are the record of what is done: nothing else has to be kept in step with them.

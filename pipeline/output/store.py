@@ -1,5 +1,6 @@
-"""Files on a store (local disk or an object store, through fsspec): whole-or-nothing writes,
-publishing that never replaces a file, and listing the Parquet files a reader sees."""
+"""Files on a store (local disk or an object store, through fsspec): `filesystem()` opens a URI for
+every stage, whole-or-nothing writes, publishing that never replaces a file, and listing the
+Parquet files a reader sees."""
 from __future__ import annotations
 
 import errno
