@@ -10,31 +10,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from typing import List, Optional
 
+from .cli_args import add_storage_options
 from .config import ConfigError, load_job, parse_job, read_job_file
-from .errors import Refused
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, Refused
 from .interrupt import sigterm_as_interrupt
 from .redact import redact_text
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
-
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    sigterm_as_interrupt()  # SIGTERM (schedulers, kubectl) stops a command as Ctrl-C does
+    """Every command's refusal is caught here, once: one line on stderr, exit 2."""
     from .console import NativeStderr
 
     try:
+        args = _parser().parse_args(argv)  # a bad --storage-options is a refusal too (cli_args)
+        sigterm_as_interrupt()  # SIGTERM (schedulers, kubectl) stops a command as Ctrl-C does
         with contextlib.nullcontext() if getattr(args, "verbose", False) else NativeStderr():
             return args.func(args)
+    except Refused as e:
+        _say(f"featurize: {e}")
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         _say("featurize: interrupted; run the same command again to resume")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `featurize models | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
         return EXIT_OK
@@ -79,10 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--input", required=True, help="a featurize output root with the head's input column")
     apply.add_argument("--output", required=True, help="the new output root")
     apply.add_argument("--name", default=None, help="lstm/attention: the column is clip_<name> (default: the kind)")
-    apply.add_argument("--storage-options", default="{}", metavar="JSON",
-                       help="fsspec options for the input and checkpoint")
-    apply.add_argument("--output-storage-options", default=None, metavar="JSON",
-                       help="fsspec options for the output (default: --storage-options when on the same store)")
+    add_storage_options(apply, "fsspec options for the input and checkpoint")
+    add_storage_options(apply, "fsspec options for the output (default: --storage-options when on the same store)",
+                        flag="--output-storage-options", default=False)
     apply.add_argument("--address", default=None, help="Ray address; default: local Ray")
     apply.add_argument("--overwrite", action="store_true", help="replace another table in --output, once complete")
     apply.add_argument("--allow-other-source", action="store_true",
@@ -102,13 +102,12 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="planned, committed, errored and remaining counts of an output root")
     status.add_argument("out", help="output root (local path or URI)")
-    status.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for the output's store")
+    add_storage_options(status, "fsspec options for the output's store")
     status.set_defaults(func=cmd_status)
 
     inspect = sub.add_parser("inspect", help="describe an output root")
     inspect.add_argument("out", help="output root (local path or URI)")
-    inspect.add_argument("--storage-options", default="{}", metavar="JSON",
-                         help='fsspec options for the output\'s store, e.g. \'{"anon": true}\'')
+    add_storage_options(inspect, 'fsspec options for the output\'s store, e.g. \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
 
     from .config import DEFAULT_CROP
@@ -198,21 +197,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(job_path: str, overrides: List[str], address: Optional[str], progress: bool = True, verbose: bool = False,
          **modes):
-    """Run a job: (exit code, summary or None); a job that cannot run or fails gets one line."""
-    try:  # before the imports of Ray and torch, so a bad job file is refused in well under a second
-        job, _ = _load(job_path, overrides)
-    except ConfigError as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED, None
-
+    """Run a job: (exit code, summary or None); a job that fails midway gets one line, one that
+    cannot run is refused (raised for main)."""
+    job, _ = _load(job_path, overrides)  # before the imports of Ray and torch: refused in well under a second
     from .extract.runner import run_job
     from .jobrun import NotExactlyOnce
 
     try:
         return EXIT_OK, run_job(job, address=address, progress=progress, verbose=verbose, **modes)
-    except Refused as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED, None
+    except Refused:
+        raise
     except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         _say(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}")
@@ -225,23 +219,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import submit
     from .train.trainfile import is_training_file
 
-    try:  # the whole file is checked here: a bad one never reaches the cluster
-        if is_training_file(read_job_file(args.job)):
-            job, data = _load_training(args.job, args.overrides)
-        else:
-            job, data = _load(args.job, args.overrides)
-    except ConfigError as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+    # the whole file is checked here: a bad one never reaches the cluster
+    if is_training_file(read_job_file(args.job)):
+        job, data = _load_training(args.job, args.overrides)
+    else:
+        job, data = _load(args.job, args.overrides)
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if not address:
-        _say("featurize: submit: no cluster given: pass --address http://HOST:8265 or set $RAY_API_SERVER_ADDRESS")
-        return EXIT_REFUSED
-    try:
-        return submit(job, data, address, args.wait, overwrite=args.overwrite)
-    except Refused as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+        raise ConfigError("submit: no cluster given: pass --address http://HOST:8265 or set $RAY_API_SERVER_ADDRESS")
+    return submit(job, data, address, args.wait, overwrite=args.overwrite)
 
 
 def _load_training(path: str, overrides: List[str]):
@@ -254,11 +240,7 @@ def _load_training(path: str, overrides: List[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    try:  # before Ray and torch: a bad file is refused at once
-        cfg, _ = _load_training(args.job, args.overrides)
-    except ConfigError as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+    cfg, _ = _load_training(args.job, args.overrides)  # before Ray and torch: a bad file is refused at once
     from .train.loop import train
     from .train.summary import format_training
 
@@ -266,9 +248,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # epoch lines are its progress: on stderr, as run's line is; none with --quiet
         say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         result = train(cfg, address=args.address, say=say, verbose=args.verbose, overwrite=args.overwrite)
-    except Refused as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+    except Refused:
+        raise
     except Exception as e:
         _say(f"featurize: training {cfg.name} failed: {type(e).__name__}: {_last_line(e)}")
         _say("featurize: the epochs done are kept; run the same command again to resume")
@@ -278,21 +259,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    options = _storage_options(args.storage_options)
-    out_options = None if args.output_storage_options is None else _storage_options(args.output_storage_options)
-    if options is None or (args.output_storage_options is not None and out_options is None):
-        return EXIT_REFUSED  # None: the input's options when --output is on the same store
     from .output.record import format_summary
     from .train.apply import apply_head
 
+    out_options = None if args.output_storage_options is False else args.output_storage_options  # None: the input's
     try:
-        summary = apply_head(args.checkpoint, args.input, args.output, name=args.name, storage_options=options,
-                             output_storage_options=out_options, address=args.address, overwrite=args.overwrite,
+        summary = apply_head(args.checkpoint, args.input, args.output, name=args.name,
+                             storage_options=args.storage_options, output_storage_options=out_options,
+                             address=args.address, overwrite=args.overwrite,
                              allow_other_source=args.allow_other_source,
                              progress=not args.quiet, verbose=args.verbose)
-    except Refused as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+    except Refused:
+        raise
     except Exception as e:
         _say(f"featurize: apply failed: {type(e).__name__}: {_last_line(e)}")
         _say("featurize: what was committed is kept; run the same command again to resume")
@@ -305,25 +283,10 @@ def _last_line(e: Exception) -> str:
     return str(e).strip().splitlines()[-1] if str(e).strip() else ""
 
 
-def _storage_options(text: str):
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        _say(f"featurize: --storage-options: not JSON ({e})")
-        return None
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from .output.status import status
 
-    options = _storage_options(args.storage_options)
-    if options is None:
-        return EXIT_REFUSED
-    try:
-        st = status(args.out, options)
-    except FileNotFoundError as e:
-        _say(f"featurize: {args.out}: no output there ({e})")
-        return EXIT_REFUSED
+    st = status(args.out, args.storage_options)
     print(f"output     {redact_text(args.out)}\n"
           f"job        {st['name']} ({st['status']})\n"
           f"planned    {st['planned']}\n"
@@ -346,36 +309,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .output.record import inspect_output
 
-    options = _storage_options(args.storage_options)
-    if options is None:
-        return EXIT_REFUSED
-    try:
-        print(inspect_output(args.out, options))
-    except FileNotFoundError as e:
-        _say(f"featurize: {args.out}: no output there ({e})")
-        return EXIT_REFUSED
+    print(inspect_output(args.out, args.storage_options))
     return EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.catalog import format_models
 
-    return _listing(lambda: format_models(only=args.family))
+    print(format_models(only=args.family))
+    return EXIT_OK
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from .models.catalog import format_layers
 
-    return _listing(lambda: format_layers(args.arch, args.crop, args.family))
-
-
-def _listing(make) -> int:
-    """Print what `make` returns, or its refusal in one line (an unknown family or arch)."""
-    try:
-        print(make())
-    except Refused as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+    print(format_layers(args.arch, args.crop, args.family))
     return EXIT_OK
 
 
@@ -388,17 +336,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         folders.append((args.video_job, args.video_data, "--video-data"))
     if args.order_job:
         folders.append((args.order_job, args.order_data, "--order-data"))
-    try:  # every folder is checked before anything is written to any of them
-        for job, data, key in folders:
-            check(data, key)
-            check(load_job(job).output.uri, f"{job}: output.uri")
-        for folder, key in _order_outputs(args):
-            check(folder, key)
-        for _, data, key in folders:
-            claim(data, key)
-    except ConfigError as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+    for job, data, key in folders:  # every folder is checked before anything is written to any of them
+        check(data, key)
+        check(load_job(job).output.uri, f"{job}: output.uri")
+    for folder, key in _order_outputs(args):
+        check(folder, key)
+    for _, data, key in folders:
+        claim(data, key)
     counts = make_image_folder(args.data, n=args.images)
     print(f"sample data  {args.data}: {counts['images']} images in {counts['classes']} classes, "
           f"{counts['broken']} broken files among them")
@@ -447,7 +391,9 @@ def _demo_order(args: argparse.Namespace) -> int:
                               say=lambda line: print(line, flush=True))
     except SystemExit as e:
         return int(e.code)
-    except Exception as e:  # a refusal or a failure of the training or the apply: one line
+    except Refused:
+        raise
+    except Exception as e:  # a failure of the training or the apply: one line
         _say(f"featurize: {type(e).__name__}: {_last_line(e)}")
         return EXIT_FAILED
     print(f"\nheld-out clips, nearest-centroid accuracy of each clip feature (chance 0.50):\n"
@@ -461,12 +407,8 @@ def _demo_job(job_path: str, data: str) -> int:
     from .demo import claim
     from .output.record import format_summary
 
-    try:
-        out = load_job(job_path).output.uri
-        claim(out, f"{job_path}: output.uri", clear=True)
-    except ConfigError as e:
-        _say(f"featurize: {e}")
-        return EXIT_REFUSED
+    out = load_job(job_path).output.uri
+    claim(out, f"{job_path}: output.uri", clear=True)
     code, summary = _run(job_path, [f"source.uri={data}"], None)
     if summary is None:
         return code

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping
 
 import numpy as np
 
+from .errors import SampleError
 from .redact import redact_text
 
 PLAN_COLUMNS = ("sample_id", "uri", "label", "split")
@@ -25,7 +26,8 @@ OK = {"error_stage": "", "error_type": "", "error_message": ""}
 
 def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
     message = redact_text(str(exc) or repr(exc))  # exception texts often quote the URL, credentials and all
-    return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message[:MAX_MESSAGE]}
+    kind = exc.kind if isinstance(exc, SampleError) else type(exc).__name__
+    return {"error_stage": stage, "error_type": kind, "error_message": message[:MAX_MESSAGE]}
 
 
 def fail_rows(batch: Dict[str, np.ndarray], rows: np.ndarray, fields: Mapping[str, str]) -> None:

@@ -245,3 +245,29 @@ def test_demo_runs_outside_the_checkout(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "demo" / "_job.json").exists() and (tmp_path / "demo-data" / "images").is_dir()
     assert f"report       {tmp_path / 'out' / 'demo' / '_report.html'}" in out  # the image demo's report
     assert (tmp_path / "out" / "demo" / "_report.html").read_text().count("data:image/png") == 4
+
+
+@pytest.mark.parametrize("command", [["status", "X"], ["inspect", "X"], ["report", "X"], ["index", "X"],
+                                     ["search", "X", "--id", "a"], ["dedup", "X"],
+                                     ["apply", "C", "--input", "X", "--output", "Y"]])
+@pytest.mark.parametrize("value, says", [("{nope", "not JSON"), ("[1]", "a JSON object is needed")])
+def test_storage_options_are_one_argparse_type_refused_in_one_line(command, value, says, capsys):
+    from pipeline.cli import main
+
+    assert main([*command, "--storage-options", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("featurize: --storage-options: ") and says in err[0], err
+
+
+def test_status_and_inspect_of_no_output_are_refusals(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.errors import NoOutput, Refused
+    from pipeline.output.status import status
+
+    for command in ("status", "inspect"):
+        assert main([command, str(tmp_path / "typo")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "typo: no output there" in err[0], err
+    with pytest.raises(Refused):
+        status(str(tmp_path / "typo"))
+    assert issubclass(NoOutput, FileNotFoundError)  # callers that caught FileNotFoundError still do

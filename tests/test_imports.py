@@ -125,3 +125,37 @@ def test_the_graph_sees_lazy_and_relative_imports():
     assert all(t in modules for targets in edges.values() for t in targets)
     cycle = _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}})
     assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 4
+
+
+def _classes() -> List[Tuple[str, ast.ClassDef]]:
+    return [(name, node) for name, path in _modules().items()
+            for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.ClassDef)]
+
+
+def test_one_refused_class_and_one_base_for_sample_errors():
+    """Callers catch one type: `Refused` is defined once (errors.py); every per-sample error (a class
+    that names its error row's `error_type`) derives from SampleError instead of duck typing."""
+    classes = _classes()
+    assert [name for name, c in classes if c.name == "Refused"] == ["pipeline.errors"]
+    by_name = {c.name: c for _, c in classes}
+
+    def derives(c: ast.ClassDef, base: str) -> bool:
+        names = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in c.bases]
+        return base in names or any(n in by_name and derives(by_name[n], base) for n in names)
+
+    named = [c.name for _, c in classes if c.name != "SampleError" and any(
+        isinstance(s, (ast.Assign, ast.AnnAssign)) and "error_type" in ast.unparse(s).split("=")[0]
+        for s in c.body)]
+    assert named, "the check found no per-sample error classes at all"
+    assert [n for n in named if not derives(by_name[n], "SampleError")] == []
+
+
+def test_the_command_line_catches_refusals_in_one_place():
+    """cli.main is the one `except Refused as`: commands raise, they do not print and return 2."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ExceptHandler) and node.name and ast.unparse(node.type) in ("Refused",):
+                found.append(name)
+    assert "pipeline.cli" in found
+    assert [n for n in found if n.endswith(("cli", "_commands"))] == ["pipeline.cli"]

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import faults
+from ..errors import SampleError
 from ..rows import ERROR_COLUMNS, error_fields
 from ..timing import timed
 
@@ -30,7 +31,7 @@ class ImageSpec:
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest, antialiased like torchvision's
 
 
-class DecodeError(Exception):
+class DecodeError(SampleError):
     """A file that is not a usable image; the message says why."""
 
 

@@ -15,14 +15,17 @@ import threading
 from typing import Any, Iterator, List, Union
 
 from .. import faults
+from ..errors import SampleError
 from .shards import NotAFile, TooLarge
 
 
-class Refused(Exception):
+class URIRefused(SampleError):
+    """A planned URI outside what the job may read (a manifest's row): one error row, no request."""
+
     error_type = "refused"
 
 
-class ReadTimeout(Exception):
+class ReadTimeout(SampleError):
     error_type = "timeout"
 
 

@@ -13,25 +13,30 @@ from __future__ import annotations
 import multiprocessing as mp
 from typing import Any, Callable, Optional
 
+from ..errors import SampleError
 
-class DecodeTimeout(Exception):
+
+class DecodeTimeout(SampleError):
     """The decoder ran past its time limit on this file."""
 
+    error_type = "timeout"
 
-class DecoderCrashed(Exception):
+
+class DecoderCrashed(SampleError):
     """The decoder's process died on this file (a segfault, an abort, out of memory)."""
+
+    error_type = "crash"
 
 
 class DecoderUnavailable(RuntimeError):
     """The decoder's process could not start: the node's fault, not a file's, so the task fails."""
 
 
-class ChildError(Exception):
+class ChildError(SampleError):
     """The decoder raised in the child; `error_type` is its exception's class name."""
 
     def __init__(self, error_type: str, message: str):
-        super().__init__(message)
-        self.error_type = error_type
+        super().__init__(message, error_type)
 
 
 def _serve(conn, target: Callable[..., Any], prepare: Optional[Callable[[], Any]]) -> None:

@@ -18,7 +18,7 @@ from ..output.store import filesystem
 from ..redact import FETCH_URI, RedactedError
 from ..rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, error_fields
 from ..timing import timed
-from .fetch import TIMED_OUT, Refused, bounded, read_local, read_remote, timeout_error
+from .fetch import TIMED_OUT, URIRefused, bounded, read_local, read_remote, timeout_error
 from .plan import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, VIDEO_EXTENSIONS
 from .shards import tar_rows
 
@@ -42,10 +42,7 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 
 
 def _read_error(exc: BaseException) -> Dict[str, str]:
-    """error_fields, with the short error_type that fetch.py's and shards.py's errors name."""
-    fields = error_fields("read", exc)
-    fields["error_type"] = getattr(exc, "error_type", fields["error_type"])
-    return fields
+    return error_fields("read", exc)
 
 
 @timed("read")
@@ -62,7 +59,7 @@ def read_batch(
     limits = (read_timeout_s, max_sample_bytes)
     refused = [i for i in range(len(batch["container"])) if _refused(batch, i)]
     if refused:
-        yield _to_batch([{**_sample(batch, i), "data": b"", **_read_error(Refused(batch["refused"][i]))}
+        yield _to_batch([{**_sample(batch, i), "data": b"", **_read_error(URIRefused(batch["refused"][i]))}
                          for i in refused])
     files = [i for i, c in enumerate(batch["container"]) if c == "" and not _refused(batch, i)]
     if files:

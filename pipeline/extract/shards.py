@@ -25,22 +25,23 @@ import tarfile
 import zlib
 from typing import Any, Dict, Iterator, Optional
 
+from ..errors import SampleError
 from .listing import utf8
 
 
-class DuplicateKey(Exception):
+class DuplicateKey(SampleError):
     error_type = "duplicate_key"
 
 
-class NotAFile(Exception):
+class NotAFile(SampleError):
     error_type = "not_a_file"
 
 
-class TooLarge(Exception):
+class TooLarge(SampleError):
     error_type = "too_large"
 
 
-class Truncated(Exception):
+class Truncated(SampleError):
     error_type = "truncated"
 
 

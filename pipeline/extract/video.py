@@ -19,7 +19,7 @@ from .. import faults
 from ..config import VideoConfig
 from ..rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 from ..timing import timed
-from .isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
+from .isolate import DecoderUnavailable, IsolatedCall
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def decode_video_batch(
         except DecoderUnavailable:  # no file's fault: the task fails and Ray retries it
             raise
         except Exception as e:  # this video's error row; the task goes on with the next
-            rows.append(_error_row(base, _video_error(e)))
+            rows.append(_error_row(base, error_fields("decode", e)))
             continue
         if windowed and base["unit_rows"] == 1:  # the video is a unit of len(clips) rows
             base["unit_rows"] = len(clips)
@@ -232,16 +232,6 @@ def _source(data: bytes, uri: str):
     if data:
         return data
     return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
-def _video_error(exc: BaseException) -> Dict[str, str]:
-    kind = {DecodeTimeout: "timeout", DecoderCrashed: "crash"}.get(type(exc))
-    if isinstance(exc, ChildError):
-        kind = exc.error_type
-    fields = error_fields("decode", exc)
-    if kind:
-        fields["error_type"] = kind
-    return fields
 
 
 def _clip_row(base: Dict[str, Any], clip: Clip, windowed: bool) -> Dict[str, Any]:

@@ -6,12 +6,12 @@ import json
 import sys
 from typing import Any, Dict, List
 
-from ..errors import Refused
+from ..cli_args import BadOption, add_storage_options
+from ..errors import EXIT_OK
 from ..pages.page_commands import add_allow_uris
 from ..redact import redact_text
 from .options import KINDS, METRICS
 
-EXIT_OK, EXIT_REFUSED = 0, 2
 CENTER_HELP = ("cosine of the vectors minus the table's mean: a backbone's features share a large common part "
                "that pushes every cosine towards 1")
 
@@ -56,36 +56,18 @@ def add_parsers(sub) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output root of a featurize run (local path or URI)")
     parser.add_argument("--column", default=None, help="the vector column (default: feature, else clip_<head>)")
-    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for OUT's store")
-
-
-def _refusing(command):
-    """Run a command; a refusal or bad options: one line on stderr, exit 2."""
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            args.options = json.loads(args.storage_options)
-        except ValueError as e:
-            _say(f"featurize: --storage-options: not JSON ({e})")
-            return EXIT_REFUSED
-        try:
-            return command(args)
-        except Refused as e:
-            _say(f"featurize: {e}")
-            return EXIT_REFUSED
-    wrapper.__name__ = command.__name__
-    return wrapper
+    add_storage_options(parser)
 
 
 def _say(line: str) -> None:
     print(redact_text(line), file=sys.stderr)
 
 
-@_refusing
 def cmd_index(args: argparse.Namespace) -> int:
     from .build import build_index
 
-    meta = build_index(args.out, args.options, args.column, kind=args.kind, metric=args.metric, center=args.center,
-                       rebuild=args.rebuild)
+    meta = build_index(args.out, args.storage_options, args.column, kind=args.kind, metric=args.metric,
+                       center=args.center, rebuild=args.rebuild)
     print(describe(meta, args.out))
     return EXIT_OK
 
@@ -109,24 +91,22 @@ def describe(meta: Dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
-@_refusing
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import open_index
     from .search import query as nearest
 
     if args.k < 1:
-        _say(f"featurize: -k {args.k}: at least 1")
-        return EXIT_REFUSED
-    index = open_index(args.out, args.options, args.column)
+        raise BadOption(f"-k {args.k}: at least 1")
+    index = open_index(args.out, args.storage_options, args.column)
     if index.note:
         _say(f"featurize: {index.note}")
-    query, hits = nearest(index, args.out, args.options, sample_id=args.sample_id, image=args.image,
+    query, hits = nearest(index, args.out, args.storage_options, sample_id=args.sample_id, image=args.image,
                           video=args.video, text=args.text, k=args.k)
     if args.html:
         from ..pages.html import search_page
 
-        page = search_page(query, hits, args.options, table=args.out, allow_uris=args.allow_uris)
-        _write_text(args.html, page, args.options)
+        page = search_page(query, hits, args.storage_options, table=args.out, allow_uris=args.allow_uris)
+        _write_text(args.html, page, args.storage_options)
     if args.json:
         print(json.dumps({"query": query, "column": index.column, "metric": index.metric, "hits": hits}, indent=1))
     else:
@@ -143,23 +123,22 @@ def format_hits(hits: List[Dict[str, Any]], metric: str) -> str:
     return redact_text("\n".join(lines))
 
 
-@_refusing
 def cmd_dedup(args: argparse.Namespace) -> int:
     from ..output.table import open_table
     from .batches import choose_column
     from .dedup import find_duplicates, write_groups
 
-    column, _ = choose_column(open_table(args.out, args.options, key="OUT"), args.column)
-    groups = find_duplicates(args.out, args.options, column, threshold=args.threshold, center=args.center)
+    column, _ = choose_column(open_table(args.out, args.storage_options, key="OUT"), args.column)
+    groups = find_duplicates(args.out, args.storage_options, column, threshold=args.threshold, center=args.center)
     built = json.loads((groups.schema.metadata or {}).get(b"featurize.duplicates", b"{}")).get("index") or {}
     if built.get("action") == "rebuilt":  # another model's table, a damaged index: say why it took longer
         _say(f"featurize: note: the index was rebuilt first ({built['reason']})")
-    where = write_groups(args.out, args.options, column, groups, args.dedup_out)
+    where = write_groups(args.out, args.storage_options, column, groups, args.dedup_out)
     if args.html:
         from ..pages.html import dedup_page
 
-        page = dedup_page(groups, args.options, table=args.out, allow_uris=args.allow_uris)
-        _write_text(args.html, page, args.options)
+        page = dedup_page(groups, args.storage_options, table=args.out, allow_uris=args.allow_uris)
+        _write_text(args.html, page, args.storage_options)
     n = len(set(groups.column("group").to_pylist())) if len(groups) else 0
     print(f"duplicates {n} groups, {len(groups)} rows (threshold {args.threshold}) -> {where}")
     return EXIT_OK

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..config import to_dict
+from ..errors import NoOutput
 from ..extract.plan import split_list_gaps
 from ..redact import redact_strings, redact_text
 from .ledger import write_atomic
@@ -204,7 +205,7 @@ def inspect_output(uri: str, storage_options: Optional[Dict[str, Any]] = None) -
     fs, root = filesystem(uri, storage_options or {})
     root = root.rstrip("/")
     if not any(fs.exists(f"{root}/{name}") for name in (JOB_FILE, "features", "errors")):
-        raise FileNotFoundError(f"no {JOB_FILE}, features or errors")  # a typo'd path: `featurize inspect` exits 2
+        raise NoOutput(f"{uri}: no output there (no {JOB_FILE}, features or errors)")  # a typo'd path
     out = [f"output     {uri}"]
     if fs.exists(f"{root}/{JOB_FILE}"):
         record = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from ..errors import NoOutput
 from .lease import describe, read, stale
 from .ledger import STAGING, audit, parquet_files
 from .root import JOB_FILE, OVERWRITE, PLAN_FILE, load_plan, read_record, table_rows
@@ -17,7 +18,7 @@ def status(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[s
     record = read_record(fs, root)
     plan = load_plan(fs, root)
     if record is None or plan is None:
-        raise FileNotFoundError(f"{uri}: no {JOB_FILE} and {PLAN_FILE} there")
+        raise NoOutput(f"{uri}: no output there (no {JOB_FILE} and {PLAN_FILE})")
     found = audit(fs, root, plan)
     rows = table_rows(fs, root)
     return {

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from ..errors import Refused
+from ..cli_args import add_storage_options
+from ..errors import EXIT_OK
 from ..redact import redact_text
 
-EXIT_OK, EXIT_REFUSED = 0, 2
 ALLOW_HELP = ("a page's thumbnails may also be read under this prefix (repeatable); by default only under "
               "the table's own source (its _job.json): any other URI in the table is shown as not read")
 
@@ -22,7 +21,7 @@ def add_parsers(sub) -> None:
     report = sub.add_parser("report", help="write OUT/_report.html: time per stage, throughput, errors, "
                                            "feature norms and a PCA projection")
     report.add_argument("out", help="output root (local path or URI)")
-    report.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options for the output's store")
+    add_storage_options(report, "fsspec options for the output's store")
     report.add_argument("--out", dest="target", default=None, metavar="PATH",
                         help="where the page goes (default: OUT/_report.html)")
     report.set_defaults(func=cmd_report)
@@ -31,16 +30,7 @@ def add_parsers(sub) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    try:
-        options = json.loads(args.storage_options)
-    except ValueError as e:
-        print(f"featurize: --storage-options: not JSON ({e})", file=sys.stderr)
-        return EXIT_REFUSED
-    try:
-        where = write_report(args.out, options, args.target)
-    except Refused as e:
-        print(redact_text(f"featurize: {e}"), file=sys.stderr)
-        return EXIT_REFUSED
+    where = write_report(args.out, args.storage_options, args.target)
     print(f"report       {where}")
     return EXIT_OK
 
