@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.fingerprint import fingerprint
 from pipeline.jobrun import IncompleteOutput
 from pipeline.output.ledger import staging_folder
-from pipeline.output.root import JOB_FILE, fingerprint
+from pipeline.output.root import JOB_FILE
 from pipeline.output.status import status
 from pipeline.samples import encode, make_image_folder, photo
 

@@ -8,7 +8,6 @@ output is built in `OUT/_overwrite/` and replaces the old one only once it is co
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputExists
 from ..extract.plan import plan_source, with_fetch_uris
+from ..fingerprint import changed, fingerprint
 from ..redact import redact, saved_plan
 from .ledger import (
     STAGING,
@@ -86,14 +86,8 @@ def settings(prepared) -> Dict[str, Any]:
     return redact(json.loads(json.dumps(out)))
 
 
-def fingerprint(wanted: Dict[str, Any]) -> str:
-    """A job's identity as its settings decide it: names the folder its runs stage in."""
-    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    return [f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})"
-            for k in sorted(set(old) | set(new)) if not _same(k, old.get(k), new.get(k))]
+    return [f"{k} ({change})" for k, change in changed(old, new, _same)]
 
 
 def _same(key: str, old: Any, new: Any) -> bool:

@@ -8,8 +8,6 @@ to do; another training, or the same on a table that changed since: refused, or 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 import zlib
 from collections import Counter
@@ -20,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import OutputExists, Refused
+from ..fingerprint import changed, fingerprint, flat
 from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE
 from ..redact import redact, redact_text
@@ -51,10 +50,6 @@ class Plan:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.settings)
-
-
-def fingerprint(settings: Dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_training(cfg: TrainConfig, note: Optional[Callable[[str], None]] = None) -> tuple:
@@ -158,17 +153,12 @@ def compare(recorded: Optional[Dict[str, Any]], plan: Plan, uri: str) -> None:
         new = {k: v for k, v in new.items() if k != "table"}
     if recorded.get("fingerprint") == plan.fingerprint or ("table" not in old and fingerprint(old) == fingerprint(new)):
         return
-    diff = _diff(_flat(old), _flat(new))
+    diff = changed(flat(old), flat(new))
     if diff and all(k.startswith("table.") or k in ("table_rows", "dim") for k, _ in diff):
         raise OutputExists(f"data.uri {plan.settings['data'].get('uri')} changed since the checkpoint in output.uri "
                            f"{uri} was trained on it (in: {_changes(diff)}); {OVERWRITE}")
     raise OutputExists(f"output.uri {uri} holds the checkpoint of another training (differs in: "
                        f"{_changes(diff) or 'settings'}); {OVERWRITE}")
-
-
-def _diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[tuple]:
-    return [(k, f"{json.dumps(old.get(k))} -> {json.dumps(new.get(k))}")
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def _changes(diff: List[tuple]) -> str:
@@ -182,13 +172,3 @@ def _changes(diff: List[tuple]) -> str:
         else:
             parts.append(f"{k[len('table.'):] if k == 'table.files' else k} {change}")
     return ", ".join(parts)
-
-
-def _flat(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in settings.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
