@@ -59,6 +59,7 @@ def test_1_model_actor_killed_mid_job(ray_session, faults, faults_dir, tmp_path)
     assert summary.features + sum(summary.errors.values()) == len(planned(src))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_5_exception_while_writing_a_parquet_file(ray_session, faults, faults_dir, tmp_path):
     src, out = images(tmp_path), tmp_path / "out"
@@ -227,6 +228,7 @@ def _store_options(proxy: FaultProxy, attempts: int = 3):
             "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"}}}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_path, capfd):
     fs, _ = s3
