@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/featurize demo
 
+# --durations: every run (CI's too) records its slowest tests. Markers only choose: -m "not cluster and not slow".
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python bench/peers.py

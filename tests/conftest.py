@@ -81,6 +81,15 @@ def ray_session(faults_dir):
         ray.shutdown()
 
 
+@pytest.fixture
+def ray_address(ray_session):
+    """The session's Ray, for a `featurize` subprocess to join with `--address` instead of starting a
+    Ray of its own (10-30 s on a busy 2-core machine). Pass the subprocess this process's environment
+    (RAY_AUTH_MODE included, as the head read it) and arm its failpoints with `faults`: the session's
+    workers read FEATURIZE_FAULTS from the head's runtime_env, not from the subprocess."""
+    return ray_session.get_runtime_context().gcs_address
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

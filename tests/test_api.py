@@ -15,6 +15,7 @@ from conftest import job_dict
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example.py"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.usefixtures("ray_session")
 def test_the_example_script_runs_twice_in_one_process_and_reads_what_it_wrote(tmp_path, monkeypatch):

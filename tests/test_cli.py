@@ -93,8 +93,9 @@ def test_unknown_arch_and_missing_source_are_refused(tmp_path, images, ray_tmpdi
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_run_then_inspect(tmp_path, images, ray_tmpdir):
+def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session):
     out = tmp_path / "out"
     data = {
         "name": "cli-small",
@@ -106,10 +107,12 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir):
     }
     job = write_job(tmp_path / "job.yaml", data)
 
-    result = featurize("run", str(job), "--set", "resources.batch_size=4",
+    # it joins the session's Ray (no Ray start of its own); test_progress's first run starts one,
+    # and checks that it shows in RAY_TMPDIR as a refusal's checks above expect
+    address = ray_session.get_runtime_context().gcs_address
+    result = featurize("run", str(job), "--set", "resources.batch_size=4", "--address", address,
                        env_extra={"RAY_TMPDIR": str(ray_tmpdir)}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (ray_tmpdir / "ray").is_dir()  # the control: this run did start its Ray there
     lines = result.stdout.splitlines()
     assert "samples      8 (6 features, 2 errors)" in lines
     assert any(line.startswith("throughput") and "samples/s" in line for line in lines)

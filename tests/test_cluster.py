@@ -74,6 +74,8 @@ def jobs(env: dict):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_submit_wait_runs_the_demo_job_on_the_cluster(local_cluster, tmp_path):
     src, out = tmp_path / "images", tmp_path / "out"
@@ -94,6 +96,8 @@ def test_submit_wait_runs_the_demo_job_on_the_cluster(local_cluster, tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("how", ["auto", "ray://"])
 def test_run_drives_the_job_on_an_existing_cluster(local_cluster, tmp_path, how):
@@ -111,6 +115,7 @@ def test_run_drives_the_job_on_an_existing_cluster(local_cluster, tmp_path, how)
     assert record["status"] == "complete" and record["layout"]["cpus"] == 3.0  # head 2 + worker 1
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_a_job_that_fails_on_the_cluster_exits_with_its_reason(local_cluster, tmp_path):
     proc = featurize(local_cluster, "submit", "jobs/demo.yaml", "--wait",
@@ -120,6 +125,7 @@ def test_a_job_that_fails_on_the_cluster_exits_with_its_reason(local_cluster, tm
     assert "failed" in proc.stderr
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_a_bad_job_file_never_reaches_the_cluster(local_cluster, tmp_path):
     before = len(jobs(local_cluster))
@@ -170,6 +176,8 @@ PLACEMENT_JOB = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_decode_runs_on_cpu_nodes_and_the_model_on_gpu_nodes(tmp_path):
     src, out = tmp_path / "images", tmp_path / "out"

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,32 +51,31 @@ def test_an_id_holding_a_newline_cannot_overwrite_the_file_of_two_ids(tmp_path):
     assert st["complete"] and st["remaining"] == 0 and st["duplicates"] == 0
 
 
-def _featurize(job_file: Path, env) -> subprocess.Popen:
+def _featurize(job_file: Path, env, address: str) -> subprocess.Popen:
     featurize = Path(sys.executable).with_name("featurize")
-    return subprocess.Popen([str(featurize), "run", str(job_file)], env=env, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([str(featurize), "run", str(job_file), "--address", address], env=env, cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_two_runs_started_at_once_into_one_output_one_refuses(tmp_path):
-    """Both once exited 0 with 525 rows for 300 planned; now the second holds back, exit 2."""
+def test_two_runs_started_at_once_into_one_output_one_refuses(tmp_path, faults, ray_address):
+    """Both once exited 0 with 525 rows for 300 planned; now the second holds back, exit 2.
+    Both join the session's Ray, as two runs submitted to one cluster do."""
     src, out = tmp_path / "images", tmp_path / "out"
     make_image_folder(str(src), n=16, broken=1)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job_dict(str(src), str(out), resources={"batch_size": 4})))
-    slow = tmp_path / "slow"  # each model batch sleeps, so that the winner is still running
-    slow.mkdir()
-    (slow / "embed.json").write_text(json.dumps({"action": "sleep", "seconds": 1.0, "once": False}))
-    env = {**os.environ, "FEATURIZE_FAULTS": str(slow), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
-           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ftray-", dir="/tmp")}
+    faults("embed", action="sleep", seconds=1.0, once=False)  # each model batch sleeps: the winner is still running
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    procs = [_featurize(job_file, env) for _ in range(2)]
+    procs = [_featurize(job_file, env, ray_address) for _ in range(2)]
     try:
         results = [(p.wait(300), *p.communicate()) for p in procs]
     finally:
         for p in procs:
             try:
-                os.killpg(p.pid, 9)  # anything of the winner's Ray left over
+                os.killpg(p.pid, 9)  # a run still going after a failed wait
             except ProcessLookupError:
                 pass
     codes = sorted(r[0] for r in results)

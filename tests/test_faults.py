@@ -59,6 +59,7 @@ def test_1_model_actor_killed_mid_job(ray_session, faults, faults_dir, tmp_path)
     assert summary.features + sum(summary.errors.values()) == len(planned(src))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_5_exception_while_writing_a_parquet_file(ray_session, faults, faults_dir, tmp_path):
     src, out = images(tmp_path), tmp_path / "out"
@@ -157,6 +158,8 @@ def _slow_model(tmp_path: Path, seconds: float) -> Path:
     return folder
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_2_worker_node_killed_mid_job(tmp_path):
     src, out = images(tmp_path, n=100), tmp_path / "out"
@@ -171,10 +174,9 @@ def test_2_worker_node_killed_mid_job(tmp_path):
     assert_whole_files(str(out))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_3_driver_sigkilled_then_the_same_command_resumes(ray_session, faults, faults_dir, tmp_path):
-    import tempfile
-
+def test_3_driver_sigkilled_then_the_same_command_resumes(ray_session, ray_address, faults, faults_dir, tmp_path):
     import yaml
 
     from conftest import accounted, read_errors, read_features
@@ -183,19 +185,24 @@ def test_3_driver_sigkilled_then_the_same_command_resumes(ray_session, faults, f
     job = job_dict(str(src), str(out))
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
-    ray_tmp = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")  # Ray's socket paths must stay short
+    faults("embed", action="sleep", seconds=0.7, once=False)  # every model batch sleeps: the kill lands mid-job
     featurize = Path(sys.executable).with_name("featurize")
-    proc = subprocess.Popen([str(featurize), "run", str(job_file)], env=_env(_slow_model(tmp_path, 0.7), RAY_TMPDIR=ray_tmp),
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    # the driver joins the session's Ray (as on a cluster): killing it ends its job, whose actors Ray stops
+    proc = subprocess.Popen([str(featurize), "run", str(job_file), "--address", ray_address], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(committed_files(out)) >= 2, 240, "the first commits")
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray goes down with it
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only
         proc.wait(30)
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of that Ray left over
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of it left over
         except ProcessLookupError:
             pass
+    cpus = ray_session.cluster_resources()["CPU"]  # Ray stops the dead driver's workers: none may still decode
+    wait_for(lambda: ray_session.available_resources().get("CPU") == cpus, 60, "the killed job's workers to stop")
     features, errors = accounted(str(out))
     done_ids = set(features) | set(errors)
     assert 0 < len(done_ids) < len(planned(src))
@@ -221,6 +228,7 @@ def _store_options(proxy: FaultProxy, attempts: int = 3):
             "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"}}}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_path, capfd):
     fs, _ = s3

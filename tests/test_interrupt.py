@@ -34,6 +34,8 @@ def _running(out: Path) -> bool:
     return record["status"] == "running" and any((out / "features").rglob("*.parquet"))
 
 
+@pytest.mark.cluster  # a Ray of its own: ray.init's SIGTERM handler is that of an embedded local Ray
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_exits_130_with_one_line_and_the_rerun_completes(ray_session, tmp_path):
     src, out = tmp_path / "images", tmp_path / "out"

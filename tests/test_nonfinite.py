@@ -42,6 +42,7 @@ def test_features_that_overflow_float16_are_error_rows_not_features(tmp_path, ra
     assert record["status"] == "complete" and record["counts"]["errors_by_kind"] == {"model/NonFiniteFeature": 4}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_clip_features_that_overflow_float16_are_temporal_error_rows(tmp_path, ray_session):
     """Frame features near 1e6 are finite in float32 (the temporal heads take them so); their mean

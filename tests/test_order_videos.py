@@ -73,6 +73,7 @@ def test_refuses_bad_arguments(tmp_path):
         make_order_videos(str(tmp_path), classes=("a", "b", "c"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_featurize_reads_them_with_their_splits(ray_session, order, tmp_path):
     folder, info = order

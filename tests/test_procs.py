@@ -45,6 +45,7 @@ def marked_by(driver_pid: int):
     return found
 
 
+@pytest.mark.cluster  # a Ray of its own, killed with its driver
 @pytest.mark.timeout(180)  # one Ray start in a subprocess: 10-30 s on a busy machine
 def test_the_next_local_start_stops_what_a_killed_driver_left(monkeypatch):
     tmpdir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp")  # short: Ray's socket paths must stay under 107

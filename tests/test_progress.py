@@ -184,11 +184,14 @@ def env_for(ray_tmpdir, **extra):  # ray_tmpdir: conftest's fixture
     return env
 
 
+@pytest.mark.slow
+@pytest.mark.cluster  # its first run starts a Ray of its own, as a user's does
 @pytest.mark.timeout(480)
 def test_the_command_shows_progress_in_a_terminal_and_in_a_pipe_and_no_ray_noise(job_file, ray_tmpdir, ray_session):
     job, out = job_file
     code, terminal, stdout = in_terminal([*featurize_command(), "run", str(job)], env_for(ray_tmpdir))
     assert code == 0, terminal[-3000:]
+    assert (ray_tmpdir / "ray").is_dir()  # the control of test_cli's refusals: a Ray start shows there
     assert "\r" in terminal and "featurize 100%|" in terminal  # one line, redrawn in place
     assert "9/9 samples, 1 error" in terminal and "samples/s]" in terminal
     assert not [n for n in RAY_NOISE if n in terminal], terminal

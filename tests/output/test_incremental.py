@@ -21,6 +21,7 @@ def _add_images(folder, names, seed=50):
         (folder / name).write_bytes(encode(photo(70 + k, 60, seed=seed + k)))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_incremental_run_takes_up_only_what_the_source_gained(tmp_path, faults):
     src, out = tmp_path / "images", tmp_path / "out"

@@ -135,6 +135,7 @@ def test_inspect_shows_partitions_in_the_order_their_folders_nest(tmp_path, nest
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("ray_session")
 def test_labels_read_back_exactly_end_to_end(tmp_path):

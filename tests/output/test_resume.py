@@ -51,6 +51,7 @@ def test_retry_failed_moves_fixed_samples_from_errors_to_features(tmp_path):
     assert not (out / "_retry.parquet").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(tmp_path, faults):
     src, out = tmp_path / "images", tmp_path / "out"

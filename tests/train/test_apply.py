@@ -196,6 +196,7 @@ def test_refusals_name_the_problem_before_any_work(tmp_path):
     assert "code" in read_features(str(out2)).column_names and status(str(out2))["complete"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_exactly_once_after_a_failure_midway_and_the_rerun_applies_only_the_rest(tmp_path, faults, faults_dir):
     out, out2 = tmp_path / "out", tmp_path / "out2"
@@ -221,6 +222,7 @@ def test_exactly_once_after_a_failure_midway_and_the_rerun_applies_only_the_rest
     assert status(str(out2))["complete"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_head_actor_killed_midway_still_gives_every_row_once(tmp_path, faults, faults_dir):
     out, out2 = tmp_path / "out", tmp_path / "out2"

@@ -100,6 +100,7 @@ def test_a_head_with_non_finite_weights_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(300)
 def test_rows_whose_outputs_are_not_finite_become_error_rows(tmp_path):

@@ -14,6 +14,7 @@ from conftest import SMALL_MODEL, run
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
+@pytest.mark.slow
 def test_trained_lstm_separates_what_the_mean_cannot(tmp_path, capsys):
     out = tmp_path / "out"
     job = yaml.safe_load(open("jobs/demo_order.yaml"))

@@ -182,6 +182,7 @@ def test_train_lstm_writes_a_checkpoint_a_job_loads(order_table, tmp_path, capsy
     assert "holds the checkpoint of another training (differs in: head.hidden 16 -> 8, train.epochs 4 -> 3)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_training_resumes_after_a_worker_dies(content_table, tmp_path, faults, capsys):
     out = str(tmp_path / "head")
@@ -198,6 +199,7 @@ def test_training_resumes_after_a_worker_dies(content_table, tmp_path, faults, c
     assert ckpt.load(out).kind == "attention"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_autoencoder_on_an_object_store_keeps_the_secret_out(s3, tmp_path):
     fs, options = s3

@@ -133,6 +133,7 @@ def _states(out):
     return sorted(p for p in (out / "_train").glob("*/checkpoint_*") if p.is_dir())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_a_planted_pickle_in_an_epoch_state_is_refused_never_loaded(tmp_path, faults, capsys):
     uri = vectors_table(tmp_path / "t")
@@ -186,6 +187,7 @@ def test_the_state_reader_refuses_what_it_does_not_know(tmp_path):
 
 # ---------------------------------------------------------------- NaN, --overwrite, a changed table
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_a_non_finite_loss_stops_the_training_without_a_checkpoint_and_overwrite_trains_anew(tmp_path):
     bad = tmp_path / "bad"
