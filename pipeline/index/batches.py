@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..output.table import FeatureTable, TableError
-from ..output.tensors import SEQUENCE, VECTOR, column_shape, vectors
+from ..output.tensors import SEQUENCE, VECTOR, column_shape, default_vector, vectors
 from ..redact import redact_text
 
 ROW_COLUMNS = ("sample_id", "uri", "label", "split")
@@ -42,7 +42,7 @@ def choose_column(table: FeatureTable, column: Optional[str] = None) -> Tuple[st
         found = [c for c, k in kinds.items() if k == VECTOR]
         if not found:
             raise IndexRefused(f"{where} has no vector column to index (feature columns: {named})")
-        column = "feature" if "feature" in found else found[0]
+        column = default_vector(found)
     if column not in kinds:
         raise IndexRefused(f"--column: {where} has no feature column {column!r} (feature columns: {named})")
     if kinds[column] == SEQUENCE:

@@ -7,7 +7,7 @@ Python loop ever runs over rows (the loader's speed depends on it).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,14 @@ def column_shape(name: str, typ: pa.DataType) -> Tuple[str, int]:
         return SEQUENCE, typ.value_type.list_size
     raise ColumnError(f"column {name!r} has type {typ}: expected a fixed-size list of floats "
                       "(feature, clip_<name>) or a list of them (frame_features)")
+
+
+def default_vector(vectors: List[str]) -> str:
+    """The vector column a table is read by when none is named (index, search, dedup, report, API):
+    `feature`, else the first clip_<head> (the job's temporal order), else the first (code, probs)."""
+    if "feature" in vectors:
+        return "feature"
+    return next((c for c in vectors if c.startswith("clip_")), vectors[0])
 
 
 def _is_vector(typ: pa.DataType) -> bool:

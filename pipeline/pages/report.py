@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ..errors import Refused
 from ..output.store import filesystem, parquet_files, write_atomic
+from ..output.tensors import default_vector
 from ..redact import logger, redact_text
 from . import charts
 from .html import document, table_html, text
@@ -185,7 +186,7 @@ def _feature_sections(fs, files: List[str]) -> List[str]:
     if not vectors:
         none = '<p class="note">no vector column (fixed-size list of floats) in the features table</p>'
         return [norms + none, proj + none]
-    column = pick_column(vectors)
+    column = default_vector(vectors)
     chosen = f"<p>column <code>{text(column)}</code>" + (
         f" (the table's vector columns: {text(', '.join(vectors))})" if len(vectors) > 1 else "") + "</p>\n"
     labels = "label" if "label" in schema.names else None
@@ -213,13 +214,6 @@ def _feature_sections(fs, files: List[str]) -> List[str]:
 def vector_columns(schema: pa.Schema) -> List[str]:
     """Fixed-size float lists: `feature` for images, clip_<head> for videos and applied heads."""
     return [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
-
-
-def pick_column(vectors: List[str]) -> str:
-    """`feature`, else the first clip_ column (the table's order: the job's temporal list), else the first."""
-    if "feature" in vectors:
-        return "feature"
-    return next((c for c in vectors if c.startswith("clip_")), vectors[0])
 
 
 def sample_rows(fs, files: List[str], columns: List[str], limit: int = SAMPLE_ROWS) -> pa.Table:
