@@ -140,7 +140,8 @@ class Output:
 
     def table(self, columns: Optional[List[str]] = None) -> pa.Table:
         """The features table (exact split and label strings; no partition folder columns)."""
-        from .output.table import TableError, open_table
+        from .errors import TableError
+        from .output.table import open_table
         from .redact import redact_text
 
         table = open_table(self.uri, self.storage_options, key="uri")
@@ -158,7 +159,7 @@ class Output:
 
     def _vectors(self, t: pa.Table, column: str) -> np.ndarray:
         """float32 (N, D) of `column`; a null vector is a refusal naming the table and how many rows."""
-        from .output.table import TableError
+        from .errors import TableError
         from .output.tensors import VECTOR, ColumnError, column_shape, vectors
         from .redact import redact_text
 

@@ -15,8 +15,8 @@ import sys
 from typing import List, Optional
 
 from .cli_args import add_storage_options
-from .config import ConfigError, load_job, parse_job, read_job_file
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, Refused
+from .config import load_job, parse_job, read_job_file
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, ConfigError, Refused
 from .interrupt import sigterm_as_interrupt
 from .redact import redact_text
 

@@ -5,11 +5,7 @@ import argparse
 import json
 from typing import Any, Callable, Dict, Optional
 
-from .errors import Refused
-
-
-class BadOption(Refused):
-    """A command-line value that cannot be used (not JSON, not an object); names the flag."""
+from .errors import BadOption
 
 
 def json_object(flag: str) -> Callable[[str], Dict[str, Any]]:

@@ -15,15 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from . import safe_yaml
-from .errors import Refused
+from .errors import ConfigError
 from .names import plain_name
 from .redact import redact
 
 Auto = Literal["auto"]
-
-
-class ConfigError(Refused, ValueError):
-    """A job file that cannot run; the message names the key."""
 
 
 @dataclass

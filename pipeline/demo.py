@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from .config import ConfigError
+from .errors import ConfigError
 
 MARK = "_made_by_featurize_demo"  # a name no reader or lister takes up (leading _, no extension)
 

@@ -1,9 +1,11 @@
-"""featurize's error bases and exit codes.
+"""featurize's errors and exit codes: every refusal class is defined here, and the per-sample base.
 
 `Refused`: a command that cannot run as asked. The CLI catches it once (cli.main), prints its
-message on one line and exits 2; the API raises it as it is (`featurize.Refused`).
+message on one line and exits 2; the API raises it as it is (`featurize.Refused`). Its subclasses
+below, grouped by the stage that raises them, let a caller (and a test) tell one cause from another;
+a class that also derives from ValueError or RuntimeError keeps that base for the API's users.
 `SampleError`: one sample that failed; it becomes that sample's error row (never an exception out
-of the job), its `error_type` the row's short kind.
+of the job) with its `error_type` and `stage`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class Refused(RedactedError):
     an output holding another job's ...). Nothing was written or lost; fix the cause and run again."""
 
 
+# the output root, as every command that writes or reads one finds it (output/)
 class OutputExists(Refused, RuntimeError):
     """The output root holds another job's output, or cannot be used as asked."""
 
@@ -25,17 +28,104 @@ class NoOutput(Refused, FileNotFoundError):
     """No featurize output where one was named (a typo'd path): `status` and `inspect` say so."""
 
 
+class LeaseHeld(OutputExists):
+    """Another run is writing into this output root."""
+
+
+class TableError(Refused, ValueError):
+    """A features table that cannot be trained on or applied to, as asked; names the problem."""
+
+
+# the job file, the command line and every name that becomes part of a path (config, cli_args, names)
+class ConfigError(Refused, ValueError):
+    """A job file that cannot run; the message names the key."""
+
+
+class BadOption(Refused):
+    """A command-line value that cannot be used (not JSON, not an object); names the flag."""
+
+
+class UnsafeName(Refused, ValueError):
+    """A name that is not plain; says which key or column holds it."""
+
+
+# plan: the source listed (extract/)
+class SourceError(Refused, RuntimeError):
+    """The source cannot be listed: unreachable, empty or malformed."""
+
+
+# model: families, weights and temporal heads, resolved on the driver (models/)
+class ModelError(Refused, ValueError):
+    """An unknown family, architecture or layer; raised on the driver before any work."""
+
+
+class WeightsError(Refused, RuntimeError):
+    """Weights that cannot be found, fetched, verified or loaded."""
+
+
+class TemporalError(Refused, ValueError):
+    """A temporal entry that cannot run; the message names the key (`temporal[1].checkpoint`)."""
+
+
+# training and apply (train/)
+class TrainError(Refused, ValueError):
+    """A training that cannot start as asked: names the key and the problem."""
+
+
+class StateError(Refused, ValueError):
+    """A per-epoch state that is not what a training of this project wrote; names the file."""
+
+
+class CheckpointError(Refused, ValueError):
+    """A checkpoint directory that cannot be loaded; names the file and the problem."""
+
+
+class ApplyError(Refused, ValueError):
+    """An apply that cannot run as asked (exit 2); one line naming the problem."""
+
+
+class BadArgument(Refused, ValueError):
+    """An argument of the API of the wrong type or value; names it."""
+
+
+# the similarity index and its queries (index/)
+class IndexRefused(TableError):
+    """An index that cannot be built, opened or searched as asked; names the problem."""
+
+
+class IndexDamaged(IndexRefused):
+    """An index whose meta.json or files cannot be read back; `reason` says what is wrong. `shown`
+    is the index's folder as the user may see it, OUT/_index/<column> (a column is a plain name)."""
+
+    def __init__(self, shown: str, reason: str):
+        self.reason = reason
+        super().__init__(f"the index at {shown} is damaged ({reason}): run featurize index "
+                         f"{shown.rsplit('/', 2)[0]} --rebuild")
+
+
+class QueryError(Refused, ValueError):
+    """A query that cannot be embedded in the table's feature space; the message says why."""
+
+
+# reports and pages (pages/)
+class ReportError(Refused, ValueError):
+    """No output root at the URI, or one the report cannot read."""
+
+
+# a job sent to a cluster (submit)
+class SubmitError(Refused, RuntimeError):
+    """The cluster could not be reached or refused the submission."""
+
+
 class SampleError(Exception):
-    """A sample that failed: its error row's `error_type` is this class's (or, where empty, the
-    class's name); the stage that caught it fills `error_stage`."""
+    """A sample that failed. Its error row's `error_type` is the raiser's, else the class's, else the
+    class's name; its `stage` (read, decode, model ...) the raiser's, else the class's where the
+    class belongs to one stage, else the stage that caught it (rows.error_fields)."""
 
     error_type = ""
+    stage = ""
 
-    def __init__(self, message: str = "", error_type: str = ""):
+    def __init__(self, message: str = "", error_type: str = "", stage: str = ""):
         super().__init__(message)
-        if error_type:
-            self.error_type = error_type
-
-    @property
-    def kind(self) -> str:
-        return self.error_type or type(self).__name__
+        self.error_type = error_type or self.error_type or type(self).__name__
+        self.stage = stage or self.stage

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import re
 
-from .errors import Refused
+from .errors import UnsafeName
 
 PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
-
-
-class UnsafeName(Refused, ValueError):
-    """A name that is not plain; says which key or column holds it."""
 
 
 def is_plain(value: object) -> bool:

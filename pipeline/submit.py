@@ -20,16 +20,12 @@ from urllib.parse import urlparse
 import yaml
 
 from .config import JobConfig, apply_override
-from .errors import Refused
+from .errors import SubmitError
 
 JOB_FILE = "job.yaml"
 PACKAGE = Path(__file__).resolve().parent
 # Keys whose values are local paths when they are not URIs; made absolute before submission.
 PATH_KEYS = (("source", "uri"), ("output", "uri"), ("model", "weights"), ("data", "uri"))  # data: training files
-
-
-class SubmitError(Refused, RuntimeError):
-    """The cluster could not be reached or refused the submission."""
 
 
 def shipped_job(data: Dict[str, Any], overrides: List[str], base: str) -> Dict[str, Any]:

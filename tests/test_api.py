@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import featurize
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 from conftest import job_dict
 

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_job, output_storage_options, parse_job, redact, to_dict
-from pipeline.errors import Refused
+from pipeline.config import load_job, output_storage_options, parse_job, redact, to_dict
+from pipeline.errors import ConfigError, Refused
 
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
 

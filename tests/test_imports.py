@@ -150,6 +150,36 @@ def test_one_refused_class_and_one_base_for_sample_errors():
     assert [n for n in named if not derives(by_name[n], "SampleError")] == []
 
 
+def _refusals_outside(classes: List[Tuple[str, ast.ClassDef]], home: str = "pipeline.errors") -> List[str]:
+    """Every class deriving from Refused (its bases name Refused or a class that does, across modules)
+    that is defined outside `home`, as "module.Class"."""
+    bases = defaultdict(set)
+    for _, c in classes:
+        bases[c.name] |= {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in c.bases}
+    refusals, grew = {"Refused"}, True
+    while grew:
+        more = {name for name, named in bases.items() if named & refusals} - refusals
+        refusals |= more
+        grew = bool(more)
+    return [f"{module}.{c.name}" for module, c in classes
+            if c.name in refusals and c.name != "Refused" and module != home]
+
+
+def test_every_refusal_class_is_defined_in_errors():
+    """errors.py is the one list of what a command can refuse: no Refused subclass elsewhere."""
+    classes = _classes()
+    assert len([c for module, c in classes if module == "pipeline.errors"]) > 10
+    assert _refusals_outside(classes) == []
+
+
+def test_the_refusal_check_finds_a_subclass_defined_elsewhere():
+    """The checker itself: a refusal two steps down from Refused, in another module, is found."""
+    tree = ast.parse("class Refused(Exception): pass\nclass TableError(Refused, ValueError): pass\n")
+    planted = ast.parse("class MyIndexError(errors.TableError): pass\nclass Fine(ValueError): pass\n")
+    classes = [("pipeline.errors", c) for c in tree.body] + [("pipeline.index.x", c) for c in planted.body]
+    assert _refusals_outside(classes) == ["pipeline.index.x.MyIndexError"]
+
+
 def test_the_command_line_catches_refusals_in_one_place():
     """cli.main is the one `except Refused as`: commands raise, they do not print and return 2."""
     found = []

@@ -65,11 +65,8 @@ def test_featurize_errors_mask_the_uris_they_quote():
     """Their messages reach the console, Ray's logs (a failed task's traceback) and _job.json."""
     import pickle
 
-    from pipeline.config import ConfigError
-    from pipeline.extract.plan import SourceError
+    from pipeline.errors import ConfigError, SourceError, TemporalError, WeightsError
     from pipeline.extract.read import StoreError
-    from pipeline.models.temporal import TemporalError
-    from pipeline.models.weights import WeightsError
 
     for cls in (ConfigError, SourceError, WeightsError, TemporalError, StoreError):
         err = cls(f"cannot read http://u:{M}@h/x.jpg?sig={M} (401)")

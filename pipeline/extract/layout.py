@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional
 import ray
 from ray.data import TaskPoolStrategy
 
-from ..config import ConfigError, JobConfig, ResourcesConfig, memory_bytes
+from ..config import JobConfig, ResourcesConfig, memory_bytes
+from ..errors import ConfigError
 
 GPU_BATCH, CPU_BATCH = 256, 32
 

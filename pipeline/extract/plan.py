@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from ..config import SourceConfig
-from ..errors import Refused
+from ..errors import SourceError
 from ..output.store import filesystem, full_uri
 from ..redact import FETCH_URI, has_masked_uris, public_row, saved_plan
 from .listing import REFUSED_URI, Entry, ListingError, confine, raw_path, utf8, walk_local
@@ -41,10 +41,6 @@ PLAN_SCHEMA = pa.schema(
         (FETCH_URI, pa.string()),  # the real uri where `uri` has credentials masked; never saved (redact.py)
     ]
 )
-
-
-class SourceError(Refused, RuntimeError):
-    """The source cannot be listed: unreachable, empty or malformed."""
 
 
 def plan_source(cfg: SourceConfig) -> pa.Table:

@@ -9,17 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..output.table import FeatureTable, TableError
+from ..errors import IndexRefused
+from ..output.table import FeatureTable
 from ..output.tensors import SEQUENCE, VECTOR, column_shape, default_vector, vectors
 from ..redact import redact_text
 
 ROW_COLUMNS = ("sample_id", "uri", "label", "split")
 CLIP_COLUMNS = ("start_s", "end_s")  # clip rows of video tables
 BATCH_ROWS = 16384
-
-
-class IndexRefused(TableError):
-    """An index that cannot be built, opened or searched as asked; names the problem."""
 
 
 def feature_columns(table: FeatureTable) -> Dict[str, str]:

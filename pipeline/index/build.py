@@ -16,10 +16,11 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from ..errors import IndexDamaged, IndexRefused
 from ..output.table import FeatureTable, open_table
 from ..redact import redact_strings, redact_text
 from . import generations as store
-from .batches import IndexRefused, batches, choose_column, file_rows, gather, relative, row_columns
+from .batches import batches, choose_column, file_rows, gather, relative, row_columns
 from .checks import check_options, lineage_change
 
 FLAT_MAX = 100_000  # exact search over 100k rows at D=512: ~4 ms a query in batches (bench/README.md)
@@ -50,7 +51,7 @@ def build_index(uri: str, storage_options: Optional[Dict[str, Any]] = None, colu
     try:
         loaded = store.load(table.fs, table.root, column, uri)
         damaged = None
-    except store.IndexDamaged as e:
+    except IndexDamaged as e:
         loaded, damaged = None, f"the index was damaged: {e.reason}"
     old = loaded[0] if loaded else None
     known = {f["path"] for f in old["files"]} if old else set()

@@ -7,7 +7,7 @@ import math
 import numbers
 from typing import Any, Dict, Optional
 
-from .batches import IndexRefused
+from ..errors import IndexRefused
 from .options import KINDS, METRICS
 
 HNSW_M_MAX, NLIST_MAX = 256, 1 << 20

@@ -12,12 +12,13 @@ from typing import Any, Dict, Optional
 import numpy as np
 import pyarrow as pa
 
+from ..errors import IndexDamaged, IndexRefused
 from ..names import plain_name
 from ..output.store import parquet_bytes, write_atomic
 from ..output.table import open_table
 from ..redact import redact_strings, redact_text
 from . import generations as store
-from .batches import CLIP_COLUMNS, IndexRefused, batches, choose_column, gather
+from .batches import CLIP_COLUMNS, batches, choose_column, gather
 from .build import build_index
 from .checks import number, whole
 from .options import KINDS
@@ -44,7 +45,7 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
     column, _ = choose_column(table, column)
     try:
         old = store.read_meta(table.fs, table.root, column, uri)
-    except store.IndexDamaged:  # build_index rebuilds it, saying why
+    except IndexDamaged:  # build_index rebuilds it, saying why
         old = None
     metric = old["metric"] if old else "cosine"
     if not number(threshold) or (metric == "cosine" and not -1.0 <= threshold <= 1.0):

@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import IndexDamaged
 from ..names import is_plain, plain_name
 from ..output.store import parquet_bytes, write_atomic
 from ..redact import logger, redact_strings, redact_text
-from .batches import IndexRefused
 from .checks import number
 from .options import METRICS
 
@@ -40,15 +40,6 @@ INDEX_DIR, META, INDEX_FILE, ROWS_FILE = "_index", "meta.json", "index.faiss", "
 MARKER = "_featurize_generation"  # written first into every generation folder: what _clean may remove
 GRACE_S = 600.0
 log = logger(__name__)
-
-
-class IndexDamaged(IndexRefused):
-    """An index whose meta.json or files cannot be read back; `reason` says what is wrong."""
-
-    def __init__(self, shown: str, reason: str):
-        self.reason = reason
-        super().__init__(f"the index at {shown} is damaged ({reason}): run featurize index "
-                         f"{shown.rsplit('/' + INDEX_DIR + '/', 1)[0]} --rebuild")
 
 
 def index_dir(root: str, column: str) -> str:

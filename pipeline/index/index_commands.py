@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Any, Dict, List
 
-from ..cli_args import BadOption, add_storage_options
-from ..errors import EXIT_OK
+from ..cli_args import add_storage_options
+from ..errors import EXIT_OK, BadOption
 from ..pages.page_commands import add_allow_uris
 from ..redact import redact_text
 from .options import KINDS, METRICS

@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..config import ConfigError, JobConfig, memory_bytes, parse_job, source_store_options
-from ..errors import Refused
+from ..config import JobConfig, memory_bytes, parse_job, source_store_options
+from ..errors import ConfigError, QueryError
 from ..output.store import filesystem
 from ..output.table import FeatureTable, open_table
 from ..redact import redact_text
@@ -27,10 +27,6 @@ Options = Optional[Dict[str, Any]]
 # Provenance keys prepare() must give again for a query to land in the table's space.
 SAME = ("featurize.model_family", "featurize.model", "featurize.layer", "featurize.pool", "featurize.preprocess",
         "featurize.dim", "featurize.video_sampling", "featurize.temporal")
-
-
-class QueryError(Refused, ValueError):
-    """A query that cannot be embedded in the table's feature space; the message says why."""
 
 
 def query_vector(uri: str, storage_options: Options = None, column: Optional[str] = None,

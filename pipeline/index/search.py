@@ -10,10 +10,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import faiss
 import numpy as np
 
+from ..errors import IndexRefused
 from ..output.table import FeatureTable, open_table
 from ..redact import redact_text
 from . import generations as store
-from .batches import CLIP_COLUMNS, IndexRefused, batches, choose_column, file_rows, prepare, relative
+from .batches import CLIP_COLUMNS, batches, choose_column, file_rows, prepare, relative
 from .checks import lineage_change, whole
 
 

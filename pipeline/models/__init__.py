@@ -6,7 +6,6 @@ Temporal heads (temporal.py, registry HEADS) then map per-frame features to `cli
 from .actor import Embedder, EmbedSpec
 from .base import (
            Family,
-           ModelError,
            build_module,
            check_arch,
            family,
@@ -19,13 +18,12 @@ from .temporal import (
     HEADS,
     HeadInfo,
     TemporalEmbedder,
-    TemporalError,
     build_head,
     resolve_head,
     resolve_heads,
     save_head,
 )
 
-__all__ = ["Embedder", "EmbedSpec", "Family", "ModelError", "build_module", "check_arch", "family",
+__all__ = ["Embedder", "EmbedSpec", "Family", "build_module", "check_arch", "family",
            "family_names", "feature_dim", "pool", "preprocess_defaults", "HEADS", "HeadInfo", "TemporalEmbedder",
-           "TemporalError", "build_head", "resolve_head", "resolve_heads", "save_head"]
+           "build_head", "resolve_head", "resolve_heads", "save_head"]

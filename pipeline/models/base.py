@@ -20,12 +20,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, model_families
-from ..errors import Refused
-from .weights import Weights, WeightsError, from_file, looks_like_path
-
-
-class ModelError(Refused, ValueError):
-    """An unknown family, architecture or layer; raised on the driver before any work."""
+from ..errors import ModelError, Refused, WeightsError
+from .weights import Weights, from_file, looks_like_path
 
 
 class Node(NamedTuple):

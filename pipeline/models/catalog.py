@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from ..config import DEFAULT_CROP, ModelConfig
-from .base import ModelError, Node, family, family_names
+from ..errors import ModelError
+from .base import Node, family, family_names
 from .temporal import HEADS
 
 

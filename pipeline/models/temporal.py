@@ -20,19 +20,15 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import TemporalConfig
-from ..errors import Refused
+from ..errors import TemporalError, WeightsError
 from ..names import plain_name
 from ..output.store import filesystem
 from ..rows import error_fields, fail_nonfinite, fail_rows
 from ..timing import timed
-from .weights import WeightsError, read_bytes
+from .weights import read_bytes
 
 SUFFIX = ".safetensors"
 Options = Optional[Dict[str, Any]]  # fsspec storage options
-
-
-class TemporalError(Refused, ValueError):
-    """A temporal entry that cannot run; the message names the key (`temporal[1].checkpoint`)."""
 
 
 def _mask(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -20,14 +20,10 @@ import torchvision
 from torch.hub import get_dir
 
 from ..config import ModelConfig
-from ..errors import Refused
+from ..errors import WeightsError
 from ..output.store import filesystem
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-
-
-class WeightsError(Refused, RuntimeError):
-    """Weights that cannot be found, fetched, verified or loaded."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from ..errors import OutputExists
+from ..errors import LeaseHeld, OutputExists
 from ..procs import alive, start_time
 from ..redact import logger
 from .store import is_local, write_atomic
@@ -34,10 +34,6 @@ LEASE_FILE, TAKEOVER = "_lease.json", "_lease.takeover"
 EXPIRY_ENV, DEFAULT_EXPIRY_S = "FEATURIZE_LEASE_EXPIRY_S", 60.0
 log = logger(__name__)  # credentials masked in every record
 _HELD: set = set()  # run ids whose lease this process holds now
-
-
-class LeaseHeld(OutputExists):
-    """Another run is writing into this output root."""
 
 
 class LeaseLost(RuntimeError):

@@ -16,14 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ..errors import Refused
+from ..errors import TableError
 from ..redact import redact_strings, redact_text
 from .store import filesystem, parquet_sizes
 from .tensors import SEQUENCE, ColumnError, column_shape
-
-
-class TableError(Refused, ValueError):
-    """A features table that cannot be trained on or applied to, as asked; names the problem."""
 
 
 @dataclass

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from .html import dedup_page, search_page
-from .report import REPORT_FILE, ReportError, build_report, write_report
+from .report import REPORT_FILE, build_report, write_report
 from .thumbnails import placeholder, thumbnail, thumbnails
 
-__all__ = ["REPORT_FILE", "ReportError", "build_report", "dedup_page", "placeholder", "search_page", "thumbnail",
+__all__ = ["REPORT_FILE", "build_report", "dedup_page", "placeholder", "search_page", "thumbnail",
            "thumbnails", "write_report"]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import Refused
+from ..errors import ReportError
 from ..output.store import filesystem, parquet_files, write_atomic
 from ..output.tensors import default_vector
 from ..redact import logger, redact_text
@@ -32,10 +32,6 @@ REPORT_FILE = "_report.html"
 SAMPLE_ROWS = 4000  # feature rows read for the norms and the projection
 SAMPLE_FILES = 64  # spread over at most this many files (evenly spaced: every partition has a say)
 EXAMPLES = 3  # example errors shown per kind
-
-
-class ReportError(Refused, ValueError):
-    """No output root at the URI, or one the report cannot read."""
 
 
 def write_report(uri: str, storage_options: Optional[Dict[str, Any]] = None, out: Optional[str] = None) -> str:

@@ -24,28 +24,24 @@ import pyarrow as pa
 from .. import __version__
 from ..config import absolute_local, same_store
 from ..console import ray_log_dir
-from ..errors import OutputExists, Refused
+from ..errors import ApplyError, BadArgument, CheckpointError, OutputExists, TableError
 from ..jobrun import init_ray, progress_series, start_committer, steady_state, stop, take_lease, verify
 from ..output.ledger import Ledger, staging_folder
 from ..output.partitions import folder_key
 from ..output.record import Summary, write_record
 from ..output.root import Workspace, finish, open_planned, table_rows
 from ..output.sink import ParquetCommitSink, SinkSpec
-from ..output.table import FeatureTable, TableError, open_table
+from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE, VECTOR
 from ..progress import Nouns, watch
 from ..redact import logger, redact, redact_strings, redact_text
 from .apply_map import CARRIED, HeadActor, read_rows
-from .checkpoint import Checkpoint, CheckpointError, load
-from .guard import BadArgument, check_apply_args, check_input, refuse_same_root
+from .checkpoint import Checkpoint, load
+from .guard import check_apply_args, check_input, refuse_same_root
 from .models import TEMPORAL
 
 log = logger(__name__)  # credentials masked in every record
 BATCH_BYTES = 64 << 20
-
-
-class ApplyError(Refused, ValueError):
-    """An apply that cannot run as asked (exit 2); one line naming the problem."""
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ..errors import Refused
+from ..errors import CheckpointError
 from ..output.store import filesystem, write_atomic
 from ..redact import redact_strings
 from .models import CLASSIFIERS, KINDS, TEMPORAL, build, temporal_config
@@ -29,10 +29,6 @@ from .models import CLASSIFIERS, KINDS, TEMPORAL, build, temporal_config
 CONFIG, MODEL, HEAD, HEAD_JSON, METRICS, CURVES = ("config.json", "model.safetensors", "head.safetensors",
                                                    "head.json", "metrics.json", "curves.png")
 FORMAT = 1
-
-
-class CheckpointError(Refused, ValueError):
-    """A checkpoint directory that cannot be loaded; names the file and the problem."""
 
 
 def state_bytes(module: nn.Module) -> bytes:

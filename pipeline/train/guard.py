@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Any, Dict, Mapping, Sequence
 
-from ..errors import Refused
+from ..errors import BadArgument, Refused
 from ..names import plain_name
 from ..output.store import filesystem
 from ..redact import redact_text
@@ -19,10 +19,6 @@ from ..redact import redact_text
 # what a head's input is, of a table's lineage (table.lineage()): another model, weights, layer,
 # pooling, preprocessing or head upstream makes other features, whatever their dimension
 INPUT_KEYS = ("model", "model_family", "weights_id", "weights_sha256", "layer", "pool", "preprocess", "head")
-
-
-class BadArgument(Refused, ValueError):
-    """An argument of the API of the wrong type or value; names it."""
 
 
 def _is(value: Any, types, nullable: bool = False) -> bool:

@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..errors import TableError
 from ..output.store import filesystem, is_local
-from ..output.table import FeatureTable, TableError, open_table
+from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE, ColumnError, label_codes, sequences, vectors
 from ..redact import redact_text
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pyarrow as pa
 
+from ..errors import TrainError
 from ..jobrun import init_ray
 from ..output.lease import Lease
 from ..output.store import filesystem
@@ -33,7 +34,7 @@ from . import state as epoch_state
 from .epochs import format_epoch, train_loop
 from .models import supervised
 from .outdir import RUNS
-from .train_plan import Plan, TrainError, held_out, plan_training
+from .train_plan import Plan, held_out, plan_training
 from .trainfile import TrainConfig, cache_bytes
 
 __all__ = ["TrainError", "TrainResult", "format_epoch", "plan_training", "train"]

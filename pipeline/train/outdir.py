@@ -14,11 +14,11 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
-from ..errors import OutputExists
+from ..errors import OutputExists, TrainError
 from ..output.store import write_atomic
 from . import checkpoint as ckpt
 from . import state as epoch_state
-from .train_plan import Plan, TrainError, compare
+from .train_plan import Plan, compare
 from .trainfile import TrainConfig
 
 RUNS = "_train"  # Ray Train's run storage under the checkpoint directory: per-epoch checkpoints

@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ..output.table import TableError, open_table
+from ..errors import TableError
+from ..output.table import open_table
 from ..output.tensors import label_codes, vectors
 
 

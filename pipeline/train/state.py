@@ -14,15 +14,11 @@ import json
 import os
 from typing import Any, Callable, Dict, List
 
-from ..errors import Refused
+from ..errors import StateError
 
 WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
 FILES = (WEIGHTS, OPTIMIZER, STATE)
 FORMAT = 1
-
-
-class StateError(Refused, ValueError):
-    """A per-epoch state that is not what a training of this project wrote; names the file."""
 
 
 def save(folder: str, model: Dict[str, Any], optimizer: Dict[str, Any], history: List[Dict[str, Any]],

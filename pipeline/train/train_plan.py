@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import pyarrow as pa
 
-from ..errors import OutputExists, Refused
+from ..errors import OutputExists, TrainError
 from ..fingerprint import changed, fingerprint, flat
 from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE
@@ -26,10 +26,6 @@ from .models import TEMPORAL, supervised
 from .trainfile import TrainConfig
 
 OVERWRITE = "run with --overwrite (featurize.train(..., overwrite=True)) to replace it, or choose another output.uri"
-
-
-class TrainError(Refused, ValueError):
-    """A training that cannot start as asked: names the key and the problem."""
 
 
 @dataclass

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from ..config import ConfigError, build_config, memory_bytes, read_job_file, same_store
+from ..config import build_config, memory_bytes, read_job_file, same_store
+from ..errors import ConfigError
 
 KIND = Literal["lstm", "attention", "linear", "mlp", "autoencoder"]
 

@@ -2,7 +2,8 @@
 and hand-built node lists of heterogeneous clusters (no Ray needed)."""
 import pytest
 
-from pipeline.config import ConfigError, parse_job
+from pipeline.config import parse_job
+from pipeline.errors import ConfigError
 from pipeline.extract.layout import decode_args, model_args, plan_resources, stage_workers
 
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import SourceConfig
-from pipeline.extract.plan import SourceError, expand_braces, plan_source
+from pipeline.errors import SourceError
+from pipeline.extract.plan import expand_braces, plan_source
 from pipeline.extract.read import read_batch
 from pipeline.samples import encode, photo
 
@@ -268,7 +269,8 @@ def test_manifest_uris_are_confined_to_the_manifest_folder_unless_allowed(tmp_pa
 
 
 def test_source_limits_are_validated_naming_the_key():
-    from pipeline.config import ConfigError, parse_job
+    from pipeline.config import parse_job
+    from pipeline.errors import ConfigError
 
     def job(**source):
         return parse_job({"name": "j", "source": {"uri": "/d", **source}, "output": {"uri": "/o"}})

@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
 from pipeline.config import parse_job
+from pipeline.errors import ModelError, WeightsError
 from pipeline.extract.decode import decode_image
 from pipeline.extract.prepare import prepare
-from pipeline.models import Embedder, EmbedSpec, ModelError
-from pipeline.models.weights import WeightsError
+from pipeline.models import Embedder, EmbedSpec
 from pipeline.output.root import differences, settings
 from pipeline.samples import encode, encode_video, photo
 
@@ -249,7 +249,8 @@ def test_a_video_job_per_family(ray_session, two_videos, tmp_path, model, prepro
 
 
 def test_the_example_jobs_parse_and_an_unknown_family_is_refused(tmp_path):
-    from pipeline.config import ConfigError, load_job
+    from pipeline.config import load_job
+    from pipeline.errors import ConfigError
 
     assert load_job(f"{JOBS}/images_timm_convnext.yaml").model.family == "timm"
     assert load_job(f"{JOBS}/images_open_clip_vit_b32.yaml").model.arch == "ViT-B-32"

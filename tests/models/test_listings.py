@@ -17,10 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.models import ModelError
+from pipeline.errors import ModelError, WeightsError
 from pipeline.models.base import resolve
 from pipeline.models.catalog import FAMILIES, format_layers, format_models, layer_nodes
-from pipeline.models.weights import WeightsError
 from pipeline.samples import make_image_folder
 
 from conftest import job_dict

@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.config import ModelConfig
+from pipeline.errors import ModelError, WeightsError
 from pipeline.extract.decode import ImageSpec, decode_image
-from pipeline.models import Embedder, EmbedSpec, ModelError, feature_dim
+from pipeline.models import Embedder, EmbedSpec, feature_dim
 from pipeline.models.base import resolve
-from pipeline.models.weights import WeightsError
 from pipeline.samples import encode, photo
 from pipeline.timing import block_seconds
 

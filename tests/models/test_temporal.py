@@ -7,15 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import TemporalConfig
-from pipeline.models.temporal import (
-    AttentionHead,
-    TemporalEmbedder,
-    TemporalError,
-    build_head,
-    resolve_head,
-    resolve_heads,
-    save_head,
-)
+from pipeline.errors import TemporalError
+from pipeline.models.temporal import AttentionHead, TemporalEmbedder, build_head, resolve_head, resolve_heads, save_head
 
 D = 12
 
@@ -297,7 +290,7 @@ def test_kept_frame_features_that_overflow_become_model_errors():
 
 def test_a_head_name_that_is_not_plain_is_refused_in_code_too():
     """A JobConfig built in code skips the job file's checks; the name still becomes clip_<name>."""
-    from pipeline.names import UnsafeName
+    from pipeline.errors import UnsafeName
 
     with pytest.raises(UnsafeName, match=r"^temporal\[0\]\.name: '\.\./x' is not a plain name"):
         resolve_heads([TemporalConfig(kind="mean", name="../x")], D)

@@ -12,8 +12,8 @@ import time
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import OutputExists
-from pipeline.output.lease import LEASE_FILE, Fence, Lease, LeaseHeld, LeaseLost, read
+from pipeline.errors import LeaseHeld, OutputExists
+from pipeline.output.lease import LEASE_FILE, Fence, Lease, LeaseLost, read
 
 from conftest import S3_BUCKET
 

@@ -14,12 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.errors import ApplyError
 from pipeline.output.ledger import part_name
 from pipeline.output.record import inspect_output
 from pipeline.output.root import JOB_FILE
 from pipeline.output.status import status
 from pipeline.output.tensors import sequences, vectors
-from pipeline.train.apply import ApplyError, apply_head
+from pipeline.train.apply import apply_head
 from pipeline.train.checkpoint import load, save
 from pipeline.train.models import build
 from pipeline.train.trainfile import HeadConfig

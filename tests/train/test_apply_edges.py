@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import featurize
+from pipeline.errors import ApplyError
 from pipeline.output.tensors import vectors
-from pipeline.train.apply import ApplyError, apply_head
+from pipeline.train.apply import apply_head
 from pipeline.train.checkpoint import MODEL, load, save
 from pipeline.train.models import build
 from pipeline.train.trainfile import HeadConfig

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import DataLoader
 
-from pipeline.output.table import TableError
+from pipeline.errors import TableError
 from pipeline.train.loader import FeatureDataset, ray_dataset
 
 from conftest import S3_BUCKET

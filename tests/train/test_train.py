@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, TemporalConfig
+from pipeline.config import TemporalConfig
+from pipeline.errors import CheckpointError, ConfigError, TableError, TrainError
 from pipeline.models.temporal import build_head, resolve_head
-from pipeline.output.table import TableError, open_table
+from pipeline.output.table import open_table
 from pipeline.output.tensors import label_codes, sequences, vectors
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.loop import TrainError, plan_training, train
+from pipeline.train.loop import plan_training, train
 from pipeline.train.models import KINDS, TEMPORAL, build, supervised
 from pipeline.train.trainfile import parse_training
 
@@ -261,7 +262,7 @@ def test_a_checkpoint_round_trips(tmp_path, kind):
         assert list(got["pred"]) == [list("abcd")[i] for i in expected.argmax(axis=1)]
     assert "pw" not in (tmp_path / "h" / ckpt.CONFIG).read_text()  # credentials masked in the record
     (tmp_path / "h" / ckpt.MODEL).write_bytes(b"not safetensors")
-    with pytest.raises(ckpt.CheckpointError, match="model.safetensors does not fit config.json"):
+    with pytest.raises(CheckpointError, match="model.safetensors does not fit config.json"):
         ckpt.load(str(tmp_path / "h"))
 
 

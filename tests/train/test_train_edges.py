@@ -13,11 +13,10 @@ import pytest
 
 import featurize
 from pipeline.cli import main
-from pipeline.config import ConfigError
-from pipeline.errors import OutputExists
+from pipeline.errors import ConfigError, OutputExists, StateError, TrainError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import state as epoch_state
-from pipeline.train.loop import TrainError, plan_training, train
+from pipeline.train.loop import plan_training, train
 from pipeline.train.trainfile import parse_training
 
 from tables import write_table
@@ -181,7 +180,7 @@ def test_the_state_reader_refuses_what_it_does_not_know(tmp_path):
     assert again.state_dict()["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(again.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     (tmp_path / epoch_state.WEIGHTS).write_bytes(b"\x80\x04garbage")
-    with pytest.raises(epoch_state.StateError, match="model.safetensors: not a safetensors file"):
+    with pytest.raises(StateError, match="model.safetensors: not a safetensors file"):
         epoch_state.load_folder(str(tmp_path))
 
 

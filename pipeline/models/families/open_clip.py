@@ -25,8 +25,9 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
 
 from ...config import ModelConfig
+from ...errors import WeightsError
 from ..base import Family, Node, fit_state_dict, forward_at_crop, module_layer, module_layers
-from ..weights import Weights, WeightsError, cached_file, hf_cached, load_state_dict, not_cached
+from ..weights import Weights, cached_file, hf_cached, load_state_dict, not_cached
 
 HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 

@@ -18,8 +18,9 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from ...config import ModelConfig
-from ..base import Family, ModelError, Node, did_you_mean, fit_state_dict, forward_at_crop, module_layer, module_layers
-from ..weights import Weights, WeightsError, cached_file, hf_cached, load_state_dict, not_cached
+from ...errors import ModelError, WeightsError
+from ..base import Family, Node, did_you_mean, fit_state_dict, forward_at_crop, module_layer, module_layers
+from ..weights import Weights, cached_file, hf_cached, load_state_dict, not_cached
 
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
