@@ -117,10 +117,11 @@ class SubmitError(Refused, RuntimeError):
     """The cluster could not be reached or refused the submission."""
 
 
+# per-sample errors: each becomes its sample's error row, `stage/error_type` (rows.error_fields)
 class SampleError(Exception):
     """A sample that failed. Its error row's `error_type` is the raiser's, else the class's, else the
     class's name; its `stage` (read, decode, model ...) the raiser's, else the class's where the
-    class belongs to one stage, else the stage that caught it (rows.error_fields)."""
+    class belongs to one stage, else the stage that caught it."""
 
     error_type = ""
     stage = ""
@@ -129,3 +130,15 @@ class SampleError(Exception):
         super().__init__(message)
         self.error_type = error_type or self.error_type or type(self).__name__
         self.stage = stage or self.stage
+
+
+class ReadFailure(SampleError):
+    """A sample whose bytes could not be read (extract/read.py, fetch.py, shards.py)."""
+
+    stage = "read"
+
+
+class DecodeFailure(SampleError):
+    """A sample whose bytes could not be decoded (extract/decode.py, video.py, isolate.py)."""
+
+    stage = "decode"

@@ -24,9 +24,19 @@ MAX_MESSAGE = 500
 OK = {"error_stage": "", "error_type": "", "error_message": ""}
 
 
+class NonFiniteFeature(SampleError):
+    """A feature with a NaN or inf in it, as the output stores it; its stage is the one that made it."""
+
+
 def error_fields(stage: str, exc: BaseException) -> Dict[str, str]:
+    """ERROR_COLUMNS' values of a sample that failed with `exc`, caught in `stage`: a SampleError names
+    its own error_type and stage (the catcher's where it names none); any other exception (a
+    decoder's, a model's) is named by its class, in the catcher's stage."""
     message = redact_text(str(exc) or repr(exc))  # exception texts often quote the URL, credentials and all
-    kind = exc.kind if isinstance(exc, SampleError) else type(exc).__name__
+    if isinstance(exc, SampleError):
+        stage, kind = exc.stage or stage, exc.error_type
+    else:
+        kind = type(exc).__name__
     return {"error_stage": stage, "error_type": kind, "error_message": message[:MAX_MESSAGE]}
 
 
@@ -56,9 +66,7 @@ def fail_nonfinite(batch: Dict[str, np.ndarray], columns: Mapping[str, Any], dty
         for i in rows:
             problem = nonfinite(np.asarray(values[i]), dtype)
             if problem:
-                message = f"{column}: {problem}"
-                fail_rows(batch, np.array([i]), {"error_stage": stage, "error_type": "NonFiniteFeature",
-                                                 "error_message": message[:MAX_MESSAGE]})
+                fail_rows(batch, np.array([i]), error_fields(stage, NonFiniteFeature(f"{column}: {problem}")))
     return stored
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import faults
-from ..errors import SampleError
+from ..errors import DecodeFailure
 from ..rows import ERROR_COLUMNS, error_fields
 from ..timing import timed
 
@@ -31,7 +31,7 @@ class ImageSpec:
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest, antialiased like torchvision's
 
 
-class DecodeError(SampleError):
+class DecodeError(DecodeFailure):
     """A file that is not a usable image; the message says why."""
 
 

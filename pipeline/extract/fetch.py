@@ -15,17 +15,17 @@ import threading
 from typing import Any, Iterator, List, Union
 
 from .. import faults
-from ..errors import SampleError
+from ..errors import ReadFailure
 from .shards import NotAFile, TooLarge
 
 
-class URIRefused(SampleError):
+class URIRefused(ReadFailure):
     """A planned URI outside what the job may read (a manifest's row): one error row, no request."""
 
     error_type = "refused"
 
 
-class ReadTimeout(SampleError):
+class ReadTimeout(ReadFailure):
     error_type = "timeout"
 
 

@@ -13,16 +13,16 @@ from __future__ import annotations
 import multiprocessing as mp
 from typing import Any, Callable, Optional
 
-from ..errors import SampleError
+from ..errors import DecodeFailure
 
 
-class DecodeTimeout(SampleError):
+class DecodeTimeout(DecodeFailure):
     """The decoder ran past its time limit on this file."""
 
     error_type = "timeout"
 
 
-class DecoderCrashed(SampleError):
+class DecoderCrashed(DecodeFailure):
     """The decoder's process died on this file (a segfault, an abort, out of memory)."""
 
     error_type = "crash"
@@ -32,7 +32,7 @@ class DecoderUnavailable(RuntimeError):
     """The decoder's process could not start: the node's fault, not a file's, so the task fails."""
 
 
-class ChildError(SampleError):
+class ChildError(DecodeFailure):
     """The decoder raised in the child; `error_type` is its exception's class name."""
 
     def __init__(self, error_type: str, message: str):

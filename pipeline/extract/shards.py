@@ -25,23 +25,23 @@ import tarfile
 import zlib
 from typing import Any, Dict, Iterator, Optional
 
-from ..errors import SampleError
+from ..errors import ReadFailure
 from .listing import utf8
 
 
-class DuplicateKey(SampleError):
+class DuplicateKey(ReadFailure):
     error_type = "duplicate_key"
 
 
-class NotAFile(SampleError):
+class NotAFile(ReadFailure):
     error_type = "not_a_file"
 
 
-class TooLarge(SampleError):
+class TooLarge(ReadFailure):
     error_type = "too_large"
 
 
-class Truncated(SampleError):
+class Truncated(ReadFailure):
     error_type = "truncated"
 
 

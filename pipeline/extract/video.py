@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import faults
 from ..config import VideoConfig
+from ..errors import DecodeFailure
 from ..rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 from ..timing import timed
 from .isolate import DecoderUnavailable, IsolatedCall
@@ -47,7 +48,7 @@ class Clip:
     decoder: str
 
 
-class VideoDecodeError(Exception):
+class VideoDecodeError(DecodeFailure):
     """A video neither decoder can read; the message says why."""
 
 
