@@ -201,18 +201,22 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     cannot run is refused (raised for main)."""
     job, _ = _load(job_path, overrides)  # before the imports of Ray and torch: refused in well under a second
     from .extract.runner import run_job
-    from .jobrun import NotExactlyOnce
 
     try:
         return EXIT_OK, run_job(job, address=address, progress=progress, verbose=verbose, **modes)
     except Refused:
         raise
     except Exception as e:  # failed midway: the reason in one line, the details in Ray's logs
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        _say(f"featurize: job {job.name} failed: {type(e).__name__}: {reason}")
-        if not isinstance(e, NotExactlyOnce):  # its own message says what to do
-            _say("featurize: what was committed is kept; run the same command again to resume")
-        return EXIT_FAILED, None
+        return _failed(f"job {job.name}", e), None
+
+
+def _failed(what: str, e: Exception) -> int:
+    """A run or an apply that failed midway (what was committed is kept): say so, exit 1."""
+    from .jobrun import failure_lines
+
+    for line in failure_lines(what, e):
+        _say(line)
+    return EXIT_FAILED
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -272,9 +276,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     except Refused:
         raise
     except Exception as e:
-        _say(f"featurize: apply failed: {type(e).__name__}: {_last_line(e)}")
-        _say("featurize: what was committed is kept; run the same command again to resume")
-        return EXIT_FAILED
+        return _failed("apply", e)
     print(format_summary(summary))
     return EXIT_OK
 

@@ -1,28 +1,32 @@
 """What every Ray job that writes an output root shares: Ray's start, OUT's lease, the committer
-actor, the final audit and the summary. `featurize run` (runner.py) and `featurize apply`
-(train/apply.py) both build on it, so neither imports the other.
+actor, and the end of the job (run_to_end, summarize, complete: the final audit, the record in
+_job.json, the summary, what a command says when it failed). `featurize run` (runner.py) and
+`featurize apply` (train/apply.py) both build on it, so neither imports the other.
 """
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .console import quiet_ray
+from .console import quiet_ray, ray_log_dir
 from .errors import OutputExists
 from .interrupt import reclaim_sigterm
 from .output.committer import Committer
 from .output.lease import Lease
-from .output.ledger import audit
-from .output.root import Workspace
+from .output.ledger import Ledger, audit
+from .output.record import Summary
+from .output.root import Workspace, finish, table_rows
 from .output.store import filesystem
 from .procs import marked_environment, stop_orphans
 from .redact import logger
 
 log = logger(__name__)  # credentials masked in every record
+Record = Callable[..., None]  # record(status=, started_at=, summary=, error=): writes the job's OUT/_job.json
 
 
 class IncompleteOutput(RuntimeError):
@@ -108,6 +112,57 @@ def verify(ws: Workspace) -> None:
     if found["missing"]:
         raise IncompleteOutput(f"{found['missing']} planned samples were neither committed nor recorded as errors "
                                f"(first: {found['first_missing']!r}); run the same command again to finish them")
+
+
+def run_to_end(ws: Workspace, lease: Lease, committer, write: Callable[[], None], record: Record, t0: float,
+               check: Callable[[Workspace], None] = verify) -> None:
+    """Run the job's pipeline (`write`: the Ray Data job into the sink), then see that it ended whole:
+    the ledger as the committer left it, every planned sample committed once (`check`), OUT's lease
+    still this run's. A failure or an interrupt is recorded in _job.json and goes on up; the job's
+    actors are stopped either way."""
+    try:
+        write()
+        ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
+        check(ws)
+        lease.check()  # still OUT's writer: only then record it complete (and swap an overwrite in)
+    except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
+        try:
+            record(status="failed", started_at=t0, error=f"{type(e).__name__}: {e}"[:2000])
+        except Exception as e2:  # the store itself may be what failed; the job's own error matters more
+            log.warning("could not record the failure in %s: %s", ws.uri, e2)
+        raise
+    finally:
+        stop(committer)
+
+
+def summarize(ws: Workspace, out_uri: str, t0: float, t1: float, totals: Dict[str, Any], **fields) -> Summary:
+    """The summary of a job that ended whole: this run's counts (the sink's `totals`, empty when
+    there was nothing to do and Ray never started), OUT's rows, timings from `t0` (start) and `t1`
+    (execution start); `fields`: what only one kind of job tells."""
+    commits = totals.get("commits", [])
+    return Summary(
+        out_uri=out_uri, planned=len(ws.plan), features=totals.get("features", 0),
+        errors=dict(sorted(totals.get("errors", {}).items())), wall_s=time.time() - t1, startup_s=t1 - t0,
+        skipped=ws.skipped, added=ws.added, gone=ws.gone, duplicates=totals.get("duplicates", 0),
+        output_rows=table_rows(ws.fs, ws.root), ray_logs=(ray_log_dir() or "") if totals else "",
+        progress=progress_series(commits, t1), **steady_state(commits, t1), **fields)
+
+
+def complete(ws: Workspace, record: Record, t0: float, summary: Summary) -> Summary:
+    """Record the job complete in _job.json, then put an overwrite's new output in place of the old."""
+    record(status="complete", started_at=t0, summary=summary)
+    finish(ws)
+    return summary
+
+
+def failure_lines(what: str, e: BaseException) -> List[str]:
+    """What a command says when its job failed midway: the reason in one line (the details are in
+    Ray's logs), then how to go on, unless the reason says it itself."""
+    reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    lines = [f"featurize: {what} failed: {type(e).__name__}: {reason}"]
+    if not isinstance(e, NotExactlyOnce):
+        lines.append("featurize: what was committed is kept; run the same command again to resume")
+    return lines
 
 
 def steady_state(commits: List[Tuple[float, int]], started: float) -> Dict[str, float]:

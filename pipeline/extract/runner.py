@@ -4,29 +4,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from functools import partial
 from typing import Any, Dict, Optional
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from ..config import JobConfig, memory_bytes
-from ..console import ray_log_dir
 from ..interrupt import reclaim_sigterm
-from ..jobrun import (
-    init_ray,
-    progress_series,
-    start_committer,
-    steady_state,
-    stop,
-    take_lease,
-    verify,
-)
+from ..jobrun import complete, init_ray, run_to_end, start_committer, summarize, take_lease, verify
 from ..models import Embedder, EmbedSpec
 from ..models.temporal import TemporalEmbedder
 from ..output.lease import Lease
-from ..output.ledger import Ledger, staging_folder
+from ..output.ledger import staging_folder
 from ..output.record import Summary, write_job_record
-from ..output.root import Workspace, finish, multi_row_units, open_output, table_rows
+from ..output.root import Workspace, multi_row_units, open_output
 from ..output.sink import ParquetCommitSink
 from ..progress import nouns_of, watch
 from ..redact import logger
@@ -63,13 +55,14 @@ def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[s
                 verbose: bool, **modes) -> Summary:
     job = prepared.job
     ws = open_output(prepared, **modes)
+    record = partial(write_job_record, prepared, ws)
     if not len(ws.todo):  # all done already: no need for Ray
         verify(ws)
         lease.check()
-        return _finish(prepared, ws, t0, time.time(), {}, None)
+        return _finish(prepared, ws, record, t0, time.time(), {}, None)
     init_ray(address, verbose)
     layout = plan_resources(job, len(ws.todo))
-    write_job_record(prepared, ws, status="running", started_at=t0)
+    record(status="running", started_at=t0)
     DataContext.get_current().enable_progress_bars = verbose
     committer = start_committer(ws, prepared.job.output.uri, prepared.out_options, lease.run_id)
     sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri,
@@ -77,18 +70,14 @@ def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[s
     t1 = time.time()
     shown = watch(committer, len(ws.plan), ws.skipped, nouns_of(job), progress, stage_workers(layout, job),
                   gpu=layout.gpus_per_actor > 0, live=False if verbose else None)
-    try:
+
+    def write() -> None:
         with shown:
             build_dataset(prepared, layout, ws.todo, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
-        ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
-        _check_complete(ws, job.is_video and bool(job.video.window_s))
-        lease.check()  # still OUT's writer: only then record it complete (and swap an --overwrite in)
-    except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
-        _record_failure(prepared, ws, t0, e)
-        raise
-    finally:
-        stop(committer)
-    return _finish(prepared, ws, t0, t1, sink.totals, layout)
+
+    windowed = job.is_video and bool(job.video.window_s)
+    run_to_end(ws, lease, committer, write, record, t0, check=lambda ws: _check_complete(ws, windowed))
+    return _finish(prepared, ws, record, t0, t1, sink.totals, layout)
 
 
 def _run_on_head(job: JobConfig, address: str, **modes) -> Summary:
@@ -130,41 +119,14 @@ def _check_complete(ws: Workspace, windowed: bool) -> None:
     verify(ws)
 
 
-def _record_failure(prepared: Prepared, ws: Workspace, t0: float, e: BaseException) -> None:
-    reason = f"{type(e).__name__}: {e}"[:2000]
-    try:
-        write_job_record(prepared, ws, status="failed", started_at=t0, error=reason)
-    except Exception as e2:  # the store itself may be what failed; the job's own error matters more
-        log.warning("could not record the failure in %s: %s", ws.uri, e2)
-
-
-def _finish(prepared: Prepared, ws: Workspace, t0: float, t1: float, totals: Dict[str, Any],
+def _finish(prepared: Prepared, ws: Workspace, record, t0: float, t1: float, totals: Dict[str, Any],
             layout: Optional[Layout]) -> Summary:
-    t2 = time.time()
-    summary = Summary(
-        out_uri=prepared.job.output.uri,
-        planned=len(ws.plan),
-        features=totals.get("features", 0),
-        errors=dict(sorted(totals.get("errors", {}).items())),
-        wall_s=t2 - t1,
-        startup_s=t1 - t0,
-        skipped=ws.skipped,
-        added=ws.added,
-        gone=ws.gone,
-        duplicates=totals.get("duplicates", 0),
-        output_rows=table_rows(ws.fs, ws.root),
-        layout=vars(layout) if layout else {},
-        split_lists=split_list_gaps(ws.plan),
-        ray_logs=(ray_log_dir() or "") if layout else "",
-        progress=progress_series(totals.get("commits", []), t1),
-        **steady_state(totals.get("commits", []), t1),
-    )
+    summary = summarize(ws, prepared.job.output.uri, t0, t1, totals, layout=vars(layout) if layout else {},
+                        split_lists=split_list_gaps(ws.plan))
     if layout is not None:
         summary.stages = breakdown(dict(totals.get("seconds", {})), summary.samples, summary.wall_s,
                                    stage_workers(layout, prepared.job), gpu=layout.gpus_per_actor > 0)
-    write_job_record(prepared, ws, status="complete", started_at=t0, summary=summary)
-    finish(ws)  # and an --overwrite output replaces the old one now
-    return summary
+    return complete(ws, record, t0, summary)  # and an --overwrite output replaces the old one now
 
 
 def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> ray.data.Dataset:

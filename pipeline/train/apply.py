@@ -17,30 +17,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import pyarrow as pa
 
 from .. import __version__
 from ..config import absolute_local, same_store
-from ..console import ray_log_dir
 from ..errors import ApplyError, BadArgument, CheckpointError, OutputExists, TableError
-from ..jobrun import init_ray, progress_series, start_committer, steady_state, stop, take_lease, verify
-from ..output.ledger import Ledger, staging_folder
+from ..jobrun import complete, init_ray, run_to_end, start_committer, summarize, take_lease, verify
+from ..output.ledger import staging_folder
 from ..output.partitions import folder_key
 from ..output.record import Summary, write_record
-from ..output.root import Workspace, finish, open_planned, table_rows
+from ..output.root import Workspace, open_planned
 from ..output.sink import ParquetCommitSink, SinkSpec
 from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE, VECTOR
 from ..progress import Nouns, watch
-from ..redact import logger, redact, redact_strings, redact_text
+from ..redact import redact, redact_strings, redact_text
 from .apply_map import CARRIED, HeadActor, read_rows
 from .checkpoint import Checkpoint, load
 from .guard import check_apply_args, check_input, refuse_same_root
 from .models import TEMPORAL
 
-log = logger(__name__)  # credentials masked in every record
 BATCH_BYTES = 64 << 20
 
 
@@ -198,15 +197,16 @@ def _source_rows(table: FeatureTable) -> pa.Table:
 
 def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, Any], t0: float,
          address: Optional[str], batch_size: int, progress: bool = False, verbose: bool = False) -> Summary:
+    record = partial(write_record, ws, _record_head(plan))
     if not len(ws.todo):  # all done already: no need for Ray
         verify(ws)
         lease.check()
-        return _finish(plan, ws, out_uri, t0, time.time(), {})
+        return complete(ws, record, t0, summarize(ws, out_uri, t0, time.time(), {}))
     init_ray(address, verbose)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = verbose
-    write_record(ws, _record_head(plan), status="running", started_at=t0)
+    record(status="running", started_at=t0)
     committer = start_committer(ws, out_uri, out_options, lease.run_id)
     spec = SinkSpec(out_uri=ws.uri, storage_options=out_options, partition_by=plan.partition_by,
                     columns=plan.head.columns(plan.name, plan.dtype), metadata=provenance(plan),
@@ -215,20 +215,13 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
     t1 = time.time()
     # no stage timing here (the head's op is not timed), so the line names no bound
     shown = watch(committer, len(ws.plan), ws.skipped, Nouns("samples"), progress, live=False if verbose else None)
-    try:
+
+    def write() -> None:
         with shown:
             dataset(plan, ws, batch_size, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
-        import ray
 
-        ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
-        verify(ws)
-        lease.check()  # still OUT2's writer: only then record it complete (and swap an overwrite in)
-    except BaseException as e:  # say so in _job.json, then let it go on up
-        _record_failure(plan, ws, t0, e)
-        raise
-    finally:
-        stop(committer)
-    return _finish(plan, ws, out_uri, t0, t1, sink.totals)
+    run_to_end(ws, lease, committer, write, record, t0)
+    return complete(ws, record, t0, summarize(ws, out_uri, t0, t1, sink.totals))  # an overwrite replaces the old table
 
 
 def dataset(plan: Plan, ws: Workspace, batch_size: int, committer=None):
@@ -255,25 +248,6 @@ def _record_head(plan: Plan) -> Dict[str, Any]:
     return {"name": job_name(plan), "kind": "apply", "settings": settings(plan),
             "input": plan.table.provenance(), "checkpoint": redact_strings(plan.head.provenance()),
             "columns": [c for c, _ in plan.head.columns(plan.name, plan.dtype)]}
-
-
-def _record_failure(plan: Plan, ws: Workspace, t0: float, e: BaseException) -> None:
-    try:
-        write_record(ws, _record_head(plan), status="failed", started_at=t0, error=f"{type(e).__name__}: {e}"[:2000])
-    except Exception as e2:  # the store itself may be what failed; the job's own error matters more
-        log.warning("could not record the failure in %s: %s", ws.uri, e2)
-
-
-def _finish(plan: Plan, ws: Workspace, out_uri: str, t0: float, t1: float, totals: Dict[str, Any]) -> Summary:
-    summary = Summary(
-        out_uri=out_uri, planned=len(ws.plan),
-        features=totals.get("features", 0), errors=dict(sorted(totals.get("errors", {}).items())),
-        wall_s=time.time() - t1, startup_s=t1 - t0, skipped=ws.skipped, duplicates=totals.get("duplicates", 0),
-        output_rows=table_rows(ws.fs, ws.root), ray_logs=(ray_log_dir() or "") if totals else "",
-        progress=progress_series(totals.get("commits", []), t1), **steady_state(totals.get("commits", []), t1))
-    write_record(ws, _record_head(plan), status="complete", started_at=t0, summary=summary)
-    finish(ws)  # and an overwrite replaces the old table now
-    return summary
 
 
 def check_apply_options(options: Mapping[str, Any]) -> None:
