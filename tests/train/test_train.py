@@ -208,7 +208,7 @@ def test_autoencoder_on_an_object_store_keeps_the_secret_out(s3, tmp_path):
     fs.put(local, f"{S3_BUCKET}/table", recursive=True)
     data = {"name": "ae", "data": {"uri": f"s3://{S3_BUCKET}/table", "column": "feature", "val_fraction": 0.25,
                                    "storage_options": options},
-            "head": {"kind": "autoencoder", "code_dim": 4}, "train": {"epochs": 3, "batch_size": 8, "lr": 0.01},
+            "head": {"kind": "autoencoder", "code_dim": 4}, "train": {"epochs": 2, "batch_size": 8, "lr": 0.01},
             "output": {"uri": f"s3://{S3_BUCKET}/heads/ae"}}
     result = train(parse_training(data))
     assert result.metrics[-1]["val_loss"] is not None and "val_acc" not in result.metrics[-1]
