@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -26,6 +27,34 @@ def featurize(*args: str, env_extra=None, cwd=None, timeout=180) -> subprocess.C
     env = {**os.environ, **(env_extra or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+SEP = "=== featurize exited "
+COMMANDS = f"""import json, sys
+from pipeline.cli import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    print({SEP!r} + str(code), flush=True)
+    print({SEP!r}, file=sys.stderr, flush=True)
+"""
+
+
+def featurize_each(*commands, env_extra=None, timeout=180):
+    """Each command (the arguments of `featurize`) through the command's main() in turn, in one new
+    process: a list of (returncode, stdout, stderr), one per command, as separate runs would give."""
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", COMMANDS, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs, errs = proc.stdout.split(SEP), proc.stderr.split(SEP + "\n")
+    assert len(outs) == len(errs) == len(commands) + 1, (proc.stdout[-2000:], proc.stderr[-2000:])
+    codes = [int(out.split("\n", 1)[0]) for out in outs[1:]]
+    stdouts = [outs[0]] + [out.split("\n", 1)[1] for out in outs[1:-1]]
+    return [SimpleNamespace(returncode=c, stdout=o, stderr=e) for c, o, e in zip(codes, stdouts, errs)]
 
 
 @pytest.fixture
@@ -72,24 +101,23 @@ def test_unknown_key_is_refused_fast_without_ray_or_torch(tmp_path, images, ray_
 
 @pytest.mark.timeout(90)
 def test_unknown_arch_and_missing_source_are_refused(tmp_path, images, ray_tmpdir):
-    env = {"RAY_TMPDIR": str(ray_tmpdir)}
     job = write_job(tmp_path / "job.yaml", job_dict(str(images), str(tmp_path / "out")))
-
-    result = featurize("run", str(job), "--set", "model.arch=resnet1800", env_extra=env)
-    assert_refused(result, ray_tmpdir, "model.arch", "resnet1800")
-
     missing = tmp_path / "no-such-folder"
-    result = featurize("run", str(job), "--set", f"source.uri={missing}", env_extra=env)
-    assert_refused(result, ray_tmpdir, "source.uri", str(missing))
-    assert not (tmp_path / "out").exists()
-
     import torch
     import torchvision
 
     weights = tmp_path / "resnet18.pth"  # weights of another architecture than the job's
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    result = featurize("run", str(job), "--set", "model.arch=resnet50", "--set", f"model.weights={weights}", env_extra=env)
-    assert_refused(result, ray_tmpdir, "model.weights", "does not fit resnet50")
+    # the three runs in one new process, one after another (one torch import, not three)
+    arch, source, fit = featurize_each(
+        ["run", str(job), "--set", "model.arch=resnet1800"],
+        ["run", str(job), "--set", f"source.uri={missing}"],
+        ["run", str(job), "--set", "model.arch=resnet50", "--set", f"model.weights={weights}"],
+        env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
+
+    assert_refused(arch, ray_tmpdir, "model.arch", "resnet1800")
+    assert_refused(source, ray_tmpdir, "source.uri", str(missing))
+    assert_refused(fit, ray_tmpdir, "model.weights", "does not fit resnet50")
     assert not (tmp_path / "out").exists()
 
 
@@ -127,9 +155,12 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session):
     assert record["config"]["resources"]["batch_size"] == 4  # the --set override was applied
     assert record["counts"]["features"] == 6 and record["counts"]["errors"] == 2
 
-    result = featurize("inspect", str(out), timeout=60)
-    assert result.returncode == 0, result.stderr
-    text = result.stdout.splitlines()
+    # inspect, status, and the same job again, in one new process, one after another
+    before = tree(out / "features")
+    inspect, status, again = featurize_each(["inspect", str(out)], ["status", str(out)],
+                                            ["run", str(job), "--set", "resources.batch_size=4"], timeout=120)
+    assert inspect.returncode == 0, inspect.stderr
+    text = inspect.stdout.splitlines()
     assert "job        cli-small (complete), planned 8" in text
     assert "rows       6" in text
     assert any(line.split() == ["split=demo", "6"] for line in text)
@@ -139,16 +170,13 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session):
     kinds = [line.split() for line in text if line.startswith("  decode/")]
     assert sum(int(parts[-1]) for parts in kinds) == 2
 
-    result = featurize("status", str(out), timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "planned    8" in result.stdout and "remaining  0 planned samples not yet committed" in result.stdout
-    assert "complete   yes" in result.stdout
+    assert status.returncode == 0, status.stderr
+    assert "planned    8" in status.stdout and "remaining  0 planned samples not yet committed" in status.stdout
+    assert "complete   yes" in status.stdout
 
     # the same job again finds everything done: it skips all, starts no Ray, changes no file
-    before = tree(out / "features")
-    result = featurize("run", str(job), "--set", "resources.batch_size=4", timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "skipped      8 planned samples already committed" in result.stdout
+    assert again.returncode == 0, again.stderr
+    assert "skipped      8 planned samples already committed" in again.stdout
     assert tree(out / "features") == before
 
     # another job into the same output is refused, naming what differs, and changes nothing

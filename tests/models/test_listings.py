@@ -7,12 +7,8 @@ stdout and stderr kept apart), so that nothing this test process imported is tak
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,7 +19,7 @@ from pipeline.models.catalog import FAMILIES, format_layers, format_models, laye
 from pipeline.samples import make_image_folder
 
 from conftest import job_dict
-from test_cli import assert_refused, write_job
+from test_cli import assert_refused, featurize_each, write_job
 
 
 def without_ray(tmp_path: Path) -> dict:
@@ -32,34 +28,6 @@ def without_ray(tmp_path: Path) -> dict:
     poison.mkdir(parents=True)
     (poison / "__init__.py").write_text("raise ImportError('ray imported for a listing')\n")
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(poison.parent), os.environ.get("PYTHONPATH")]))}
-
-
-SEP = "=== featurize exited "
-COMMANDS = f"""import json, sys
-from pipeline.cli import main
-for argv in json.loads(sys.argv[1]):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    print({SEP!r} + str(code), flush=True)
-    print({SEP!r}, file=sys.stderr, flush=True)
-"""
-
-
-def featurize_each(*commands, env_extra=None, timeout=180):
-    """Each command (the arguments of `featurize`) through the command's main() in turn, in one new
-    process: a list of (returncode, stdout, stderr), one per command, as separate runs would give."""
-    env = {**os.environ, **(env_extra or {})}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", COMMANDS, json.dumps(commands)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    outs, errs = proc.stdout.split(SEP), proc.stderr.split(SEP + "\n")
-    assert len(outs) == len(errs) == len(commands) + 1, (proc.stdout[-2000:], proc.stderr[-2000:])
-    codes = [int(out.split("\n", 1)[0]) for out in outs[1:]]
-    stdouts = [outs[0]] + [out.split("\n", 1)[1] for out in outs[1:-1]]
-    return [SimpleNamespace(returncode=c, stdout=o, stderr=e) for c, o, e in zip(codes, stdouts, errs)]
 
 
 def test_models_and_layers_list_without_ray(tmp_path):
