@@ -28,8 +28,10 @@ def order_sequences(n: int, frames: int = 6, dim: int = 8, seed: int = 0):
 
 
 def write_table(root: str, split: List[str], labels: List[str], feature: Optional[np.ndarray] = None,
-                frames: Optional[np.ndarray] = None, rows_per_file: int = 16, name: str = "tiny") -> str:
-    """OUT/features/split_dir=S/label_dir=L/part-*.parquet (+ a minimal _job.json)."""
+                frames: Optional[np.ndarray] = None, rows_per_file: int = 16, name: str = "tiny",
+                lengths: Optional[np.ndarray] = None) -> str:
+    """OUT/features/split_dir=S/label_dir=L/part-*.parquet (+ a minimal _job.json); `lengths`: each
+    clip keeps only its first lengths[i] frames (clips of unequal length)."""
     n = len(labels)
     cols: Dict[str, pa.Array] = {
         "sample_id": pa.array([f"s{i:05d}" for i in range(n)]),
@@ -40,8 +42,11 @@ def write_table(root: str, split: List[str], labels: List[str], feature: Optiona
         cols["feature"] = pa.FixedSizeListArray.from_arrays(pa.array(feature.astype(np.float16).ravel()), feature.shape[1])
     if frames is not None:
         t, d = frames.shape[1], frames.shape[2]
-        inner = pa.FixedSizeListArray.from_arrays(pa.array(frames.astype(np.float16).ravel()), d)
-        cols["frame_features"] = pa.ListArray.from_arrays(pa.array(np.arange(0, n * t + 1, t, dtype=np.int32)), inner)
+        lengths = np.full(n, t) if lengths is None else np.asarray(lengths)
+        real = np.concatenate([frames[i, :k] for i, k in enumerate(lengths)])
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(real.astype(np.float16).ravel()), d)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        cols["frame_features"] = pa.ListArray.from_arrays(pa.array(offsets), inner)
     table = pa.table(cols)
     for (s, label) in sorted(set(zip(split, labels))):
         mask = pa.array([a == s and b == label for a, b in zip(split, labels)])

@@ -3,8 +3,9 @@
 Heads come from a registry: `mean`, `max` (no weights), `lstm` (the last real time step's output)
 and `attention` (additive pooling over frames). Learned heads load a checkpoint: `X.safetensors`
 (the head's state dict) with `X.json` beside it (kind, input_size and the shape keys), or the
-directory `featurize train` writes (its head.safetensors and head.json). Padded frames beyond a
-clip's `lengths` never touch its feature.
+directory `featurize train` writes (its head.safetensors and head.json). A learned head normalises
+its frames first (normalize.py; head.json's `normalize`, absent: `none`), with the statistics in
+its weights. Padded frames beyond a clip's `lengths` never touch its feature.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..names import plain_name
 from ..output.store import filesystem
 from ..rows import error_fields, fail_nonfinite, fail_rows
 from ..timing import timed
+from .normalize import Normalize
 from .weights import read_bytes
 
 SUFFIX = ".safetensors"
@@ -61,13 +63,16 @@ class MaxHead(MeanHead):
 class LstmHead(nn.Module):
     learned, CONFIG_KEYS = True, ("hidden_size", "num_layers", "bidirectional")
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
+                 normalize: str = "none"):
         super().__init__()
+        self.norm = Normalize(input_size, normalize)
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional,
                             batch_first=True)
         self.out_dim = hidden_size * (2 if bidirectional else 1)
 
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.norm(x)
         if lengths is None:
             return self.lstm(x)[0][:, -1]
         # Packing stops each clip at its own length, so the backward direction starts at the
@@ -82,8 +87,9 @@ class AttentionHead(nn.Module):
 
     learned, CONFIG_KEYS = True, ("hidden_size",)
 
-    def __init__(self, input_size: int, hidden_size: int):
+    def __init__(self, input_size: int, hidden_size: int, normalize: str = "none"):
         super().__init__()
+        self.norm = Normalize(input_size, normalize)
         self.proj = nn.Linear(input_size, hidden_size)
         self.score = nn.Linear(hidden_size, 1, bias=False)
         self.out_dim = input_size
@@ -91,6 +97,7 @@ class AttentionHead(nn.Module):
     def forward_with_weights(self, x: torch.Tensor,
                              lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The clip features (B, D) and the frame weights (B, T); padded frames weigh exactly 0."""
+        x = self.norm(x)
         scores = self.score(torch.tanh(self.proj(x))).squeeze(-1)
         mask = _mask(x, lengths)
         if mask is not None:

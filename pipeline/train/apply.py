@@ -1,8 +1,9 @@
 """`featurize apply`: a trained head over an existing features table, as a Ray Data job.
 
 OUT2 is a features table like any a run makes: every sample of OUT's features table (sample_id,
-uri, label, split, in OUT's partition folders) with the head's column(s): `clip_<name>` (lstm,
-attention), `code` (autoencoder), or `pred` and `probs` (linear, mlp). Nothing is decoded again:
+uri, label, split, in OUT's partition folders) with the head's column(s): `clip_<name>` with `pred`
+and `probs` from the classifier trained with it (lstm, attention), `code` (autoencoder), or `pred`
+and `probs` (linear, mlp). Nothing is decoded again:
 the input column is read from OUT's Parquet files. OUT's error rows have no features and are not
 carried over: OUT2's plan is OUT's feature rows (saved as OUT2/_plan.parquet, so `featurize
 status` and `inspect` read OUT2 as they read a run's output).

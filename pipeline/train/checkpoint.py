@@ -1,13 +1,20 @@
 """A trained head's checkpoint directory: what `featurize train` writes and `apply` and jobs load.
 
     config.json        kind, head sizes, input column and dimension, label classes in order, the
-                       features table's provenance, the training settings, final metrics. Written
-                       last: a directory without it holds no finished checkpoint.
-    model.safetensors  the whole trained head (state dict)
-    head.safetensors   lstm/attention only: the temporal head alone, with head.json beside it,
-    head.json          the format an extraction job's `temporal:` entry loads (`checkpoint: DIR`)
+                       input normalisation (`normalize`, also in `head`), the features table's
+                       provenance, the training settings, final metrics. Written last: a directory
+                       without it holds no finished checkpoint.
+    model.safetensors  the whole trained head (state dict); with `normalize: standard` it holds the
+                       training rows' per-dimension mean and std too (buffers `norm.mean`,
+                       `norm.std`; `head.norm.*` for lstm/attention), so every loader applies them
+    head.safetensors   lstm/attention only: the temporal head alone (its normalisation included),
+    head.json          with head.json beside it (`normalize` too): the format an extraction job's
+                       `temporal:` entry loads (`checkpoint: DIR`)
     metrics.json       per-epoch train and validation loss and accuracy (or reconstruction error)
     curves.png         the learning curves
+
+A checkpoint written before normalisation existed (no `normalize` key, no buffers) loads as
+`normalize: none`; the weights are otherwise loaded strictly (a missing or extra key is refused).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..output.store import filesystem, write_atomic
 from ..redact import redact_strings
-from .models import CLASSIFIERS, KINDS, TEMPORAL, build, temporal_config
+from .models import CLASSIFIERS, KINDS, TEMPORAL, build, normalize_mode, temporal_config
 
 CONFIG, MODEL, HEAD, HEAD_JSON, METRICS, CURVES = ("config.json", "model.safetensors", "head.safetensors",
                                                    "head.json", "metrics.json", "curves.png")
@@ -73,25 +80,36 @@ class Checkpoint:
     def classes(self) -> List[str]:
         return list(self.config.get("classes") or [])
 
+    @property
+    def normalize(self) -> str:
+        return normalize_mode(self.config.get("head") or {})
+
     def columns(self, name: str, dtype: str = "float32") -> List[Tuple[str, pa.DataType]]:
-        """The columns apply writes: clip_<name>; code; or pred and probs."""
+        """The columns apply writes: clip_<name>, pred and probs (from the temporal head's classifier);
+        code; or pred and probs."""
         value = pa.float16() if dtype == "float16" else pa.float32()
+        scores = [("pred", pa.string()), ("probs", pa.list_(pa.float32(), len(self.classes)))]
         if self.kind in TEMPORAL:
-            return [(f"clip_{name}", pa.list_(value, self.model.out_dim))]
+            return [(f"clip_{name}", pa.list_(value, self.model.out_dim)), *scores]
         if self.kind in CLASSIFIERS:
-            return [("pred", pa.string()), ("probs", pa.list_(pa.float32(), len(self.classes)))]
+            return scores
         return [("code", pa.list_(value, self.model.out_dim))]
 
     def outputs(self, x: np.ndarray, lengths: Optional[np.ndarray], name: str) -> Dict[str, np.ndarray]:
         """The columns' values for a batch of inputs (float32 (N, D), or (N, T, D) with lengths)."""
         with torch.inference_mode():
             n = None if lengths is None else torch.from_numpy(lengths)
-            out = self.model.embed(torch.from_numpy(x), n).float().numpy()
+            embedded = self.model.embed(torch.from_numpy(x), n)
+            probs = self.model.probs(embedded).float().numpy() if self.kind in TEMPORAL else None
+            out = embedded.float().numpy()
         if self.kind in TEMPORAL:
-            return {f"clip_{name}": out}
+            return {f"clip_{name}": out, **self._scores(probs)}
         if self.kind in CLASSIFIERS:
-            return {"pred": np.asarray(self.classes, dtype=object)[out.argmax(axis=1)], "probs": out}
+            return self._scores(out)
         return {"code": out}
+
+    def _scores(self, probs: np.ndarray) -> Dict[str, np.ndarray]:
+        return {"pred": np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)], "probs": probs}
 
     def provenance(self) -> Dict[str, Any]:
         return {"uri": self.uri, "kind": self.kind, "sha256": self.sha256, "input": self.input,
@@ -113,8 +131,8 @@ def load(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Checkpoi
         model = build(config["kind"], config["input"]["dim"], len(config.get("classes") or []) or 1,
                       config["head"])
         model.load_state_dict(load_state(data), strict=True)
-    except Exception as e:  # weights of another shape, a truncated file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    except Exception as e:  # weights of another shape, a truncated file, a key missing: its first lines
+        first = " ".join([line.strip() for line in str(e).splitlines() if line.strip()][:2])
         raise CheckpointError(f"{uri}: {MODEL} does not fit {CONFIG} ({type(e).__name__}: {first})") from None
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a training gone to NaN: its outputs would be NaN, its predictions one class

@@ -24,13 +24,15 @@ def train_loop(config: Dict[str, Any]) -> None:
     import torch
     from ray.train.torch import get_device, prepare_model
 
-    from .models import build
+    from .models import build, normalizer
 
     plan = config["plan"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"])
     device = get_device()
     model = build(plan.kind, plan.dim, len(plan.classes) or 1, config["head"], config["seed"])
+    if config.get("statistics"):  # head.normalize standard: the driver's (moments.py); a resume loads them too
+        normalizer(model).set_statistics(config["statistics"]["mean"], config["statistics"]["std"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     history: List[Dict[str, Any]] = []
     resumed = ray.train.get_checkpoint()
@@ -103,7 +105,7 @@ def _pass(model, shard, plan, device, config, optimizer, epoch: int, name: str) 
             loss = F.cross_entropy(out, y)
             sums[1] += (out.argmax(dim=1) == y).sum().item()
         else:
-            loss = F.mse_loss(out, x)
+            loss = F.mse_loss(out, getattr(model, "module", model).target(x))  # its normalised input
         if optimizer is not None:
             optimizer.zero_grad()
             loss.backward()

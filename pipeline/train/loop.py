@@ -104,6 +104,7 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
         # far more than its rows (Ray Data starts its read and map tasks every time).
         datasets = {k: v.materialize() for k, v in datasets.items()}
     loop_config["datasets"] = sorted(datasets)
+    loop_config["statistics"] = _statistics(cfg, datasets["train"], local=size <= cache_bytes(cfg))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -130,6 +131,16 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     with result.checkpoint.as_directory() as d:
         state = epoch_state.load_folder(d)  # safetensors and JSON: never a pickle
     return state, state["resumed_from"]
+
+
+def _statistics(cfg: TrainConfig, train_rows, local: bool) -> Optional[Dict[str, Any]]:
+    """head.normalize standard: the training rows' mean and std (moments.py), before the workers
+    start; they set them in the head, whose weights then carry them everywhere."""
+    if cfg.head.normalize != "standard":
+        return None
+    from .moments import standard_statistics
+
+    return standard_statistics(train_rows, local)
 
 
 def _check_local_resources(cfg: TrainConfig) -> None:
@@ -218,6 +229,7 @@ def _write_checkpoint(cfg: TrainConfig, table: FeatureTable, plan: Plan, state: 
               "label": plan.label if plan.classes else None, "classes": plan.classes,
               "source": {**table.provenance(), "lineage": plan.settings["table"]}, "train": plan.settings,
               "rows": {"train": plan.train_rows, "val": plan.val_rows}, "metrics": metrics[-1] if metrics else {}}
+    config["normalize"] = cfg.head.normalize  # standard: the statistics are buffers in the weights
     ckpt.save(cfg.output.uri, cfg.out_options, model, config, metrics, curves_png(metrics, f"{cfg.name} ({plan.kind})"))
     fs, root = filesystem(cfg.output.uri, cfg.out_options)
     outdir.drop_runs(fs, root.rstrip("/"), plan)

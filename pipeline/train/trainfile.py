@@ -39,6 +39,9 @@ class HeadConfig:
     bidirectional: bool = False  # lstm
     dropout: float = 0.0  # mlp
     code_dim: Optional[int] = None  # autoencoder: required
+    # the input, before the head sees it: standard (per-dimension mean and std of the training rows,
+    # saved in the checkpoint), l2 (each vector, each frame, to unit length) or none
+    normalize: Literal["standard", "l2", "none"] = "standard"
 
 
 @dataclass

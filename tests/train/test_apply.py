@@ -151,6 +151,7 @@ def test_an_lstm_over_frame_features_and_an_autoencoder(tmp_path):
     assert_exactly_once(str(tmp_path / "clips"), ids)
     got = read_features(str(tmp_path / "clips"))
     assert got.schema.field("clip_mine").type == pa.list_(pa.float16(), 6)  # OUT's dtype, the head's size
+    assert got.schema.field("probs").type == pa.list_(pa.float32(), 3) and "pred" in got.column_names  # its classifier's
     assert {p.name for p in (tmp_path / "clips" / "features" / "split_dir=train").iterdir()} == \
         {f"label_dir={c}" for c in CLASSES}
     check_values(tmp_path / "clips", expected(lstm, out, "frame_features", "mine"), atol=2e-3)
