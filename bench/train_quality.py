@@ -49,7 +49,7 @@ def make_tasks(args) -> dict:
     return made
 
 
-def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict):
+def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_apply: bool = True):
     """(held-out accuracy, the checkpoint's selected_by) of the default training file."""
     from pipeline.output.table import open_table
     from pipeline.train import checkpoint as ckpt
@@ -64,14 +64,15 @@ def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict):
     result = train(cfg, say=lambda line: None)
     applied = f"{out}-applied"
     shutil.rmtree(applied, ignore_errors=True)
-    apply_head(out, uri, applied, name=kind)
-    t = open_table(applied).dataset().to_table().sort_by("sample_id")
-    test = np.asarray(t["split"].to_pylist(), dtype=object) == "test"
-    if "pred" in t.schema.names:
+    if via_apply:
+        apply_head(out, uri, applied, name=kind)
+    t = open_table(applied).dataset().to_table().sort_by("sample_id") if via_apply else None
+    if t is not None and "pred" in t.schema.names:
+        test = np.asarray(t["split"].to_pylist(), dtype=object) == "test"
         pred = np.asarray(t["pred"].to_pylist(), dtype=object)[test]
         truth = np.asarray(t["label"].to_pylist(), dtype=object)[test]
         return float((pred == truth).mean()), result.selected_by
-    head = ckpt.load(out)  # lstm/attention before apply writes pred: the checkpoint's whole model
+    head = ckpt.load(out)  # lstm/attention before apply writes pred (or --no-apply): the checkpoint's model
     x, lengths = d["x"][d["test"]], None if d["lengths"] is None else d["lengths"][d["test"]]
     import torch
 
@@ -101,7 +102,7 @@ def table(made: dict, args) -> None:
         n = f"{d['train'].sum()}/{d['val'].sum()}/{d['test'].sum()}"
         for kind in kinds:
             ref, how = reference(d, kind, args)
-            got, kept = default_accuracy(task, uri, kind, column, d)
+            got, kept = default_accuracy(task, uri, kind, column, d, args.apply)
             print(f"| {task} | {kind} | {n} | {got:.3f} | {ref:.3f} | {got / ref:.2f} | {kept} | {how} |", flush=True)
 
 
@@ -129,6 +130,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="the reference loop's (default: train.epochs')")
     p.add_argument("--batch", type=int, default=None, help="the reference loop's (default: train.batch_size's)")
     p.add_argument("--seeds", type=int, default=2, help="reference loop runs averaged")
+    p.add_argument("--no-apply", dest="apply", action="store_false",
+                   help="predict with the checkpoint's model (Checkpoint.outputs, what apply runs) without apply's job")
     p.add_argument("--grid", action="store_true", help="the recipe measurement instead of the table")
     p.add_argument("--grid-lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
     p.add_argument("--grid-epochs", type=int, nargs="+", default=[20, 40])

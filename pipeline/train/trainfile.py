@@ -44,7 +44,7 @@ class HeadConfig:
 class TrainSettings:
     # AdamW; the defaults were chosen on bench/train_quality.py's tasks (bench/README.md says how)
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 0.001
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"  # the learning rate per step, after the warm-up
