@@ -45,7 +45,7 @@ class TrainSettings:
     # AdamW; the defaults were chosen on bench/train_quality.py's tasks (bench/README.md says how)
     epochs: int = 20
     batch_size: int = 32
-    lr: float = 0.001
+    lr: float = 0.01
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"  # the learning rate per step, after the warm-up
     warmup: float = 0.05  # the share of the steps whose learning rate rises linearly from 0 (0: none)
