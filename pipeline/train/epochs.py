@@ -1,7 +1,9 @@
 """The training's epochs, as each Ray Train worker runs them (loop.py starts them).
 
 Each epoch every worker reports its metrics and rank 0 the epoch's state (state.py: safetensors and
-JSON) as a Ray Train checkpoint, from which a stopped training resumes. An epoch whose loss (or the
+JSON: the weights, the optimizer's and the learning-rate scheduler's states, the best epoch so far
+and its weights) as a Ray Train checkpoint, from which a stopped training resumes; `train.patience`
+epochs without a better one end the training early (selection.py). An epoch whose loss (or the
 weights it leaves) is not finite ends the training: its state is not saved, and the driver is told
 through the lines queue (`{"stopped": ...}`), since Ray Train's result only holds checkpointed reports.
 """
@@ -14,8 +16,10 @@ from typing import Any, Dict, List, Optional
 
 from .. import faults
 from ..progress import clock
+from . import recipe
 from . import state as epoch_state
 from .models import supervised
+from .selection import Selection
 
 
 def train_loop(config: Dict[str, Any]) -> None:
@@ -33,22 +37,30 @@ def train_loop(config: Dict[str, Any]) -> None:
     model = build(plan.kind, plan.dim, len(plan.classes) or 1, config["head"], config["seed"])
     if config.get("statistics"):  # head.normalize standard: the driver's (moments.py); a resume loads them too
         normalizer(model).set_statistics(config["statistics"]["mean"], config["statistics"]["std"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer, scheduler = recipe.optimizer_and_schedule(model, config)
     history: List[Dict[str, Any]] = []
+    chosen = Selection(supervised(plan.kind), config["select"], config["patience"])
     resumed = ray.train.get_checkpoint()
     if resumed is not None:  # an earlier run of this training stopped: go on from its last epoch
         with resumed.as_directory() as d:
             state = epoch_state.load_folder(d)  # safetensors and JSON: never a pickle
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state["scheduler"] is not None:  # the learning rate goes on along the same curve
+            scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
+        chosen = Selection(supervised(plan.kind), config["select"], config["patience"], state["best"])
+        chosen.weights = state["best_model"]
     first = len(history)
     model = prepare_model(model)
+    if history and chosen.stop(len(history)):  # it had stopped early: nothing left to do
+        return
     shards = {name: ray.train.get_dataset_shard(name) for name in config["datasets"]}
+    steps = {"optimizer": optimizer, "scheduler": scheduler, "clip": recipe.clip_norm(plan.kind, config["clip_grad"])}
     for epoch in range(first, config["epochs"]):
         t = time.time()
-        row: Dict[str, Any] = {"epoch": epoch + 1}
-        row.update(_pass(model, shards["train"], plan, device, config, optimizer, epoch, "train"))
+        row: Dict[str, Any] = {"epoch": epoch + 1, "lr": round(scheduler.get_last_lr()[0], 8)}
+        row.update(_pass(model, shards["train"], plan, device, config, steps, epoch, "train"))
         if shards.get("val") is not None:
             with torch.no_grad():
                 row.update(_pass(model, shards["val"], plan, device, config, None, epoch, "val"))
@@ -61,16 +73,23 @@ def train_loop(config: Dict[str, Any]) -> None:
         row["seconds"] = round(time.time() - t, 3)
         row["samples_per_s"] = round(row.pop("train_rows") / max(row["seconds"], 1e-9), 1)
         history.append(row)
+        chosen.update(row, bare.state_dict())
+        early = chosen.stop(epoch + 1)  # the same on every worker: the metrics are all-reduced
         checkpoint = None
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                epoch_state.save(d, bare.state_dict(), optimizer.state_dict(), history, first)
+                epoch_state.save(d, bare.state_dict(), optimizer.state_dict(), history, first,
+                                 scheduler.state_dict(), chosen.record or None, chosen.weights)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
                 ran = history[first:]  # this run's epochs: their mean time, for the time left
                 eta = sum(r["seconds"] for r in ran) / len(ran) * (config["epochs"] - epoch - 1)
-                config["lines"].put(format_epoch(row, config["epochs"], eta))
+                config["lines"].put(format_epoch(row, config["epochs"], None if early else eta))
+                if early:
+                    config["lines"].put(early)
             ray.train.report(row, checkpoint=checkpoint)
         faults.point("epoch", str(epoch + 1))  # the tests stop a training here, its epoch saved
+        if early:
+            return
 
 
 def _not_finite(row: Dict[str, Any], model) -> Optional[str]:
@@ -86,12 +105,18 @@ def _not_finite(row: Dict[str, Any], model) -> Optional[str]:
     return None
 
 
-def _pass(model, shard, plan, device, config, optimizer, epoch: int, name: str) -> Dict[str, Any]:
-    """One pass over a dataset shard: mean loss (and accuracy), summed across workers, and whether
-    a batch's loss was not finite (the pass goes on: under DDP every worker must take each step)."""
+def _pass(model, shard, plan, device, config, steps, epoch: int, name: str) -> Dict[str, Any]:
+    """One pass over a dataset shard (training when `steps` holds the optimizer, scheduler and clip):
+    mean loss (and accuracy), summed across workers, and whether a batch's loss was not finite (the
+    pass goes on: under DDP every worker must take each step). Class weights weigh the training loss
+    only: the validation loss stays comparable between trainings."""
     import torch
     import torch.nn.functional as F
 
+    optimizer = steps["optimizer"] if steps else None
+    weight = None
+    if optimizer is not None and config.get("class_weights"):
+        weight = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
     model.train(optimizer is not None)
     sums = torch.zeros(4, dtype=torch.float64)  # loss * rows, correct, rows, batches with a non-finite loss
     batches = shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
@@ -102,14 +127,17 @@ def _pass(model, shard, plan, device, config, optimizer, epoch: int, name: str) 
         out = model(x, lengths)
         if supervised(plan.kind):
             y = batch["y"]
-            loss = F.cross_entropy(out, y)
+            loss = F.cross_entropy(out, y, weight=weight)
             sums[1] += (out.argmax(dim=1) == y).sum().item()
         else:
             loss = F.mse_loss(out, getattr(model, "module", model).target(x))  # its normalised input
         if optimizer is not None:
             optimizer.zero_grad()
             loss.backward()
+            if steps["clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), steps["clip"])
             optimizer.step()
+            steps["scheduler"].step()
         value = loss.item()
         if math.isfinite(value):
             sums[0] += value * len(x)

@@ -50,6 +50,7 @@ class TrainResult:
     resumed_from: int  # epochs an earlier, stopped run had done
     wall_s: float
     already_done: bool = False
+    selected_by: str = ""  # which epoch the checkpoint holds and why (config.json's selected_by)
 
 
 # ---------------------------------------------------------------- the driver
@@ -94,7 +95,7 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     lines = Queue()  # the workers' epoch lines, printed here as they come (the driver's console)
     loop_config = {"plan": plan, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                    "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-                   "head": dataclasses.asdict(cfg.head), "lines": lines}
+                   "head": dataclasses.asdict(cfg.head), "lines": lines, **_recipe(cfg, plan)}
     size = _parquet_bytes(table)
     # A table this small is read here and handed to Ray as blocks: starting Ray Data's read and
     # map tasks (and their worker processes) took longer than the rows (the order demo: ~12 s).
@@ -141,6 +142,16 @@ def _statistics(cfg: TrainConfig, train_rows, local: bool) -> Optional[Dict[str,
     from .moments import standard_statistics
 
     return standard_statistics(train_rows, local)
+
+
+def _recipe(cfg: TrainConfig, plan: Plan) -> Dict[str, Any]:
+    """What the workers' optimiser, schedule, epoch selection and loss need (recipe.py, selection.py)."""
+    from .recipe import steps_per_epoch
+
+    t = cfg.train
+    return {"schedule": t.schedule, "warmup": t.warmup, "clip_grad": t.clip_grad, "select": t.select,
+            "patience": t.patience, "class_weights": plan.class_weights,
+            "steps_per_epoch": steps_per_epoch(plan.train_rows, t.workers, t.batch_size)}
 
 
 def _check_local_resources(cfg: TrainConfig) -> None:
@@ -221,16 +232,27 @@ def _write_checkpoint(cfg: TrainConfig, table: FeatureTable, plan: Plan, state: 
     from .plot import curves_png
 
     model = build(plan.kind, plan.dim, len(plan.classes) or 1, dataclasses.asdict(cfg.head), cfg.train.seed)
-    model.load_state_dict(state["model"])
     metrics = state["history"]
+    epoch, selected_by = _selected(cfg, plan, state)
+    model.load_state_dict(state["best_model"] if epoch != len(metrics) and state["best_model"] else state["model"])
     config = {"name": cfg.name, "kind": plan.kind,
               "input": {"column": plan.column, "dim": plan.dim, "frames": plan.frames},
               "head": dataclasses.asdict(cfg.head), "out_dim": int(model.out_dim),
               "label": plan.label if plan.classes else None, "classes": plan.classes,
               "source": {**table.provenance(), "lineage": plan.settings["table"]}, "train": plan.settings,
-              "rows": {"train": plan.train_rows, "val": plan.val_rows}, "metrics": metrics[-1] if metrics else {}}
+              "rows": {"train": plan.train_rows, "val": plan.val_rows},
+              "metrics": metrics[epoch - 1] if metrics else {}, "epoch": epoch, "selected_by": selected_by}
     config["normalize"] = cfg.head.normalize  # standard: the statistics are buffers in the weights
     ckpt.save(cfg.output.uri, cfg.out_options, model, config, metrics, curves_png(metrics, f"{cfg.name} ({plan.kind})"))
     fs, root = filesystem(cfg.output.uri, cfg.out_options)
     outdir.drop_runs(fs, root.rstrip("/"), plan)
-    return TrainResult(cfg.output.uri, len(metrics), metrics, resumed, time.time() - t0)
+    return TrainResult(cfg.output.uri, len(metrics), metrics, resumed, time.time() - t0, selected_by=selected_by)
+
+
+def _selected(cfg: TrainConfig, plan: Plan, state: Dict[str, Any]):
+    """(the epoch the checkpoint holds, 1-based, and why), from the last epoch state's record."""
+    from .selection import Selection
+
+    chosen = Selection(supervised(plan.kind), cfg.train.select, cfg.train.patience, state["best"])
+    run = len(state["history"])
+    return chosen.selected_by(run, early=run < cfg.train.epochs)

@@ -20,6 +20,8 @@ def format_training(cfg: TrainConfig, result) -> str:
                  + (f" in {result.wall_s:.1f} s" if result.wall_s else ""))
     if final:
         lines.append(f"final        {', '.join(final)}")
+    if getattr(result, "selected_by", ""):
+        lines.append(f"kept         {result.selected_by}")
     out = cfg.output.uri.rstrip("/")
     lines.append(f"checkpoint   {out} (curves: {out}/{CURVES})")
     if cfg.head.kind in ("lstm", "attention"):

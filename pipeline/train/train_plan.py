@@ -23,6 +23,7 @@ from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE
 from ..redact import redact, redact_text
 from .models import TEMPORAL, supervised
+from .recipe import class_weights
 from .trainfile import TrainConfig
 
 OVERWRITE = "run with --overwrite (featurize.train(..., overwrite=True)) to replace it, or choose another output.uri"
@@ -42,6 +43,7 @@ class Plan:
     val_rows: int
     settings: Dict[str, Any]  # what decides the checkpoint: a rerun with other settings is refused
     train_splits: Optional[List[str]] = None  # train_split null with a val_split: the other splits
+    class_weights: Optional[List[float]] = None  # train.class_weights balanced: the loss's weight per class
 
     @property
     def fingerprint(self) -> str:
@@ -76,8 +78,9 @@ def plan_training(cfg: TrainConfig, note: Optional[Callable[[str], None]] = None
                 "table": table.lineage()}  # which table: a rebuilt one (other model, other files) is another
     for how in ("storage_options", "cache"):  # how the table is read, not what is learned
         settings["data"].pop(how, None)
+    weights = class_weights(classes, train_counts, cfg.train.class_weights) if classes else None
     return table, Plan(cfg.head.kind, cfg.data.column, cfg.data.label, dim, frames, classes,
-                       sum(train_counts.values()), sum(val_counts.values()), settings, train_splits)
+                       sum(train_counts.values()), sum(val_counts.values()), settings, train_splits, weights)
 
 
 def _stderr(line: str) -> None:

@@ -46,10 +46,17 @@ class HeadConfig:
 
 @dataclass
 class TrainSettings:
+    # AdamW; the defaults were chosen on bench/train_quality.py's tasks (bench/README.md says how)
     epochs: int = 20
-    batch_size: int = 64
-    lr: float = 0.001
+    batch_size: int = 32
+    lr: float = 0.01
     weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"  # the learning rate per step, after the warm-up
+    warmup: float = 0.05  # the share of the steps whose learning rate rises linearly from 0 (0: none)
+    clip_grad: Optional[float] = None  # the gradients' norm cap; null: 1.0 for lstm and attention, none else
+    select: Literal["best", "last"] = "best"  # best: the epoch of the best validation accuracy (loss: autoencoder)
+    patience: Optional[int] = None  # stop after this many epochs without a better one; null: never early
+    class_weights: Literal["balanced", "none"] = "none"  # balanced: n / (classes * count) per class in the loss
     seed: int = 0
     workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False
@@ -118,6 +125,12 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.seed: must be an integer in [0, 2**32), got {cfg.train.seed}")
     _number("train.lr", cfg.train.lr, "must be positive", lambda v: v > 0)
     _number("train.weight_decay", cfg.train.weight_decay, "must be 0 or more", lambda v: v >= 0)
+    _number("train.warmup", cfg.train.warmup, "must lie in [0, 1)", lambda v: 0 <= v < 1)
+    if cfg.train.clip_grad is not None:
+        _number("train.clip_grad", cfg.train.clip_grad, "must be 0 (no clipping) or more", lambda v: v >= 0)
+    if cfg.train.patience is not None and cfg.train.patience < 1:
+        raise ConfigError(f"train.patience: must be a positive number of epochs (null: no early stop), "
+                          f"got {cfg.train.patience}")
     _number("train.cpus_per_worker", cfg.train.cpus_per_worker, "must be positive", lambda v: v > 0)
     cache_bytes(cfg)  # refuses what is not a size
     if not 0 <= cfg.head.dropout < 1:
