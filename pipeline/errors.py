@@ -39,3 +39,7 @@ class SampleError(Exception):
     @property
     def kind(self) -> str:
         return self.error_type or type(self).__name__
+
+
+class EvalError(Refused, ValueError):
+    """An evaluation that cannot run as asked (featurize eval, featurize.evaluate): names the problem."""
