@@ -63,12 +63,13 @@ def evaluate_head(checkpoint: str, input_uri: str, split: Optional[str] = None,
     options = dict(storage_options or {})
     ck_options = options if same_store(checkpoint, input_uri) else {}
     head, table = open_both(checkpoint, ck_options, input_uri, options)
-    check_fits(head, table, checkpoint, input_uri, allow_other_source)
+    check_fits(head, table, checkpoint, input_uri)
     if split is not None:
         splits = _splits(table)
         if split not in splits:
             raise EvalError(f"--split {split!r}: {redact_text(input_uri)} has no rows of it (splits: "
                             f"{', '.join(map(repr, splits)) or 'none'})")
+    check_input(head, table, checkpoint, input_uri, allow_other_source, EvalError)  # refuses, or warns
     result = evaluate(head, table, split=split)
     if write:
         tag = split or "all"
@@ -83,9 +84,9 @@ def open_both(checkpoint: str, ck_options: Dict[str, Any], input_uri: str, optio
         raise EvalError(str(e)) from None
 
 
-def check_fits(head: Checkpoint, table: FeatureTable, checkpoint: str, input_uri: str, allow: bool) -> None:
-    """The head's input column, its shape and dimension, and (for a classifier) the label column;
-    then the provenance check apply makes (guard.check_input)."""
+def check_fits(head: Checkpoint, table: FeatureTable, checkpoint: str, input_uri: str) -> None:
+    """The head's input column, its shape and dimension, and (for a classifier) the label column, as
+    apply checks them (the provenance is guard.check_input's, after)."""
     column, dim = head.input["column"], int(head.input["dim"])
     if column not in table.schema.names:
         raise EvalError(f"checkpoint {checkpoint} reads column {column!r}, which {input_uri} does not have "
@@ -104,7 +105,6 @@ def check_fits(head: Checkpoint, table: FeatureTable, checkpoint: str, input_uri
     label = head.config.get("label") or "label"
     if supervised(head.kind) and label not in table.schema.names:
         raise EvalError(f"{input_uri} has no label column {label!r}: a {head.kind} head is evaluated against it")
-    check_input(head, table, checkpoint, input_uri, allow, EvalError)
 
 
 def _splits(table: FeatureTable) -> List[str]:

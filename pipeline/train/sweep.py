@@ -8,7 +8,8 @@ runs them: in Ray 2.60 Ray Train is its V2, whose trainers a Tuner no longer tak
 trial is a function that builds the TorchTrainer and fits it, with TuneReportCallback passing the
 epochs' metrics on to Tune (Ray's "Hyperparameter Tuning with Ray Tune" guide for Train V2). The
 trials run one at a time by default (`max_concurrent_trials`); a trial's function reserves no CPU,
-its Ray Train workers do.
+its Ray Train workers do
+(a token 0.01).
 
 Every trial's epochs come from its own last Ray Train checkpoint (state.py), so a rerun after an
 interruption resumes each trial where it stopped. The best trial is the one with the best
@@ -17,9 +18,12 @@ validation accuracy (validation loss for an autoencoder) at the epoch its checkp
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -33,6 +37,7 @@ from .train_plan import TrainError
 SWEEP_JSON, SWEEP_PNG = "sweep.json", "sweep.png"
 DEFAULT_WEIGHT_DECAY = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 KEYS = ("weight_decay", "lr", "max_concurrent_trials")
+TRIAL_CPU = 0.01
 
 
 @dataclass
@@ -89,7 +94,8 @@ class Sweep:
                                                           if k != "lines"},
                  "storage": f"{run.storage_path}/{run.name}", "fs": run.storage_filesystem,
                  "checkpoint_config": run.checkpoint_config}
-        trainable = tune.with_resources(tune.with_parameters(_trial, parts=parts, queues=queues), {"CPU": 0})
+        # the trial's function only waits on its run: a token CPU (Ray refuses a request of nothing)
+        trainable = tune.with_resources(tune.with_parameters(_trial, parts=parts, queues=queues), {"CPU": TRIAL_CPU})
         space = {"train_loop_config": tune.grid_search([{"trial": i, **p} for i, p in enumerate(points)])}
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric=self.metric, mode="max" if self.metric == "val_acc"
@@ -97,7 +103,9 @@ class Sweep:
                            run_config=tune.RunConfig(name="tune", storage_path=parts["storage"],
                                                      storage_filesystem=parts["fs"], verbose=0))
         try:
-            grid = tuner.fit()
+            # Tune's console tables and INFO lines stay off the console: the trials' epoch lines are the progress
+            with _env("RAY_AIR_NEW_OUTPUT", "0"), _quiet("ray.tune"):
+                grid = tuner.fit()
         finally:
             stop.set()
             for p in printers:
@@ -117,7 +125,8 @@ class Sweep:
         record: Dict[str, Any] = {"trial": i + 1, **point, "score": None, "epochs": []}
         result = None
         try:
-            result = ray.train.Result.from_path(f"{parts['storage']}/trial-{i}", parts["fs"])
+            with _quiet("ray.train"):  # it logs a paragraph about the snapshot it found: that is the point here
+                result = ray.train.Result.from_path(f"{parts['storage']}/trial-{i}", parts["fs"])
         except Exception as e:  # no checkpoint at all: the trial failed, or stopped in its first epoch
             record["note"] = f"no epoch saved ({type(e).__name__})"
         if result is not None and result.checkpoint is not None:
@@ -186,6 +195,31 @@ def _prefixed(say: Callable[[str], None], i: int, points: List[Dict[str, float]]
     p = points[i]
     head = f"trial {i + 1}/{len(points)} (weight_decay {p['weight_decay']:g}, lr {p['lr']:g})"
     return lambda line: say(f"{head}  {line}")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Read by Tune in this process only (its output engine: the old one honours verbose=0)."""
+    was = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = was
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def ray_kill(queue) -> None:
