@@ -272,38 +272,6 @@ def save(result: Dict[str, Any], checkpoint: str, options: Dict[str, Any], json_
     return tuple(result["files"])
 
 
-def format_evaluation(result: Dict[str, Any], where: str = "") -> str:
-    """The readable summary `featurize eval` prints (and `train` its first lines)."""
-    lines = [f"evaluated    {result['kind']} head on {redact_text(result['input'])} ({result['rows_are']}): "
-             f"{result['rows']} rows, on {result['computed_on']}"]
-    if "accuracy" in result:
-        acc, topk, f1 = result["accuracy"], result.get("top_k_accuracy"), result["macro"]["f1"]
-        lines.append(f"accuracy     {_num(acc)}   top-{result['top_k']} {_num(topk)}   macro F1 {_num(f1)}")
-        lines.append(f"{'class':<24} {'precision':>9} {'recall':>8} {'f1':>8} {'support':>8}")
-        for row in result["per_class"]:
-            name = row["class"] if len(row["class"]) <= 24 else row["class"][:23] + "…"
-            lines.append(f"{name:<24} {row['precision']:>9.3f} {row['recall']:>8.3f} {row['f1']:>8.3f} "
-                         f"{row['support']:>8}")
-        unknown = result.get("unknown_labels", {})
-        if unknown.get("rows"):
-            shown = ", ".join(f"{k}: {v}" for k, v in unknown["labels"].items())
-            lines.append(f"unknown      {unknown['rows']} rows with a label the head does not know ({shown}): "
-                         "not scored")
-    else:
-        lines.append(f"recon. error {_num(result['reconstruction_mse'], 5)} (mean squared, per value)")
-        probe = result.get("nearest_centroid")
-        if probe:
-            lines.append(f"centroid acc code {_num(probe['code'])}   input {_num(probe['input'])}   "
-                         f"({probe['classes']} labels, nearest class mean, leave one out)")
-    if where:
-        lines.append(f"written      {', '.join(f'{where}/{f}' for f in result.get('files', []))}")
-    return redact_text("\n".join(lines))
-
-
-def _num(value: Optional[float], digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def evaluate_training(cfg) -> Optional[Dict[str, Any]]:
     """The end of `featurize train`: the head just written, on its validation rows (data.val_split's,
     or the data.val_fraction the training held out), into eval.json and confusion.png; None without
