@@ -104,8 +104,12 @@ def evaluate(checkpoint: str, input: str, split: Optional[str] = None,  # noqa: 
     eval` says it: accuracy, top-k, per-class precision/recall/F1, the confusion matrix (an
     autoencoder: reconstruction error, nearest-centroid accuracy). Runs on the CPU here, no Ray;
     options: storage_options=, allow_other_source=, write= (eval-<split>.json into the checkpoint)."""
+    from .errors import EvalError
     from .train.evaluate import evaluate_head
 
+    for key in options:  # a typo is a refusal naming it, not a TypeError
+        if key not in ("storage_options", "allow_other_source", "write"):
+            raise EvalError(f"{key}: not an option of evaluate (options: storage_options, allow_other_source, write)")
     return evaluate_head(checkpoint, input, split, **options)
 
 

@@ -219,6 +219,8 @@ def test_the_api_refuses_bad_arguments(table, tmp_path):
         evaluate_head(head, table, split=3)
     with pytest.raises(EvalError, match="--input: must not be empty"):
         evaluate_head(head, " ")
+    with pytest.raises(EvalError, match="splt: not an option of evaluate"):
+        featurize.evaluate(head, table, splt="test")
 
 
 def test_an_lstm_is_scored_on_its_classifiers_logits(tmp_path):
