@@ -80,7 +80,7 @@ def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, 
     best on the validation rows kept (`featurize train --sweep`)."""
     from .train.guard import check_train_call
     from .train.loop import train as train_head
-    from .train.sweep import parse_sweep
+    from .train.sweep_args import parse_sweep
     from .train.trainfile import parse_training
 
     check_train_call(training, overrides, address, say, verbose, overwrite)

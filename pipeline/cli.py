@@ -246,7 +246,7 @@ def _load_training(path: str, overrides: List[str]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, _ = _load_training(args.job, args.overrides)  # before Ray and torch: a bad file is refused at once
-    from .train.sweep import parse_sweep
+    from .train.sweep_args import parse_sweep
 
     sweep = parse_sweep(args.sweep)  # a bad --sweep value too
     from .train.loop import train

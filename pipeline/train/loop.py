@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
     t0 = time.time()
     table, plan = plan_training(cfg)
     if sweep is not None:  # its grid decides the checkpoint too: another grid is another training
-        sweep.prepare(cfg, plan)
+        sweep.prepare(cfg, plan, address)
         plan.settings["sweep"] = sweep.settings(cfg.train.lr)
     fs, root = filesystem(cfg.output.uri, cfg.out_options)
     root = root.rstrip("/")

@@ -26,9 +26,8 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional
 
-from ..config import ConfigError
 from ..output.store import filesystem, write_atomic
 from ..redact import redact_text
 from .models import supervised
@@ -51,6 +50,7 @@ class Sweep:
     output: Any = None  # (uri, storage options) of the checkpoint directory, set by prepare()
     kind: str = ""
     select: str = "last"
+    local: bool = True  # an embedded Ray (no --address): what it has is all it will have
 
     def points(self, file_lr: float) -> List[Dict[str, float]]:
         return [{"lr": lr, "weight_decay": wd} for lr, wd in itertools.product(self.lr or [file_lr], self.weight_decay)]
@@ -59,8 +59,9 @@ class Sweep:
         """What of the sweep decides the checkpoint (its fingerprint): the grid, not the concurrency."""
         return {"weight_decay": list(self.weight_decay), "lr": list(self.lr or [file_lr])}
 
-    def prepare(self, cfg, plan) -> None:
+    def prepare(self, cfg, plan, address: Optional[str] = None) -> None:
         """Refuse a sweep that cannot choose (no validation rows); note where its record goes."""
+        self.local = not address
         if not plan.val_rows:
             raise TrainError("--sweep: the sweep chooses on the validation rows and this training has none; set "
                              "data.val_split or data.val_fraction")
@@ -81,6 +82,7 @@ class Sweep:
         from ray.util.queue import Queue
 
         run = trainer.run_config
+        self._check_room(trainer)
         points = self.points(trainer.train_loop_config["lr"])
         queues, stopped = [Queue() for _ in points], [[] for _ in points]
         stop = threading.Event()
@@ -116,6 +118,18 @@ class Sweep:
         results = [self._record(i, p, parts, errors.get(i), stopped[i]) for i, p in enumerate(points)]
         return self._choose(results)
 
+    def _check_room(self, trainer) -> None:
+        """An embedded Ray cannot grow: the trial's token CPU on top of workers that take every CPU
+        would wait forever (loop._check_local_resources checked the workers alone)."""
+        import ray
+
+        scaling = trainer.scaling_config
+        need = TRIAL_CPU + scaling.num_workers * (scaling.resources_per_worker or {}).get("CPU", 1)
+        have = ray.cluster_resources().get("CPU", 0)
+        if self.local and need > have:
+            raise TrainError(f"--sweep: a trial needs {need:g} CPUs (its workers and {TRIAL_CPU:g} for the trial), "
+                             f"this machine's Ray has {have:g}; lower train.workers or train.cpus_per_worker")
+
     def _record(self, i: int, point: Dict[str, float], parts: Dict[str, Any], error, stopped: List[str]):
         """(the trial's record, its Ray Train Result or None), from its own run's last checkpoint."""
         import ray.train
@@ -145,7 +159,8 @@ class Sweep:
         if not scored:
             why = "; ".join(f"trial {r['trial']}: {r.get('error') or r.get('stopped') or r.get('note', 'no score')}"
                             for r, _ in results)
-            raise TrainError(f"--sweep: no trial finished an epoch ({why})")
+            failed = any(r.get("error") for r, _ in results)  # a failure (exit 1), not a value that diverged
+            raise (RuntimeError if failed else TrainError)(f"--sweep: no trial finished an epoch ({why})")
         best = max(scored, key=lambda s: s[0]["score"]) if self.metric == "val_acc" else \
             min(scored, key=lambda s: s[0]["score"])
         best[0]["best"] = True  # the first of equals: the grid's order (smaller lr, then weight decay)
@@ -247,65 +262,3 @@ def _trial(config: Dict[str, Any], parts: Dict[str, Any], queues) -> None:
                                        storage_filesystem=parts["fs"], checkpoint_config=parts["checkpoint_config"],
                                        callbacks=[TuneReportCallback()]))
     trainer.fit()
-
-
-# ---------------------------------------------------------------- the grid, from the CLI or the API
-
-def parse_sweep(given: Union[bool, Sequence[str], Mapping[str, Any], None]) -> Optional[Sweep]:
-    """`--sweep` (repeatable, bare or KEY=V1,V2,...) or featurize.train(sweep=True | {key: [values]})
-    -> the Sweep, or None for no sweep. Keys: weight_decay, lr, max_concurrent_trials."""
-    if given is None or given is False:
-        return None
-    values: Dict[str, Any] = {}
-    if isinstance(given, Mapping):
-        values = dict(given)
-    elif given is not True:
-        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
-            raise ConfigError(f"--sweep: expected True, a mapping or 'key=v1,v2' items, got {type(given).__name__}")
-        for item in given:
-            if not isinstance(item, str):
-                raise ConfigError(f"--sweep: expected 'key=v1,v2' items, got {type(item).__name__}")
-            if not item.strip():
-                continue  # a bare --sweep: the default grid
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--sweep {item!r}: expected KEY=V1,V2,... (keys: {', '.join(KEYS)})")
-            values[key.strip()] = [v.strip() for v in text.split(",")]
-    return _build(values)
-
-
-def _build(values: Dict[str, Any]) -> Sweep:
-    sweep = Sweep()
-    for key, value in values.items():
-        if key not in KEYS:
-            raise ConfigError(f"--sweep {key}: not a key of the sweep (keys: {', '.join(KEYS)})")
-        if key == "max_concurrent_trials":
-            n = value[0] if isinstance(value, list) and len(value) == 1 else value
-            try:
-                n = int(n)
-            except (TypeError, ValueError):
-                raise ConfigError(f"--sweep max_concurrent_trials: expected a positive integer, got {n!r}") from None
-            if n < 1:
-                raise ConfigError(f"--sweep max_concurrent_trials: expected a positive integer, got {n}")
-            sweep.max_concurrent_trials = n
-            continue
-        setattr(sweep, key, _numbers(key, value))
-    return sweep
-
-
-def _numbers(key: str, value: Any) -> List[float]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for v in items:
-        try:
-            number = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--sweep {key}: {v!r} is not a number") from None
-        if not math.isfinite(number) or number < 0 or (key == "lr" and number <= 0):
-            raise ConfigError(f"--sweep {key}: {v!r} must be a finite number {'> 0' if key == 'lr' else '>= 0'}")
-        out.append(number)
-    if not out:
-        raise ConfigError(f"--sweep {key}: no values")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"--sweep {key}: a value is given twice ({', '.join(map(str, items))})")
-    return sorted(out)

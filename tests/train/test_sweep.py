@@ -11,7 +11,8 @@ from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.loop import TrainError, train
-from pipeline.train.sweep import DEFAULT_WEIGHT_DECAY, SWEEP_JSON, SWEEP_PNG, kept, parse_sweep
+from pipeline.train.sweep import DEFAULT_WEIGHT_DECAY, SWEEP_JSON, SWEEP_PNG, kept
+from pipeline.train.sweep_args import parse_sweep
 from pipeline.train.trainfile import parse_training
 
 from tables import write_table
