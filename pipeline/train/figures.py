@@ -32,7 +32,8 @@ def confusion_png(matrix: np.ndarray, classes: List[str], title: str) -> bytes:
         image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
         fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class's rows")
         if n <= LABELS_UP_TO:
-            ax.set_xticks(range(n), labels=classes, rotation=90 if n > 6 else 0, fontsize=8)
+            wide = n > 6 and max(len(c) for c in classes) > 3  # long names side by side would overlap
+            ax.set_xticks(range(n), labels=classes, rotation=90 if wide else 0, fontsize=8)
             ax.set_yticks(range(n), labels=classes, fontsize=8)
         if n <= ANNOTATE_UP_TO:
             for i in range(n):
