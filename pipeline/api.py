@@ -5,6 +5,7 @@
     ids, labels, x = featurize.open("out/r50").to_numpy()
     featurize.train("jobs/demo_order_train.yaml")
     featurize.apply("out/demo-order-lstm-head", "out/demo-order", "out/demo-order-lstm")
+    featurize.evaluate("out/demo-order-lstm-head", "out/demo-order", split="test")
 
 Every call in one process shares one local Ray (started by the first that needs it), so a
 notebook can run several jobs in a row. Refusals raise the same errors the CLI turns into exit 2.
@@ -71,16 +72,21 @@ def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = No
 
 
 def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, *, address: Optional[str] = None,
-          say=print, verbose: bool = False, overwrite: bool = False):
-    """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch).
-    `say` gets a line per epoch (None: no lines); `overwrite`: replace an earlier training in output.uri."""
+          say=print, verbose: bool = False, overwrite: bool = False, sweep=None):
+    """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch,
+    the validation rows' evaluation). `say` gets a line per epoch (None: no lines); `overwrite`:
+    replace an earlier training in output.uri; `sweep`: True (weight decay 0, 1e-4 ... 0.1) or
+    {"weight_decay": [...], "lr": [...], "max_concurrent_trials": N}: trials through Ray Tune, the
+    best on the validation rows kept (`featurize train --sweep`)."""
     from .train.guard import check_train_call
     from .train.loop import train as train_head
+    from .train.sweep_args import parse_sweep
     from .train.trainfile import parse_training
 
     check_train_call(training, overrides, address, say, verbose, overwrite)
+    grid = parse_sweep(sweep)
     return train_head(parse_training(_mapping(training, overrides, "training file")), address=address,
-                      say=say or (lambda line: None), verbose=verbose, overwrite=overwrite)
+                      say=say or (lambda line: None), verbose=verbose, overwrite=overwrite, sweep=grid)
 
 
 def apply(checkpoint: str, input: str, output: str, **options):
@@ -90,6 +96,21 @@ def apply(checkpoint: str, input: str, output: str, **options):
 
     check_apply_options(options)
     return apply_head(checkpoint, input, output, **{"progress": True, **options})
+
+
+def evaluate(checkpoint: str, input: str, split: Optional[str] = None,  # noqa: A002 - the CLI's word
+             **options) -> Dict[str, Any]:
+    """How good a trained head is on a features table (the rows of `split`, else all), as `featurize
+    eval` says it: accuracy, top-k, per-class precision/recall/F1, the confusion matrix (an
+    autoencoder: reconstruction error, nearest-centroid accuracy). Runs on the CPU here, no Ray;
+    options: storage_options=, allow_other_source=, write= (eval-<split>.json into the checkpoint)."""
+    from .errors import EvalError
+    from .train.evaluate import evaluate_head
+
+    for key in options:  # a typo is a refusal naming it, not a TypeError
+        if key not in ("storage_options", "allow_other_source", "write"):
+            raise EvalError(f"{key}: not an option of evaluate (options: storage_options, allow_other_source, write)")
+    return evaluate_head(checkpoint, input, split, **options)
 
 
 def index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None,

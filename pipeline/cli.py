@@ -1,4 +1,4 @@
-"""`featurize run | train | apply | submit | status | inspect | models | layers | demo | report`.
+"""`featurize run | train | apply | eval | submit | status | inspect | models | layers | demo | report`.
 
 Exit codes: 0 when the job completed (some samples may be error rows), 2 when it could not run
 (bad job file, unreachable source, unknown model, output holding another job's), 1 when it failed
@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", default=None, help="Ray address (auto, ray://HOST:10001); default: local Ray")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the earlier training in output.uri (epoch states, checkpoint); train anew")
+    train.add_argument("--sweep", action="append", nargs="?", const="", default=None, metavar="KEY=V1,V2",
+                       help="try a grid through Ray Tune and keep the best on the validation rows: bare, weight_decay "
+                            "0,1e-4,1e-3,1e-2,1e-1; or weight_decay=..., lr=..., max_concurrent_trials=N (repeatable)")
     _console_arguments(train, "a line per epoch")
     train.set_defaults(func=cmd_train)
 
@@ -145,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     index_parsers(sub)  # index, search, dedup
     from .pages.page_commands import add_parsers as pages_parsers
     pages_parsers(sub)  # report
+    from .train.eval_commands import add_parsers as eval_parsers
+    eval_parsers(sub)  # eval
     return parser
 
 
@@ -245,13 +250,17 @@ def _load_training(path: str, overrides: List[str]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, _ = _load_training(args.job, args.overrides)  # before Ray and torch: a bad file is refused at once
+    from .train.sweep_args import parse_sweep
+
+    sweep = parse_sweep(args.sweep)  # a bad --sweep value too
     from .train.loop import train
     from .train.summary import format_training
 
     try:
         # epoch lines are its progress: on stderr, as run's line is; none with --quiet
         say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-        result = train(cfg, address=args.address, say=say, verbose=args.verbose, overwrite=args.overwrite)
+        result = train(cfg, address=args.address, say=say, verbose=args.verbose, overwrite=args.overwrite,
+                       sweep=sweep)
     except Refused:
         raise
     except Exception as e:

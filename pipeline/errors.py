@@ -142,3 +142,7 @@ class DecodeFailure(SampleError):
     """A sample whose bytes could not be decoded (extract/decode.py, video.py, isolate.py)."""
 
     stage = "decode"
+
+
+class EvalError(Refused, ValueError):
+    """An evaluation that cannot run as asked (featurize eval, featurize.evaluate): names the problem."""

@@ -280,7 +280,7 @@ def test_demo_runs_outside_the_checkout(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("command", [["status", "X"], ["inspect", "X"], ["report", "X"], ["index", "X"],
                                      ["search", "X", "--id", "a"], ["dedup", "X"],
-                                     ["apply", "C", "--input", "X", "--output", "Y"]])
+                                     ["apply", "C", "--input", "X", "--output", "Y"], ["eval", "C", "--input", "X"]])
 @pytest.mark.parametrize("value, says", [("{nope", "not JSON"), ("[1]", "a JSON object is needed")])
 def test_storage_options_are_one_argparse_type_refused_in_one_line(command, value, says, capsys):
     from pipeline.cli import main

@@ -51,16 +51,22 @@ class TrainResult:
     wall_s: float
     already_done: bool = False
     selected_by: str = ""  # which epoch the checkpoint holds and why (config.json's selected_by)
+    evaluation: Optional[Dict[str, Any]] = None  # of the validation rows (evaluate.py), also in eval.json
+    sweep: Optional[str] = None  # --sweep: which trial was kept (sweep.json has them all)
 
 
 # ---------------------------------------------------------------- the driver
 
 def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], None] = print,
-          verbose: bool = False, overwrite: bool = False) -> TrainResult:
+          verbose: bool = False, overwrite: bool = False, sweep=None) -> TrainResult:
     """Train a head; `say` gets a line per epoch (its progress); `verbose`: everything Ray prints;
-    `overwrite`: replace the earlier training of the checkpoint directory (outdir.clear) and train anew."""
+    `overwrite`: replace the earlier training of the checkpoint directory (outdir.clear) and train anew;
+    `sweep` (a sweep.Sweep): one trial per grid point through Ray Tune, the best kept."""
     t0 = time.time()
     table, plan = plan_training(cfg)
+    if sweep is not None:  # its grid decides the checkpoint too: another grid is another training
+        sweep.prepare(cfg, plan, address)
+        plan.settings["sweep"] = sweep.settings(cfg.train.lr)
     fs, root = filesystem(cfg.output.uri, cfg.out_options)
     root = root.rstrip("/")
     done = outdir.finished(fs, root, plan, cfg.output.uri, overwrite)
@@ -73,15 +79,18 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
             outdir.clear(fs, root)
         outdir.check_states(fs, root, plan, cfg.output.uri)
         outdir.write_plan(fs, root, plan, cfg)
-        state, resumed = _fit(cfg, table, plan, fs, root, address, say, verbose)
+        state, resumed = _fit(cfg, table, plan, fs, root, address, say, verbose, sweep)
         lease.check()
-        return _write_checkpoint(cfg, table, plan, state, resumed, t0)
+        result = _write_checkpoint(cfg, table, plan, state, resumed, t0)
+        result.sweep = sweep.summary() if sweep is not None else None
+        result.evaluation = _evaluate(cfg, say)
+        return result
     finally:
         lease.release()
 
 
 def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, address: Optional[str],
-         say: Callable[[str], None], verbose: bool = False):
+         say: Callable[[str], None], verbose: bool = False, sweep=None):
     """Run the TorchTrainer; returns (the last epoch's state, epochs an earlier run had done)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -119,7 +128,8 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     printer = threading.Thread(target=_print_lines, args=(lines, stop, say, stopped), daemon=True)
     printer.start()
     try:
-        result = trainer.fit()
+        # --sweep: this trainer, once per grid point (sweep.py); the best trial's result comes back
+        result = trainer.fit() if sweep is None else sweep.fit(trainer, say, _print_lines)
     finally:
         stop.set()
         printer.join(timeout=5)
@@ -152,6 +162,18 @@ def _recipe(cfg: TrainConfig, plan: Plan) -> Dict[str, Any]:
     return {"schedule": t.schedule, "warmup": t.warmup, "clip_grad": t.clip_grad, "select": t.select,
             "patience": t.patience, "class_weights": plan.class_weights,
             "steps_per_epoch": steps_per_epoch(plan.train_rows, t.workers, t.batch_size)}
+
+
+def _evaluate(cfg: TrainConfig, say: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+    """The new head on the validation rows (eval.json, confusion.png beside it); the checkpoint is
+    written and kept whatever happens here."""
+    from .evaluate import evaluate_training
+
+    try:
+        return evaluate_training(cfg)
+    except Exception as e:  # noqa: BLE001 - an evaluation that fails leaves a good checkpoint
+        say(f"featurize: the evaluation of {cfg.name} failed: {type(e).__name__}: {e}")
+        return None
 
 
 def _check_local_resources(cfg: TrainConfig) -> None:

@@ -26,6 +26,8 @@ PLAN = "plan.json"
 RUN_NAME = re.compile(r"[0-9a-f]{16}")  # Plan.fingerprint: Ray Train's run folders
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints (JSON)
 CHECKPOINT = re.compile(r"checkpoint_[A-Za-z0-9_.\-]+")  # the folders it names, inside the run's folder
+# what a training writes beside the checkpoint: the validation rows' evaluation (evaluate.py), a sweep's record
+TRAINING_EXTRAS = ("eval.json", "confusion.png", "sweep.json", "sweep.png")
 
 
 def finished(fs, root: str, plan: Plan, uri: str, overwrite: bool = False) -> Optional[List[Dict[str, Any]]]:
@@ -66,6 +68,8 @@ def _holds_files(fs, root: str) -> bool:
 def clear(fs, root: str) -> None:
     """--overwrite: the earlier training's files, and only those (the caller holds the lease)."""
     for name in (ckpt.CONFIG, ckpt.MODEL, ckpt.HEAD, ckpt.HEAD_JSON, ckpt.METRICS, ckpt.CURVES):
+        _rm(fs, f"{root}/{name}")
+    for name in TRAINING_EXTRAS:
         _rm(fs, f"{root}/{name}")
     try:
         entries = fs.ls(f"{root}/{RUNS}", detail=False)

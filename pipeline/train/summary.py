@@ -24,6 +24,16 @@ def format_training(cfg: TrainConfig, result) -> str:
         lines.append(f"kept         {result.selected_by}")
     out = cfg.output.uri.rstrip("/")
     lines.append(f"checkpoint   {out} (curves: {out}/{CURVES})")
+    if getattr(result, "sweep", None):
+        lines.append(f"sweep        {result.sweep} ({out}/sweep.json, sweep.png)")
+    evaluation = getattr(result, "evaluation", None)
+    if evaluation and evaluation.get("accuracy") is not None:
+        lines.append(f"evaluation   {evaluation['rows_are']}: accuracy {evaluation['accuracy']:.3f}, "
+                     f"top-{evaluation['top_k']} {evaluation['top_k_accuracy']:.3f}, macro F1 "
+                     f"{evaluation['macro']['f1']:.3f} ({out}/eval.json, confusion.png; featurize eval for more)")
+    elif evaluation and evaluation.get("reconstruction_mse") is not None:
+        lines.append(f"evaluation   {evaluation['rows_are']}: reconstruction error "
+                     f"{evaluation['reconstruction_mse']:.5f} ({out}/eval.json)")
     if cfg.head.kind in ("lstm", "attention"):
         lines.append(TEMPORAL_NOTE.format(kind=cfg.head.kind, out=out))
     lines.append(f"apply it     featurize apply {out} --input {cfg.data.uri} --output OUT2")

@@ -166,6 +166,12 @@ def test_train_lstm_writes_a_checkpoint_a_job_loads(order_table, tmp_path, capsy
     assert loaded.config["input"] == {"column": "frame_features", "dim": 8, "frames": 6}
     assert loaded.classes == ["a_then_b", "b_then_a"]
     assert loaded.config["source"]["uri"] == order_table and loaded.config["rows"] == {"train": 48, "val": 16}
+    # the head is evaluated on its validation rows at the end (evaluate.py): the kept epoch's accuracy
+    evaluation = json.loads(open(f"{out}/eval.json").read())
+    assert evaluation["rows"] == 16 and evaluation["rows_are"] == "validation rows: split test"
+    assert evaluation["accuracy"] == pytest.approx(loaded.config["metrics"]["val_acc"])
+    assert open(f"{out}/confusion.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "evaluation   validation rows: split test: accuracy " in printed.out
 
     # An extraction job's temporal entry loads the directory: the same clip features as apply's.
     info = resolve_head(TemporalConfig(kind="lstm", name="lstm", checkpoint=out), input_dim=8)

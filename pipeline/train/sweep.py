@@ -1,0 +1,264 @@
+"""`featurize train --sweep`: the linear-probe protocol, a small grid of weight decay (and learning
+rate) tried on the validation rows, the best trial kept as the checkpoint.
+
+Each trial is one Ray Train run of the training's own TorchTrainer (loop.py builds it: the same loop,
+the same config, the same datasets, which a small table has materialised in Ray's object store, so
+every trial reads the same cached rows) with the trial's values in its train_loop_config. Ray Tune
+runs them: in Ray 2.60 Ray Train is its V2, whose trainers a Tuner no longer takes, so each Tune
+trial is a function that builds the TorchTrainer and fits it, with TuneReportCallback passing the
+epochs' metrics on to Tune (Ray's "Hyperparameter Tuning with Ray Tune" guide for Train V2). The
+trials run one at a time by default (`max_concurrent_trials`); a trial's function reserves no CPU,
+its Ray Train workers do
+(a token 0.01).
+
+Every trial's epochs come from its own last Ray Train checkpoint (state.py), so a rerun after an
+interruption resumes each trial where it stopped. The best trial is the one with the best
+validation accuracy (validation loss for an autoencoder) at the epoch its checkpoint would hold
+(train.select); sweep.json records every trial, sweep.png plots them against the weight decay.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from ..output.store import filesystem, write_atomic
+from ..redact import redact_text
+from .models import supervised
+from .train_plan import TrainError
+
+SWEEP_JSON, SWEEP_PNG = "sweep.json", "sweep.png"
+DEFAULT_WEIGHT_DECAY = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+KEYS = ("weight_decay", "lr", "max_concurrent_trials")
+TRIAL_CPU = 0.01
+
+
+@dataclass
+class Sweep:
+    """The grid (lr None: the training file's), and after `fit` every trial's record."""
+
+    weight_decay: List[float] = field(default_factory=lambda: list(DEFAULT_WEIGHT_DECAY))
+    lr: Optional[List[float]] = None
+    max_concurrent_trials: int = 1
+    trials: List[Dict[str, Any]] = field(default_factory=list)
+    output: Any = None  # (uri, storage options) of the checkpoint directory, set by prepare()
+    kind: str = ""
+    select: str = "last"
+    local: bool = True  # an embedded Ray (no --address): what it has is all it will have
+
+    def points(self, file_lr: float) -> List[Dict[str, float]]:
+        return [{"lr": lr, "weight_decay": wd} for lr, wd in itertools.product(self.lr or [file_lr], self.weight_decay)]
+
+    def settings(self, file_lr: float) -> Dict[str, Any]:
+        """What of the sweep decides the checkpoint (its fingerprint): the grid, not the concurrency."""
+        return {"weight_decay": list(self.weight_decay), "lr": list(self.lr or [file_lr])}
+
+    def prepare(self, cfg, plan, address: Optional[str] = None) -> None:
+        """Refuse a sweep that cannot choose (no validation rows); note where its record goes."""
+        self.local = not address
+        if not plan.val_rows:
+            raise TrainError("--sweep: the sweep chooses on the validation rows and this training has none; set "
+                             "data.val_split or data.val_fraction")
+        self.output = (cfg.output.uri, cfg.out_options)
+        self.kind = plan.kind
+        self.select = getattr(cfg.train, "select", "last")
+
+    @property
+    def metric(self) -> str:
+        return "val_acc" if supervised(self.kind) else "val_loss"
+
+    # ------------------------------------------------------------ the trials (loop._fit calls this)
+
+    def fit(self, trainer, say: Callable[[str], None], print_lines) -> Any:
+        """Run the grid through Ray Tune; record every trial; return the best trial's Ray Train
+        Result (what `trainer.fit()` would have returned for it)."""
+        import ray.tune as tune
+        from ray.util.queue import Queue
+
+        run = trainer.run_config
+        self._check_room(trainer)
+        points = self.points(trainer.train_loop_config["lr"])
+        queues, stopped = [Queue() for _ in points], [[] for _ in points]
+        stop = threading.Event()
+        printers = [threading.Thread(target=print_lines, daemon=True,
+                                     args=(q, stop, _prefixed(say, i, points), stopped[i]))
+                    for i, q in enumerate(queues)]
+        for p in printers:
+            p.start()
+        parts = {"loop": trainer.train_loop_per_worker, "scaling": trainer.scaling_config,
+                 "datasets": trainer.datasets, "config": {k: v for k, v in trainer.train_loop_config.items()
+                                                          if k != "lines"},
+                 "storage": f"{run.storage_path}/{run.name}", "fs": run.storage_filesystem,
+                 "checkpoint_config": run.checkpoint_config}
+        # the trial's function only waits on its run: a token CPU (Ray refuses a request of nothing)
+        trainable = tune.with_resources(tune.with_parameters(_trial, parts=parts, queues=queues), {"CPU": TRIAL_CPU})
+        space = {"train_loop_config": tune.grid_search([{"trial": i, **p} for i, p in enumerate(points)])}
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(metric=self.metric, mode="max" if self.metric == "val_acc"
+                                                       else "min", max_concurrent_trials=self.max_concurrent_trials),
+                           run_config=tune.RunConfig(name="tune", storage_path=parts["storage"],
+                                                     storage_filesystem=parts["fs"], verbose=0))
+        try:
+            # Tune's console tables and INFO lines stay off the console: the trials' epoch lines are the progress
+            with _env("RAY_AIR_NEW_OUTPUT", "0"), _quiet("ray.tune"):
+                grid = tuner.fit()
+        finally:
+            stop.set()
+            for p in printers:
+                p.join(timeout=5)
+            for q in queues:
+                ray_kill(q)
+        errors = {r.config["train_loop_config"]["trial"]: r.error for r in grid if r.config}
+        results = [self._record(i, p, parts, errors.get(i), stopped[i]) for i, p in enumerate(points)]
+        return self._choose(results)
+
+    def _check_room(self, trainer) -> None:
+        """An embedded Ray cannot grow: the trial's token CPU on top of workers that take every CPU
+        would wait forever (loop._check_local_resources checked the workers alone)."""
+        import ray
+
+        scaling = trainer.scaling_config
+        need = TRIAL_CPU + scaling.num_workers * (scaling.resources_per_worker or {}).get("CPU", 1)
+        have = ray.cluster_resources().get("CPU", 0)
+        if self.local and need > have:
+            raise TrainError(f"--sweep: a trial needs {need:g} CPUs (its workers and {TRIAL_CPU:g} for the trial), "
+                             f"this machine's Ray has {have:g}; lower train.workers or train.cpus_per_worker")
+
+    def _record(self, i: int, point: Dict[str, float], parts: Dict[str, Any], error, stopped: List[str]):
+        """(the trial's record, its Ray Train Result or None), from its own run's last checkpoint."""
+        import ray.train
+
+        from . import state as epoch_state
+
+        record: Dict[str, Any] = {"trial": i + 1, **point, "score": None, "epochs": []}
+        result = None
+        try:
+            with _quiet("ray.train"):  # it logs a paragraph about the snapshot it found: that is the point here
+                result = ray.train.Result.from_path(f"{parts['storage']}/trial-{i}", parts["fs"])
+        except Exception as e:  # no checkpoint at all: the trial failed, or stopped in its first epoch
+            record["note"] = f"no epoch saved ({type(e).__name__})"
+        if result is not None and result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                history = epoch_state.load_folder(d)["history"]  # safetensors and JSON: never a pickle
+            record["epochs"] = history
+            record["epoch"], record["score"] = kept(history, self.metric, self.select)
+        if error is not None:
+            record["error"] = redact_text(f"{type(error).__name__}: {str(error).strip().splitlines()[-1:]}")[:500]
+        if stopped:
+            record["stopped"] = stopped[0]
+        return record, result
+
+    def _choose(self, results):
+        scored = [(r, res) for r, res in results if r["score"] is not None and math.isfinite(r["score"])]
+        if not scored:
+            why = "; ".join(f"trial {r['trial']}: {r.get('error') or r.get('stopped') or r.get('note', 'no score')}"
+                            for r, _ in results)
+            failed = any(r.get("error") for r, _ in results)  # a failure (exit 1), not a value that diverged
+            raise (RuntimeError if failed else TrainError)(f"--sweep: no trial finished an epoch ({why})")
+        best = max(scored, key=lambda s: s[0]["score"]) if self.metric == "val_acc" else \
+            min(scored, key=lambda s: s[0]["score"])
+        best[0]["best"] = True  # the first of equals: the grid's order (smaller lr, then weight decay)
+        self.trials = [r for r, _ in results]
+        self._write()
+        return best[1]
+
+    @property
+    def best(self) -> Dict[str, Any]:
+        return next(t for t in self.trials if t.get("best"))
+
+    def _write(self) -> None:
+        """sweep.json and sweep.png, before the checkpoint's config.json (written last)."""
+        from .figures import sweep_png
+
+        uri, options = self.output
+        fs, root = filesystem(uri, options)
+        root = root.rstrip("/")
+        record = {"metric": self.metric, "select": self.select, "kept": {k: self.best[k] for k in
+                                                                          ("trial", "lr", "weight_decay", "score")},
+                  "grid": {"weight_decay": self.weight_decay, "lr": sorted({t["lr"] for t in self.trials})},
+                  "trials": self.trials}
+        png = sweep_png(self.trials, self.metric, f"sweep: {self.metric} by weight decay")
+        write_atomic(fs, f"{root}/{SWEEP_PNG}", png)
+        write_atomic(fs, f"{root}/{SWEEP_JSON}", json.dumps(record, indent=2).encode())
+
+    def summary(self) -> str:
+        b = self.best
+        return (f"{len(self.trials)} trials, kept trial {b['trial']}: weight_decay {b['weight_decay']:g}, lr "
+                f"{b['lr']:g} ({self.metric} {b['score']:.4f} at epoch {b.get('epoch')})")
+
+
+def kept(history: List[Dict[str, Any]], metric: str, select: str):
+    """(epoch, score) of the epoch a trial's checkpoint holds: the best by `metric` with train.select
+    best (the first of equals), else the last."""
+    rows = [r for r in history if r.get(metric) is not None]
+    if not rows:
+        return None, None
+    if select == "best":
+        row = max(rows, key=lambda r: r[metric]) if metric == "val_acc" else min(rows, key=lambda r: r[metric])
+    else:
+        row = rows[-1]
+    return row["epoch"], float(row[metric])
+
+
+def _prefixed(say: Callable[[str], None], i: int, points: List[Dict[str, float]]) -> Callable[[str], None]:
+    p = points[i]
+    head = f"trial {i + 1}/{len(points)} (weight_decay {p['weight_decay']:g}, lr {p['lr']:g})"
+    return lambda line: say(f"{head}  {line}")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Read by Tune in this process only (its output engine: the old one honours verbose=0)."""
+    was = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = was
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def ray_kill(queue) -> None:
+    import ray
+
+    try:
+        ray.kill(queue.actor)
+    except Exception:  # already gone with the run
+        pass
+
+
+def _trial(config: Dict[str, Any], parts: Dict[str, Any], queues) -> None:
+    """One Tune trial: the training's TorchTrainer with this trial's values, its run under
+    OUT/_train/<fingerprint>/trial-<i> (a rerun resumes it there)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    values = dict(config["train_loop_config"])
+    i = values.pop("trial")
+    trainer = TorchTrainer(
+        parts["loop"], train_loop_config={**parts["config"], **values, "lines": queues[i]},
+        scaling_config=parts["scaling"], datasets=parts["datasets"],
+        run_config=ray.train.RunConfig(name=f"trial-{i}", storage_path=parts["storage"],
+                                       storage_filesystem=parts["fs"], checkpoint_config=parts["checkpoint_config"],
+                                       callbacks=[TuneReportCallback()]))
+    trainer.fit()
