@@ -34,6 +34,7 @@ import quality_tasks as tasks  # noqa: E402
 OUT = os.path.join(HERE, "out", "train_quality")
 HEADS = {"order": ("frame_features", ["lstm"]), "sequences": ("frame_features", ["lstm", "attention"]),
          "photos": ("feature", ["linear", "mlp"]), "photos-imbalanced": ("feature", ["linear", "mlp"])}
+SWEPT = ("linear", "mlp")  # --sweep: the probes (the linear-probe protocol)
 
 
 def make_tasks(args) -> dict:
@@ -49,19 +50,24 @@ def make_tasks(args) -> dict:
     return made
 
 
-def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_apply: bool = True):
-    """(held-out accuracy, the checkpoint's selected_by) of the default training file."""
+def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_apply: bool = True, sweep=None):
+    """(held-out accuracy, the checkpoint's selected_by) of the default training file (with `sweep`:
+    of `featurize train --sweep`, the default grid unless given, and its kept trial)."""
     from pipeline.output.table import open_table
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.apply import apply_head
     from pipeline.train.loop import train
+    from pipeline.train.sweep_args import parse_sweep
     from pipeline.train.trainfile import parse_training
 
-    out = os.path.join(OUT, "heads", f"{task}-{kind}")
+    out = os.path.join(OUT, "heads", f"{task}-{kind}" + ("-sweep" if sweep is not None else ""))
     shutil.rmtree(out, ignore_errors=True)
     cfg = parse_training({"name": f"quality-{task}-{kind}", "data": {"uri": uri, "column": column},
                           "head": {"kind": kind}, "output": {"uri": out}})
-    result = train(cfg, say=lambda line: None)
+    result = train(cfg, say=lambda line: None, sweep=parse_sweep(sweep))
+    kept = result.sweep or result.selected_by  # --sweep: its kept trial
+    if sweep is not None:
+        via_apply = False  # the kept trial's checkpoint, predicted as below
     applied = f"{out}-applied"
     shutil.rmtree(applied, ignore_errors=True)
     if via_apply:
@@ -71,7 +77,7 @@ def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_a
         test = np.asarray(t["split"].to_pylist(), dtype=object) == "test"
         pred = np.asarray(t["pred"].to_pylist(), dtype=object)[test]
         truth = np.asarray(t["label"].to_pylist(), dtype=object)[test]
-        return float((pred == truth).mean()), result.selected_by
+        return float((pred == truth).mean()), kept
     head = ckpt.load(out)  # lstm/attention before apply writes pred (or --no-apply): the checkpoint's model
     x, lengths = d["x"][d["test"]], None if d["lengths"] is None else d["lengths"][d["test"]]
     import torch
@@ -79,7 +85,7 @@ def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_a
     with torch.no_grad():
         logits = head.model(torch.from_numpy(x), None if lengths is None else torch.from_numpy(lengths))
     codes = np.asarray([head.classes.index(c) for c in np.asarray(d["classes"])[d["y"][d["test"]]]])
-    return float((logits.argmax(1).numpy() == codes).mean()), result.selected_by
+    return float((logits.argmax(1).numpy() == codes).mean()), kept
 
 
 def reference(d: dict, kind: str, args) -> tuple:
@@ -94,8 +100,9 @@ def table(made: dict, args) -> None:
     from pipeline.jobrun import init_ray
 
     init_ray(None)
-    print("| task | head | rows train/val/test | default | reference | ratio | default kept | reference is |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task | head | rows train/val/test | default | reference | ratio | default kept | reference is |"
+          + (" sweep | sweep ratio | sweep kept |" if args.sweep else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.sweep else ""))
     for task, uri in made.items():
         column, kinds = HEADS[task]
         d = tasks.rows(uri, column)
@@ -103,7 +110,11 @@ def table(made: dict, args) -> None:
         for kind in kinds:
             ref, how = reference(d, kind, args)
             got, kept = default_accuracy(task, uri, kind, column, d, args.apply)
-            print(f"| {task} | {kind} | {n} | {got:.3f} | {ref:.3f} | {got / ref:.2f} | {kept} | {how} |", flush=True)
+            line = f"| {task} | {kind} | {n} | {got:.3f} | {ref:.3f} | {got / ref:.2f} | {kept} | {how} |"
+            if args.sweep and kind in SWEPT:
+                swept, trial = default_accuracy(task, uri, kind, column, d, sweep=args.sweep_grid or True)
+                line += f" {swept:.3f} | {swept / ref:.2f} | {trial} |"
+            print(line, flush=True)
 
 
 def grid(made: dict, args) -> None:
@@ -132,6 +143,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="reference loop runs averaged")
     p.add_argument("--no-apply", dest="apply", action="store_false",
                    help="predict with the checkpoint's model (Checkpoint.outputs, what apply runs) without apply's job")
+    p.add_argument("--sweep", action="store_true", help="also `featurize train --sweep` for the linear and mlp heads")
+    p.add_argument("--sweep-grid", nargs="*", default=None, help="--sweep's KEY=V1,V2 items (default: its grid)")
     p.add_argument("--grid", action="store_true", help="the recipe measurement instead of the table")
     p.add_argument("--grid-lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
     p.add_argument("--grid-epochs", type=int, nargs="+", default=[20, 40])

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import time
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import pyarrow as pa
 
@@ -33,12 +33,12 @@ from ..output.record import Summary, write_record
 from ..output.root import Workspace, open_planned
 from ..output.sink import ParquetCommitSink, SinkSpec
 from ..output.table import FeatureTable, open_table
-from ..output.tensors import SEQUENCE, VECTOR
+from ..output.tensors import SEQUENCE
 from ..progress import Nouns, watch
 from ..redact import redact, redact_strings, redact_text
 from .apply_map import CARRIED, HeadActor, read_rows
 from .checkpoint import Checkpoint, load
-from .guard import check_apply_args, check_input, refuse_same_root
+from .guard import check_apply_args, check_fits, check_input, refuse_same_root
 from .models import TEMPORAL
 
 BATCH_BYTES = 64 << 20
@@ -119,30 +119,13 @@ def _plan(checkpoint: str, input_uri: str, output_uri: str, name: Optional[str],
     except (CheckpointError, TableError) as e:
         raise ApplyError(str(e)) from None
     name = name or head.kind
-    column, dim = head.input["column"], int(head.input["dim"])
-    shape, found = _shape(table, column, checkpoint, input_uri)
-    wanted = SEQUENCE if head.kind in TEMPORAL else VECTOR
-    if shape != wanted:
-        raise ApplyError(f"checkpoint {checkpoint} is a {head.kind} head over {wanted}s of {column}, but {column} in "
-                         f"{input_uri} holds {shape}s")
-    if found != dim:
-        raise ApplyError(f"checkpoint {checkpoint} expects {column} of dimension {dim}, "
-                         f"{input_uri} has dimension {found}")
+    column = head.input["column"]
+    shape = check_fits(head, table, checkpoint, input_uri, head.kind in TEMPORAL, ApplyError)
     check_input(head, table, checkpoint, input_uri, allow_other_source, ApplyError)
     settings_ = table.record.get("settings", {})
     partition_by = list(settings_.get("output.partition_by", ["split"]))
     frames = head.input.get("frames") if shape == SEQUENCE else None
     return Plan(head, table, name, column, int(frames) if frames else None, _dtype(table, column), partition_by)
-
-
-def _shape(table: FeatureTable, column: str, checkpoint: str, input_uri: str) -> Tuple[str, int]:
-    if column not in table.schema.names:
-        raise ApplyError(f"checkpoint {checkpoint} reads column {column!r}, which {input_uri} does not have "
-                         f"(columns: {', '.join(table.schema.names)})")
-    try:
-        return table.shape(column, key="--input")
-    except TableError as e:
-        raise ApplyError(str(e)) from None
 
 
 def _dtype(table: FeatureTable, column: str) -> str:

@@ -39,7 +39,7 @@ def train_loop(config: Dict[str, Any]) -> None:
         normalizer(model).set_statistics(config["statistics"]["mean"], config["statistics"]["std"])
     optimizer, scheduler = recipe.optimizer_and_schedule(model, config)
     history: List[Dict[str, Any]] = []
-    chosen = Selection(supervised(plan.kind), config["select"], config["patience"])
+    chosen = Selection(supervised(plan.kind), config["select"], config["patience"], val_rows=plan.val_rows)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:  # an earlier run of this training stopped: go on from its last epoch
         with resumed.as_directory() as d:
@@ -49,7 +49,8 @@ def train_loop(config: Dict[str, Any]) -> None:
         if state["scheduler"] is not None:  # the learning rate goes on along the same curve
             scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
-        chosen = Selection(supervised(plan.kind), config["select"], config["patience"], state["best"])
+        chosen = Selection(supervised(plan.kind), config["select"], config["patience"], state["best"],
+                           plan.val_rows)
         chosen.weights = state["best_model"]
     first = len(history)
     model = prepare_model(model)

@@ -26,10 +26,10 @@ from ..errors import EvalError, Refused
 from ..names import plain_name
 from ..output.store import filesystem, write_atomic
 from ..output.table import FeatureTable, TableError, open_table
-from ..output.tensors import SEQUENCE, VECTOR, ColumnError, label_codes, sequences, vectors
+from ..output.tensors import ColumnError, label_codes, sequences, vectors
 from ..redact import redact_strings, redact_text
 from .checkpoint import Checkpoint, CheckpointError, load
-from .guard import check, check_input
+from .guard import check, check_fits, check_input
 from .metrics import Centroids, Tally, report
 from .models import TEMPORAL, supervised
 
@@ -63,7 +63,8 @@ def evaluate_head(checkpoint: str, input_uri: str, split: Optional[str] = None,
     options = dict(storage_options or {})
     ck_options = options if same_store(checkpoint, input_uri) else {}
     head, table = open_both(checkpoint, ck_options, input_uri, options)
-    check_fits(head, table, checkpoint, input_uri)
+    check_fits(head, table, checkpoint, input_uri, head.kind in TEMPORAL, EvalError)
+    check_label(head, table, input_uri)
     if split is not None:
         splits = _splits(table)
         if split not in splits:
@@ -84,24 +85,8 @@ def open_both(checkpoint: str, ck_options: Dict[str, Any], input_uri: str, optio
         raise EvalError(str(e)) from None
 
 
-def check_fits(head: Checkpoint, table: FeatureTable, checkpoint: str, input_uri: str) -> None:
-    """The head's input column, its shape and dimension, and (for a classifier) the label column, as
-    apply checks them (the provenance is guard.check_input's, after)."""
-    column, dim = head.input["column"], int(head.input["dim"])
-    if column not in table.schema.names:
-        raise EvalError(f"checkpoint {checkpoint} reads column {column!r}, which {input_uri} does not have "
-                        f"(columns: {', '.join(table.schema.names)})")
-    try:
-        shape, found = table.shape(column, key="--input")
-    except TableError as e:
-        raise EvalError(str(e)) from None
-    wanted = SEQUENCE if head.kind in TEMPORAL else VECTOR
-    if shape != wanted:
-        raise EvalError(f"checkpoint {checkpoint} is a {head.kind} head over {wanted}s of {column}, but {column} "
-                        f"in {input_uri} holds {shape}s")
-    if found != dim:
-        raise EvalError(f"checkpoint {checkpoint} expects {column} of dimension {dim}, {input_uri} has dimension "
-                        f"{found}")
+def check_label(head: Checkpoint, table: FeatureTable, input_uri: str) -> None:
+    """A classifier is evaluated against the label column it was trained on."""
     label = head.config.get("label") or "label"
     if supervised(head.kind) and label not in table.schema.names:
         raise EvalError(f"{input_uri} has no label column {label!r}: a {head.kind} head is evaluated against it")

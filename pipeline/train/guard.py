@@ -11,9 +11,10 @@ import re
 import sys
 from typing import Any, Dict, Mapping, Sequence
 
-from ..errors import BadArgument, Refused
+from ..errors import BadArgument, Refused, TableError
 from ..names import plain_name
 from ..output.store import filesystem
+from ..output.tensors import SEQUENCE, VECTOR
 from ..redact import redact_text
 
 # what a head's input is, of a table's lineage (table.lineage()): another model, weights, layer,
@@ -128,6 +129,26 @@ def refuse_same_root(input_uri: str, in_options: Dict[str, Any], output_uri: str
     if p_ck == p_out and out == root_ck:
         raise error(f"--output {output_uri} is the checkpoint directory {checkpoint} (links resolved): "
                     "choose another --output")
+
+
+def check_fits(head, table, checkpoint: str, input_uri: str, temporal: bool, error=BadArgument) -> str:
+    """The head's input column in the table: present, of sequences for a `temporal` head (vectors
+    otherwise), of the head's dimension. Returns its shape (tensors.SEQUENCE or VECTOR)."""
+    column, dim = head.input["column"], int(head.input["dim"])
+    if column not in table.schema.names:
+        raise error(f"checkpoint {checkpoint} reads column {column!r}, which {input_uri} does not have "
+                    f"(columns: {', '.join(table.schema.names)})")
+    try:
+        shape, found = table.shape(column, key="--input")
+    except TableError as e:
+        raise error(str(e)) from None
+    wanted = SEQUENCE if temporal else VECTOR
+    if shape != wanted:
+        raise error(f"checkpoint {checkpoint} is a {head.kind} head over {wanted}s of {column}, but {column} in "
+                    f"{input_uri} holds {shape}s")
+    if found != dim:
+        raise error(f"checkpoint {checkpoint} expects {column} of dimension {dim}, {input_uri} has dimension {found}")
+    return shape
 
 
 def check_input(head, table, checkpoint: str, input_uri: str, allow: bool, error=BadArgument) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ..output.store import filesystem, write_atomic
 from ..redact import redact_text
 from .models import supervised
+from .selection import effective
 from .train_plan import TrainError
 
 SWEEP_JSON, SWEEP_PNG = "sweep.json", "sweep.png"
@@ -67,7 +68,7 @@ class Sweep:
                              "data.val_split or data.val_fraction")
         self.output = (cfg.output.uri, cfg.out_options)
         self.kind = plan.kind
-        self.select = getattr(cfg.train, "select", "last")
+        self.select = effective(getattr(cfg.train, "select", "last"), plan.val_rows)
 
     @property
     def metric(self) -> str:

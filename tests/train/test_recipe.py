@@ -16,6 +16,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import state as epoch_state
 from pipeline.train.loop import plan_training, train
 from pipeline.train.recipe import class_weights, clip_norm, lr_factor, optimizer_and_schedule
+from pipeline.train.selection import MIN_VAL_ROWS, Selection, effective
 from pipeline.train.trainfile import TrainSettings, parse_training
 
 from tables import write_table
@@ -28,13 +29,14 @@ def vectors_file(uri: str, out: str, **train):
 
 @pytest.fixture(scope="module")
 def reversed_val(tmp_path_factory):
-    """48 training rows whose class shows in dimension 0, and 16 validation rows whose labels are the
-    other way round: the better the head learns, the worse it validates (the best epoch is the first)."""
+    """48 training rows whose class shows in dimension 0, and 32 validation rows (MIN_VAL_ROWS or more:
+    enough for `best`) whose labels are the other way round: the better the head learns, the worse it
+    validates (the best epoch is the first)."""
     rng = np.random.default_rng(0)
-    labels = ["a" if i % 2 == 0 else "b" for i in range(64)]
-    x = rng.normal(0, 0.3, (64, 4)).astype(np.float32)
+    labels = ["a" if i % 2 == 0 else "b" for i in range(80)]
+    x = rng.normal(0, 0.3, (80, 4)).astype(np.float32)
     x[:, 0] += np.where(np.asarray(labels) == "a", 2.0, -2.0)
-    split = ["train"] * 48 + ["val"] * 16
+    split = ["train"] * 48 + ["val"] * 32
     shown = labels[:48] + ["b" if v == "a" else "a" for v in labels[48:]]
     return write_table(str(tmp_path_factory.mktemp("rev")), split, shown, feature=x)
 
@@ -138,6 +140,23 @@ def test_the_plan_weighs_the_training_rows_labels(tmp_path):
     plan = plan_training(parse_training(vectors_file(uri, "h", class_weights="balanced")))[1]
     assert plan.classes == ["a", "b"] and plan.class_weights == pytest.approx([8 / 12, 8 / 4])  # train: 6 a, 2 b
     assert plan_training(parse_training(vectors_file(uri, "h")))[1].class_weights is None
+
+
+def test_best_on_too_few_validation_rows_keeps_the_last_epoch_and_says_why():
+    """On 8 validation rows an epoch's accuracy moves 1/8 a row: `best` would keep the luckiest."""
+    assert effective("best", 8) == "last" and effective("best", MIN_VAL_ROWS) == "best"
+    assert effective("best", 0) == "best" and effective("last", 100) == "last"  # 0: no validation rows at all
+    few = Selection(True, "best", None, val_rows=8)
+    rows = [{"epoch": 1, "val_acc": 0.875, "val_loss": 0.3}, {"epoch": 2, "val_acc": 0.75, "val_loss": 0.6}]
+    for row in rows:
+        few.update(row, {"w": torch.zeros(1)})
+    assert few.weights is None  # no best epoch's weights kept: the checkpoint holds the last
+    assert few.selected_by(2) == (2, "last: 8 validation rows are too few to choose the best epoch by "
+                                     f"(best needs {MIN_VAL_ROWS}; epoch 2 of 2)")
+    enough = Selection(True, "best", None, val_rows=MIN_VAL_ROWS)
+    for row in rows:
+        enough.update(row, {"w": torch.zeros(1)})
+    assert enough.selected_by(2) == (1, "best val_acc 0.8750 at epoch 1 of 2") and enough.weights is not None
 
 
 # ---------------------------------------------------------------- on Ray Train
