@@ -1,14 +1,14 @@
 """Trained heads by default against a careful reference, on the same features and the same split.
 
     .venv/bin/python bench/train_quality.py [--videos 120] [--clips 360] [--photos 60] [--only order photos]
+    .venv/bin/python bench/train_quality.py --no-apply --sweep   # also featurize train --sweep (probes)
     .venv/bin/python bench/train_quality.py --grid      # the measurement the train.* defaults come from
 
 For each task (bench/quality_tasks.py: the order videos, synthetic sequences, photo classes and an
 imbalanced variant) and head, the DEFAULT training file (only data.uri, data.column, head.kind and
 output.uri) goes through `featurize train` and `featurize apply` (its `pred` column on the held-out
-split `test`; for lstm and attention, until apply writes `pred`, the checkpoint's model on the same
-rows), against the reference: scikit-learn's LogisticRegression on standardised features with C
-chosen on the validation rows for `linear`, a plain standardised PyTorch loop with the same head for
+split `test`; with --no-apply, and for --sweep, the checkpoint's model on the same rows), against
+the reference: scikit-learn's LogisticRegression on standardised features with C chosen on the validation rows for `linear`, a plain standardised PyTorch loop with the same head for
 the others (quality_tasks.py). Both train on the same rows: split train less the 10% the default
 validates on. Target: ratio >= 0.97.
 
