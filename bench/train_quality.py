@@ -10,7 +10,8 @@ output.uri) goes through `featurize train` and `featurize apply` (its `pred` col
 split `test`; with --no-apply, and for --sweep, the checkpoint's model on the same rows), against
 the reference: scikit-learn's LogisticRegression on standardised features with C chosen on the
 validation rows for `linear`, a plain standardised PyTorch loop with the same head for the others
-(quality_tasks.py). Both train on the same rows: split train less the 10% the default validates on. Target: ratio >= 0.97.
+(quality_tasks.py). Both train on the same rows: split train less the 10% the default validates on.
+Target: ratio >= 0.97.
 
 --grid runs the reference loop's recipe (standardised inputs, AdamW, warm-up and cosine) over
 lr x epochs x batch on every task and head and prints the mean held-out accuracy of each recipe.
