@@ -51,7 +51,8 @@ def make_tasks(args) -> dict:
     return made
 
 
-def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_apply: bool = True, sweep=None):
+def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_apply: bool = True, sweep=None,
+                     seed: int = 0):
     """(held-out accuracy, the checkpoint's selected_by) of the default training file (with `sweep`:
     of `featurize train --sweep`, the default grid unless given, and its kept trial)."""
     from pipeline.output.table import open_table
@@ -63,8 +64,9 @@ def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_a
 
     out = os.path.join(OUT, "heads", f"{task}-{kind}" + ("-sweep" if sweep is not None else ""))
     shutil.rmtree(out, ignore_errors=True)
-    cfg = parse_training({"name": f"quality-{task}-{kind}", "data": {"uri": uri, "column": column},
-                          "head": {"kind": kind}, "output": {"uri": out}})
+    data = {"name": f"quality-{task}-{kind}", "data": {"uri": uri, "column": column}, "head": {"kind": kind},
+            "output": {"uri": out}}
+    cfg = parse_training({**data, "train": {"seed": seed}} if seed else data)  # seed 0: the default file
     result = train(cfg, say=lambda line: None, sweep=parse_sweep(sweep))
     kept = result.sweep or result.selected_by  # --sweep: its kept trial
     if sweep is not None:
@@ -110,7 +112,11 @@ def table(made: dict, args) -> None:
         n = f"{d['train'].sum()}/{d['val'].sum()}/{d['test'].sum()}"
         for kind in kinds:
             ref, how = reference(d, kind, args)
-            got, kept = default_accuracy(task, uri, kind, column, d, args.apply)
+            runs = [default_accuracy(task, uri, kind, column, d, args.apply, seed=s)
+                    for s in range(args.default_seeds)]
+            got, kept = float(np.mean([r[0] for r in runs])), runs[0][1]
+            if args.default_seeds > 1:
+                kept = f"seeds {' / '.join(f'{r[0]:.3f}' for r in runs)}; seed 0: {kept}"
             line = f"| {task} | {kind} | {n} | {got:.3f} | {ref:.3f} | {got / ref:.2f} | {kept} | {how} |"
             if args.sweep and kind in SWEPT:
                 swept, trial = default_accuracy(task, uri, kind, column, d, sweep=args.sweep_grid or True)
@@ -142,6 +148,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="the reference loop's (default: train.epochs')")
     p.add_argument("--batch", type=int, default=None, help="the reference loop's (default: train.batch_size's)")
     p.add_argument("--seeds", type=int, default=2, help="reference loop runs averaged")
+    p.add_argument("--default-seeds", type=int, default=1, help="default trainings (train.seed 0..N-1) averaged")
     p.add_argument("--no-apply", dest="apply", action="store_false",
                    help="predict with the checkpoint's model (Checkpoint.outputs, what apply runs) without apply's job")
     p.add_argument("--sweep", action="store_true", help="also `featurize train --sweep` for the linear and mlp heads")
