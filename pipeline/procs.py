@@ -47,18 +47,23 @@ def alive(pid: Any, started: Any) -> bool:
 
 
 @contextlib.contextmanager
-def marked_environment() -> Iterator[None]:
-    """This driver's mark in os.environ while Ray starts its processes, and only then: what the
-    driver starts later on its own is no part of its Ray."""
-    before = os.environ.get(MARK)
-    os.environ[MARK] = f"{os.getpid()}:{start_time(os.getpid())}"
+def environ(name: str, value: str) -> Iterator[None]:
+    """os.environ[name] = value for the block, then as it was (unset where it was unset)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(MARK, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[MARK] = before
+            os.environ[name] = before
+
+
+def marked_environment():
+    """This driver's mark in os.environ while Ray starts its processes, and only then: what the
+    driver starts later on its own is no part of its Ray."""
+    return environ(MARK, f"{os.getpid()}:{start_time(os.getpid())}")
 
 
 def _mark(pid: int) -> Optional[str]:

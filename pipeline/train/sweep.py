@@ -23,12 +23,12 @@ import itertools
 import json
 import logging
 import math
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from ..output.store import filesystem, write_atomic
+from ..procs import environ
 from ..redact import redact_text
 from .models import supervised
 from .selection import effective
@@ -107,7 +107,7 @@ class Sweep:
                                                      storage_filesystem=parts["fs"], verbose=0))
         try:
             # Tune's console tables and INFO lines stay off the console: the trials' epoch lines are the progress
-            with _env("RAY_AIR_NEW_OUTPUT", "0"), _quiet("ray.tune"):
+            with environ("RAY_AIR_NEW_OUTPUT", "0"), _quiet("ray.tune"):
                 grid = tuner.fit()
         finally:
             stop.set()
@@ -211,20 +211,6 @@ def _prefixed(say: Callable[[str], None], i: int, points: List[Dict[str, float]]
     p = points[i]
     head = f"trial {i + 1}/{len(points)} (weight_decay {p['weight_decay']:g}, lr {p['lr']:g})"
     return lambda line: say(f"{head}  {line}")
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """Read by Tune in this process only (its output engine: the old one honours verbose=0)."""
-    was = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if was is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = was
 
 
 @contextlib.contextmanager
