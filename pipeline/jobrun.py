@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .console import quiet_ray, ray_log_dir
 from .errors import OutputExists
 from .interrupt import reclaim_sigterm
-from .output.committer import Committer
+from .output.committer import CONCURRENCY, Committer
 from .output.lease import Lease
 from .output.ledger import Ledger, audit
 from .output.record import Summary
@@ -86,7 +86,8 @@ def start_committer(ws: Workspace, out_uri: str, storage_options: Dict[str, Any]
     it publishes only while this run holds OUT's lease (`out_uri`'s). Its arguments are small and
     inline: it reads what OUT holds itself (see Committer)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
+    actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here,
+                                          max_concurrency=CONCURRENCY)
     return actor.remote(ws.uri, storage_options, job=ws.ledger.job, lease=(out_uri, run_id),
                         base=(len(ws.ledger.rows), len(ws.ledger.units)))
 

@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 import urllib.parse
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SLOWDOWN_BODY = (
@@ -36,6 +37,7 @@ class FaultProxy:
         self.fault_rate = fault_rate
         self.down = False
         self.requests = self.faults = self.resets = self.slowdowns = 0
+        self.kinds: Counter = Counter()  # requests by S3 operation (s3_operation), for counting tests and bench/commit.py
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = None
@@ -71,10 +73,11 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _decide(self) -> str:
+    def _decide(self, operation: str = "") -> str:
         """'reset', 'slowdown' or 'forward' for the next request; counts it."""
         with self._lock:  # one seeded RNG shared by all handler threads
             self.requests += 1
+            self.kinds[operation] += 1
             if self.down:
                 kind = "slowdown"
             elif self._rng.random() < self.fault_rate:
@@ -87,6 +90,20 @@ class FaultProxy:
             else:
                 self.slowdowns += 1
             return kind
+
+
+def s3_operation(method: str, path: str, headers) -> str:
+    """The S3 operation a path-style request is, roughly: enough to count what a client does."""
+    url = urllib.parse.urlsplit(path)
+    query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+    key = url.path.strip("/").partition("/")[2]
+    if method == "GET":
+        return "ListObjectsV2" if not key or "list-type" in query or "prefix" in query else "GetObject"
+    if method == "PUT":
+        return "CopyObject" if headers.get("x-amz-copy-source") else "PutObject"
+    if method == "POST" and "delete" in query:
+        return "DeleteObjects"
+    return {"HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method, method)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -114,7 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         # Always read the whole request first: the client has sent it before any fault shows.
         body = self._read_body()
-        kind = self.proxy._decide()
+        kind = self.proxy._decide(s3_operation(self.command, self.path, self.headers))
         if kind == "reset":
             self._reset()
         elif kind == "slowdown":

@@ -1,15 +1,20 @@
-"""The Ray actor that publishes a run's staged files, serially, through the pure Ledger (ledger.py)."""
+"""The Ray actor that publishes a run's files through the Ledger (ledger.py), several at once."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .lease import Fence
 from .ledger import Ledger, Staged, Tally
 from .store import filesystem
 
+CONCURRENCY = 32  # commit calls in flight: a cluster's write tasks at once, each one file or a few
+
 
 class Committer:
-    """The Ray actor around a Ledger: one, so that publishing is serial and needs no locks.
+    """The Ray actor around a Ledger: one per run, so that one process decides what is committed.
+    It runs as a threaded actor (CONCURRENCY calls at once): the ledger decides under its lock and
+    overlaps the store's round trips, which on an object store are most of a commit's time.
 
     It reads its state from OUT (the files are the truth) when it starts, so that nothing it
     needs lives in the object store: the driver's copy of a large set would be a constructor
@@ -29,6 +34,7 @@ class Committer:
             fence = Fence(*filesystem(lease[0], storage_options), run_id=lease[1])
         self.ledger = Ledger(fs, root, job=job, fence=fence)
         self.tally = Tally()
+        self.tally_lock = threading.Lock()
         if ray.get_runtime_context().was_current_actor_reconstructed:
             if fence is not None:
                 fence()
@@ -50,15 +56,17 @@ class Committer:
 
     def commit(self, staged: List[Staged], seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
         result = self.ledger.commit(staged)
-        self.tally.add(result, seconds or {})
+        with self.tally_lock:
+            self.tally.add(result, seconds or {})
         return result
 
     def complete_units(self, units: List[str]) -> None:
         self.ledger.complete_units(units)
 
     def state(self) -> Tuple[Set[str], Set[str]]:
-        return self.ledger.rows, self.ledger.units
+        return self.ledger.snapshot()
 
     def progress(self) -> "Tally":
         """What this run has committed so far: a few counters, cheap to ask for every second."""
-        return self.tally
+        with self.tally_lock:
+            return Tally(self.tally.units, self.tally.features, self.tally.errors, dict(self.tally.seconds))

@@ -1,17 +1,22 @@
 """The commit protocol: every planned sample exactly once across OUT/features and OUT/errors.
 
-Write tasks stage each Parquet file whole under `OUT/_staging/` and hand it to one Committer
-actor (committer.py), around the Ledger here. It holds the set of committed sample ids (read back
-from the files when it starts) and publishes a staged file by a rename on local disk or a
-server-side copy on object stores, both of which make a file visible only whole. Rows it has already published, because
-Ray re-ran a task after an actor, worker or node died and the blocks came out cut differently,
-are dropped before publishing, so no sample ever lands twice. The published files themselves
-are the record of what is done: nothing else has to be kept in step with them.
+Write tasks hand each Parquet file whole to one Committer actor (committer.py), around the Ledger
+here. It holds the set of committed sample ids (read back from the files when it starts) and
+publishes a file so that it becomes visible only whole and never replaces one: on local disk the
+write task stages it under `OUT/_staging/` and the ledger hard-links it to its name; on object
+stores the file's bytes travel in the commit call and the ledger PUTs them with `If-None-Match: *`
+(one request a file; staging it and copying it server-side took about nine, bench/commit.py).
+The committer publishes several files at once (a threaded actor): a file's rows are reserved
+under the ledger's lock, published outside it, and recorded once the store has them. Rows it has
+already published, because Ray re-ran a task after an actor, worker or node died and the blocks
+came out cut differently, are dropped before publishing, so no sample ever lands twice. The
+published files themselves are the record of what is done: nothing else has to be kept in step with them.
 
 Guards at the edges: a file is named by a hash of its JSON-encoded id list, so two different
 lists never share a name, and publishing never replaces a file (CommitConflict fails the job
 instead of losing committed rows). Runs stage under `_staging/<job fingerprint>/<run id>/`, and
-recovery publishes only its own job's files. The committer publishes only while its run holds
+recovery publishes only its own job's files (bytes in flight to an object store when a run is
+killed are not kept: its resume makes those files again). The committer publishes only while its run holds
 OUT's lease (lease.py), and a run ends well only if `audit` of the files on the store finds
 every planned sample once.
 
@@ -27,8 +32,10 @@ row that Ray re-executes from being written twice.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -38,7 +45,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..redact import logger
-from .store import is_local, move, parquet_bytes, parquet_files, publish, read_column, write_atomic  # noqa: F401 (re-exported)
+from .store import (  # noqa: F401 (re-exported)
+    is_local,
+    move,
+    parquet_bytes,
+    parquet_files,
+    publish,
+    read_column,
+    same_bytes,
+    write_atomic,
+)
 
 STAGING, UNITS = "_staging", "_units"
 TABLES = ("features", "errors")
@@ -51,13 +67,25 @@ class CommitConflict(RuntimeError):
 
 @dataclass
 class Staged:
-    """A whole Parquet file under _staging, waiting for the committer."""
+    """A whole Parquet file waiting for the committer: staged under _staging (`path`), or, on
+    object stores, its bytes carried along (`data`, `path` empty)."""
 
-    path: str  # where it is staged
+    path: str  # where it is staged ("" when `data` holds it)
     rel: str  # where it is published, relative to OUT: features/split_dir=train/part-....parquet
     ids: List[str]  # its rows' sample ids, in order
     kinds: List[str] = field(default_factory=list)  # errors: "stage/error_type" per row
     units: List[Tuple[str, str, int]] = field(default_factory=list)  # rows of multi-row units
+    data: Optional[bytes] = None  # the file itself, published by one exclusive PUT
+
+    def table(self, fs) -> pa.Table:
+        if self.data is not None:
+            return pq.read_table(io.BytesIO(self.data))
+        return pq.read_table(self.path, filesystem=fs)
+
+    def drop(self, fs) -> None:
+        """Remove what was staged (nothing to remove for carried bytes)."""
+        if self.data is None:
+            fs.rm(self.path)
 
 
 def error_kinds(table: pa.Table) -> List[str]:
@@ -94,7 +122,13 @@ class Ledger:
 
     `job` is this job's fingerprint (output.fingerprint): recovery publishes only files staged
     under it. `fence`, when given, is called before each commit and raises if this run no longer
-    holds OUT's lease (lease.Fence), so a run that lost it cannot publish."""
+    holds OUT's lease (lease.Fence), so a run that lost it cannot publish.
+
+    `commit` may be called from several threads at once (the committer is a threaded actor, so
+    that an object store's round trips overlap): what is decided (which rows are new, units,
+    counts) is decided under one lock; the store's requests are made outside it. A file's new rows
+    are reserved while it is published, and a file that shares a reserved row waits for that
+    publish to end (only a re-executed block's files share rows), so no row is published twice."""
 
     def __init__(self, fs, root: str, state: Optional[Tuple[Set[str], Set[str]]] = None, job: str = "",
                  fence: Optional[Callable[[], None]] = None):
@@ -104,6 +138,13 @@ class Ledger:
                      set(read_column(fs, parquet_files(fs, f"{self.root}/{UNITS}"), "unit").to_pylist()))
         self.rows, self.units = state
         self.pending: Dict[str, Tuple[Set[str], int]] = {}  # unit -> (its rows seen, rows expected)
+        self.reserved: Set[str] = set()  # rows of files being published now
+        self.lock = threading.Condition()
+
+    def snapshot(self) -> Tuple[Set[str], Set[str]]:
+        """(rows, units) as copies: safe to hand out while other threads commit."""
+        with self.lock:
+            return set(self.rows), set(self.units)
 
     def recover(self) -> int:
         """Publish (or drop, if already there) what an interrupted run of this job left staged;
@@ -139,48 +180,86 @@ class Ledger:
         result: Dict[str, Any] = {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0, "units": 0}
         for s in staged:
             multi = {sid for sid, _, _ in s.units}
-            result["units"] += sum(1 for sid in s.ids if sid not in multi and sid not in self.rows)
-            new, kinds = self._publish(s)
+            new, kinds, singles = self._publish(s, multi)
+            result["units"] += singles
             if s.rel.startswith("errors/"):
                 result["errors"].update(kinds)
             else:
                 result["features"] += new
             result["duplicates"] += len(s.ids) - new
             result["files"] += int(new > 0)
-        completed = self._track_units(u for s in staged for u in s.units)
-        result["units"] += len(set(completed) - self.units)  # plan rows done: single rows, and whole units
-        self.complete_units(completed)
+        with self.lock:
+            completed = self._track_units(u for s in staged for u in s.units)
+            done = sorted(set(completed) - self.units)
+        result["units"] += len(done)  # plan rows done: single rows, and whole units
+        self.complete_units(done)
         return result
 
     def complete_units(self, units: Iterable[str]) -> None:
-        done = sorted(set(units) - self.units)
+        with self.lock:
+            done = sorted(set(units) - self.units)
         if done:
             table = pa.table({"unit": done})
             write_atomic(self.fs, f"{self.root}/{UNITS}/{part_name(done)}", parquet_bytes(table))
-            self.units.update(done)
+            with self.lock:
+                self.units.update(done)
 
-    def _publish(self, s: Staged) -> Tuple[int, List[str]]:
-        """(rows published, their error kinds); rows already committed are dropped first."""
-        keep = [i for i, sid in enumerate(s.ids) if sid not in self.rows]
-        final = f"{self.root}/{s.rel}"
+    def _publish(self, s: Staged, multi: Set[str] = frozenset()) -> Tuple[int, List[str], int]:
+        """(rows published, their error kinds, single-row plan rows done); rows already committed are
+        dropped first."""
+        keep = self._reserve(s)
         try:
-            if len(keep) == len(s.ids):
+            self._write(s, keep)
+        finally:
+            with self.lock:
+                self.reserved.difference_update(s.ids[i] for i in keep)
+                self.lock.notify_all()
+        with self.lock:  # recorded only once the store holds them
+            self.rows.update(s.ids[i] for i in keep)
+        singles = sum(1 for i in keep if s.ids[i] not in multi)
+        return len(keep), [s.kinds[i] for i in keep] if s.kinds else [], singles
+
+    def _reserve(self, s: Staged) -> List[int]:
+        """The rows of `s` not committed yet, reserved for this thread; waits while another thread
+        publishes a file that shares rows with it."""
+        with self.lock:
+            while self.reserved.intersection(s.ids):
+                self.lock.wait()
+            keep = [i for i, sid in enumerate(s.ids) if sid not in self.rows]
+            self.reserved.update(s.ids[i] for i in keep)
+            return keep
+
+    def _write(self, s: Staged, keep: List[int]) -> None:
+        """Make the kept rows of `s` a published file, never onto a file there (CommitConflict)."""
+        final = f"{self.root}/{s.rel}"
+        data = s.data
+        try:
+            if len(keep) == len(s.ids) and data is None:
                 publish(self.fs, s.path, final)
             elif keep:
-                table = pq.read_table(s.path, filesystem=self.fs).take(keep)
-                final = posixpath.join(posixpath.dirname(final), part_name(table["sample_id"].to_pylist()))
-                write_atomic(self.fs, final, parquet_bytes(table), exclusive=True)
-                self.fs.rm(s.path)
+                if len(keep) < len(s.ids):
+                    table = s.table(self.fs).take(keep)
+                    final = posixpath.join(posixpath.dirname(final), part_name(table["sample_id"].to_pylist()))
+                    data = parquet_bytes(table)
+                self._put(final, data)
+                s.drop(self.fs)
             else:
-                self.fs.rm(s.path)
+                s.drop(self.fs)
         except FileExistsError:  # never replace a committed file: its rows would be lost
             raise CommitConflict(f"{final} already holds committed rows; refusing to replace it with "
                                  f"{len(keep)} new rows (first: {s.ids[keep[0]]!r})") from None
         except FileNotFoundError:  # recovered by a restarted committer, or a twin task's file
             if keep:
                 raise
-        self.rows.update(s.ids[i] for i in keep)
-        return len(keep), [s.kinds[i] for i in keep] if s.kinds else []
+
+    def _put(self, final: str, data: bytes) -> None:
+        """One exclusive write. A PUT whose reply was lost is retried by the client and then finds its
+        own object there (HTTP 412): the same bytes are taken as published, anything else refused."""
+        try:
+            write_atomic(self.fs, final, data, exclusive=True)
+        except FileExistsError:
+            if not same_bytes(self.fs, final, data):
+                raise
 
     def _track_units(self, rows: Iterable[Tuple[str, str, int]]) -> List[str]:
         completed = []

@@ -1,8 +1,9 @@
 """Commit stage: a Ray Data Datasink that writes the features and errors tables.
 
 Why a custom sink rather than `write_parquet`: Ray's writer streams files to their final names
-(a reader can see a partial file) and a rerun appends copies. Here each write task stages whole
-files and the job's committer publishes them, each sample exactly once (see ledger.py).
+(a reader can see a partial file) and a rerun appends copies. Here each write task makes whole
+files and the job's committer publishes them, each sample exactly once (see ledger.py): staged on
+local disk, their bytes carried in the commit call to an object store (one PUT a file there).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ray.data.datasource import Datasink
 from ..timing import block_seconds
 from .ledger import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
 from .partitions import partition_folder
-from .store import filesystem
+from .store import filesystem, is_local
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -81,6 +82,7 @@ class ParquetCommitSink(Datasink):
     def write(self, blocks: Iterable[Any], ctx: Any) -> Dict[str, Any]:
         started, seconds = time.perf_counter(), Counter()
         fs, root = filesystem(self.spec.out_uri, self.spec.storage_options)
+        local = is_local(fs)  # object stores: no staged copy (a PUT, then a COPY and a DELETE)
         # recovery publishes only what its own job staged: the folder names the job and the run
         staging = "/".join(p for p in (root.rstrip("/"), STAGING, self.spec.staging, uuid.uuid4().hex) if p)
         schema = features_schema(self.spec)
@@ -97,10 +99,12 @@ class ParquetCommitSink(Datasink):
                 tables.append(("errors", _errors_table(batch, ~ok), np.flatnonzero(~ok)))
             for folder, table, rows in tables:
                 ids = table["sample_id"].to_pylist()
-                rel = f"{folder}/{part_name(ids)}"
-                write_atomic(fs, f"{staging}/{rel}", parquet_bytes(table))
+                rel, data = f"{folder}/{part_name(ids)}", parquet_bytes(table)
                 kinds = error_kinds(table) if folder == "errors" else []
-                staged.append(Staged(f"{staging}/{rel}", rel, ids, kinds, _unit_rows(batch, rows)))
+                if local:
+                    write_atomic(fs, f"{staging}/{rel}", data)
+                staged.append(Staged(f"{staging}/{rel}" if local else "", rel, ids, kinds, _unit_rows(batch, rows),
+                                     None if local else data))
         # the committer tallies the busy seconds too, for the live progress line's bound (progress.py)
         live = {**seconds, "write": seconds["write"] + time.perf_counter() - started}
         result = ray.get(self.committer.commit.remote(staged, live)) if staged else \

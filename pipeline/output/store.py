@@ -90,6 +90,17 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def same_bytes(fs, path: str, data: bytes) -> bool:
+    """Whether the file at `path` holds exactly `data` (one small request, then one read only when
+    the sizes agree): how an exclusive write tells its own retried request from another file."""
+    try:
+        if int(fs.info(path).get("size") or 0) != len(data):
+            return False
+        return fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False
+
+
 def move(fs, src: str, dst: str) -> None:
     if is_local(fs):
         os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -14,6 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import LeaseHeld, OutputExists
 from pipeline.output.lease import LEASE_FILE, Fence, Lease, LeaseLost, read
+from pipeline.output.store import write_atomic
 
 from conftest import S3_BUCKET
 
@@ -180,3 +181,40 @@ def test_a_run_refused_before_writing_leaves_no_output_folder(tmp_path):
     out.mkdir()
     Lease(FS, str(out), "OUT", "r2").acquire().release()
     assert out.exists()  # a folder the user made stays
+
+
+def test_the_fence_reads_the_lease_once_a_window_and_still_catches_a_takeover(tmp_path, monkeypatch):
+    """A fresh confirmation stands for expiry / 8 seconds; after that the fence reads again and a run
+    that lost its lease stops."""
+    root = str(tmp_path)
+    monkeypatch.setenv("FEATURIZE_LEASE_EXPIRY_S", "80")
+    lease = Lease(FS, root, "OUT", "run-a").acquire()
+    now = [100.0]
+    fence = Fence(FS, root, "run-a", clock=lambda: now[0])
+    for _ in range(50):
+        fence()
+        now[0] += 0.1
+    assert fence.reads == 1  # 5 s: inside the 10 s window
+    record = read(FS, root)[1]
+    write_atomic(FS, f"{root}/_lease.json", json.dumps({**record, "run_id": "run-b"}).encode())  # taken over
+    now[0] += 5.1
+    with pytest.raises(LeaseLost, match="run-b"):
+        fence()
+    assert fence.reads == 2
+    with pytest.raises(LeaseLost):  # and every call after it
+        fence()
+    lease.release()
+
+
+def test_a_stale_heartbeat_is_never_trusted_for_a_window(tmp_path, monkeypatch):
+    """A lease whose heartbeat is already half the expiry old could be taken over soon: read each time."""
+    root = str(tmp_path)
+    monkeypatch.setenv("FEATURIZE_LEASE_EXPIRY_S", "80")
+    lease = Lease(FS, root, "OUT", "run-a").acquire()
+    record = read(FS, root)[1]
+    write_atomic(FS, f"{root}/_lease.json", json.dumps({**record, "heartbeat": time.time() - 50}).encode())
+    fence = Fence(FS, root, "run-a")
+    fence()
+    fence()
+    assert fence.reads == 2
+    lease.release()
