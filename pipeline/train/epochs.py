@@ -120,9 +120,10 @@ def _pass(model, shard, plan, device, config, steps, epoch: int, name: str) -> D
         weight = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
     model.train(optimizer is not None)
     sums = torch.zeros(4, dtype=torch.float64)  # loss * rows, correct, rows, batches with a non-finite loss
+    order = recipe.shuffle_seed(config["seed"], epoch) if optimizer else None  # a stream per (seed, epoch)
     batches = shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
                                        local_shuffle_buffer_size=4 * config["batch_size"] if optimizer else None,
-                                       local_shuffle_seed=config["seed"] + epoch if optimizer else None)
+                                       local_shuffle_seed=order)
     for batch in batches:
         x, lengths = batch["x"], batch.get("lengths")
         out = model(x, lengths)

@@ -10,6 +10,8 @@ import math
 from collections import Counter
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 from .models import TEMPORAL
 
 CLIP_TEMPORAL = 1.0  # the norm an lstm's or attention's gradients are cut to when train.clip_grad is null
@@ -18,6 +20,14 @@ CLIP_TEMPORAL = 1.0  # the norm an lstm's or attention's gradients are cut to wh
 def steps_per_epoch(train_rows: int, workers: int, batch_size: int) -> int:
     """Optimizer steps each worker takes per epoch (its share of the rows, the last batch short)."""
     return max(1, math.ceil(math.ceil(train_rows / max(1, workers)) / batch_size))
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """The seed of the training rows' order in `epoch` (0-based) under train.seed `seed`: a stream of
+    its own for each (seed, epoch) pair, as FeatureDataset's default_rng([seed, epoch]). Not
+    seed + epoch: then train.seed 1 replayed train.seed 0's row orders one epoch on (19 of 20 epochs
+    the same), and trainings averaged over seeds 0..N-1 were not independent draws."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -73,6 +73,37 @@ def test_a_file_with_data_head_and_output_only_gets_the_recipe():
     assert clip_norm("lstm", 0) is None and clip_norm("linear", 2.5) == 2.5
 
 
+# ---------------------------------------------------------------- the row order
+
+def test_each_seed_and_epoch_shuffles_the_rows_its_own_way():
+    """The seed the training's shard is shuffled with: a stream per (train.seed, epoch), never
+    seed + epoch (train.seed 1 would replay train.seed 0's row orders one epoch on)."""
+    from types import SimpleNamespace
+
+    from pipeline.train.epochs import _pass
+
+    class Shard:  # records what the epoch asks of Ray Data; no rows
+        def iter_torch_batches(self, **kw):
+            asked.append(kw.get("local_shuffle_seed"))
+            return iter(())
+
+    plan = SimpleNamespace(kind="attention")
+    steps = {"optimizer": object(), "scheduler": None, "clip": None}
+    seen = {}
+    for seed in range(3):
+        for epoch in range(20):
+            asked = []
+            _pass(torch.nn.Identity(), Shard(), plan, "cpu",
+                  {"batch_size": 8, "seed": seed}, steps, epoch, "train")
+            seen[seed, epoch] = asked[0]
+    assert len(set(seen.values())) == len(seen)  # 60 different orders, seed 1 epoch 0 not seed 0 epoch 1
+    asked = []
+    _pass(torch.nn.Identity(), Shard(), plan, "cpu", {"batch_size": 8, "seed": 1}, steps, 0, "train")
+    assert asked == [seen[1, 0]]  # the same again: a resumed training replays its epochs' orders
+    _pass(torch.nn.Identity(), Shard(), plan, "cpu", {"batch_size": 8, "seed": 1}, None, 0, "val")
+    assert asked[-1] is None  # validation is not shuffled
+
+
 # ---------------------------------------------------------------- the schedule
 
 def test_warm_up_then_cosine_or_constant():

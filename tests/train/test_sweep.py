@@ -57,7 +57,9 @@ def test_a_sweep_over_two_values_keeps_the_better_and_records_both(probe_table, 
     assert [t["weight_decay"] for t in record["trials"]] == [0.0, 1000.0]
     good, bad = record["trials"]
     assert good["best"] and not bad.get("best") and record["kept"]["weight_decay"] == 0.0
-    assert good["score"] >= 0.9 and (bad["score"] is None or bad["score"] <= good["score"] - 0.2)
+    # 3 epochs of 4 steps: the validation accuracy depends on the row order, 0.81-0.97 over 200 orders
+    # (mean 0.88) in a plain loop of the same recipe, so the bar is "learned", not one draw's value
+    assert good["score"] >= 0.75 and (bad["score"] is None or bad["score"] <= good["score"] - 0.2)
     assert [r["epoch"] for r in good["epochs"]] == [1, 2, 3]  # every trial's epochs recorded
     assert (out / SWEEP_PNG).read_bytes()[:8] == PNG
 
