@@ -276,6 +276,29 @@ def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_pat
     _assert_secret_nowhere(fs, [f"{S3_BUCKET}/out", f"{S3_BUCKET}/out2"], capfd)
 
 
+@pytest.mark.timeout(300)
+def test_7_writers_killed_mid_publish_on_s3_leave_every_sample_once(ray_session, faults, faults_dir, s3, tmp_path):
+    """Write tasks die right after handing their files to the (threaded) committer, whose publishes
+    go on without them; Ray runs the tasks again, their blocks cut anew, while other writers commit:
+    every sample once, as the store holds it, and the run ends complete."""
+    fs, options = s3
+    src = images(tmp_path, n=48)
+    for path in planned(src):
+        fs.pipe_file(f"{S3_BUCKET}/images/{path}", (src / path).read_bytes())
+    fs.invalidate_cache()
+    out = f"s3://{S3_BUCKET}/killed-writers"
+    faults("commit", action="exit", after=2)  # a writer process exits with its commit call in flight
+    job = job_dict(f"s3://{S3_BUCKET}/images/", out, source={"storage_options": options},
+                   output={"storage_options": options}, resources={"batch_size": 4, "decode_batch_size": 4})
+    summary = run(job)
+    assert (faults_dir / "commit.json.fired").exists()
+    fs.invalidate_cache()
+    assert_exactly_once(out, planned(src), fs)
+    assert_whole_files(out, fs)
+    assert summary.features + sum(summary.errors.values()) == len(planned(src))  # published once each
+    assert not fs.exists(f"{S3_BUCKET}/killed-writers/_staging")  # nothing staged on an object store
+
+
 def _assert_secret_nowhere(fs, prefixes, capfd):
     """The secret key given in storage options is in no output file, no Ray log, no printed line."""
     import ray

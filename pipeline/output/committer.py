@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .lease import Fence
 from .ledger import Ledger, Staged, Tally
-from .store import filesystem
+from .store import filesystem, with_connections
 
 CONCURRENCY = 32  # commit calls in flight: a cluster's write tasks at once, each one file or a few
 
@@ -28,7 +28,7 @@ class Committer:
                  lease: Optional[Tuple[str, str]] = None, base: Tuple[int, int] = (0, 0)):
         import ray
 
-        fs, root = filesystem(out_uri, storage_options)
+        fs, root = filesystem(out_uri, with_connections(out_uri, storage_options, CONCURRENCY))
         fence = None
         if lease is not None:
             fence = Fence(*filesystem(lease[0], storage_options), run_id=lease[1])

@@ -19,6 +19,7 @@ import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
+from .. import faults
 from ..timing import block_seconds
 from .ledger import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
 from .partitions import partition_folder
@@ -107,8 +108,11 @@ class ParquetCommitSink(Datasink):
                                      None if local else data))
         # the committer tallies the busy seconds too, for the live progress line's bound (progress.py)
         live = {**seconds, "write": seconds["write"] + time.perf_counter() - started}
-        result = ray.get(self.committer.commit.remote(staged, live)) if staged else \
-            {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
+        result = {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
+        if staged:
+            call = self.committer.commit.remote(staged, live)
+            faults.point("commit", lambda: "\n".join(s.rel for s in staged))  # a writer dies mid-publish
+            result = ray.get(call)
         result["committed_at"] = time.time()  # for the steady-state throughput
         seconds["write"] += time.perf_counter() - started
         result["seconds"] = dict(seconds)

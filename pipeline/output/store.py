@@ -23,6 +23,17 @@ def filesystem(uri: str, storage_options: Dict[str, Any]) -> Tuple[fsspec.Abstra
     return fs, path
 
 
+def with_connections(uri: str, storage_options: Dict[str, Any], n: int) -> Dict[str, Any]:
+    """Storage options that let one S3 client keep `n` requests in flight: botocore's connection pool
+    holds 10 by default, which would queue a threaded committer's publishes behind each other. A
+    value the user set is kept."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return storage_options
+    config = dict(storage_options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", n)
+    return {**storage_options, "config_kwargs": config}
+
+
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A URI another process can open with the same storage options."""
     return fs.unstrip_protocol(path)

@@ -337,3 +337,12 @@ def test_on_s3_a_file_is_one_request_and_the_fence_a_few(s3_server, s3):
 def published_ids_on(fs, root):
     files = parquet_files(fs, f"{root}/features")
     return [i for f in files for i in pq.read_table(f, filesystem=fs)["sample_id"].to_pylist()]
+
+
+def test_the_committer_s_s3_client_keeps_its_calls_in_flight_and_a_user_s_pool_is_kept():
+    from pipeline.output.store import with_connections
+
+    assert with_connections("s3://b/out", {"key": "k"}, 32) == {"key": "k", "config_kwargs": {"max_pool_connections": 32}}
+    mine = {"config_kwargs": {"max_pool_connections": 4, "retries": {"max_attempts": 9}}}
+    assert with_connections("s3://b/out", mine, 32) == mine
+    assert with_connections("/data/out", {}, 32) == {} and with_connections("gs://b/out", {}, 32) == {}
