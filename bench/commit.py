@@ -119,7 +119,11 @@ def ceiling(files, writers: int, uri: str, options: Dict[str, Any]) -> float:
 
 
 def s3_endpoint():
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
 
     from faultproxy import FaultProxy
 

@@ -233,10 +233,16 @@ class Fence:
         self.fs, self.root, self.run_id, self.clock = fs, root.rstrip("/"), run_id, clock
         self.valid_until = -math.inf
         self.reads = 0
+        self.lock = threading.Lock()  # the committer's threads: one reads, the others wait for its answer
 
     def __call__(self) -> None:
         if self.clock() < self.valid_until:
             return
+        with self.lock:
+            if self.clock() >= self.valid_until:
+                self._read()
+
+    def _read(self) -> None:
         started = self.clock()
         held = read(self.fs, self.root)[1]
         self.reads += 1
