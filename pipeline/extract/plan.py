@@ -22,7 +22,7 @@ from ..config import SourceConfig
 from ..errors import SourceError
 from ..output.store import filesystem, full_uri
 from ..redact import FETCH_URI, has_masked_uris, public_row, saved_plan
-from .listing import REFUSED_URI, Entry, ListingError, confine, raw_path, utf8, walk_local
+from .listing import REFUSED_URI, Confinement, Entry, ListingError, raw_path, utf8, walk_local
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
@@ -190,7 +190,7 @@ def _list_manifest(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
     if "uri" not in table.column_names:
         raise SourceError(f"source.uri {cfg.uri}: the manifest has no 'uri' column (has {table.column_names})")
     base = posixpath.dirname(path)
-    roots = [full_uri(fs, base), *cfg.allow_uris]
+    allowed = Confinement([full_uri(fs, base), *cfg.allow_uris])
     for rec in table.to_pylist():
         uri = str(rec["uri"])
         if "://" in uri or uri.startswith("/"):
@@ -198,7 +198,7 @@ def _list_manifest(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
         else:  # relative to the manifest's folder
             target = full_uri(fs, posixpath.join(base, uri))
         split = cfg.split or _text(rec.get("split"))
-        refused = "" if confine(target, roots) else REFUSED_URI  # the same words whether or not it exists
+        refused = "" if allowed.allows(target) else REFUSED_URI  # the same words whether or not it exists
         yield {**_row(uri, target, _text(rec.get("label")), split), "refused": refused}
 
 

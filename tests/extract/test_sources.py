@@ -341,3 +341,22 @@ def test_manifest_confinement_holds_against_encoded_dots_chains_and_backslashes(
 
     assert {rows[redact_text(u)]["error_type"] for u in uris} == {"refused"}
     assert confine(f"{http.url}/src/a%20b.jpg", [allowed])  # an encoded name inside stays readable
+
+
+def test_a_manifest_resolves_its_roots_once_not_once_a_row(tmp_path, monkeypatch):
+    """Planning a manifest resolves each allowed root once (a realpath on the local disk); only the
+    rows' own URIs are resolved per row."""
+    from pipeline.extract import listing
+
+    (tmp_path / "n01").mkdir()
+    rows = 200
+    pq.write_table(pa.table({"uri": [f"n01/{i}.jpg" for i in range(rows)]}), tmp_path / "m.parquet")
+    calls = []
+    realpath = os.path.realpath
+    monkeypatch.setattr(listing.os.path, "realpath", lambda p: calls.append(p) or realpath(p))
+    cfg = SourceConfig(uri=str(tmp_path / "m.parquet"), format="manifest", allow_uris=[str(tmp_path / "more")])
+    plan = plan_source(cfg)
+    assert len(plan) == rows and set(plan["refused"].to_pylist()) == {""}
+    roots = [p for p in calls if not p.endswith(".jpg")]
+    assert len(roots) == 2, roots  # the manifest's folder and the one allowed root, once each
+    assert len(calls) == rows + 2
