@@ -106,6 +106,7 @@ def verify(ws: Workspace) -> None:
     """A run ends well only if the files on the store (not the committer's tally) hold every
     planned sample, and none twice across features and errors."""
     found = audit(ws.fs, ws.root, ws.plan)
+    ws.rows = found["rows"]  # the summary's output rows: no second read of every file
     if found["duplicates"]:
         dup = found["duplicates"]
         raise NotExactlyOnce(f"{len(dup)} sample ids are committed more than once in {ws.uri} (first: {dup[0]!r}); "
@@ -145,7 +146,8 @@ def summarize(ws: Workspace, out_uri: str, t0: float, t1: float, totals: Dict[st
         out_uri=out_uri, planned=len(ws.plan), features=totals.get("features", 0),
         errors=dict(sorted(totals.get("errors", {}).items())), wall_s=time.time() - t1, startup_s=t1 - t0,
         skipped=ws.skipped, added=ws.added, gone=ws.gone, duplicates=totals.get("duplicates", 0),
-        output_rows=table_rows(ws.fs, ws.root), ray_logs=(ray_log_dir() or "") if totals else "",
+        output_rows=ws.rows if ws.rows is not None else table_rows(ws.fs, ws.root),
+        ray_logs=(ray_log_dir() or "") if totals else "",
         progress=progress_series(commits, t1), **steady_state(commits, t1), **fields)
 
 

@@ -44,6 +44,15 @@ def images(tmp_path, n=60) -> Path:
     return src
 
 
+def s3_images(fs, tmp_path, n: int) -> Path:
+    """images(), uploaded to s3://BUCKET/images/; returns the local folder (planned() reads it)."""
+    src = images(tmp_path, n=n)
+    for path in planned(src):
+        fs.pipe_file(f"{S3_BUCKET}/images/{path}", (src / path).read_bytes())
+    fs.invalidate_cache()
+    return src
+
+
 def committed_files(out: Path):
     return list((out / "features").rglob("*.parquet")) if (out / "features").exists() else []
 
@@ -232,10 +241,7 @@ def _store_options(proxy: FaultProxy, attempts: int = 3):
 @pytest.mark.timeout(400)
 def test_4_object_store_faults_and_an_outage(ray_session, s3, s3_server, tmp_path, capfd):
     fs, _ = s3
-    src = images(tmp_path, n=40)
-    for path in planned(src):
-        fs.pipe_file(f"{S3_BUCKET}/images/{path}", (src / path).read_bytes())
-    fs.invalidate_cache()
+    src = s3_images(fs, tmp_path, n=40)
     out = f"s3://{S3_BUCKET}/out"
     with FaultProxy(s3_server, fault_rate=0.2, seed=7) as proxy:
         job = job_dict(f"s3://{S3_BUCKET}/images/", out, source={"storage_options": _store_options(proxy)})
@@ -282,10 +288,7 @@ def test_7_writers_killed_mid_publish_on_s3_leave_every_sample_once(ray_session,
     go on without them; Ray runs the tasks again, their blocks cut anew, while other writers commit:
     every sample once, as the store holds it, and the run ends complete."""
     fs, options = s3
-    src = images(tmp_path, n=48)
-    for path in planned(src):
-        fs.pipe_file(f"{S3_BUCKET}/images/{path}", (src / path).read_bytes())
-    fs.invalidate_cache()
+    src = s3_images(fs, tmp_path, n=48)
     out = f"s3://{S3_BUCKET}/killed-writers"
     faults("commit", action="exit", after=2)  # a writer process exits with its commit call in flight
     job = job_dict(f"s3://{S3_BUCKET}/images/", out, source={"storage_options": options},

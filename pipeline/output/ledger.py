@@ -287,12 +287,15 @@ def remaining(plan: pa.Table, rows: Set[str], units: Set[str]) -> pa.Table:
 
 def audit(fs, root: str, plan: pa.Table) -> Dict[str, Any]:
     """What the files on the store hold against the plan: planned samples missing (count and
-    first) and sample ids committed more than once across features and errors."""
-    ids = committed_ids(fs, root)
+    first), sample ids committed more than once across features and errors, and the rows of each
+    table (read with the ids: the files are read once, for both)."""
+    by_table = {t: read_column(fs, parquet_files(fs, f"{root}/{t}"), "sample_id").to_pylist() for t in TABLES}
+    ids = [i for t in TABLES for i in by_table[t]]
     units = set(read_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit").to_pylist())
     left = remaining(plan, set(ids), units)
     return {"missing": len(left), "first_missing": left["sample_id"][0].as_py() if len(left) else None,
-            "duplicates": sorted(k for k, n in Counter(ids).items() if n > 1)}
+            "duplicates": sorted(k for k, n in Counter(ids).items() if n > 1),
+            "rows": {t: len(by_table[t]) for t in TABLES}}
 
 
 @dataclass

@@ -55,6 +55,7 @@ class Workspace:
     replaces: Optional[str] = None  # OUT's root, when this run overwrites it
     added: int = 0  # --incremental: samples new in the source, added to the plan by this run
     gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
+    rows: Optional[Dict[str, int]] = None  # the tables' rows on the store, as the run's audit read them
 
     @property
     def skipped(self) -> int:

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 from ..errors import NoOutput
 from .lease import describe, read, stale
 from .ledger import STAGING, audit, parquet_files
-from .root import JOB_FILE, OVERWRITE, PLAN_FILE, load_plan, read_record, table_rows
+from .root import JOB_FILE, OVERWRITE, PLAN_FILE, load_plan, read_record
 from .store import filesystem
 
 
@@ -20,7 +20,7 @@ def status(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[s
     if record is None or plan is None:
         raise NoOutput(f"{uri}: no output there (no {JOB_FILE} and {PLAN_FILE})")
     found = audit(fs, root, plan)
-    rows = table_rows(fs, root)
+    rows = found["rows"]
     return {
         "name": record.get("name"), "status": record.get("status"), "planned": len(plan),
         "features": rows["features"], "errors": rows["errors"], "remaining": found["missing"],

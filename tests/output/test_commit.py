@@ -236,7 +236,8 @@ def test_audit_reads_duplicates_and_gaps_from_the_files(tmp_path):
                                  for s in ("a", "b", "c")], schema=PLAN_SCHEMA)
     write_atomic(FS, f"{root}/features/{part_name(['a', 'b'])}", parquet_bytes(pa.table({"sample_id": ["a", "b"]})))
     write_atomic(FS, f"{root}/errors/{part_name(['b'])}", parquet_bytes(pa.table({"sample_id": ["b"]})))
-    assert audit(FS, root, plan) == {"missing": 1, "first_missing": "c", "duplicates": ["b"]}
+    assert audit(FS, root, plan) == {"missing": 1, "first_missing": "c", "duplicates": ["b"],
+                                    "rows": {"features": 2, "errors": 1}}
 
 
 def test_without_hard_links_publishing_still_refuses_a_committed_name(tmp_path, monkeypatch):
