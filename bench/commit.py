@@ -76,7 +76,7 @@ def committed(files, writers: int, uri: str, options: Dict[str, Any], mode: str)
     fs, root = filesystem(uri, options)
     lease = Lease(fs, root, uri, uuid.uuid4().hex[:16]).acquire()
     committer = start_committer(Workspace(uri), uri, options, lease.run_id)
-    ray.get(committer.state.remote())  # started, its (empty) state read
+    ray.get(committer.progress.remote())  # started: it has read OUT
 
     def one(f) -> None:
         rel = f"features/split=train/{part_name(f['ids'])}"

@@ -18,7 +18,7 @@ from .errors import OutputExists
 from .interrupt import reclaim_sigterm
 from .output.committer import CONCURRENCY, Committer
 from .output.lease import Lease
-from .output.ledger import Ledger, audit
+from .output.ledger import audit
 from .output.record import Summary
 from .output.root import Workspace, finish, table_rows
 from .output.store import filesystem
@@ -124,8 +124,7 @@ def run_to_end(ws: Workspace, lease: Lease, committer, write: Callable[[], None]
     actors are stopped either way."""
     try:
         write()
-        ws.ledger = Ledger(ws.fs, ws.root, ray.get(committer.state.remote()))
-        check(ws)
+        check(ws)  # from the files on the store: the committer's id set never travels to the driver
         lease.check()  # still OUT's writer: only then record it complete (and swap an overwrite in)
     except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
         try:

@@ -76,7 +76,7 @@ def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[s
             build_dataset(prepared, layout, ws.todo, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
 
     windowed = job.is_video and bool(job.video.window_s)
-    run_to_end(ws, lease, committer, write, record, t0, check=lambda ws: _check_complete(ws, windowed))
+    run_to_end(ws, lease, committer, write, record, t0, check=lambda ws: _check_complete(ws, committer, windowed))
     return _finish(prepared, ws, record, t0, t1, sink.totals, layout)
 
 
@@ -113,9 +113,10 @@ def _connect_client(address: str, runtime_env: Dict[str, Any], attempts: int = 2
             time.sleep(2.0)
 
 
-def _check_complete(ws: Workspace, windowed: bool) -> None:
-    """Ray Data finished every write task: every unit this run took up is now committed."""
-    ws.ledger.complete_units(multi_row_units(ws.todo, windowed))
+def _check_complete(ws: Workspace, committer, windowed: bool) -> None:
+    """Ray Data finished every write task: every unit this run took up is now committed (recorded
+    by the committer, which knows the units done)."""
+    ray.get(committer.complete_units.remote(multi_row_units(ws.todo, windowed)))
     verify(ws)
 
 

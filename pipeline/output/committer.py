@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .lease import Fence
 from .ledger import Ledger, Staged, Tally
@@ -62,9 +62,6 @@ class Committer:
 
     def complete_units(self, units: List[str]) -> None:
         self.ledger.complete_units(units)
-
-    def state(self) -> Tuple[Set[str], Set[str]]:
-        return self.ledger.snapshot()
 
     def progress(self) -> "Tally":
         """What this run has committed so far: a few counters, cheap to ask for every second."""

@@ -141,11 +141,6 @@ class Ledger:
         self.reserved: Set[str] = set()  # rows of files being published now
         self.lock = threading.Condition()
 
-    def snapshot(self) -> Tuple[Set[str], Set[str]]:
-        """(rows, units) as copies: safe to hand out while other threads commit."""
-        with self.lock:
-            return set(self.rows), set(self.units)
-
     def recover(self) -> int:
         """Publish (or drop, if already there) what an interrupted run of this job left staged;
         remove what another job left (a killed job whose output was then overwritten)."""
