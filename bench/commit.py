@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any, Dict, List
 
 import numpy as np
@@ -61,12 +62,9 @@ def make_files(n: int, rows: int, dim: int) -> List[Dict[str, Any]]:
     return out
 
 
-class Workspace:
-    """What start_committer needs of a run: the output's URI and a ledger's job fingerprint."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.ledger = type("L", (), {"job": "benchjob", "rows": (), "units": ()})()
+def workspace(uri: str) -> SimpleNamespace:
+    """What start_committer reads of a run: the output's URI, the job's fingerprint, what OUT held."""
+    return SimpleNamespace(uri=uri, ledger=SimpleNamespace(job="benchjob", rows=(), units=()))
 
 
 def committed(files, writers: int, uri: str, options: Dict[str, Any], mode: str) -> float:
@@ -75,7 +73,7 @@ def committed(files, writers: int, uri: str, options: Dict[str, Any], mode: str)
 
     fs, root = filesystem(uri, options)
     lease = Lease(fs, root, uri, uuid.uuid4().hex[:16]).acquire()
-    committer = start_committer(Workspace(uri), uri, options, lease.run_id)
+    committer = start_committer(workspace(uri), uri, options, lease.run_id)
     ray.get(committer.progress.remote())  # started: it has read OUT
 
     def one(f) -> None:
