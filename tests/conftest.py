@@ -35,15 +35,23 @@ def faults_dir(tmp_path_factory):
 
 @pytest.fixture
 def faults(faults_dir):
-    """arm(point, **spec) arms a failpoint for this test; everything armed is disarmed after it."""
+    """arm(point, **spec) arms a failpoint for this test, arm(point, spec, spec, ...) a list of specs
+    (the first that matches a hit applies); everything armed is disarmed after it."""
     import json
 
-    def arm(point: str, **spec):
-        (faults_dir / f"{point}.json").write_text(json.dumps(spec))
+    def arm(point: str, *specs, **spec):
+        (faults_dir / f"{point}.json").write_text(json.dumps(list(specs) if specs else spec))
 
     yield arm
     for f in faults_dir.iterdir():
         f.unlink()
+
+
+# A training's worker that exits right after it reported epoch 2, having waited after epoch 1 until
+# Ray Train's controller (it polls its workers) surely registered that epoch's checkpoint: without
+# the wait, on a loaded machine neither report may be registered and the rerun starts from 0.
+WORKER_DIES_AFTER_EPOCH_2 = ({"action": "sleep", "seconds": 3, "match": "1", "once": False},
+                             {"action": "exit", "match": "2"})
 
 
 def recorded(faults_dir, point: str) -> List[str]:

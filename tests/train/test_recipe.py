@@ -19,6 +19,7 @@ from pipeline.train.recipe import class_weights, clip_norm, lr_factor, optimizer
 from pipeline.train.selection import MIN_VAL_ROWS, Selection, effective
 from pipeline.train.trainfile import TrainSettings, parse_training
 
+from conftest import WORKER_DIES_AFTER_EPOCH_2
 from tables import write_table
 
 
@@ -226,7 +227,7 @@ def test_without_validation_rows_best_falls_back_to_last_and_says_so(reversed_va
 @pytest.mark.usefixtures("ray_session")
 def test_a_resumed_training_goes_on_along_the_same_learning_rate_curve(reversed_val, tmp_path, faults):
     cfg = parse_training(vectors_file(reversed_val, str(tmp_path / "h"), epochs=4, lr=0.01, warmup=0.3))
-    faults("epoch", action="exit", after=2)  # the worker process ends once it reported epoch 2
+    faults("epoch", *WORKER_DIES_AFTER_EPOCH_2)  # the worker process ends once it reported epoch 2
     with pytest.raises(Exception):  # noqa: B017 - the worker's exit, as Ray Train reports it
         train(cfg, say=None)
     result = train(cfg, say=None)
