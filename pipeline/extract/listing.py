@@ -115,8 +115,9 @@ class Confinement:
         if "://" in target:
             if "\\" in target and not target.lower().startswith(("file://", "local://")):
                 return False
-            if unquote(target) != target:
-                forms.append(unquote(target))
+            decoded = unquote(target)
+            if decoded != target:
+                forms.append(decoded)
         try:
             return all(any(t[:2] == r[:2] and _within(t[2], r[2]) for r in self.roots)
                        for t in map(_canonical, forms))

@@ -104,11 +104,10 @@ def part_name(ids: Iterable[str]) -> str:
     return f"part-{hashlib.sha256(key.encode('ascii')).hexdigest()[:32]}.parquet"
 
 
-def committed_ids(fs, root: str) -> List[str]:
-    """The sample ids in OUT/features and OUT/errors as the files on the store hold them (a
-    list, so that an id committed twice shows twice)."""
-    files = [f for t in TABLES for f in parquet_files(fs, f"{root}/{t}")]
-    return read_column(fs, files, "sample_id").to_pylist()
+def committed_ids(fs, root: str) -> Dict[str, List[str]]:
+    """The sample ids of OUT/features and of OUT/errors as the files on the store hold them (lists,
+    so that an id committed twice shows twice)."""
+    return {t: read_column(fs, parquet_files(fs, f"{root}/{t}"), "sample_id").to_pylist() for t in TABLES}
 
 
 def staging_folder(job: str, run: str) -> str:
@@ -134,7 +133,7 @@ class Ledger:
                  fence: Optional[Callable[[], None]] = None):
         self.fs, self.root, self.job, self.fence = fs, root.rstrip("/"), job, fence
         if state is None:
-            state = (set(committed_ids(fs, self.root)),
+            state = ({i for ids in committed_ids(fs, self.root).values() for i in ids},
                      set(read_column(fs, parquet_files(fs, f"{self.root}/{UNITS}"), "unit").to_pylist()))
         self.rows, self.units = state
         self.pending: Dict[str, Tuple[Set[str], int]] = {}  # unit -> (its rows seen, rows expected)
@@ -284,7 +283,7 @@ def audit(fs, root: str, plan: pa.Table) -> Dict[str, Any]:
     """What the files on the store hold against the plan: planned samples missing (count and
     first), sample ids committed more than once across features and errors, and the rows of each
     table (read with the ids: the files are read once, for both)."""
-    by_table = {t: read_column(fs, parquet_files(fs, f"{root}/{t}"), "sample_id").to_pylist() for t in TABLES}
+    by_table = committed_ids(fs, root)
     ids = [i for t in TABLES for i in by_table[t]]
     units = set(read_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit").to_pylist())
     left = remaining(plan, set(ids), units)
