@@ -38,8 +38,10 @@ class NotExactlyOnce(IncompleteOutput):
 
 
 # Ray Train's controller polls its workers every 2 s and a worker's report waits for the poll, so an
-# epoch of a small head took 2 s whatever its size; polling every 0.2 s costs next to nothing.
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# epoch of a small head took 2 s whatever its size; polling every 0.2 s costs next to nothing. Its
+# preemption watcher (an actor a training, a process: ~1.5 s of a training's start on 2 cores) looks
+# for cloud nodes about to be reclaimed, which one machine's embedded Ray has none of.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def init_ray(address: Optional[str], verbose: bool = False) -> None:

@@ -56,7 +56,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     model = prepare_model(model)
     if history and chosen.stop(len(history)):  # it had stopped early: nothing left to do
         return
-    shards = {name: ray.train.get_dataset_shard(name) for name in config["datasets"]}
+    shards = ({name: parts[rank] for name, parts in config["shards"].items()} if config.get("shards")
+              else {name: ray.train.get_dataset_shard(name) for name in config["datasets"]})  # loop.py's _fit
     steps = {"optimizer": optimizer, "scheduler": scheduler, "clip": recipe.clip_norm(plan.kind, config["clip_grad"])}
     for epoch in range(first, config["epochs"]):
         t = time.time()
