@@ -98,14 +98,14 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     from ray.util.queue import Queue
 
     init_ray(address, verbose)
+    size = _parquet_bytes(table)
     if not address:
-        _check_local_resources(cfg)
+        _check_local_resources(cfg, streamed=size > cache_bytes(cfg))
     storage, storage_fs = _storage(fs, root, cfg)
     lines = Queue()  # the workers' epoch lines, printed here as they come (the driver's console)
     loop_config = {"plan": plan, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                    "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
                    "head": dataclasses.asdict(cfg.head), "lines": lines, **_recipe(cfg, plan)}
-    size = _parquet_bytes(table)
     # A table this small is read here and handed to Ray as blocks: starting Ray Data's read and
     # map tasks (and their worker processes) took longer than the rows (the order demo: ~12 s).
     datasets = _datasets(cfg, plan, here=size <= min(HERE_BYTES, cache_bytes(cfg)))
@@ -188,13 +188,19 @@ def _evaluate(cfg: TrainConfig, say: Callable[[str], None]) -> Optional[Dict[str
         return None
 
 
-def _check_local_resources(cfg: TrainConfig) -> None:
+def _check_local_resources(cfg: TrainConfig, streamed: bool) -> None:
     """An embedded Ray cannot grow: a training asking for more than it has would wait forever
-    (a cluster's autoscaler may add nodes, so there the wait is left to Ray)."""
+    (a cluster's autoscaler may add nodes, so there the wait is left to Ray). A table streamed each
+    epoch (larger than data.cache) needs a CPU besides the workers' for Ray Data's read tasks: with
+    every CPU held by a worker the first epoch waited for one forever."""
     import ray
 
     have = ray.cluster_resources()
     cpus = cfg.train.workers * cfg.train.cpus_per_worker
+    if streamed and cpus + 1 > have.get("CPU", 0):
+        raise TrainError(f"train.workers x train.cpus_per_worker: {cpus:g} CPUs asked, and the table, larger than "
+                         f"data.cache, is read by Ray Data each epoch on one more; this machine's Ray has "
+                         f"{have.get('CPU', 0):g} (lower train.workers, or raise data.cache)")
     if cfg.train.use_gpu and have.get("GPU", 0) < cfg.train.workers:
         raise TrainError(f"train.use_gpu: {cfg.train.workers} worker(s) need a GPU each; this machine's Ray has "
                          f"{have.get('GPU', 0):g}")

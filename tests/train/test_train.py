@@ -305,9 +305,22 @@ def test_submit_sends_a_training_file_to_featurize_train(tmp_path, monkeypatch, 
 def test_a_training_the_local_ray_cannot_hold_is_refused(order_table, tmp_path):
     """Asked for a GPU or more CPUs than an embedded Ray has, Ray Train would wait forever."""
     for change, message in (({"use_gpu": True}, "train.use_gpu: 1 worker"),
-                            ({"workers": 3}, "train.workers x train.cpus_per_worker: 3 CPUs asked")):
+                            ({"workers": 3}, "train.workers x train.cpus_per_worker: 3 CPUs asked"),
+                            ({"workers": 2, "data": {"cache": 0}}, "larger than data.cache, is read by Ray Data")):
+        data = change.pop("data", {})
         with pytest.raises(TrainError, match=message):
-            train(parse_training(training(order_table, str(tmp_path / "h"), train=change)))
+            train(parse_training(training(order_table, str(tmp_path / "h"), train=change, data=data)))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_two_workers_share_the_epochs_of_a_cached_table(order_table, tmp_path):
+    """Every CPU of the session's Ray held by a worker: a cached table needs no read task. Each
+    worker takes half the rows (loop._split), and the metrics are summed across them."""
+    result = train(parse_training(training(order_table, str(tmp_path / "h"), train={"workers": 2, "epochs": 2})))
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+    # rows = samples/s x seconds: 48, both halves counted once (the whole table on each worker: 96)
+    assert all(abs(m["samples_per_s"] * m["seconds"] - 48) <= 1 for m in result.metrics), result.metrics
+    assert ckpt.load(str(tmp_path / "h")).config["rows"] == {"train": 48, "val": 16}
 
 
 def test_run_given_a_training_file_points_to_train(tmp_path, capsys):
