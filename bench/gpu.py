@@ -52,8 +52,8 @@ from pipeline.extract.decode import ImageSpec, decode_batch  # noqa: E402
 from pipeline.extract.device_decode import _decode_jpegs, decode_on_device  # noqa: E402
 from pipeline.extract.plan import plan_source  # noqa: E402
 from pipeline.extract.read import read_batch  # noqa: E402
-from pipeline.models import Embedder, EmbedSpec, feature_dim  # noqa: E402
-from pipeline.models.base import resolve  # noqa: E402
+from pipeline.models.actor import Embedder, EmbedSpec  # noqa: E402
+from pipeline.models.base import feature_dim, resolve  # noqa: E402
 from pipeline.samples import photo  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # prepare.py's ImageNet defaults

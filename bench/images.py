@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ModelConfig, parse_job  # noqa: E402
 from pipeline.extract.decode import ImageSpec, decode_image  # noqa: E402
-from pipeline.models import Embedder, EmbedSpec, feature_dim  # noqa: E402
-from pipeline.models.base import resolve  # noqa: E402
+from pipeline.models.actor import Embedder, EmbedSpec  # noqa: E402
+from pipeline.models.base import feature_dim, resolve  # noqa: E402
 from pipeline.samples import photo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

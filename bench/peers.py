@@ -199,8 +199,9 @@ def _video_models():
     from video import LSTM, SPEC
 
     from pipeline.config import ModelConfig, TemporalConfig
-    from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads
-    from pipeline.models.base import resolve
+    from pipeline.models.actor import Embedder, EmbedSpec
+    from pipeline.models.base import feature_dim, resolve
+    from pipeline.models.temporal import TemporalEmbedder, resolve_heads
 
     cfg, cores = ModelConfig(arch="resnet18", weights="none"), os.cpu_count() or 1
     dim = feature_dim(cfg, SPEC.crop)

@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ModelConfig, TemporalConfig, VideoConfig, parse_job  # noqa: E402
 from pipeline.extract.video import FrameSpec, decode_video  # noqa: E402
-from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder, feature_dim, resolve_heads  # noqa: E402
-from pipeline.models.base import resolve  # noqa: E402
+from pipeline.models.actor import Embedder, EmbedSpec  # noqa: E402
+from pipeline.models.base import feature_dim, resolve  # noqa: E402
+from pipeline.models.temporal import TemporalEmbedder, resolve_heads  # noqa: E402
 from pipeline.samples import encode_video  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

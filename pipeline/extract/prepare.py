@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List
 from .. import __version__
 from ..config import DEFAULT_CROP, DEFAULT_RESIZE, JobConfig, output_storage_options, source_store_options
 from ..errors import ConfigError
-from ..models import check_arch, family, feature_dim, preprocess_defaults
-from ..models.base import resolve
+from ..models.base import check_arch, family, feature_dim, preprocess_defaults, resolve
 from ..models.temporal import HeadInfo, resolve_heads
 from ..models.weights import Weights
 from ..redact import redact_text

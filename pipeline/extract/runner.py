@@ -13,7 +13,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from ..config import JobConfig, memory_bytes
 from ..interrupt import reclaim_sigterm
 from ..jobrun import complete, init_ray, run_to_end, start_committer, summarize, take_lease, verify
-from ..models import Embedder, EmbedSpec
+from ..models.actor import Embedder, EmbedSpec
 from ..models.temporal import TemporalEmbedder
 from ..output.lease import Lease
 from ..output.ledger import staging_folder

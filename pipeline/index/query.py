@@ -142,7 +142,7 @@ def _media_vector(table: FeatureTable, job: JobConfig, meta: Dict[str, str], col
                   data: bytes) -> np.ndarray:
     from ..extract.decode import decode_image
     from ..extract.prepare import prepare
-    from ..models import Embedder, EmbedSpec
+    from ..models.actor import Embedder, EmbedSpec
 
     prepared = prepare(job)
     check_provenance(prepared.provenance(), meta, redact_text(table.uri))
@@ -159,7 +159,7 @@ def _media_vector(table: FeatureTable, job: JobConfig, meta: Dict[str, str], col
 def _clip_vector(prepared, embedder, column: str, data: bytes, threads: int) -> np.ndarray:
     """The first window's frames, embedded, then the column's temporal head, as extraction runs them."""
     from ..extract.video import decode_video
-    from ..models import TemporalEmbedder
+    from ..models.temporal import TemporalEmbedder
 
     heads = [h for h in prepared.heads if h.column == column]
     if not heads:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torchvision
 from torch.hub import get_dir
 
 from ..config import ModelConfig
@@ -91,6 +90,8 @@ def _verify(cfg: ModelConfig, data: bytes) -> str:
 
 
 def _torchvision_enum(cfg: ModelConfig):
+    import torchvision  # here: temporal heads read weights through this module and need none of it (~1.3 s)
+
     try:
         enum = torchvision.models.get_model_weights(cfg.arch)
     except (ValueError, KeyError):

@@ -101,7 +101,7 @@ def test_the_actor_embeds_pixels_left_on_the_device():
     """What a GPU actor does after decoding on its device: the tensor is embedded where it lies,
     error rows skipped; features as from the CPU path's pixels, up to their resampling."""
     from pipeline.config import ModelConfig
-    from pipeline.models import Embedder, EmbedSpec
+    from pipeline.models.actor import Embedder, EmbedSpec
     from pipeline.models.base import resolve
 
     cfg = ModelConfig(arch="resnet18", weights="none")

@@ -23,9 +23,9 @@ from pipeline.errors import Refused
 from pipeline.extract.prepare import prepare
 from pipeline.extract.video import decode_video_batch
 from pipeline.index.query import query_vector
-from pipeline.models import Embedder, EmbedSpec, TemporalEmbedder
+from pipeline.models.actor import Embedder, EmbedSpec
 from pipeline.models.base import resolve
-from pipeline.models.temporal import resolve_heads
+from pipeline.models.temporal import TemporalEmbedder, resolve_heads
 from pipeline.samples import encode, encode_video, photo
 
 from conftest import S3_BUCKET, job_dict, read_features, run

@@ -23,7 +23,7 @@ from pipeline.config import parse_job
 from pipeline.errors import ModelError, WeightsError
 from pipeline.extract.decode import decode_image
 from pipeline.extract.prepare import prepare
-from pipeline.models import Embedder, EmbedSpec
+from pipeline.models.actor import Embedder, EmbedSpec
 from pipeline.output.root import differences, settings
 from pipeline.samples import encode, encode_video, photo
 

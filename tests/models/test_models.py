@@ -12,8 +12,8 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.config import ModelConfig
 from pipeline.errors import ModelError, WeightsError
 from pipeline.extract.decode import ImageSpec, decode_image
-from pipeline.models import Embedder, EmbedSpec, feature_dim
-from pipeline.models.base import resolve
+from pipeline.models.actor import Embedder, EmbedSpec
+from pipeline.models.base import feature_dim, resolve
 from pipeline.samples import encode, photo
 from pipeline.timing import block_seconds
 
