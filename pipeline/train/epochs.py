@@ -28,13 +28,17 @@ def train_loop(config: Dict[str, Any]) -> None:
     import torch
     from ray.train.torch import get_device, prepare_model
 
+    from . import lbfgs
     from .models import build, normalizer
 
     plan = config["plan"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"])
     device = get_device()
+    full = config.get("optimizer") == "lbfgs"  # a full-batch fit (lbfgs.py), in float64
     model = build(plan.kind, plan.dim, len(plan.classes) or 1, config["head"], config["seed"])
+    if full:
+        model.double()
     if config.get("statistics"):  # head.normalize standard: the driver's (moments.py); a resume loads them too
         normalizer(model).set_statistics(config["statistics"]["mean"], config["statistics"]["std"])
     optimizer, scheduler = recipe.optimizer_and_schedule(model, config)
@@ -46,26 +50,31 @@ def train_loop(config: Dict[str, Any]) -> None:
             state = epoch_state.load_folder(d)  # safetensors and JSON: never a pickle
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if state["scheduler"] is not None:  # the learning rate goes on along the same curve
+        if scheduler is not None and state["scheduler"] is not None:  # the learning rate goes on along the same curve
             scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
         chosen = Selection(supervised(plan.kind), config["select"], config["patience"], state["best"],
                            plan.val_rows)
         chosen.weights = state["best_model"]
     first = len(history)
-    model = prepare_model(model)
+    model = model.to(device) if full else prepare_model(model)  # lbfgs sums the workers' gradients itself
     if history and chosen.stop(len(history)):  # it had stopped early: nothing left to do
         return
     shards = ({name: parts[rank] for name, parts in config["shards"].items()} if config.get("shards")
               else {name: ray.train.get_dataset_shard(name) for name in config["datasets"]})  # loop.py's _fit
     steps = {"optimizer": optimizer, "scheduler": scheduler, "clip": recipe.clip_norm(plan.kind, config["clip_grad"])}
+    rows = {k: lbfgs.gather(v, device) for k, v in shards.items() if v is not None} if full else None
     for epoch in range(first, config["epochs"]):
         t = time.time()
-        row: Dict[str, Any] = {"epoch": epoch + 1, "lr": round(scheduler.get_last_lr()[0], 8)}
-        row.update(_pass(model, shards["train"], plan, device, config, steps, epoch, "train"))
-        if shards.get("val") is not None:
-            with torch.no_grad():
-                row.update(_pass(model, shards["val"], plan, device, config, None, epoch, "val"))
+        lr = scheduler.get_last_lr()[0] if scheduler else optimizer.param_groups[0]["lr"]
+        row: Dict[str, Any] = {"epoch": epoch + 1, "lr": round(lr, 8)}
+        if full:  # its training and validation rows
+            row.update(lbfgs.epoch(model, optimizer, rows, config["weight_decay"], _weight(config, device)))
+        else:
+            row.update(_pass(model, shards["train"], plan, device, config, steps, epoch, "train"))
+            if shards.get("val") is not None:
+                with torch.no_grad():
+                    row.update(_pass(model, shards["val"], plan, device, config, None, epoch, "val"))
         bare = model.module if hasattr(model, "module") else model
         stopped = _not_finite(row, bare)
         if stopped:  # every worker saw the same sums (all_reduce) and the same weights: all stop here
@@ -80,8 +89,9 @@ def train_loop(config: Dict[str, Any]) -> None:
         checkpoint = None
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                epoch_state.save(d, bare.state_dict(), optimizer.state_dict(), history, first,
-                                 scheduler.state_dict(), chosen.record or None, chosen.weights)
+                epoch_state.save(d, bare.state_dict(), lbfgs.state_dict(optimizer) if full else optimizer.state_dict(),
+                                 history, first, scheduler.state_dict() if scheduler else None,
+                                 chosen.record or None, chosen.weights)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
                 ran = history[first:]  # this run's epochs: their mean time, for the time left
                 eta = sum(r["seconds"] for r in ran) / len(ran) * (config["epochs"] - epoch - 1)
@@ -92,6 +102,14 @@ def train_loop(config: Dict[str, Any]) -> None:
         faults.point("epoch", str(epoch + 1))  # the tests stop a training here, its epoch saved
         if early:
             return
+
+
+def _weight(config: Dict[str, Any], device):
+    """train.class_weights balanced, as lbfgs's float64 loss weighs the classes (None: equal)."""
+    import torch
+
+    weights = config.get("class_weights")
+    return torch.tensor(weights, dtype=torch.float64, device=device) if weights else None
 
 
 def _not_finite(row: Dict[str, Any], model) -> Optional[str]:

@@ -51,7 +51,7 @@ def confusion_png(matrix: np.ndarray, classes: List[str], title: str) -> bytes:
 
 def sweep_png(trials: List[Dict[str, Any]], metric: str, title: str) -> bytes:
     """The validation metric of each trial against its weight decay (log axis, 0 drawn at the left
-    end), one line per learning rate; a trial without a score is left out."""
+    end), one line per learning rate (one for L-BFGS); a trial without a score is left out."""
     from matplotlib import rc_context
     from matplotlib.figure import Figure
 
@@ -60,12 +60,12 @@ def sweep_png(trials: List[Dict[str, Any]], metric: str, title: str) -> bytes:
         ax = fig.add_subplot(1, 1, 1)
         positive = [t["weight_decay"] for t in trials if t["weight_decay"] > 0]
         zero_at = min(positive) / 10 if positive else 1e-5  # where weight decay 0 is drawn on the log axis
-        for lr in sorted({t["lr"] for t in trials}):
+        for lr in sorted({t.get("lr") for t in trials}, key=lambda v: v or 0):  # lbfgs trials have none
             points = sorted((t["weight_decay"] or zero_at, t["score"]) for t in trials
-                            if t["lr"] == lr and t.get("score") is not None and math.isfinite(t["score"]))
+                            if t.get("lr") == lr and t.get("score") is not None and math.isfinite(t["score"]))
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=f"lr {lr:g}")
+                ax.plot(xs, ys, marker="o", label="L-BFGS" if lr is None else f"lr {lr:g}")
         best = [t for t in trials if t.get("best")]
         if best and best[0].get("score") is not None:
             ax.plot([best[0]["weight_decay"] or zero_at], [best[0]["score"]], marker="*", markersize=16,

@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
     `sweep` (a sweep.Sweep): one trial per grid point through Ray Tune, the best kept."""
     t0 = time.time()
     table, plan = plan_training(cfg)
+    _check_full_batch(cfg, table)
     if sweep is not None:  # its grid decides the checkpoint too: another grid is another training
         sweep.prepare(cfg, plan, address)
         plan.settings["sweep"] = sweep.settings(cfg.train.lr)
@@ -171,8 +172,8 @@ def _recipe(cfg: TrainConfig, plan: Plan) -> Dict[str, Any]:
     from .recipe import steps_per_epoch
 
     t = cfg.train
-    return {"schedule": t.schedule, "warmup": t.warmup, "clip_grad": t.clip_grad, "select": t.select,
-            "patience": t.patience, "class_weights": plan.class_weights,
+    return {"optimizer": t.optimizer, "schedule": t.schedule, "warmup": t.warmup, "clip_grad": t.clip_grad,
+            "select": t.select, "patience": t.patience, "class_weights": plan.class_weights,
             "steps_per_epoch": steps_per_epoch(plan.train_rows, t.workers, t.batch_size)}
 
 
@@ -186,6 +187,16 @@ def _evaluate(cfg: TrainConfig, say: Callable[[str], None]) -> Optional[Dict[str
     except Exception as e:  # noqa: BLE001 - an evaluation that fails leaves a good checkpoint
         say(f"featurize: the evaluation of {cfg.name} failed: {type(e).__name__}: {e}")
         return None
+
+
+def _check_full_batch(cfg: TrainConfig, table: FeatureTable) -> None:
+    """train.optimizer lbfgs gathers each worker's training rows at once (lbfgs.py): only a table held
+    in memory (data.cache) is sure to fit."""
+    size = _parquet_bytes(table) if cfg.train.optimizer == "lbfgs" else 0
+    if size > cache_bytes(cfg):
+        raise TrainError(f"data.cache: train.optimizer lbfgs fits on all the training rows at once and needs the "
+                         f"table held in memory; its Parquet files are {size} bytes, over data.cache "
+                         f"{cfg.data.cache} (raise data.cache, or use train.optimizer adamw)")
 
 
 def _check_local_resources(cfg: TrainConfig, streamed: bool) -> None:

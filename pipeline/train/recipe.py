@@ -42,8 +42,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def optimizer_and_schedule(model, config: Dict[str, Any]):
-    """(AdamW, its LambdaLR) for the loop config's lr, weight_decay, schedule, warmup, epochs and steps."""
+    """(AdamW, its LambdaLR) for the loop config's lr, weight_decay, schedule, warmup, epochs and steps;
+    (L-BFGS, None) for train.optimizer lbfgs: its line search sets the step, there is no rate to schedule."""
     import torch
+
+    if config.get("optimizer") == "lbfgs":
+        from .lbfgs import make_optimizer
+
+        return make_optimizer(model), None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     total = config["epochs"] * config["steps_per_epoch"]

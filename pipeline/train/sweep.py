@@ -15,6 +15,11 @@ Every trial's epochs come from its own last Ray Train checkpoint (state.py), so 
 interruption resumes each trial where it stopped. The best trial is the one with the best
 validation accuracy (validation loss for an autoencoder) at the epoch its checkpoint would hold
 (train.select); sweep.json records every trial, sweep.png plots them against the weight decay.
+
+With train.optimizer lbfgs (lbfgs.py) a trial is a converged L2-regularised logistic regression, the
+weight decay its coefficient: the default grid is scikit-learn's C 0.001..100 as weight_decay
+1 / (C n_train), each trial's C recorded beside it. No 0: an unregularised logistic regression on
+separable rows has no optimum (its weights grow without end).
 """
 from __future__ import annotations
 
@@ -36,15 +41,17 @@ from .train_plan import TrainError
 
 SWEEP_JSON, SWEEP_PNG = "sweep.json", "sweep.png"
 DEFAULT_WEIGHT_DECAY = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+LBFGS_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # train.optimizer lbfgs: the default grid, as scikit-learn's C
 KEYS = ("weight_decay", "lr", "max_concurrent_trials")
 TRIAL_CPU = 0.01
 
 
 @dataclass
 class Sweep:
-    """The grid (lr None: the training file's), and after `fit` every trial's record."""
+    """The grid (weight_decay None: the optimizer's default, set by prepare(); lr None: the training
+    file's), and after `fit` every trial's record."""
 
-    weight_decay: List[float] = field(default_factory=lambda: list(DEFAULT_WEIGHT_DECAY))
+    weight_decay: Optional[List[float]] = None
     lr: Optional[List[float]] = None
     max_concurrent_trials: int = 1
     trials: List[Dict[str, Any]] = field(default_factory=list)
@@ -52,13 +59,32 @@ class Sweep:
     kind: str = ""
     select: str = "last"
     local: bool = True  # an embedded Ray (no --address): what it has is all it will have
+    optimizer: str = "adamw"  # train.optimizer; lbfgs has no learning rate
+    train_rows: int = 0
 
     def points(self, file_lr: float) -> List[Dict[str, float]]:
+        if self.optimizer == "lbfgs":
+            return [{"weight_decay": wd} for wd in self.weight_decay]
         return [{"lr": lr, "weight_decay": wd} for lr, wd in itertools.product(self.lr or [file_lr], self.weight_decay)]
 
     def settings(self, file_lr: float) -> Dict[str, Any]:
         """What of the sweep decides the checkpoint (its fingerprint): the grid, not the concurrency."""
+        if self.optimizer == "lbfgs":
+            return {"weight_decay": list(self.weight_decay)}
         return {"weight_decay": list(self.weight_decay), "lr": list(self.lr or [file_lr])}
+
+    def c(self, weight_decay: float) -> Optional[float]:
+        """scikit-learn's C of an lbfgs trial's weight decay (lbfgs.py), 12 digits: 1 / (weight_decay n_train)."""
+        if self.optimizer != "lbfgs" or weight_decay <= 0:
+            return None
+        return float(f"{1 / (weight_decay * self.train_rows):.12g}")
+
+    def label(self, point: Dict[str, float]) -> str:
+        """`weight_decay 0, lr 0.1`; lbfgs: `weight_decay 0.00031 (C 10)`."""
+        if self.optimizer == "lbfgs":
+            c = self.c(point["weight_decay"])
+            return f"weight_decay {point['weight_decay']:g}" + (f" (C {c:g})" if c is not None else "")
+        return f"weight_decay {point['weight_decay']:g}, lr {point['lr']:g}"
 
     def prepare(self, cfg, plan, address: Optional[str] = None) -> None:
         """Refuse a sweep that cannot choose (no validation rows); note where its record goes."""
@@ -69,6 +95,13 @@ class Sweep:
         self.output = (cfg.output.uri, cfg.out_options)
         self.kind = plan.kind
         self.select = effective(getattr(cfg.train, "select", "last"), plan.val_rows)
+        self.optimizer, self.train_rows = cfg.train.optimizer, plan.train_rows
+        if self.optimizer == "lbfgs" and self.lr is not None:
+            raise TrainError("--sweep lr: train.optimizer lbfgs has no learning rate (its line search sets the "
+                             "step); sweep weight_decay only")
+        if self.weight_decay is None:
+            self.weight_decay = (sorted(1 / (c * plan.train_rows) for c in LBFGS_C) if self.optimizer == "lbfgs"
+                                 else list(DEFAULT_WEIGHT_DECAY))
 
     @property
     def metric(self) -> str:
@@ -88,7 +121,7 @@ class Sweep:
         queues, stopped = [Queue() for _ in points], [[] for _ in points]
         stop = threading.Event()
         printers = [threading.Thread(target=print_lines, daemon=True,
-                                     args=(q, stop, _prefixed(say, i, points), stopped[i]))
+                                     args=(q, stop, self._prefixed(say, i, points), stopped[i]))
                     for i, q in enumerate(queues)]
         for p in printers:
             p.start()
@@ -138,6 +171,8 @@ class Sweep:
         from . import state as epoch_state
 
         record: Dict[str, Any] = {"trial": i + 1, **point, "score": None, "epochs": []}
+        if self.c(point["weight_decay"]) is not None:
+            record["C"] = self.c(point["weight_decay"])
         result = None
         try:
             with _quiet("ray.train"):  # it logs a paragraph about the snapshot it found: that is the point here
@@ -180,18 +215,26 @@ class Sweep:
         uri, options = self.output
         fs, root = filesystem(uri, options)
         root = root.rstrip("/")
-        record = {"metric": self.metric, "select": self.select, "kept": {k: self.best[k] for k in
-                                                                          ("trial", "lr", "weight_decay", "score")},
-                  "grid": {"weight_decay": self.weight_decay, "lr": sorted({t["lr"] for t in self.trials})},
-                  "trials": self.trials}
+        kept = {k: self.best[k] for k in ("trial", "lr", "weight_decay", "C", "score") if k in self.best}
+        grid = {"weight_decay": self.weight_decay}
+        if self.optimizer == "lbfgs":
+            grid["C"] = [self.c(wd) for wd in self.weight_decay]
+        else:
+            grid["lr"] = sorted({t["lr"] for t in self.trials})
+        record = {"metric": self.metric, "select": self.select, "optimizer": self.optimizer, "kept": kept,
+                  "grid": grid, "trials": self.trials}
         png = sweep_png(self.trials, self.metric, f"sweep: {self.metric} by weight decay")
         write_atomic(fs, f"{root}/{SWEEP_PNG}", png)
         write_atomic(fs, f"{root}/{SWEEP_JSON}", json.dumps(record, indent=2).encode())
 
     def summary(self) -> str:
         b = self.best
-        return (f"{len(self.trials)} trials, kept trial {b['trial']}: weight_decay {b['weight_decay']:g}, lr "
-                f"{b['lr']:g} ({self.metric} {b['score']:.4f} at epoch {b.get('epoch')})")
+        return (f"{len(self.trials)} trials, kept trial {b['trial']}: {self.label(b)} ({self.metric} "
+                f"{b['score']:.4f} at epoch {b.get('epoch')})")
+
+    def _prefixed(self, say: Callable[[str], None], i: int, points: List[Dict[str, float]]) -> Callable[[str], None]:
+        head = f"trial {i + 1}/{len(points)} ({self.label(points[i])})"
+        return lambda line: say(f"{head}  {line}")
 
 
 def kept(history: List[Dict[str, Any]], metric: str, select: str):
@@ -205,12 +248,6 @@ def kept(history: List[Dict[str, Any]], metric: str, select: str):
     else:
         row = rows[-1]
     return row["epoch"], float(row[metric])
-
-
-def _prefixed(say: Callable[[str], None], i: int, points: List[Dict[str, float]]) -> Callable[[str], None]:
-    p = points[i]
-    head = f"trial {i + 1}/{len(points)} (weight_decay {p['weight_decay']:g}, lr {p['lr']:g})"
-    return lambda line: say(f"{head}  {line}")
 
 
 @contextlib.contextmanager

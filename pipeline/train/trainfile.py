@@ -46,11 +46,16 @@ class HeadConfig:
 
 @dataclass
 class TrainSettings:
-    # AdamW; the defaults were chosen on bench/train_quality.py's tasks (bench/README.md says how)
+    # AdamW; the defaults were chosen on bench/train_quality.py's tasks (bench/README.md says how).
+    # lbfgs (head.kind linear, a table within data.cache): the linear probe of the CLIP paper, a
+    # full-batch L-BFGS fit of mean cross-entropy + weight_decay / 2 * |W|^2 (bias unpenalised), i.e.
+    # scikit-learn's LogisticRegression(C=1 / (weight_decay * training rows)); lr, batch_size, schedule,
+    # warmup and clip_grad do not apply (its line search sets the step), each epoch is up to 50 iterations
+    optimizer: Literal["adamw", "lbfgs"] = "adamw"
     epochs: int = 20
     batch_size: int = 32
     lr: float = 0.01
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay; lbfgs: the L2 coefficient above
     schedule: Literal["cosine", "constant"] = "cosine"  # the learning rate per step, after the warm-up
     warmup: float = 0.05  # the share of the steps whose learning rate rises linearly from 0 (0: none)
     clip_grad: Optional[float] = None  # the gradients' norm cap; null: 1.0 for lstm and attention, none else
@@ -137,6 +142,9 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"head.dropout: must lie in [0, 1), got {cfg.head.dropout}")
     if cfg.head.kind == "autoencoder" and not (cfg.head.code_dim or 0) >= 1:
         raise ConfigError("head.code_dim: an autoencoder needs a positive code_dim (the size of its code)")
+    if cfg.train.optimizer == "lbfgs" and cfg.head.kind != "linear":
+        raise ConfigError(f"train.optimizer: lbfgs fits a linear probe (head.kind linear), not {cfg.head.kind}; "
+                          "use adamw for it")
     if cfg.head.kind != "autoencoder" and cfg.head.code_dim is not None:
         raise ConfigError(f"head.code_dim: only for kind autoencoder, not {cfg.head.kind}")
     if cfg.data.val_split is not None and cfg.data.val_fraction is not None:
