@@ -75,7 +75,8 @@ def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, 
           say=print, verbose: bool = False, overwrite: bool = False, sweep=None):
     """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch,
     the validation rows' evaluation). `say` gets a line per epoch (None: no lines); `overwrite`:
-    replace an earlier training in output.uri; `sweep`: True (weight decay 0, 1e-4 ... 0.1) or
+    replace an earlier training in output.uri; `sweep`: True (weight decay 0, 1e-4 ... 0.1;
+    train.optimizer lbfgs: 1 / (C n_train) for scikit-learn's C 0.001 ... 100) or
     {"weight_decay": [...], "lr": [...], "max_concurrent_trials": N}: trials through Ray Tune, the
     best on the validation rows kept (`featurize train --sweep`)."""
     from .train.guard import check_train_call

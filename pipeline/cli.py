@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="replace the earlier training in output.uri (epoch states, checkpoint); train anew")
     train.add_argument("--sweep", action="append", nargs="?", const="", default=None, metavar="KEY=V1,V2",
                        help="try a grid through Ray Tune and keep the best on the validation rows: bare, weight_decay "
-                            "0,1e-4,1e-3,1e-2,1e-1; or weight_decay=..., lr=..., max_concurrent_trials=N (repeatable)")
+                            "0,1e-4,1e-3,1e-2,1e-1 (train.optimizer lbfgs: 1/(C n_train), C 0.001..100); or "
+                            "weight_decay=..., lr=..., max_concurrent_trials=N (repeatable)")
     _console_arguments(train, "a line per epoch")
     train.set_defaults(func=cmd_train)
 

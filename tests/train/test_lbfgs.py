@@ -15,7 +15,7 @@ from pipeline.train import lbfgs
 from pipeline.train import state as epoch_state
 from pipeline.train.loop import TrainError, plan_training, train
 from pipeline.train.models import build
-from pipeline.train.sweep import LBFGS_C, SWEEP_JSON, Sweep
+from pipeline.train.sweep import LBFGS_C, SWEEP_JSON
 from pipeline.train.sweep_args import parse_sweep
 from pipeline.train.trainfile import parse_training
 
@@ -137,7 +137,7 @@ def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_ta
     cs = (0.01, 0.1, 10.0)
     grid = [1 / (c * 120) for c in cs]
     out = tmp_path / "h"
-    result = train(parse_training(lbfgs_file(uri, str(out))), say=None, sweep={"weight_decay": grid})
+    result = train(parse_training(lbfgs_file(uri, str(out))), say=None, sweep=parse_sweep({"weight_decay": grid}))
     record = json.loads((out / SWEEP_JSON).read_text())
     assert record["optimizer"] == "lbfgs" and record["grid"]["C"] == sorted(cs, reverse=True)
 

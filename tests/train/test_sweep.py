@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.loop import TrainError, train
-from pipeline.train.sweep import DEFAULT_WEIGHT_DECAY, SWEEP_JSON, SWEEP_PNG, kept
+from pipeline.train.sweep import SWEEP_JSON, SWEEP_PNG, kept
 from pipeline.train.sweep_args import parse_sweep
 from pipeline.train.trainfile import parse_training
 
@@ -103,7 +103,7 @@ def test_bad_sweep_values_are_refused_naming_them(given, message):
 
 def test_the_grid_from_the_cli_and_the_api():
     assert parse_sweep(None) is None and parse_sweep(False) is None
-    assert parse_sweep([""]).weight_decay == list(DEFAULT_WEIGHT_DECAY)  # a bare --sweep
+    assert parse_sweep([""]).weight_decay is None  # a bare --sweep: the optimizer's grid (test_lbfgs.py)
     sweep = parse_sweep(["weight_decay=0.01,0", "lr=0.1,0.01", "max_concurrent_trials=2"])
     assert sweep.weight_decay == [0.0, 0.01] and sweep.lr == [0.01, 0.1] and sweep.max_concurrent_trials == 2
     assert sweep.points(0.5) == [{"lr": 0.01, "weight_decay": 0.0}, {"lr": 0.01, "weight_decay": 0.01},
