@@ -43,7 +43,8 @@ def train_loop(config: Dict[str, Any]) -> None:
         normalizer(model).set_statistics(config["statistics"]["mean"], config["statistics"]["std"])
     optimizer, scheduler = recipe.optimizer_and_schedule(model, config)
     history: List[Dict[str, Any]] = []
-    chosen = Selection(supervised(plan.kind), config["select"], config["patience"], val_rows=plan.val_rows)
+    chosen = Selection(supervised(plan.kind), config["select"], config["patience"], val_rows=plan.val_rows,
+                       optimizer=config.get("optimizer", "adamw"))
     resumed = ray.train.get_checkpoint()
     if resumed is not None:  # an earlier run of this training stopped: go on from its last epoch
         with resumed.as_directory() as d:
@@ -54,7 +55,7 @@ def train_loop(config: Dict[str, Any]) -> None:
             scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
         chosen = Selection(supervised(plan.kind), config["select"], config["patience"], state["best"],
-                           plan.val_rows)
+                           plan.val_rows, config.get("optimizer", "adamw"))
         chosen.weights = state["best_model"]
     first = len(history)
     model = model.to(device) if full else prepare_model(model)  # lbfgs sums the workers' gradients itself

@@ -304,6 +304,7 @@ def _selected(cfg: TrainConfig, plan: Plan, state: Dict[str, Any]):
     """(the epoch the checkpoint holds, 1-based, and why), from the last epoch state's record."""
     from .selection import Selection
 
-    chosen = Selection(supervised(plan.kind), cfg.train.select, cfg.train.patience, state["best"], plan.val_rows)
+    chosen = Selection(supervised(plan.kind), cfg.train.select, cfg.train.patience, state["best"], plan.val_rows,
+                       cfg.train.optimizer)
     run = len(state["history"])
     return chosen.selected_by(run, early=run < cfg.train.epochs)

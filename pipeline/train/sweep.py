@@ -94,7 +94,7 @@ class Sweep:
                              "data.val_split or data.val_fraction")
         self.output = (cfg.output.uri, cfg.out_options)
         self.kind = plan.kind
-        self.select = effective(getattr(cfg.train, "select", "last"), plan.val_rows)
+        self.select = effective(getattr(cfg.train, "select", "last"), plan.val_rows, cfg.train.optimizer)
         self.optimizer, self.train_rows = cfg.train.optimizer, plan.train_rows
         if self.optimizer == "lbfgs" and self.lr is not None:
             raise TrainError("--sweep lr: train.optimizer lbfgs has no learning rate (its line search sets the "

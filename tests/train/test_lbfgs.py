@@ -15,6 +15,7 @@ from pipeline.train import lbfgs
 from pipeline.train import state as epoch_state
 from pipeline.train.loop import TrainError, plan_training, train
 from pipeline.train.models import build
+from pipeline.train.selection import Selection, effective
 from pipeline.train.sweep import LBFGS_C, SWEEP_JSON
 from pipeline.train.sweep_args import parse_sweep
 from pipeline.train.trainfile import parse_training
@@ -97,6 +98,15 @@ def probe_table(tmp_path_factory):
                        feature=x.astype(np.float32)), x, y
 
 
+def test_lbfgs_keeps_the_last_epoch_its_converged_fit():
+    assert effective("best", 300, "lbfgs") == "last" and effective("best", 300) == "best"
+    chosen = Selection(True, "best", None, val_rows=300, optimizer="lbfgs")
+    for epoch, acc in ((1, 0.9), (2, 0.8)):
+        chosen.update({"epoch": epoch, "val_acc": acc, "val_loss": 0.5}, {"w": torch.zeros(1)})
+    assert chosen.weights is None and chosen.selected_by(2) == (2, "last: train.optimizer lbfgs keeps its "
+                                                                   "converged fit (epoch 2 of 2)")
+
+
 def test_lbfgs_fits_a_linear_head_only():
     with pytest.raises(ConfigError, match="^train.optimizer: lbfgs fits a linear probe \\(head.kind linear\\), not mlp"):
         parse_training(lbfgs_file("t", "h", kind="mlp"))
@@ -150,6 +160,8 @@ def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_ta
     assert record["kept"]["C"] == expected and f"(C {expected:g})" in result.sweep
     assert len(set(val.values())) > 1  # the trials differ: the choice is a real one
 
+    config = json.loads((out / ckpt.CONFIG).read_text())  # the converged fit, not the luckiest epoch
+    assert config["selected_by"] == "last: train.optimizer lbfgs keeps its converged fit (epoch 5 of 5)"
     head = ckpt.load(str(out))
     with torch.no_grad():
         got = head.model(torch.from_numpy(x[180:].astype(np.float32))).argmax(1).numpy()
