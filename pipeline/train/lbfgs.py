@@ -10,7 +10,7 @@ softmax rows, whose penalty is half of theirs: its C is then 2 / (weight_decay *
 The head is fitted in float64: in float32 the line search stopped ~1e-2 (relative) from scikit-learn's
 coefficients and moved 1-2 of 180 held-out predictions on bench/train_quality.py's photos tasks; in
 float64 every prediction agreed, for C 0.001..100. Each epoch takes up to MAX_ITER iterations: there
-the objective stopped changing (1e-6) by epoch 9 of 20 for every C.
+the objective stopped changing (1e-6) by epoch 10 of 20 for every C.
 
 With several workers each holds its shard; the closure sums the loss and the gradients over them
 (all_reduce, normalised by the rows of all of them), so every worker's line search sees the same
