@@ -144,7 +144,7 @@ def test_the_default_grid_of_lbfgs_is_scikit_learns_cs(probe_table):
 @pytest.mark.usefixtures("ray_session")
 def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_table, tmp_path):
     uri, x, y = probe_table
-    cs = (0.01, 0.1, 10.0)
+    cs = (0.1, 10.0)  # val 0.867 and 0.850 (scikit-learn): the second of the grid wins
     grid = [1 / (c * 120) for c in cs]
     out = tmp_path / "h"
     result = train(parse_training(lbfgs_file(uri, str(out))), say=None, sweep=parse_sweep({"weight_decay": grid}))
