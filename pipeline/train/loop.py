@@ -64,7 +64,8 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
     `sweep` (a sweep.Sweep): one trial per grid point through Ray Tune, the best kept."""
     t0 = time.time()
     table, plan = plan_training(cfg)
-    _check_full_batch(cfg, table)
+    size = _parquet_bytes(table)  # decides how the rows reach the workers (_fit), and if lbfgs can run
+    _check_full_batch(cfg, size)
     if sweep is not None:  # its grid decides the checkpoint too: another grid is another training
         sweep.prepare(cfg, plan, address)
         plan.settings["sweep"] = sweep.settings(cfg.train.lr)
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
             outdir.clear(fs, root)
         outdir.check_states(fs, root, plan, cfg.output.uri)
         outdir.write_plan(fs, root, plan, cfg)
-        state, resumed = _fit(cfg, table, plan, fs, root, address, say, verbose, sweep)
+        state, resumed = _fit(cfg, plan, size, fs, root, address, say, verbose, sweep)
         lease.check()
         result = _write_checkpoint(cfg, table, plan, state, resumed, t0)
         result.sweep = sweep.summary() if sweep is not None else None
@@ -90,7 +91,7 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
         lease.release()
 
 
-def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, address: Optional[str],
+def _fit(cfg: TrainConfig, plan: Plan, size: int, fs, root: str, address: Optional[str],
          say: Callable[[str], None], verbose: bool = False, sweep=None):
     """Run the TorchTrainer; returns (the last epoch's state, epochs an earlier run had done)."""
     import ray
@@ -99,9 +100,9 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     from ray.util.queue import Queue
 
     init_ray(address, verbose)
-    size = _parquet_bytes(table)
+    held = size <= cache_bytes(cfg)  # the table's Parquet bytes within data.cache: held in memory
     if not address:
-        _check_local_resources(cfg, streamed=size > cache_bytes(cfg))
+        _check_local_resources(cfg, streamed=not held)
     storage, storage_fs = _storage(fs, root, cfg)
     lines = Queue()  # the workers' epoch lines, printed here as they come (the driver's console)
     loop_config = {"plan": plan, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
@@ -111,7 +112,7 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
     # map tasks (and their worker processes) took longer than the rows (the order demo: ~12 s).
     datasets = _datasets(cfg, plan, here=size <= min(HERE_BYTES, cache_bytes(cfg)))
     streamed = datasets
-    if size <= cache_bytes(cfg):
+    if held:
         # Held in Ray's object store across epochs: streaming a small table anew each epoch costs
         # far more than its rows (Ray Data starts its read and map tasks every time). Split here and
         # handed to the workers in their config: through Ray Train's `datasets` a DatasetManager and
@@ -121,7 +122,7 @@ def _fit(cfg: TrainConfig, table: FeatureTable, plan: Plan, fs, root: str, addre
         loop_config["shards"] = {k: _split(v, cfg.train.workers) for k, v in datasets.items()}
         streamed = None
     loop_config["datasets"] = sorted(datasets)
-    loop_config["statistics"] = _statistics(cfg, datasets["train"], local=size <= cache_bytes(cfg))
+    loop_config["statistics"] = _statistics(cfg, datasets["train"], local=held)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -189,11 +190,10 @@ def _evaluate(cfg: TrainConfig, say: Callable[[str], None]) -> Optional[Dict[str
         return None
 
 
-def _check_full_batch(cfg: TrainConfig, table: FeatureTable) -> None:
+def _check_full_batch(cfg: TrainConfig, size: int) -> None:
     """train.optimizer lbfgs gathers each worker's training rows at once (lbfgs.py): only a table held
     in memory (data.cache) is sure to fit."""
-    size = _parquet_bytes(table) if cfg.train.optimizer == "lbfgs" else 0
-    if size > cache_bytes(cfg):
+    if cfg.train.optimizer == "lbfgs" and size > cache_bytes(cfg):
         raise TrainError(f"data.cache: train.optimizer lbfgs fits on all the training rows at once and needs the "
                          f"table held in memory; its Parquet files are {size} bytes, over data.cache "
                          f"{cfg.data.cache} (raise data.cache, or use train.optimizer adamw)")
@@ -221,7 +221,7 @@ def _check_local_resources(cfg: TrainConfig, streamed: bool) -> None:
 
 
 def _parquet_bytes(table: FeatureTable) -> int:
-    return sum(table.fs.size(f) for f in table.files)
+    return sum(table.sizes.values())  # from open_table's listing: no request per file
 
 
 def _print_lines(lines, stop: threading.Event, say: Callable[[str], None], stopped: List[str]) -> None:
