@@ -19,7 +19,6 @@ from pipeline.train.recipe import class_weights, clip_norm, lr_factor, optimizer
 from pipeline.train.selection import MIN_VAL_ROWS, Selection, effective
 from pipeline.train.trainfile import TrainSettings, parse_training
 
-from conftest import WORKER_DIES_AFTER_EPOCH_2
 from tables import write_table
 
 
@@ -221,18 +220,3 @@ def test_without_validation_rows_best_falls_back_to_last_and_says_so(reversed_va
     result = train(parse_training(data), say=None)
     assert result.selected_by.startswith("last: no validation rows to choose the best epoch by")
     assert json.loads(open(tmp_path / "h" / ckpt.CONFIG).read())["epoch"] == 2
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_session")
-def test_a_resumed_training_goes_on_along_the_same_learning_rate_curve(reversed_val, tmp_path, faults):
-    cfg = parse_training(vectors_file(reversed_val, str(tmp_path / "h"), epochs=4, lr=0.01, warmup=0.3))
-    faults("epoch", *WORKER_DIES_AFTER_EPOCH_2)  # the worker process ends once it reported epoch 2
-    with pytest.raises(Exception):  # noqa: B017 - the worker's exit, as Ray Train reports it
-        train(cfg, say=None)
-    result = train(cfg, say=None)
-    assert result.resumed_from in (1, 2)
-    steps, total = 6, 24  # 48 rows in batches of 8, 4 epochs; warm-up: 0.3 of the steps
-    expected = [0.01 * lr_factor(e * steps, total, round(0.3 * total), "cosine") for e in range(4)]
-    assert [m["lr"] for m in result.metrics] == pytest.approx(expected, abs=1e-8)
-    assert json.loads(open(tmp_path / "h" / ckpt.CONFIG).read())["selected_by"].startswith("best val_acc")

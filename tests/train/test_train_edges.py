@@ -17,8 +17,10 @@ from pipeline.errors import ConfigError, OutputExists, StateError, TrainError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import state as epoch_state
 from pipeline.train.loop import plan_training, train
+from pipeline.train.recipe import lr_factor
 from pipeline.train.trainfile import parse_training
 
+from conftest import WORKER_DIES_AFTER_EPOCH_2
 from tables import write_table
 
 
@@ -134,13 +136,19 @@ def _states(out):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_a_planted_pickle_in_an_epoch_state_is_refused_never_loaded(tmp_path, faults, capsys):
-    uri = vectors_table(tmp_path / "t")
+def test_a_killed_training_refuses_a_planted_pickle_then_resumes_along_its_learning_rate_curve(tmp_path, faults,
+                                                                                              capsys):
+    """A worker dies after epoch 2 of 4. Its epoch states are safetensors and JSON only; a pickle
+    planted among them, or in place of their JSON, is refused on one line and never loaded; the
+    same command then resumes where the killed run stopped, the learning rate going on along the
+    same warm-up and cosine curve (the scheduler's state was saved with the epoch)."""
+    uri = vectors_table(tmp_path / "t")  # 48 training rows: 6 steps of 8 an epoch
     out = tmp_path / "head"
     path = tmp_path / "t.yaml"
-    path.write_text(json.dumps(linear(uri, str(out), train={"epochs": 2})))
-    faults("epoch", action="exit", after=1)  # the worker dies once epoch 1 is saved
+    path.write_text(json.dumps(linear(uri, str(out), train={"epochs": 4, "batch_size": 8, "warmup": 0.3})))
+    faults("epoch", *WORKER_DIES_AFTER_EPOCH_2)
     assert main(["train", str(path)]) == 1
+    assert not (out / ckpt.CONFIG).exists()  # no finished checkpoint yet
     states = _states(out)
     names = set(os.listdir(states[-1])) if states else set()  # safetensors and JSON only (best: select best only)
     assert {epoch_state.WEIGHTS, epoch_state.OPTIMIZER, epoch_state.STATE} <= names <= set(epoch_state.FILES)
@@ -155,16 +163,23 @@ def test_a_planted_pickle_in_an_epoch_state_is_refused_never_loaded(tmp_path, fa
     assert not marker.exists()
 
     planted.unlink()  # the same folder with a garbage state.json: refused too, naming it
+    kept = (states[-1] / epoch_state.STATE).read_bytes()
     (states[-1] / epoch_state.STATE).write_bytes(pickle.dumps(Payload(str(marker))))
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{states[-1].name}/{epoch_state.STATE}: not valid JSON" in err and "\n" not in err
+    assert not marker.exists()
 
-    assert main(["train", str(path), "--overwrite"]) == 0  # train anew: the planted states are gone
-    assert not marker.exists() and not _states(out)
-    head = ckpt.load(str(out))
-    assert [m["epoch"] for m in json.loads((out / ckpt.METRICS).read_text())] == [1, 2]
-    assert head.kind == "linear"
+    (states[-1] / epoch_state.STATE).write_bytes(kept)  # as the killed run left it: resumed
+    result = train(parse_training(json.loads(path.read_text())), say=None)
+    # Epoch 1 was registered (its worker waited for that); epoch 2's report may not have reached
+    # Ray Train's controller before its worker died (it polls its workers), and then epoch 2 is done again.
+    assert result.resumed_from in (1, 2)
+    assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
+    steps, total = 6, 24
+    expected = [0.01 * lr_factor(e * steps, total, round(0.3 * total), "cosine") for e in range(4)]
+    assert [m["lr"] for m in result.metrics] == pytest.approx(expected, abs=1e-8)
+    assert ckpt.load(str(out)).kind == "linear" and not marker.exists()
 
 
 def test_the_state_reader_refuses_what_it_does_not_know(tmp_path):
