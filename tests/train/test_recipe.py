@@ -211,12 +211,3 @@ def test_select_best_keeps_the_best_epochs_weights_and_patience_stops(reversed_v
     assert last.selected_by == "last" and json.loads(open(f"{one}/{ckpt.CONFIG}").read())["epoch"] == 1
     kept, first = ckpt.load(best).model.state_dict(), ckpt.load(one).model.state_dict()
     assert all(torch.equal(kept[k], first[k]) for k in kept)
-
-
-@pytest.mark.usefixtures("ray_session")
-def test_without_validation_rows_best_falls_back_to_last_and_says_so(reversed_val, tmp_path):
-    data = vectors_file(reversed_val, str(tmp_path / "h"), epochs=2, class_weights="balanced")
-    data["data"] = {"uri": reversed_val, "column": "feature", "val_fraction": 0}
-    result = train(parse_training(data), say=None)
-    assert result.selected_by.startswith("last: no validation rows to choose the best epoch by")
-    assert json.loads(open(tmp_path / "h" / ckpt.CONFIG).read())["epoch"] == 2

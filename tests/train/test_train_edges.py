@@ -204,7 +204,10 @@ def test_the_state_reader_refuses_what_it_does_not_know(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_a_non_finite_loss_stops_the_training_without_a_checkpoint_and_overwrite_trains_anew(tmp_path):
+def test_a_non_finite_loss_stops_the_training_overwrite_trains_anew_and_a_rebuilt_table_is_refused(tmp_path, capsys):
+    """A NaN loss leaves no checkpoint; --overwrite trains anew there (balanced class weights, no
+    validation rows: `best` falls back to the last epoch and says so); the same command again has
+    nothing to do; the table rebuilt by another model (same rows, same dimension) is refused, not done."""
     bad = tmp_path / "bad"
     vectors_table(bad)
     path = sorted((bad / "features" / "split_dir=train").rglob("*.parquet"))[0]  # an inf in a training row
@@ -219,36 +222,31 @@ def test_a_non_finite_loss_stops_the_training_without_a_checkpoint_and_overwrite
     assert "stopped at epoch 1: the train loss is not finite" in str(e.value) and "\n" not in str(e.value)
     assert not (out / ckpt.CONFIG).exists() and not (out / ckpt.MODEL).exists() and not _states(out)
 
-    fixed = parse_training(linear(vectors_table(tmp_path / "good"), str(out)))
+    table = tmp_path / "good"
+    file = tmp_path / "t.yaml"
+    file.write_text(json.dumps(linear(vectors_table(table, model="resnet18"), str(out),
+                                      data={"val_split": None, "val_fraction": 0},
+                                      train={"class_weights": "balanced"})))
+    fixed = parse_training(json.loads(file.read_text()))
     with pytest.raises(OutputExists, match=r"another training .*run with --overwrite"):
         train(fixed)
     result = train(fixed, overwrite=True)
     assert [m["epoch"] for m in result.metrics] == [1, 2] and ckpt.load(str(out)).kind == "linear"
-    source = json.loads((out / ckpt.CONFIG).read_text())["source"]
-    assert source["lineage"]["files"] == len(list((tmp_path / "good").rglob("*.parquet")))
+    assert result.selected_by.startswith("last: no validation rows to choose the best epoch by")
+    config = json.loads((out / ckpt.CONFIG).read_text())
+    assert config["epoch"] == 2 and config["source"]["lineage"]["files"] == len(list(table.rglob("*.parquet")))
+    assert config["source"]["lineage"]["provenance"]["model"] == "resnet18"
 
-
-@pytest.mark.usefixtures("ray_session")
-def test_a_rebuilt_table_is_not_nothing_to_do(tmp_path, capsys):
-    """Same rows, same dimension, another model: the rerun is refused (the table changed), not done."""
-    table = tmp_path / "t"
-    vectors_table(table, model="resnet18")
-    out = tmp_path / "head"
-    path = tmp_path / "t.yaml"
-    path.write_text(json.dumps(linear(str(table), str(out))))
-    assert main(["train", str(path)]) == 0
-    assert main(["train", str(path)]) == 0 and "nothing to do" in capsys.readouterr().out
-    recorded = ckpt.load(str(out)).config["source"]["lineage"]
-    assert recorded["provenance"]["model"] == "resnet18"
-
+    capsys.readouterr()
+    assert main(["train", str(file)]) == 0 and "nothing to do" in capsys.readouterr().out
     import shutil
 
     shutil.rmtree(table)
     vectors_table(table, model="resnet34", seed=1)
-    assert main(["train", str(path)]) == 2
+    assert main(["train", str(file)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"data.uri {table} changed since the checkpoint in output.uri {out} was trained" in err and 'model "resnet18" -> "resnet34"' in err
-    assert "--overwrite" in err and "\n" not in err  # (--overwrite itself: the non-finite test above)
+    assert "--overwrite" in err and "\n" not in err
 
 
 def test_overwrite_while_another_training_holds_the_directory_removes_nothing(tmp_path, capsys):
