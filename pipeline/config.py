@@ -46,6 +46,7 @@ class PreprocessConfig:
     mean: Optional[List[float]] = None  # None: from the weights, else ImageNet's
     std: Optional[List[float]] = None
     interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None  # None: the weights', else bilinear
+    jpeg_draft: bool = True  # JPEGs decoded by libjpeg at 1/2..1/8 scale where that covers resize (faster)
 
 
 @dataclass

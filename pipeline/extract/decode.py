@@ -3,8 +3,10 @@
 Pillow does the work. Two things matter for speed and memory: JPEGs are decoded at a reduced
 scale by libjpeg (`draft`) when the target is much smaller, and the resize + center crop is one
 `resize(box=...)` over the crop's region of the original, so an 8000x8 image never becomes a
-256000x256 intermediate. The result equals torchvision's Resize(resize) + CenterCrop(crop) up to
-resampling detail.
+256000x256 intermediate. The region is torchvision's Resize(resize) + CenterCrop(crop) geometry
+(geometry.py): without `draft`, the pixels are the reference transform's (on a PIL image, as
+torchvision, timm and open_clip apply it) to a rounding. `preprocess.jpeg_draft: false` turns
+`draft` off (measured in bench/README.md).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .. import faults
 from ..errors import DecodeFailure
 from ..rows import ERROR_COLUMNS, error_fields
 from ..timing import timed
+from .geometry import crop_offsets, resized_size, source_box
 
 ORIENTATION_TAG = 0x0112
 
@@ -29,6 +32,7 @@ class ImageSpec:
     resize: int  # shorter side, before the center crop
     crop: int
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest, antialiased like torchvision's
+    jpeg_draft: bool = True  # JPEGs decoded at 1/2 .. 1/8 scale when that still covers `resize`
 
 
 class DecodeError(DecodeFailure):
@@ -40,11 +44,11 @@ def decode_image(data: bytes, spec: ImageSpec) -> Tuple[np.ndarray, int, int]:
     with open_image(data) as img:
         img.seek(0)  # animated images: the first frame
         width, height = _displayed_size(img)
-        if img.format == "JPEG":
+        if img.format == "JPEG" and spec.jpeg_draft:
             # libjpeg scales by 1/2, 1/4 or 1/8 while decoding; keep at least `resize` pixels.
             img.draft("RGB", (spec.resize, spec.resize))
         rgb = to_rgb(ImageOps.exif_transpose(img))
-        pixels = _resize_center_crop(rgb, spec)
+        pixels = _resize_center_crop(rgb, spec, width, height)
     return pixels, width, height
 
 
@@ -122,16 +126,24 @@ def _gray_array_to_rgb(arr: np.ndarray, full_scale: float) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def _resize_center_crop(img: Image.Image, spec: ImageSpec) -> np.ndarray:
-    width, height = img.size
-    short = min(width, height)
-    # The crop's side measured in source pixels: the region torchvision's Resize + CenterCrop
-    # would keep. Images smaller than the crop are scaled up like torchvision does.
-    side = spec.crop * short / spec.resize
-    left = (width - side) / 2.0
-    top = (height - side) / 2.0
-    box = (max(left, 0.0), max(top, 0.0), min(left + side, width), min(top + side, height))
-    out = img.resize((spec.crop, spec.crop), Image.Resampling[spec.interpolation.upper()], box=box)
+def _resize_center_crop(img: Image.Image, spec: ImageSpec, width: Optional[int] = None,
+                        height: Optional[int] = None) -> np.ndarray:
+    """The reference's crop window, resampled once to crop x crop. The geometry is that of the
+    image's full size (width x height), scaled to what `draft` decoded: the reference's window
+    whatever scale libjpeg chose."""
+    width, height = width or img.width, height or img.height
+    fx, fy = img.width / width, img.height / height
+    mode = Image.Resampling[spec.interpolation.upper()]
+    if mode == Image.Resampling.NEAREST and (fx, fy) == (1, 1):
+        # nearest picks one source pixel by rounding down a position: the box's positions, one
+        # float operation apart, pick the neighbour of the reference's in ~1% of pixels
+        new_w, new_h = resized_size(width, height, spec.resize)
+        if new_w * new_h <= 16 * spec.crop * spec.crop:
+            left, top = crop_offsets(new_w, new_h, spec.crop)
+            out = img.resize((new_w, new_h), mode).crop((left, top, left + spec.crop, top + spec.crop))
+            return np.asarray(out, dtype=np.uint8)
+    x0, y0, x1, y1 = source_box(width, height, spec.resize, spec.crop)
+    out = img.resize((spec.crop, spec.crop), mode, box=(x0 * fx, y0 * fy, x1 * fx, y1 * fy))
     return np.asarray(out, dtype=np.uint8)
 
 

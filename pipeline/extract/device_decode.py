@@ -8,8 +8,9 @@ limit: cheap, no pixels), decodes the RGB and greyscale JPEGs in one
 (PNG, CMYK JPEGs, a file the device decoder refuses) takes the CPU path, `decode.decode_rows`,
 so such a file gets the same pixels, or the same error row, as it would there.
 
-The device's pixels differ from the CPU path's by rounding: libjpeg's reduced-scale decoding
-(`draft`) and Pillow's resampling against a full decode and torch's antialiased interpolation.
+The device's pixels are torchvision's Resize + CenterCrop on the decoded tensor (geometry.py);
+they differ from the CPU path's as torchvision's tensor and PIL transforms differ, and by libjpeg's
+reduced-scale decoding (`draft`) there.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ..rows import ERROR_COLUMNS
 from ..timing import timed
 from .decode import ImageSpec, decode_rows, decoded_columns, fault_point, open_image
+from .geometry import crop_offsets, resized_size, source_box
 
 DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB the way Pillow does
 
@@ -87,15 +89,31 @@ def _decode_jpegs(files: List[bytes], device: torch.device) -> List[Optional[tor
         return out
 
 
+# An intermediate up to this many times crop x crop (38 MB of float32 at 224) is resized whole, then
+# cropped: torchvision's Resize + CenterCrop on a tensor, exactly. Beyond (an 8000x8 strip would be
+# 256000x256) only the crop's region is resized: its edges differ within the antialiasing filter's reach.
+WHOLE = 64
+
+
 def _resize_center_crop(img: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """The region of the image that Resize(resize) + CenterCrop(crop) keeps, scaled to crop x crop
-    (as decode._resize_center_crop does with Pillow)."""
+    """Resize(resize) + CenterCrop(crop) on the device, at torchvision's geometry (geometry.py)."""
     height, width = img.shape[1:]
-    side = spec.crop * min(width, height) / spec.resize
-    left, top = max(0, round((width - side) / 2)), max(0, round((height - side) / 2))
-    right, bottom = min(width, max(left + 1, round(left + side))), min(height, max(top + 1, round(top + side)))
-    region = img[:, top:bottom, left:right].unsqueeze(0).float()
-    mode = spec.interpolation if spec.interpolation != "nearest" else "nearest-exact"
-    out = F.interpolate(region, size=(spec.crop, spec.crop), mode=mode, antialias=mode != "nearest-exact",
-                        **({} if mode == "nearest-exact" else {"align_corners": False}))
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    new_w, new_h = resized_size(width, height, spec.resize)
+    left, top = crop_offsets(new_w, new_h, spec.crop)
+    if new_w * new_h <= WHOLE * spec.crop * spec.crop:
+        out = _interpolate(img, (new_h, new_w), spec.interpolation)[:, top:top + spec.crop, left:left + spec.crop]
+    else:
+        x0, y0, x1, y1 = source_box(width, height, spec.resize, spec.crop)
+        x0, y0 = int(x0), int(y0)
+        x1, y1 = min(width, max(x0 + 1, round(x1))), min(height, max(y0 + 1, round(y1)))
+        out = _interpolate(img[:, y0:y1, x0:x1], (spec.crop, spec.crop), spec.interpolation)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _interpolate(img: torch.Tensor, size, interpolation: str) -> torch.Tensor:
+    """torchvision's tensor Resize: antialiased bilinear or bicubic, or nearest (its `nearest` is
+    torch's legacy `nearest`, which Resize keeps for compatibility)."""
+    region = img.unsqueeze(0).float()
+    if interpolation == "nearest":
+        return F.interpolate(region, size=size, mode="nearest")[0]
+    return F.interpolate(region, size=size, mode=interpolation, antialias=True, align_corners=False)[0]

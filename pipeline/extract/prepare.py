@@ -124,4 +124,4 @@ def _resolve_image(job: JobConfig, defaults: Dict[str, Any]) -> ImageSpec:
     interpolation = pre.interpolation or defaults.get("interpolation", "bilinear")
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         interpolation = "bilinear"  # torchvision modes Pillow lacks (none among its weights today)
-    return ImageSpec(resize=resize, crop=crop, interpolation=interpolation)
+    return ImageSpec(resize=resize, crop=crop, interpolation=interpolation, jpeg_draft=pre.jpeg_draft)

@@ -20,6 +20,7 @@ from ..config import VideoConfig
 from ..errors import DecodeFailure
 from ..rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 from ..timing import timed
+from .geometry import crop_offsets, resized_size
 from .isolate import DecoderUnavailable, IsolatedCall
 
 
@@ -119,14 +120,14 @@ def _short(exc: BaseException) -> str:
 
 
 def scaled_size(width: int, height: int, resize: int) -> Tuple[int, int]:
-    """(width, height) with the shorter side at `resize`, even-sized as scalers prefer."""
-    scale = resize / min(width, height)
-    return max(resize, int(round(width * scale))), max(resize, int(round(height * scale)))
+    """(width, height) the decoder scales to: torchvision's Resize(resize) (geometry.py)."""
+    return resized_size(width, height, resize)
 
 
 def center_crop(frames: np.ndarray, crop: int) -> np.ndarray:
+    """torchvision's CenterCrop(crop) of (T, H, W, 3) frames: its offsets, rounded as it rounds."""
     h, w = frames.shape[1:3]
-    top, left = (h - crop) // 2, (w - crop) // 2
+    left, top = crop_offsets(w, h, crop)
     return np.ascontiguousarray(frames[:, top : top + crop, left : left + crop])
 
 
