@@ -47,6 +47,7 @@ class PreprocessConfig:
     std: Optional[List[float]] = None
     interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None  # None: the weights', else bilinear
     jpeg_draft: bool = True  # JPEGs decoded by libjpeg at 1/2..1/8 scale where that covers resize (faster)
+    resize_mode: Optional[Literal["shorter", "squash"]] = None  # None: the weights', else shorter
 
 
 @dataclass

@@ -33,6 +33,7 @@ class ImageSpec:
     crop: int
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest, antialiased like torchvision's
     jpeg_draft: bool = True  # JPEGs decoded at 1/2 .. 1/8 scale when that still covers `resize`
+    squash: bool = False  # preprocess.resize_mode squash: both sides to `resize`, the aspect not kept
 
 
 class DecodeError(DecodeFailure):
@@ -137,12 +138,12 @@ def _resize_center_crop(img: Image.Image, spec: ImageSpec, width: Optional[int] 
     if mode == Image.Resampling.NEAREST and (fx, fy) == (1, 1):
         # nearest picks one source pixel by rounding down a position: the box's positions, one
         # float operation apart, pick the neighbour of the reference's in ~1% of pixels
-        new_w, new_h = resized_size(width, height, spec.resize)
+        new_w, new_h = resized_size(width, height, spec.resize, spec.squash)
         if new_w * new_h <= 16 * spec.crop * spec.crop:
             left, top = crop_offsets(new_w, new_h, spec.crop)
             out = img.resize((new_w, new_h), mode).crop((left, top, left + spec.crop, top + spec.crop))
             return np.asarray(out, dtype=np.uint8)
-    x0, y0, x1, y1 = source_box(width, height, spec.resize, spec.crop)
+    x0, y0, x1, y1 = source_box(width, height, spec.resize, spec.crop, spec.squash)
     out = img.resize((spec.crop, spec.crop), mode, box=(x0 * fx, y0 * fy, x1 * fx, y1 * fy))
     return np.asarray(out, dtype=np.uint8)
 

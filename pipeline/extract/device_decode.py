@@ -98,12 +98,12 @@ WHOLE = 64
 def _resize_center_crop(img: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     """Resize(resize) + CenterCrop(crop) on the device, at torchvision's geometry (geometry.py)."""
     height, width = img.shape[1:]
-    new_w, new_h = resized_size(width, height, spec.resize)
+    new_w, new_h = resized_size(width, height, spec.resize, spec.squash)
     left, top = crop_offsets(new_w, new_h, spec.crop)
     if new_w * new_h <= WHOLE * spec.crop * spec.crop:
         out = _interpolate(img, (new_h, new_w), spec.interpolation)[:, top:top + spec.crop, left:left + spec.crop]
     else:
-        x0, y0, x1, y1 = source_box(width, height, spec.resize, spec.crop)
+        x0, y0, x1, y1 = source_box(width, height, spec.resize, spec.crop, spec.squash)
         x0, y0 = int(x0), int(y0)
         x1, y1 = min(width, max(x0 + 1, round(x1))), min(height, max(y0 + 1, round(y1)))
         out = _interpolate(img[:, y0:y1, x0:x1], (spec.crop, spec.crop), spec.interpolation)

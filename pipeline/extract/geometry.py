@@ -13,8 +13,11 @@ from __future__ import annotations
 from typing import Tuple
 
 
-def resized_size(width: int, height: int, resize: int) -> Tuple[int, int]:
-    """(width, height) after Resize(resize): the shorter side at `resize`, the longer truncated."""
+def resized_size(width: int, height: int, resize: int, squash: bool = False) -> Tuple[int, int]:
+    """(width, height) after Resize(resize): the shorter side at `resize`, the longer truncated;
+    squashed (timm's crop_mode and open_clip's resize_mode `squash`): Resize((resize, resize))."""
+    if squash:
+        return resize, resize
     if width <= height:
         return resize, int(resize * height / width)
     return int(resize * width / height), resize
@@ -25,11 +28,12 @@ def crop_offsets(width: int, height: int, crop: int) -> Tuple[int, int]:
     return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
 
 
-def source_box(width: int, height: int, resize: int, crop: int) -> Tuple[float, float, float, float]:
+def source_box(width: int, height: int, resize: int, crop: int,
+               squash: bool = False) -> Tuple[float, float, float, float]:
     """The crop window of the resized image in the source's coordinates: resampling only this box
     to crop x crop (Pillow's `resize(box=...)`, whose filter still reads the pixels around it)
     gives the pixels of resizing the whole image and cropping, without the large intermediate."""
-    new_w, new_h = resized_size(width, height, resize)
+    new_w, new_h = resized_size(width, height, resize, squash)
     left, top = crop_offsets(new_w, new_h, crop)
     sx, sy = width / new_w, height / new_h
     return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy

@@ -39,7 +39,8 @@ class Prepared:
 
     @property
     def frames(self) -> FrameSpec:
-        return FrameSpec(resize=self.job.video.size or self.image.resize, crop=self.image.crop)
+        return FrameSpec(resize=self.job.video.size or self.image.resize, crop=self.image.crop,
+                         squash=self.image.squash)
 
     def sink_spec(self) -> SinkSpec:
         from ..output.sink import SinkSpec, image_columns, video_columns  # Ray's: the runner's, not search's
@@ -122,6 +123,12 @@ def _resolve_image(job: JobConfig, defaults: Dict[str, Any]) -> ImageSpec:
         else:
             raise ConfigError(f"preprocess.crop: {crop} is larger than preprocess.resize {resize}")
     interpolation = pre.interpolation or defaults.get("interpolation", "bilinear")
+    resize_mode = pre.resize_mode or defaults.get("resize_mode", "shorter")
+    if resize_mode not in ("shorter", "squash"):  # timm's `border`, open_clip's `longest`: pad, not crop
+        raise ConfigError(f"preprocess.resize_mode: the weights' transforms resize the {resize_mode} way "
+                          "(then pad), which featurize does not reproduce; set preprocess.resize_mode "
+                          "shorter or squash to choose an approximation")
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         interpolation = "bilinear"  # torchvision modes Pillow lacks (none among its weights today)
-    return ImageSpec(resize=resize, crop=crop, interpolation=interpolation, jpeg_draft=pre.jpeg_draft)
+    return ImageSpec(resize=resize, crop=crop, interpolation=interpolation, jpeg_draft=pre.jpeg_draft,
+                     squash=resize_mode == "squash")

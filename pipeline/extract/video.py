@@ -28,6 +28,7 @@ from .isolate import DecoderUnavailable, IsolatedCall
 class FrameSpec:
     resize: int  # shorter side the decoder scales to
     crop: int  # then a center crop to crop x crop
+    squash: bool = False  # both sides to `resize` (preprocess.resize_mode squash)
 
 
 @dataclass
@@ -119,9 +120,9 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
-def scaled_size(width: int, height: int, resize: int) -> Tuple[int, int]:
+def scaled_size(width: int, height: int, resize: int, squash: bool = False) -> Tuple[int, int]:
     """(width, height) the decoder scales to: torchvision's Resize(resize) (geometry.py)."""
-    return resized_size(width, height, resize)
+    return resized_size(width, height, resize, squash)
 
 
 def center_crop(frames: np.ndarray, crop: int) -> np.ndarray:
@@ -143,7 +144,7 @@ def _decode_decord(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
     total, fps = len(probe), float(probe.get_avg_fps())
     del probe
     windows = plan_windows(total, fps, cfg)
-    w, h = scaled_size(width, height, spec.resize)
+    w, h = scaled_size(width, height, spec.resize, spec.squash)
     reader = decord.VideoReader(_open_source(source), width=w, height=h, num_threads=1)
     clips = []
     for window in windows:
@@ -158,7 +159,7 @@ def _decode_pyav(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
     total, fps, (width, height) = _pyav_probe(source)
     windows = plan_windows(total, fps, cfg)
     wanted = {int(i) for wdw in windows for i in wdw.frames}
-    w, h = scaled_size(width, height, spec.resize)
+    w, h = scaled_size(width, height, spec.resize, spec.squash)
     kept = {}
     with av.open(_open_source(source)) as container:
         stream = container.streams.video[0]

@@ -177,3 +177,35 @@ def test_pyav_frames_equal_torchvision_on_the_decoded_frames(photos, tmp_path):
         diff = np.abs(clip.pixels.astype(np.int16) - want.astype(np.int16)).mean()
         shifted = np.abs(clip.pixels[:, :, 1:].astype(np.int16) - want[:, :, :-1].astype(np.int16)).mean()
         assert diff <= 2.5 and diff < 0.4 * shifted, (resize, crop, diff, shifted)
+
+
+def test_a_squash_model_is_squashed_as_timm_does_and_a_padding_one_is_refused(photos):
+    """crop_mode squash (131 of timm's pretrained configs: the whole picture, its aspect not kept);
+    border (6: resized by the longer side, then padded) is refused unless the job chooses."""
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    from pipeline.config import ConfigError, parse_job
+    from pipeline.extract.prepare import _resolve_image
+    from pipeline.models.families import timm as family
+
+    name = "coat_lite_medium_384.in1k"
+    data = resolve_data_config(pretrained_cfg=get_pretrained_cfg(name).to_dict())
+    assert data["crop_mode"] == "squash"
+    defaults = family.data_config(name)
+    job = parse_job({"name": "j", "source": {"uri": "/x"}, "output": {"uri": "/y"}})
+    spec = _resolve_image(job, defaults)
+    assert spec.squash and (spec.resize, spec.crop) == (384, 384)
+    reference = create_transform(**data)
+    mean, std = torch.tensor(data["mean"])[:, None, None], torch.tensor(data["std"])[:, None, None]
+    for w, h in [(640, 427), (300, 500)]:
+        src = np.asarray(Image.fromarray(photos[0]).resize((w, h), Image.Resampling.BILINEAR))
+        got, _, _ = decode_image(_png(src), spec)
+        want = (reference(Image.fromarray(src)) * std + mean).mul(255).round().clamp(0, 255).byte()
+        _close(got, want.permute(1, 2, 0).numpy(), (w, h))
+
+    border = family.data_config("deepseek_vit_412m.deepseek_v4_1_flash")
+    with pytest.raises(ConfigError, match="preprocess.resize_mode: the weights' transforms resize the border way"):
+        _resolve_image(job, border)
+    job.preprocess.resize_mode = "shorter"  # the job's choice: accepted
+    assert not _resolve_image(job, border).squash

@@ -9,7 +9,8 @@ its output pooled with model.pool (not normalised). model.weights: a pretrained 
 tags), found in the local Hugging Face or ~/.cache/clip cache only (offline: an error names the file);
 a whole-model or image-tower state dict file; or none. Preprocessing is the model's own (open_clip's
 preprocess config merged with the tag's): resize the shorter side to the input size, center crop,
-mean/std of the tag; `resize_mode: squash`/`longest` models are preprocessed as `shortest` here.
+mean/std of the tag, and its resize_mode (`squash` as open_clip does; `longest`, which pads, is refused
+unless preprocess.resize_mode chooses an approximation).
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def preprocess(arch: str, tag: Dict[str, Any]) -> Dict[str, Any]:
     merged = merge_preprocess_dict(vars(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
     merged = merge_preprocess_dict(merged, tag)
     size = _image_size(model_cfg)
-    return {"resize": size, "crop": size, "interpolation": merged["interpolation"],
+    mode = {"shortest": "shorter"}.get(merged.get("resize_mode", "shortest"), merged.get("resize_mode"))
+    return {"resize": size, "crop": size, "interpolation": merged["interpolation"], "resize_mode": mode,
             "mean": [float(v) for v in merged["mean"]], "std": [float(v) for v in merged["std"]]}
 
 

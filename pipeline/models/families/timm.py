@@ -68,7 +68,8 @@ def data_config(name: str) -> Dict[str, Any]:
     """timm's eval preprocessing of `name` (arch or arch.tag) as preprocess.* keys."""
     data = resolve_data_config(pretrained_cfg=_pretrained_cfg(name))
     crop = int(data["input_size"][-1])
-    return {"crop": crop, "resize": math.floor(crop / data.get("crop_pct", 1.0)),
+    mode = {"center": "shorter"}.get(data.get("crop_mode", "center"), data.get("crop_mode"))
+    return {"crop": crop, "resize": math.floor(crop / data.get("crop_pct", 1.0)), "resize_mode": mode,
             "interpolation": data["interpolation"], "mean": [float(v) for v in data["mean"]],
             "std": [float(v) for v in data["std"]]}
 
