@@ -49,7 +49,6 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     import timm
-    from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
     torch.set_num_threads(1)
@@ -70,7 +69,7 @@ def main() -> None:
 
     rows = {"png": [], "draft": []}
     times = {True: [], False: []}
-    for name, img in photos(sizes):
+    for _name, img in photos(sizes):
         ours, _, _ = decode_image(encoded(img, "PNG"), spec)
         want = reference(img.convert("RGB"))
         want = (want * std + mean).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
@@ -87,7 +86,8 @@ def main() -> None:
     print(f"PNG, ours vs timm's create_transform (convnext_tiny), {len(png)} photos: mean |diff| "
           f"{png[:, 0].mean():.3f} (max {png[:, 0].max():.3f}), > 8 levels {png[:, 1].max():.4f} at most, "
           f"cosine min {png[:, 2].min():.6f}")
-    print("| size | photos | draft vs full: mean abs diff | > 8 levels | ConvNeXt-T cosine (min) | ms draft | ms full |")
+    print("| size | photos | draft vs full: mean abs diff | > 8 levels | ConvNeXt-T cosine (min) "
+          "| ms draft | ms full |")
     print("|---|---|---|---|---|---|---|")
     for size in sizes:
         sel = [i for i, r in enumerate(rows["draft"]) if r[3] == size]
