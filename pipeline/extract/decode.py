@@ -22,7 +22,7 @@ from .. import faults
 from ..errors import DecodeFailure
 from ..rows import ERROR_COLUMNS, error_fields
 from ..timing import timed
-from .geometry import crop_offsets, resized_size, source_box
+from .geometry import WHOLE, crop_offsets, resized_size, source_box
 
 ORIENTATION_TAG = 0x0112
 
@@ -139,7 +139,7 @@ def _resize_center_crop(img: Image.Image, spec: ImageSpec, width: Optional[int] 
         # nearest picks one source pixel by rounding down a position: the box's positions, one
         # float operation apart, pick the neighbour of the reference's in ~1% of pixels
         new_w, new_h = resized_size(width, height, spec.resize, spec.squash)
-        if new_w * new_h <= 16 * spec.crop * spec.crop:
+        if new_w * new_h <= WHOLE * spec.crop * spec.crop:
             left, top = crop_offsets(new_w, new_h, spec.crop)
             out = img.resize((new_w, new_h), mode).crop((left, top, left + spec.crop, top + spec.crop))
             return np.asarray(out, dtype=np.uint8)

@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ..rows import ERROR_COLUMNS
 from ..timing import timed
 from .decode import ImageSpec, decode_rows, decoded_columns, fault_point, open_image
-from .geometry import crop_offsets, resized_size, source_box
+from .geometry import WHOLE, crop_offsets, resized_size, source_box
 
 DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB the way Pillow does
 
@@ -89,14 +89,10 @@ def _decode_jpegs(files: List[bytes], device: torch.device) -> List[Optional[tor
         return out
 
 
-# An intermediate up to this many times crop x crop (38 MB of float32 at 224) is resized whole, then
-# cropped: torchvision's Resize + CenterCrop on a tensor, exactly. Beyond (an 8000x8 strip would be
-# 256000x256) only the crop's region is resized: its edges differ within the antialiasing filter's reach.
-WHOLE = 64
-
-
 def _resize_center_crop(img: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """Resize(resize) + CenterCrop(crop) on the device, at torchvision's geometry (geometry.py)."""
+    """Resize(resize) + CenterCrop(crop) on the device, at torchvision's geometry (geometry.py):
+    resized whole then cropped, torchvision's tensor transform exactly; beyond geometry.WHOLE only
+    the crop's region, whose edges then differ within the antialiasing filter's reach."""
     height, width = img.shape[1:]
     new_w, new_h = resized_size(width, height, spec.resize, spec.squash)
     left, top = crop_offsets(new_w, new_h, spec.crop)

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from typing import Tuple
 
+# A resized image up to this many times crop x crop (38 MB of float32 at 224) may be made whole and
+# cropped, where a path needs that for exactness (nearest on Pillow, every mode on the device);
+# beyond (an 8000x8 strip would become 256000x256) only the crop's region is resampled.
+WHOLE = 64
+
 
 def resized_size(width: int, height: int, resize: int, squash: bool = False) -> Tuple[int, int]:
     """(width, height) after Resize(resize): the shorter side at `resize`, the longer truncated;
