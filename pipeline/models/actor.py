@@ -52,9 +52,7 @@ class Embedder:
     def __init__(self, spec: EmbedSpec):
         self.spec = spec
         if spec.committer is not None:
-            import ray
-
-            spec.committer.register.remote(ray.get_runtime_context().current_actor)
+            _register(spec.committer)
         self.device = _device(spec.model.device)
         if self.device.type == "cpu":
             torch.set_num_threads(spec.torch_threads)
@@ -134,3 +132,20 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _register(committer) -> None:
+    """Registers this model actor with its job's committer, which stops it when the job ends
+    (jobrun.stop). An actor Ray Data was still starting when a failed job was stopped would
+    otherwise register with the dead committer (its calls retried without end) and live on,
+    holding its CPU or GPU: the next job on the same Ray then never got its actors. So the call is
+    waited for, and an actor whose job has gone exits."""
+    import os
+
+    import ray
+
+    try:
+        ray.get(committer.register.remote(ray.get_runtime_context().current_actor), timeout=REGISTER_TIMEOUT_S)
+    except Exception:  # the committer is dead (killed at the job's end) or unreachable
+        os._exit(0)
+
+
+REGISTER_TIMEOUT_S = 120  # a live committer answers in milliseconds, even while it publishes
