@@ -132,6 +132,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+REGISTER_TIMEOUT_S = 120  # a live committer answers in milliseconds, even while it publishes
+
+
 def _register(committer) -> None:
     """Registers this model actor with its job's committer, which stops it when the job ends
     (jobrun.stop). An actor Ray Data was still starting when a failed job was stopped would
@@ -146,6 +149,3 @@ def _register(committer) -> None:
         ray.get(committer.register.remote(ray.get_runtime_context().current_actor), timeout=REGISTER_TIMEOUT_S)
     except Exception:  # the committer is dead (killed at the job's end) or unreachable
         os._exit(0)
-
-
-REGISTER_TIMEOUT_S = 120  # a live committer answers in milliseconds, even while it publishes

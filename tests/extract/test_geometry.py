@@ -40,6 +40,11 @@ def _reference(pixels: np.ndarray, resize: int, crop: int, mode: str) -> np.ndar
     return np.asarray(transform(Image.fromarray(pixels)))
 
 
+def _unnormalised(tensor: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    """A reference transform's normalised (3, H, W) tensor back to (H, W, 3) uint8 pixels."""
+    return (tensor * std + mean).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
 def _close(got: np.ndarray, want: np.ndarray, where) -> None:
     """The issue's bar: within 1 level on average and at most 1% of pixels more than 8 apart."""
     assert got.shape == want.shape, where
@@ -97,8 +102,7 @@ def test_timms_own_transform_and_its_convnext_feature(photos):
         src = np.asarray(Image.fromarray(photos[k % 2]).resize((w, h), Image.Resampling.BILINEAR))
         got, _, _ = decode_image(_png(src), spec)
         want = reference(Image.fromarray(src))  # normalised tensor
-        pixels = (want * std + mean).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        _close(got, pixels, (w, h))
+        _close(got, _unnormalised(want, mean, std), (w, h))
         ours_in = (torch.from_numpy(got).permute(2, 0, 1).float() / 255 - mean) / std
         with torch.no_grad():
             a, b = model(ours_in[None]), model(want[None])
@@ -135,7 +139,7 @@ def test_open_clips_own_preprocess(photos):
         src = np.asarray(Image.fromarray(photos[k % 2]).resize((w, h), Image.Resampling.BILINEAR))
         got, _, _ = decode_image(_png(src), spec)
         want = reference(Image.fromarray(src))
-        _close(got, (want * std + mean).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), (w, h))
+        _close(got, _unnormalised(want, mean, std), (w, h))
 
 
 def test_video_frames_are_cropped_where_torchvision_crops(photos):
@@ -218,8 +222,7 @@ def test_a_squash_model_is_squashed_as_timm_does_and_a_padding_one_is_refused(ph
     for w, h in [(640, 427), (300, 500)]:
         src = np.asarray(Image.fromarray(photos[0]).resize((w, h), Image.Resampling.BILINEAR))
         got, _, _ = decode_image(_png(src), spec)
-        want = (reference(Image.fromarray(src)) * std + mean).mul(255).round().clamp(0, 255).byte()
-        _close(got, want.permute(1, 2, 0).numpy(), (w, h))
+        _close(got, _unnormalised(reference(Image.fromarray(src)), mean, std), (w, h))
 
     border = family.data_config("deepseek_vit_412m.deepseek_v4_1_flash")
     with pytest.raises(ConfigError, match="preprocess.resize_mode: the weights' transforms resize the border way"):
