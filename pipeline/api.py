@@ -65,9 +65,13 @@ def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = No
     """Run a job (a job file's path, its mapping, or a JobConfig); returns the run's Summary.
     `progress`: a live line on stderr (a bar in a terminal or a notebook, a plain line every 10 s
     elsewhere); False for none. `verbose`: everything Ray prints."""
+    from .progress import describe_job, starting
+
+    parsed = parse_job(_mapping(job, overrides, "job file"))
+    starting(progress, describe_job(parsed))  # the imports below take seconds
     from .extract.runner import run_job
 
-    return run_job(parse_job(_mapping(job, overrides, "job file")), address=address, overwrite=overwrite,
+    return run_job(parsed, address=address, overwrite=overwrite,
                    retry_failed=retry_failed, incremental=incremental, progress=progress, verbose=verbose)
 
 
@@ -93,6 +97,9 @@ def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, 
 def apply(checkpoint: str, input: str, output: str, **options):
     """Apply a trained head to a features table, writing a new one (see train/apply.py for options;
     progress=True by default, as for `run`)."""
+    from .progress import applying, starting
+
+    starting(options.get("progress", True), applying(checkpoint, input, output))  # the imports below take seconds
     from .train.apply import apply_head, check_apply_options
 
     check_apply_options(options)

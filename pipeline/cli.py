@@ -206,6 +206,9 @@ def _run(job_path: str, overrides: List[str], address: Optional[str], progress: 
     """Run a job: (exit code, summary or None); a job that fails midway gets one line, one that
     cannot run is refused (raised for main)."""
     job, _ = _load(job_path, overrides)  # before the imports of Ray and torch: refused in well under a second
+    from .progress import describe_job, starting
+
+    starting(progress, describe_job(job))  # the imports below take seconds
     from .extract.runner import run_job
 
     try:
@@ -273,6 +276,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from .progress import applying, starting
+
+    starting(not args.quiet, applying(args.checkpoint, args.input, args.output))  # the imports below take seconds
     from .output.record import format_summary
     from .train.apply import apply_head
 
@@ -296,15 +302,15 @@ def _last_line(e: Exception) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .output.status import status
+    from .output.status import MEANING, status
 
     st = status(args.out, args.storage_options)
     print(f"output     {redact_text(args.out)}\n"
-          f"job        {st['name']} ({st['status']})\n"
+          f"job        {st['name'] or '(no record yet)'} ({MEANING.get(st['status'], st['status'])})\n"
           f"planned    {st['planned']}\n"
           f"committed  {st['features']} feature rows, {st['errors']} error rows\n"
           f"remaining  {st['remaining']} planned samples not yet committed\n"
-          f"complete   {'yes' if st['complete'] else 'no: run the job again to resume'}")
+          f"complete   {'yes' if st['complete'] else 'no: run the same command again to resume'}")
     if st["staged_files"]:
         print(f"staged     {st['staged_files']} files written but not published; the next run publishes them")
     if st["overwrite_pending"]:

@@ -5,10 +5,11 @@ _job.json, the summary, what a command says when it failed). `featurize run` (ru
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -122,20 +123,30 @@ def run_to_end(ws: Workspace, lease: Lease, committer, write: Callable[[], None]
                check: Callable[[Workspace], None] = verify) -> None:
     """Run the job's pipeline (`write`: the Ray Data job into the sink), then see that it ended whole:
     the ledger as the committer left it, every planned sample committed once (`check`), OUT's lease
-    still this run's. A failure or an interrupt is recorded in _job.json and goes on up; the job's
-    actors are stopped either way."""
+    still this run's. A failure or an interrupt is recorded in _job.json (`recorded`) and goes on up;
+    the job's actors are stopped either way."""
     try:
-        write()
-        check(ws)  # from the files on the store: the committer's id set never travels to the driver
-        lease.check()  # still OUT's writer: only then record it complete (and swap an overwrite in)
-    except BaseException as e:  # interrupted or failed: say so in _job.json, then let it go on up
-        try:
-            record(status="failed", started_at=t0, error=f"{type(e).__name__}: {e}"[:2000])
-        except Exception as e2:  # the store itself may be what failed; the job's own error matters more
-            log.warning("could not record the failure in %s: %s", ws.uri, e2)
-        raise
+        with recorded(record, t0, ws.uri):
+            write()
+            check(ws)  # from the files on the store: the committer's id set never travels to the driver
+            lease.check()  # still OUT's writer: only then record it complete (and swap an overwrite in)
     finally:
         stop(committer)
+
+
+@contextlib.contextmanager
+def recorded(record: Record, t0: float, uri: str) -> Iterator[None]:
+    """A job that stops inside says so in _job.json, then the exception goes on up: `interrupted`
+    for Ctrl-C or SIGTERM (pipeline/interrupt.py), `failed` for anything else."""
+    try:
+        yield
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        try:
+            record(status=status, started_at=t0, error=f"{type(e).__name__}: {e}"[:2000])
+        except Exception as e2:  # the store itself may be what failed; the job's own error matters more
+            log.warning("could not record the %s job in %s: %s", status, uri, e2)
+        raise
 
 
 def summarize(ws: Workspace, out_uri: str, t0: float, t1: float, totals: Dict[str, Any], **fields) -> Summary:

@@ -5,7 +5,7 @@ notebook) one line is redrawn in place by tqdm; elsewhere (a pipe, CI, a Ray Job
 submit --wait`) a plain line is printed every FEATURIZE_PROGRESS_INTERVAL seconds (10 by
 default). Both go to stderr: stdout holds the summary only.
 
-    featurize  45%|████▌     | 68/150 samples, 2 errors, bound: model [00:07<00:09,  9.10 samples/s]
+    featurize  45%|████▌     | 68/150 samples, 2 errors, bound: model [0:07<0:09, 9.10 samples/s]
     progress     68/150 samples (45%), 2 errors, 9.1 samples/s, ETA 0:09, bound: model
 
 Counts are of plan rows (an image, a video, a tar shard) with the rows they yield beside them
@@ -15,6 +15,7 @@ the busy seconds of the rows committed: cheap, since the rows carry them to the 
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -40,15 +41,40 @@ class Counts:
     errors: int
     elapsed: float  # seconds since this run's execution began
     bound: Optional[str] = None
+    recent: Optional[float] = None  # plan rows per second over the last WINDOW_S (Rate)
 
     @property
     def rate(self) -> float:
-        """Plan rows per second, this run's only."""
+        """Plan rows per second, this run's only: the recent rate, else the run's average."""
+        if self.recent is not None:
+            return self.recent
         return (self.done - self.before) / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def eta(self) -> Optional[float]:
         return (self.planned - self.done) / self.rate if self.rate > 0 else None
+
+
+WINDOW_S = 60.0
+
+
+class Rate:
+    """Plan rows per second over the last WINDOW_S seconds, or since execution began while the run
+    is younger than that. Rows are committed a file at a time, so a rate between two polls jumps
+    from nothing to a file's rows in a second, and tqdm's smoothed rate read 38.7 samples/s right
+    after a first commit, then 0.8. A window this long spans many commits once the pipeline is
+    full, and keeps the start-up in the first commit's rate, as the run's own average does."""
+
+    def __init__(self, started: float, done: int, window: float = WINDOW_S):
+        self.window = window
+        self.points = collections.deque([(started, done)])
+
+    def add(self, t: float, done: int) -> float:
+        self.points.append((t, done))
+        while len(self.points) > 2 and self.points[1][0] <= t - self.window:  # keep one point at or before the window
+            self.points.popleft()
+        t0, done0 = self.points[0]
+        return (done - done0) / (t - t0) if t > t0 else 0.0
 
 
 @dataclass
@@ -103,14 +129,35 @@ def plain_line(c: Counts, nouns: Nouns) -> str:
 
 
 def bar_format(nouns: Nouns) -> str:
-    """tqdm's line: `featurize  45%|████▌     | 68/150 samples, 2 errors, bound: model [00:07<00:09, 9.10 samples/s]`
-    (the postfix holds the details and the bound)."""
-    return ("{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}" + f" {nouns.unit}"
-            + "{postfix} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+    """tqdm's line: `featurize  45%|████▌     | 68/150 samples, 2 errors, bound: model [0:07<0:09, 9.10 samples/s]`
+    (the postfix holds the details, the bound, and the times and rate: ours, not tqdm's, see Rate)."""
+    return "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}" + f" {nouns.unit}" + "{postfix}"
 
 
 def postfix(c: Counts, nouns: Nouns) -> str:
-    return details(c, nouns) + (f", bound: {c.bound}" if c.bound else "")
+    return (details(c, nouns) + (f", bound: {c.bound}" if c.bound else "")
+            + f" [{clock(c.elapsed)}<{clock(c.eta)}, {c.rate:.2f} {nouns.unit}/s]")
+
+
+def describe_job(job) -> str:
+    """`job demo: resnet18 over /data/images into out/demo` (no credentials)."""
+    from .redact import redact_text
+
+    return (f"job {job.name}: {job.model.arch} over {redact_text(job.source.uri)} "
+            f"into {redact_text(job.output.uri)}")
+
+
+def applying(checkpoint: str, table: str, out: str) -> str:
+    from .redact import redact_text
+
+    return f"apply {redact_text(checkpoint)} to {redact_text(table)} into {redact_text(out)}"
+
+
+def starting(enabled: bool, what: str, stream: Optional[TextIO] = None) -> None:
+    """A line saying what a run is starting, before its progress can say anything (imports, the
+    listing and Ray's start take seconds to tens of seconds, which a blank console hides)."""
+    if enabled:
+        print(f"starting     {what}", file=stream or sys.stderr, flush=True)
 
 
 def live_bar(total: int, initial: int, nouns: Nouns, stream: TextIO):
@@ -122,7 +169,7 @@ def live_bar(total: int, initial: int, nouns: Nouns, stream: TextIO):
     except (AttributeError, ValueError, OSError):
         sized = False
     return tqdm(total=total, initial=initial, desc="featurize", unit=f" {nouns.unit}", file=stream,
-                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24, smoothing=0.1,
+                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
                 mininterval=0.5,
                 bar_format=bar_format(nouns))
 
@@ -155,11 +202,13 @@ class Progress:
         self.started = 0.0
         self.bar = None
         self.last: Optional[Counts] = None
+        self.rate: Optional[Rate] = None
         self.printed = 0
         self.last_line = ""
 
     def __enter__(self) -> "Progress":
         self.started = time.time()
+        self.rate = Rate(self.started, self.before)
         if self.live:
             try:
                 self.bar = live_bar(self.planned, self.before, self.nouns, self.stream)
@@ -196,7 +245,8 @@ class Progress:
         done = min(self.planned, self.before + tally.units)
         if self.last is not None and done < self.last.done:  # a restarted committer undercounts; never go back
             done = self.last.done
-        return Counts(done, self.planned, self.before, tally.rows, tally.errors, elapsed, bound)
+        recent = self.rate.add(self.started + elapsed, done) if self.rate is not None else None
+        return Counts(done, self.planned, self.before, tally.rows, tally.errors, elapsed, bound, recent)
 
     def _loop(self) -> None:
         while not self.stop.wait(self.every):

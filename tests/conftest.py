@@ -150,6 +150,15 @@ def s3_options(endpoint: str) -> Dict[str, Any]:
     return {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": endpoint}}
 
 
+def refusal_lines(stderr: str) -> List[str]:
+    """stderr's lines less the `starting` line a run prints before it can refuse (the job's model,
+    source and output are checked after the imports that line is printed ahead of)."""
+    lines = stderr.strip().splitlines()
+    while lines and lines[0].startswith("starting     job "):
+        lines = lines[1:]
+    return lines
+
+
 def job_dict(source_uri: str, output_uri: str, *, name: str = "e2e", source: Optional[Dict[str, Any]] = None,
              output: Optional[Dict[str, Any]] = None, resources: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """A small job as the YAML file would hold it."""

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.samples import make_image_folder
 
-from conftest import SMALL_MODEL, SMALL_PREPROCESS, job_dict, tree
+from conftest import SMALL_MODEL, SMALL_PREPROCESS, job_dict, refusal_lines, tree
 
 FEATURIZE = Path(sys.executable).with_name("featurize")
 
@@ -71,7 +71,7 @@ def write_job(path: Path, data) -> Path:
 
 def assert_refused(result: subprocess.CompletedProcess, ray_tmpdir: Path, *needles: str) -> str:
     assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    lines = refusal_lines(result.stderr)
     assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
     line = lines[0]
     assert line.startswith("featurize: ")

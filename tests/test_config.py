@@ -4,6 +4,8 @@ import yaml
 from pipeline.config import load_job, output_storage_options, parse_job, redact, to_dict
 from pipeline.errors import ConfigError, Refused
 
+from conftest import refusal_lines
+
 BASE = {"name": "t", "source": {"uri": "data/"}, "output": {"uri": "out/"}}
 
 
@@ -124,7 +126,7 @@ def refused(capsys, *argv: str) -> str:
     code = main(list(argv))
     captured = capsys.readouterr()
     assert code == 2, (code, captured.err)
-    lines = captured.err.strip().splitlines()
+    lines = refusal_lines(captured.err)
     assert len(lines) == 1 and lines[0].startswith("featurize: "), captured.err
     assert "Traceback" not in captured.err + captured.out
     return lines[0]

@@ -21,7 +21,7 @@ from pipeline.output.root import JOB_FILE
 from pipeline.output.status import status
 from pipeline.samples import encode, make_image_folder, photo
 
-from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, run
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, refusal_lines, run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_two_runs_started_at_once_into_one_output_one_refuses(tmp_path, faults, 
     codes = sorted(r[0] for r in results)
     assert codes == [0, 2], [r[2][-2000:] for r in results]
     refused = next(r for r in results if r[0] == 2)[2]
-    assert "is in use by run" in refused and "since" in refused and len(refused.strip().splitlines()) == 1
+    assert "is in use by run" in refused and "since" in refused and len(refusal_lines(refused)) == 1
     assert_exactly_once(str(out), planned(src))
     assert status(str(out))["complete"] and not (out / "_lease.json").exists()
 

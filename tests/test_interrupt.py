@@ -68,7 +68,7 @@ def test_sigterm_exits_130_with_one_line_and_the_rerun_completes(ray_session, tm
     for dump in ("Traceback", "Stack trace", "*** SIG", "Aborted", "core dumped", "Check failed"):
         assert dump not in stderr, stderr[-3000:]
     record = json.loads((out / "_job.json").read_text())
-    assert record["status"] == "failed" and record["runs"][-1]["error"].startswith("KeyboardInterrupt")
+    assert record["status"] == "interrupted" and record["runs"][-1]["error"].startswith("KeyboardInterrupt")
 
     summary = run(job)  # the same job again, on the session's Ray: it resumes and completes
     assert summary.skipped > 0 and summary.skipped + summary.samples == len(planned(src))

@@ -6,15 +6,19 @@ import pytest
 from pipeline.jobrun import IncompleteOutput, NotExactlyOnce, failure_lines, run_to_end
 
 
-def test_a_job_that_fails_midway_is_recorded_failed_and_goes_on_up():
+def test_a_job_stopped_midway_is_recorded_interrupted_or_failed_and_goes_on_up():
     records = []
 
     def write():
-        raise KeyboardInterrupt  # Ctrl-C in the middle of the Ray Data job
+        raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, pipeline/interrupt.py) in the middle of the Ray Data job
 
     with pytest.raises(KeyboardInterrupt):  # committer None: stopping it fails, with a warning only
         run_to_end(SimpleNamespace(uri="out"), None, None, write, lambda **kw: records.append(kw), t0=5.0)
-    assert records == [{"status": "failed", "started_at": 5.0, "error": "KeyboardInterrupt: "}]
+    with pytest.raises(OSError):
+        run_to_end(SimpleNamespace(uri="out"), None, None, lambda: open("/no/such/file"),
+                   lambda **kw: records.append(kw), t0=6.0)
+    assert records[0] == {"status": "interrupted", "started_at": 5.0, "error": "KeyboardInterrupt: "}
+    assert records[1]["status"] == "failed" and records[1]["error"].startswith("FileNotFoundError: ")
 
     def unrecordable(**kw):
         raise OSError("the store is gone")

@@ -22,10 +22,21 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.console import NATIVE_NOISE, NOISE, RayNoise
 from pipeline.output.ledger import Ledger, Staged, Tally, parquet_bytes, part_name, write_atomic
-from pipeline.progress import Counts, Nouns, bar_format, clock, nouns_of, plain_line, postfix
+from pipeline.progress import (
+    Counts,
+    Nouns,
+    Rate,
+    bar_format,
+    clock,
+    describe_job,
+    nouns_of,
+    plain_line,
+    postfix,
+    starting,
+)
 from pipeline.samples import make_image_folder
 
-from conftest import job_dict
+from conftest import SMALL_MODEL, job_dict
 
 FEATURIZE = Path(sys.executable).with_name("featurize")
 RAY_NOISE = ("Token authentication is enabled", "has constructor arguments in the object store",
@@ -65,7 +76,38 @@ def test_the_terminal_line_is_tqdms_with_the_same_details():
     line = tqdm.format_meter(68, 150, 10.0, ncols=110, prefix="featurize", unit=" samples",
                              bar_format=bar_format(Nouns()), postfix=postfix(c, Nouns()))
     assert line.startswith("featurize  45%|") and line.endswith("| 68/150 samples, 2 errors, bound: decode "
-                                                                "[00:10<00:12,  6.80 samples/s]")
+                                                                "[0:10<0:12, 6.80 samples/s]")
+
+
+def test_the_rate_is_a_moving_average_that_does_not_jump_after_the_first_commit():
+    """Start-up 30 s, then a file of 256 rows every 10 s (25.6 rows/s): tqdm's smoothed rate read
+    38.7 samples/s right after a first commit, then 0.8; this one rises towards the steady rate."""
+    rate, rates = Rate(0.0, 0), []
+    done = 0
+    for t in range(1, 301):
+        if t >= 30 and t % 10 == 0:
+            done += 256
+        rates.append(rate.add(float(t), done))
+    assert rates[28] == 0.0 and rates[29] == pytest.approx(256 / 30)  # the first commit: its rows over 30 s
+    after = [r for r in rates[29:]]
+    assert max(after) / min(after) < 4  # no jump from one poll to the next, as commits come and go
+    assert max(b / a for a, b in zip(after, after[1:])) < 2  # a commit at most doubles it (tqdm: x40)
+    assert rates[-1] == pytest.approx(25.6, rel=0.2)  # a minute after, the steady rate
+    assert len(rate.points) <= 62  # a minute of polls kept, however long the run
+    # a resumed run's rate is its own: rows committed earlier are not in it
+    resumed = Rate(0.0, 500)
+    assert resumed.add(10.0, 520) == pytest.approx(2.0)
+    assert Counts(520, 600, 500, 20, 0, 10.0, recent=2.0).eta == pytest.approx(40.0)
+
+
+def test_a_line_says_what_is_starting_before_progress_can(capsys):
+    job = SimpleNamespace(name="demo", model=SimpleNamespace(arch="resnet18"),
+                          source=SimpleNamespace(uri="s3://user:pw@bucket/images?X-Amz-Signature=abc"),
+                          output=SimpleNamespace(uri="out/demo"))
+    starting(True, describe_job(job))
+    starting(False, "nothing: progress is off")
+    err = capsys.readouterr().err
+    assert err == "starting     job demo: resnet18 over s3://user:***@bucket/images?X-Amz-Signature=*** into out/demo\n"
 
 
 def test_clock():
@@ -208,6 +250,10 @@ def test_the_command_shows_progress_in_a_terminal_and_in_a_pipe_and_no_ray_noise
                             env=env_for(ray_tmpdir, FEATURIZE_PROGRESS_INTERVAL="0.3"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
+    # what is starting, at once (the imports, the listing and Ray's start come before any progress)
+    assert lines[:2] == [f"starting     job progress: {SMALL_MODEL['arch']} over {out.parent / 'src'} into {out}",
+                         f"starting     {9 - kept} samples to do ({kept} committed earlier): Ray and the model's actors"]
+    lines = lines[2:]
     assert lines and all(line.startswith("progress     ") for line in lines), result.stderr
     assert lines[0].startswith(f"progress     {kept}/9 samples")
     assert lines[-1].startswith("progress     9/9 samples (100%)")

@@ -12,7 +12,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from ..config import JobConfig, memory_bytes
 from ..interrupt import reclaim_sigterm
-from ..jobrun import complete, init_ray, run_to_end, start_committer, summarize, take_lease, verify
+from ..jobrun import complete, init_ray, recorded, run_to_end, start_committer, summarize, take_lease, verify
 from ..models.actor import Embedder, EmbedSpec
 from ..models.temporal import TemporalEmbedder
 from ..output.lease import Lease
@@ -20,7 +20,7 @@ from ..output.ledger import staging_folder
 from ..output.record import Summary, write_job_record
 from ..output.root import Workspace, multi_row_units, open_output
 from ..output.sink import ParquetCommitSink
-from ..progress import nouns_of, watch
+from ..progress import nouns_of, starting, watch
 from ..redact import logger
 from ..timing import breakdown
 from .decode import decode_batch
@@ -60,11 +60,14 @@ def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[s
         verify(ws)
         lease.check()
         return _finish(prepared, ws, record, t0, time.time(), {}, None)
-    init_ray(address, verbose)
-    layout = plan_resources(job, len(ws.todo))
-    record(status="running", started_at=t0)
-    DataContext.get_current().enable_progress_bars = verbose
-    committer = start_committer(ws, prepared.job.output.uri, prepared.out_options, lease.run_id)
+    record(status="running", started_at=t0)  # before Ray starts: a stop from here on is recorded
+    with recorded(record, t0, ws.uri):
+        earlier = f" ({ws.skipped} committed earlier)" if ws.skipped else ""
+        starting(progress, f"{len(ws.todo)} {nouns_of(job).unit} to do{earlier}: Ray and the model's actors")
+        init_ray(address, verbose)
+        layout = plan_resources(job, len(ws.todo))
+        DataContext.get_current().enable_progress_bars = verbose
+        committer = start_committer(ws, prepared.job.output.uri, prepared.out_options, lease.run_id)
     sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri,
                                                  staging=staging_folder(ws.ledger.job, lease.run_id)), committer)
     t1 = time.time()

@@ -26,7 +26,7 @@ import pyarrow as pa
 from .. import __version__
 from ..config import absolute_local, same_store
 from ..errors import ApplyError, BadArgument, CheckpointError, OutputExists, TableError
-from ..jobrun import complete, init_ray, run_to_end, start_committer, summarize, take_lease, verify
+from ..jobrun import complete, init_ray, recorded, run_to_end, start_committer, summarize, take_lease, verify
 from ..output.ledger import staging_folder
 from ..output.partitions import folder_key
 from ..output.record import Summary, write_record
@@ -34,7 +34,7 @@ from ..output.root import Workspace, open_planned
 from ..output.sink import ParquetCommitSink, SinkSpec
 from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE
-from ..progress import Nouns, watch
+from ..progress import Nouns, starting, watch
 from ..redact import redact, redact_strings, redact_text
 from .apply_map import CARRIED, HeadActor, read_rows
 from .checkpoint import Checkpoint, load
@@ -186,12 +186,14 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
         verify(ws)
         lease.check()
         return complete(ws, record, t0, summarize(ws, out_uri, t0, time.time(), {}))
-    init_ray(address, verbose)
-    from ray.data import DataContext
+    record(status="running", started_at=t0)  # before Ray starts: a stop from here on is recorded
+    with recorded(record, t0, ws.uri):
+        starting(progress, f"{len(ws.todo)} rows to apply the head to: Ray and its actors")
+        init_ray(address, verbose)
+        from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = verbose
-    record(status="running", started_at=t0)
-    committer = start_committer(ws, out_uri, out_options, lease.run_id)
+        DataContext.get_current().enable_progress_bars = verbose
+        committer = start_committer(ws, out_uri, out_options, lease.run_id)
     spec = SinkSpec(out_uri=ws.uri, storage_options=out_options, partition_by=plan.partition_by,
                     columns=plan.head.columns(plan.name, plan.dtype), metadata=provenance(plan),
                     staging=staging_folder(ws.ledger.job, lease.run_id))
