@@ -331,6 +331,9 @@ def _check_source(src: SourceConfig) -> None:
     if src.read_timeout_s <= 0:
         raise ConfigError(f"source.read_timeout_s: must be positive, got {src.read_timeout_s}")
     memory_bytes(src.max_sample_bytes, "source.max_sample_bytes")
+    if src.split_files and src.format != "video_folder":  # the other listers never read them
+        raise ConfigError(f"source.split_files: only for source.format video_folder (the lists name videos by "
+                          f"their path under source.uri), not {src.format}")
     for i, prefix in enumerate(src.allow_uris):
         if not prefix.strip():
             raise ConfigError(f"source.allow_uris[{i}]: must not be empty")
@@ -339,7 +342,7 @@ def _check_source(src: SourceConfig) -> None:
 def _check_video(job: JobConfig) -> None:
     v = job.video
     needs = {"fps": v.fps, "every": v.every}
-    if v.sampling in needs and not needs[v.sampling]:
+    if v.sampling in needs and not (needs[v.sampling] or 0) > 0:  # a negative fps sampled no frame at all
         raise ConfigError(f"video.{v.sampling}: required (and positive) when video.sampling is {v.sampling}")
     for key in ("num_frames", "max_frames"):
         if getattr(v, key) < 1:

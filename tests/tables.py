@@ -27,19 +27,32 @@ def order_sequences(n: int, frames: int = 6, dim: int = 8, seed: int = 0):
     return x, labels
 
 
+def windows(counts: List[int], window_s: float = 4.0, stride_s: Optional[float] = None) -> Dict[str, list]:
+    """The row columns a video job with video.window_s (and stride_s) writes: video j (`v<j>.avi`)
+    cut into counts[j] windows, with ids `v<j>.avi#w<k>` and the k-th starting k * stride_s s in."""
+    stride = stride_s or window_s
+    rows = [(f"v{j}.avi", k) for j, n in enumerate(counts) for k in range(n)]
+    return {"sample_id": [f"{v}#w{k}" for v, k in rows], "uri": [f"file:///data/{v}" for v, _ in rows],
+            "start_s": [k * stride for _, k in rows], "end_s": [k * stride + window_s for _, k in rows]}
+
+
 def write_table(root: str, split: List[str], labels: List[str], feature: Optional[np.ndarray] = None,
                 frames: Optional[np.ndarray] = None, rows_per_file: int = 16, name: str = "tiny",
-                lengths: Optional[np.ndarray] = None) -> str:
+                lengths: Optional[np.ndarray] = None, column: str = "feature",
+                rows: Optional[Dict[str, list]] = None) -> str:
     """OUT/features/split_dir=S/label_dir=L/part-*.parquet (+ a minimal _job.json); `lengths`: each
-    clip keeps only its first lengths[i] frames (clips of unequal length)."""
+    clip keeps only its first lengths[i] frames (clips of unequal length); `feature` is written as
+    `column` (`clip_mean` for a video table); `rows`: other row columns (`windows(...)`'s), or ids
+    and uris other than s00000, s00001 ..."""
     n = len(labels)
     cols: Dict[str, pa.Array] = {
         "sample_id": pa.array([f"s{i:05d}" for i in range(n)]),
         "uri": pa.array([f"file:///data/s{i:05d}" for i in range(n)]),
         "label": pa.array(labels), "split": pa.array(split),
+        **{k: pa.array(v) for k, v in (rows or {}).items()},
     }
     if feature is not None:
-        cols["feature"] = pa.FixedSizeListArray.from_arrays(pa.array(feature.astype(np.float16).ravel()), feature.shape[1])
+        cols[column] = pa.FixedSizeListArray.from_arrays(pa.array(feature.astype(np.float16).ravel()), feature.shape[1])
     if frames is not None:
         t, d = frames.shape[1], frames.shape[2]
         lengths = np.full(n, t) if lengths is None else np.asarray(lengths)

@@ -48,6 +48,12 @@ def test_defaults_fill_in():
         ({"name": "t", "output": {"uri": "o"}}, "source"),
         (job(source={"format": "manifest"}), "source.uri"),
         (job(resources={"batch_size": True}), "resources.batch_size"),
+        (job(source={"uri": "d", "split_files": {"train": "t.txt"}}), "source.split_files: only for source.format "
+                                                                      "video_folder"),
+        (job(source={"uri": "v", "format": "video_folder"}, video={"sampling": "fps", "fps": -2.0},
+             temporal=[{"kind": "mean", "name": "mean"}]), "video.fps: required (and positive)"),
+        (job(source={"uri": "v", "format": "video_folder"}, video={"sampling": "every", "every": -1},
+             temporal=[{"kind": "mean", "name": "mean"}]), "video.every: required (and positive)"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(data, key):

@@ -30,7 +30,8 @@ def add_parsers(sub) -> None:
     search = sub.add_parser("search", help="the nearest samples to an id, an image, a video or a text")
     _common(search)
     query = search.add_mutually_exclusive_group(required=True)
-    query.add_argument("--id", dest="sample_id", help="a sample_id of the table (ID#START_S: one clip of a video)")
+    query.add_argument("--id", dest="sample_id", help="a sample_id of the table; VIDEO#S: the clip of a "
+                       "video starting at S seconds")
     query.add_argument("--image", help="an image file, embedded with the table's own model and preprocessing")
     query.add_argument("--video", help="a video file, embedded with the table's model and temporal head")
     query.add_argument("--text", help="a text (open_clip tables only)")
@@ -115,11 +116,19 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def format_hits(hits: List[Dict[str, Any]], metric: str) -> str:
-    head = f"{'rank':>4}  {'score' if metric == 'cosine' else 'distance':>8}  {'label':<16} sample_id  uri"
-    lines = [head]
+    """One line per hit: rank, score, label, the clip's span when the rows are a video's clips, the
+    row's own sample_id (as --json shows it and --id takes it) and its uri."""
+    clips = any(h.get("start_s") is not None for h in hits)
+
+    def span(text: str) -> str:
+        return f"{text:<14} " if clips else ""
+
+    lines = [f"{'rank':>4}  {'score' if metric == 'cosine' else 'distance':>8}  {'label':<16} {span('clip')}"
+             "sample_id  uri"]
     for h in hits:
-        clip = f"#{h['start_s']:g}" if h.get("start_s") is not None else ""
-        lines.append(f"{h['rank']:>4}  {h['score']:>8.4f}  {h['label'][:16]:<16} {h['sample_id']}{clip}  {h['uri']}")
+        times = f"{h['start_s']:g}-{h['end_s']:g} s" if h.get("start_s") is not None else ""
+        lines.append(f"{h['rank']:>4}  {h['score']:>8.4f}  {h['label'][:16]:<16} {span(times)}{h['sample_id']}  "
+                     f"{h['uri']}")
     return redact_text("\n".join(lines))
 
 

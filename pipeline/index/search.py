@@ -5,10 +5,13 @@ Score: cosine similarity (higher is closer) for metric cosine, L2 distance (lowe
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import faiss
 import numpy as np
+import pyarrow.compute as pc
 
 from ..errors import IndexRefused
 from ..output.table import FeatureTable, open_table
@@ -73,22 +76,46 @@ class Index:
                 for r, (s, row) in enumerate(zip(scores[keep], rows))]
 
     def position(self, sample_id: str) -> int:
-        """The index row of a sample id; for a video with several clip rows, its first clip, or
-        the clip starting at S seconds when written `ID#S`."""
+        """The index row of a sample id. An id no row has may name a video's clip (a windowed video's
+        rows are `VIDEO#w<k>`): `VIDEO` is its first clip, `VIDEO#S` the clip starting at S seconds."""
         where = np.flatnonzero(self._ids == sample_id)
-        if not len(where) and "#" in sample_id and "start_s" in self.rows.column_names:
-            base, _, start = sample_id.rpartition("#")
-            try:
-                wanted = float(start)
-            except ValueError:
-                wanted = None
-            if wanted is not None:
-                starts = self.rows.column("start_s").to_numpy(zero_copy_only=False)
-                where = np.flatnonzero((self._ids == base) & np.isclose(starts, wanted, atol=1e-3))
-        if not len(where):
+        if len(where):
+            return int(where[0])
+        clip = self._clip(sample_id) if "start_s" in self.rows.column_names else None
+        if clip is None:
             more = f"; {self.pending} rows are not indexed yet: run featurize index first" if self.pending else ""
             raise IndexRefused(f"--id {sample_id!r}: no such sample_id in the index of {self.column!r}{more}")
-        return int(where[0])
+        return clip
+
+    def _clip(self, sample_id: str) -> Optional[int]:
+        """The row `VIDEO` or `VIDEO#S` names, None when it names no video; a start no clip of the
+        video has is refused, naming the nearest."""
+        clips = self._clips_of(sample_id)
+        if len(clips):
+            return int(clips[np.argmin(self._starts[clips])])
+        video, _, start = sample_id.rpartition("#")
+        at = float(start) if re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", start) else None
+        clips = self._clips_of(video) if video and at is not None else clips
+        if not len(clips):
+            return None
+        starts = self._starts[clips]
+        found = np.flatnonzero(np.abs(starts - at) < 5e-4)
+        if len(found):
+            return int(clips[found[0]])
+        nearest = sorted(np.argsort(np.abs(starts - at), kind="stable")[:3], key=lambda i: starts[i])
+        named = ", ".join(f"{starts[i]:g} s ({self._ids[clips[i]]})" for i in nearest)
+        raise IndexRefused(f"--id {sample_id!r}: no clip of {video!r} starts at {at:g} s; its nearest clips "
+                           f"start at {named}")
+
+    def _clips_of(self, video: str) -> np.ndarray:
+        """Rows of the video's clips: itself (one clip) or its windows `VIDEO#w<k>`, in index order."""
+        prefixed = pc.starts_with(self.rows.column("sample_id"), pattern=video).to_numpy(zero_copy_only=False)
+        return np.array([i for i in np.flatnonzero(prefixed)
+                         if re.fullmatch(r"(#w[0-9]+)?", self._ids[i][len(video):])], np.int64)
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        return self.rows.column("start_s").to_numpy(zero_copy_only=False)
 
     def vector(self, sample_id: str) -> np.ndarray:
         """The sample's stored vector (D,) float32, read from its table file (as stored, not normalised)."""
@@ -119,8 +146,10 @@ def query(index: Index, uri: str, storage_options: Optional[Dict[str, Any]] = No
         raise IndexRefused("a search takes exactly one query: an id, an image, a video or a text")
     k = whole(k, "k", 1)
     if sample_id is not None:
-        vector = index.vector(sample_id)
-        asked = {"kind": "id", "value": sample_id, "uri": index.row(sample_id).get("uri")}
+        row = index.row(sample_id)  # the real id of what `sample_id` names (VIDEO#S: a clip)
+        vector = index.vector(row["sample_id"])
+        asked = {"kind": "id", "value": row["sample_id"], "uri": row.get("uri"),
+                 **({"asked": sample_id} if sample_id != row["sample_id"] else {})}
     else:
         from .query import query_vector  # imports the model stack: only for file and text queries
 

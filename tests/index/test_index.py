@@ -10,12 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import featurize
 from pipeline.cli import main
 from pipeline.index import build_index, find_duplicates, open_index
 from pipeline.index import generations as index_store
 from pipeline.output.store import parquet_bytes
 
-from tables import write_table
+from tables import windows, write_table
 
 D = 16
 
@@ -144,20 +145,68 @@ def test_refusals_exit_2_with_one_line(tmp_path, capsys):
     assert "no such sample_id in the index of 'feature'" in capsys.readouterr().err
 
 
-def test_video_clip_rows_default_to_the_clip_column_and_take_id_hash_start(tmp_path):
-    x = vectors(6)
-    t = pa.table({"sample_id": ["v1", "v1", "v1", "v2", "v2", "v2"], "uri": [f"file:///v{i // 3}" for i in range(6)],
-                  "label": ["a"] * 6, "split": ["train"] * 6, "start_s": [0.0, 2.0, 4.0] * 2,
-                  "end_s": [2.0, 4.0, 6.0] * 2,
-                  "clip_mean": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), D)})
-    (tmp_path / "out/features").mkdir(parents=True)
-    (tmp_path / "out/features/part-0.parquet").write_bytes(parquet_bytes(t))
-    out = str(tmp_path / "out")
-    assert build_index(out)["column"] == "clip_mean"
+def windowed_table(root, counts=(3, 2), extra=None) -> tuple:
+    """A windowed video table as a job with video.window_s 4 writes it (ids v<j>.avi#w<k>, clip_mean),
+    indexed; `extra`: more rows (sample_id -> start_s) after the windows. (OUT, ids, vectors)."""
+    rows = windows(list(counts))
+    for sample_id, start in (extra or {}).items():
+        rows["sample_id"].append(sample_id)
+        rows["uri"].append("file:///data/v0.avi")
+        rows["start_s"].append(start)
+        rows["end_s"].append(start + 4.0)
+    x = vectors(len(rows["sample_id"]))
+    n = len(x)
+    write_table(str(root), ["train"] * n, ["a"] * n, feature=x, column="clip_mean", rows=rows)
+    assert build_index(str(root))["column"] == "clip_mean"  # a video table's default: its clip column
+    return str(root), rows["sample_id"], x
+
+
+def test_a_windowed_video_s_clip_is_found_by_its_start_and_every_output_prints_real_ids(tmp_path, capsys):
+    out, real, x = windowed_table(tmp_path / "out")
+    assert main(["search", out, "--id", "v0.avi#4", "-k", "5", "--json", "--html", str(tmp_path / "p.html")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["query"] == {"kind": "id", "value": "v0.avi#w1", "uri": "file:///data/v0.avi", "asked": "v0.avi#4"}
+    hits = printed["hits"]
+    assert hits[0]["sample_id"] == "v0.avi#w1" and hits[0]["score"] > 0.999
+    assert sorted(h["sample_id"] for h in hits) == sorted(real)
+    page = (tmp_path / "p.html").read_text()
+    assert all(f"id {i}</div>" in page for i in real) and "#w1#" not in page
+    assert main(["search", out, "--id", "v0.avi#4.0", "-k", "5"]) == 0  # the text output: the same rows
+    head, *lines = capsys.readouterr().out.splitlines()
+    assert head.split() == ["rank", "score", "label", "clip", "sample_id", "uri"]
+    assert [line.split()[3:] for line in lines] == [
+        [f"{h['start_s']:g}-{h['end_s']:g}", "s", h["sample_id"], h["uri"]] for h in hits]
     index = open_index(out)
-    np.testing.assert_allclose(index.vector("v1"), x[0], atol=1e-2)  # the first clip
-    hit = index.search(index.vector("v1#4")[None], 1)[0][0]
-    assert (hit["sample_id"], hit["start_s"], hit["end_s"]) == ("v1", 4.0, 6.0)
+    np.testing.assert_allclose(index.vector("v0.avi#4"), x[1], atol=1e-2)
+    np.testing.assert_allclose(index.vector("v1.avi"), x[3], atol=1e-2)  # a video's bare id: its first clip
+    np.testing.assert_allclose(index.vector("v0.avi#w2"), x[2], atol=1e-2)
+    assert featurize.search(out, id="v1.avi#4", k=1)[0]["sample_id"] == "v1.avi#w1"
+    assert featurize.search(out, id="v0.avi", k=1)[0]["sample_id"] == "v0.avi#w0"
+
+
+def test_an_exact_sample_id_wins_over_a_clip_start(tmp_path):
+    out, _, x = windowed_table(tmp_path / "out", counts=(2,), extra={"v0.avi#4": 0.0})
+    assert featurize.search(out, id="v0.avi#4", k=1)[0]["sample_id"] == "v0.avi#4"
+    np.testing.assert_allclose(open_index(out).vector("v0.avi#4"), x[2], atol=1e-2)
+
+
+@pytest.mark.parametrize("asked, message", [
+    ("v0.avi#5", "--id 'v0.avi#5': no clip of 'v0.avi' starts at 5 s; its nearest clips start at 0 s (v0.avi#w0), "
+                 "4 s (v0.avi#w1), 8 s (v0.avi#w2)"),
+    ("v0.avi#12.5", "no clip of 'v0.avi' starts at 12.5 s; its nearest clips start at 4 s (v0.avi#w1), "
+                    "8 s (v0.avi#w2), 12 s (v0.avi#w3)"),
+    ("v9.avi#4", "--id 'v9.avi#4': no such sample_id in the index of 'clip_mean'"),
+    ("v0.avi#w7", "--id 'v0.avi#w7': no such sample_id"),
+    ("v0.avi#-4", "no such sample_id"),
+    ("v0.avi#inf", "no such sample_id"),
+    ("#4", "no such sample_id"),
+    ("v0.av", "no such sample_id"),  # a prefix of a video's id is not that video
+])
+def test_a_clip_that_is_not_there_is_one_refusal(tmp_path, capsys, asked, message):
+    out, _, _ = windowed_table(tmp_path / "out", counts=(4, 1))
+    assert main(["search", out, "--id", asked]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_concurrent_builds_each_publish_a_whole_index(tmp_path, monkeypatch):
