@@ -29,6 +29,8 @@ def predictions_section(fs, files: List[str], schema: pa.Schema, meta: Mapping[s
     """Accuracy per split and confusion matrices; the predicted classes' counts when there is no label."""
     columns = [c for c in ("split", "label", "pred") if c in schema.names]
     triples = _count(fs, files, columns)
+    if not triples:
+        return '<p class="note">no rows</p>'
     if "label" not in schema.names:
         preds = Counter()
         for (_, _, pred), n in triples.items():
@@ -38,8 +40,6 @@ def predictions_section(fs, files: List[str], schema: pa.Schema, meta: Mapping[s
     classes = [str(c) for c in applied_head(meta).get("classes") or []]
     if not classes:  # no head recorded: the classes seen
         classes = sorted({t[1] for t in triples} | {t[2] for t in triples})
-    if not triples:
-        return '<p class="note">no rows</p>'
     tallies, unknown = _tallies(triples, classes)
     splits = sorted(tallies)
     rows = [_row(name, tallies[name], unknown[name], classes) for name in splits]

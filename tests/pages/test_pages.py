@@ -535,3 +535,24 @@ def test_the_report_of_a_temporal_heads_output_and_of_an_autoencoders_code(tmp_p
     assert [a.get("id") for a in page.attrs if a["tag"] == "h2"] == ["time", "errors", "norms", "projection"]
     assert "column code" in text and "30 sampled rows on their first two principal components" in text
     assert "coloured by label (3 labels)" in text and "head autoencoder from /heads/probe" in text
+
+
+def test_predictions_with_labels_the_head_never_learned_without_labels_and_of_no_rows(tmp_path):
+    out = tmp_path / "out"
+    probs = pa.FixedSizeListArray.from_arrays(pa.array([0.5] * 8, pa.float32()), 2)
+    columns = {"pred": pa.array(["cat", "cat", "dog", "cat"]), "probs": probs}
+    write_table(str(out), ["val"] * 4, ["cat", "dog", "fox", "cat"], columns=columns,
+                metadata=apply_metadata(run_metadata(), "linear", ["cat", "dog"]))
+    text = _text(build_report(str(out)))
+    # fox is not one of the head's classes: counted apart, not scored; macro F1 (cat 0.8, dog 0) / 2
+    assert "val 3 0.6667 (2 of 3) 0.4000 1" in text and "2 classes" in text
+    files = sorted(out.rglob("*.parquet"))
+    for path in files:  # the same table without its label column
+        t = pq.read_table(path)
+        pq.write_table(t.drop_columns(["label"]), path)
+    text = _text(build_report(str(out)))
+    assert "no label column: no accuracy; the predicted classes pred rows cat 3 dog 1" in text
+    for path in files:  # no rows at all
+        t = pq.read_table(path)
+        pq.write_table(t.slice(0, 0), path)
+    assert "Predictions no rows" in _text(build_report(str(out)))
