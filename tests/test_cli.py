@@ -145,6 +145,8 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session):
     assert "samples      8 (6 features, 2 errors)" in lines
     assert any(line.startswith("throughput") and "samples/s" in line for line in lines)
     assert f"output       {out}" in lines
+    assert "model        resnet18 (torchvision)" in lines and "weights      random-init(seed=0)" in lines
+    assert any(line.startswith("WARNING      random weights: resnet18") for line in lines)  # model.weights: none
     error_lines = [line.split() for line in lines if line.strip().startswith("error ")]
     assert sum(int(parts[1]) for parts in error_lines) == 2
     assert all(parts[2].startswith("decode/") for parts in error_lines)

@@ -126,7 +126,7 @@ def _check_complete(ws: Workspace, committer, windowed: bool) -> None:
 def _finish(prepared: Prepared, ws: Workspace, record, t0: float, t1: float, totals: Dict[str, Any],
             layout: Optional[Layout]) -> Summary:
     summary = summarize(ws, prepared.job.output.uri, t0, t1, totals, layout=vars(layout) if layout else {},
-                        split_lists=split_list_gaps(ws.plan))
+                        split_lists=split_list_gaps(ws.plan), provenance=prepared.provenance())
     if layout is not None:
         summary.stages = breakdown(dict(totals.get("seconds", {})), summary.samples, summary.wall_s,
                                    stage_workers(layout, prepared.job), gpu=layout.gpus_per_actor > 0)

@@ -71,7 +71,8 @@ def find_duplicates(uri: str, storage_options: Optional[Dict[str, Any]] = None, 
         start += len(x)
     groups = _groups(idx, files, parent.groups())
     made = redact_strings({"lineage": idx.meta.get("lineage"), "index_generation": idx.meta["generation"],
-                           "threshold": threshold, "metric": metric, "column": column,
+                           "threshold": threshold, "metric": metric, "center": center, "column": column,
+                           "metadata": idx.table.metadata(),  # what made the table: the page says it
                            "index": {"action": built["action"], "reason": built["reason"]}})
     return groups.replace_schema_metadata({b"featurize.duplicates": json.dumps(made, allow_nan=False).encode()})
 

@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 
 from ..cli_args import add_storage_options
 from ..errors import EXIT_OK, BadOption
+from ..output.provenance import of_duplicates
 from ..pages.page_commands import add_allow_uris
 from ..redact import redact_text
 from .options import KINDS, METRICS
@@ -101,12 +102,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = open_index(args.out, args.storage_options, args.column)
     if index.note:
         _say(f"featurize: {index.note}")
+    about = index.provenance()
+    if about.warning:
+        _say(f"featurize: WARNING: {about.warning}")
     query, hits = nearest(index, args.out, args.storage_options, sample_id=args.sample_id, image=args.image,
                           video=args.video, text=args.text, k=args.k)
     if args.html:
         from ..pages.html import search_page
 
-        page = search_page(query, hits, args.storage_options, table=args.out, allow_uris=args.allow_uris)
+        page = search_page(query, hits, args.storage_options, table=args.out, allow_uris=args.allow_uris,
+                           about=about)
         _write_text(args.html, page, args.storage_options)
     if args.json:
         print(json.dumps({"query": query, "column": index.column, "metric": index.metric, "hits": hits}, indent=1))
@@ -143,6 +148,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if built.get("action") == "rebuilt":  # another model's table, a damaged index: say why it took longer
         _say(f"featurize: note: the index was rebuilt first ({built['reason']})")
     where = write_groups(args.out, args.storage_options, column, groups, args.dedup_out)
+    about = of_duplicates(groups.schema.metadata)
+    if about and about.warning:
+        _say(f"featurize: WARNING: {about.warning}")
     if args.html:
         from ..pages.html import dedup_page
 

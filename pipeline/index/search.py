@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..errors import IndexRefused
+from ..output.provenance import Provenance, describe
 from ..output.table import FeatureTable, open_table
 from ..redact import redact_text
 from . import generations as store
@@ -132,6 +133,11 @@ class Index:
                 break
             pos -= f["rows"]
         raise IndexRefused(f"--id {sample_id!r}: its file is no longer in the table; run featurize index first")
+
+    def provenance(self) -> Provenance:
+        """What made the table (model, weights, layer; an apply output's head and source) and how it
+        is searched (metric, centring), as the pages and the CLI say it."""
+        return describe(self.table.metadata(), metric=self.metric, center=self.center is not None)
 
     def row(self, sample_id: str) -> Dict[str, Any]:
         return self.rows.slice(self.position(sample_id), 1).to_pylist()[0]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig, model_families
 from ..errors import ModelError, Refused, WeightsError
+from ..output.provenance import random_init_id
 from .weights import Weights, from_file, looks_like_path
 
 
@@ -89,7 +90,7 @@ def resolve(cfg: ModelConfig, storage_options: Optional[Dict[str, Any]] = None) 
     """Identify the weights and check they can be had; runs on the driver before any work. Beside
     the registry, because a weights *name* is the family's to resolve."""
     if cfg.weights.lower() == "none":
-        return Weights(kind="none", id=f"random-init(seed={cfg.seed})")
+        return Weights(kind="none", id=random_init_id(cfg.seed))
     if looks_like_path(cfg.weights):
         return from_file(cfg, storage_options)
     return family(cfg.family).weights_by_name(cfg)

@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..config import TemporalConfig
 from ..errors import TemporalError, WeightsError
 from ..names import plain_name
+from ..output.provenance import random_init_id
 from ..output.store import filesystem
 from ..rows import error_fields, fail_nonfinite, fail_rows
 from ..timing import timed
@@ -134,7 +135,7 @@ class HeadInfo:
     def weights_id(self) -> str:
         if self.checkpoint:
             return self.checkpoint
-        return f"random-init(seed={self.seed})" if HEADS[self.kind].learned else ""
+        return random_init_id(self.seed) if HEADS[self.kind].learned else ""
 
     def provenance(self) -> Dict[str, Any]:
         """What the features' Parquet metadata records for this head."""

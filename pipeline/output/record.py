@@ -19,6 +19,7 @@ from ..extract.plan import split_list_gaps
 from ..redact import redact_strings, redact_text
 from .ledger import write_atomic
 from .partitions import column_of
+from .provenance import describe
 from .root import JOB_FILE, settings
 from .store import filesystem
 
@@ -63,6 +64,7 @@ class Summary:
     split_lists: Dict[str, Any] = field(default_factory=dict)  # sources.split_list_gaps: unlisted, missing
     progress: List[List[float]] = field(default_factory=list)  # jobrun.progress_series: [[s, rows so far], ...]
     ray_logs: str = ""  # Ray's own logs of the run (its session's folder on the driver's node), if known
+    provenance: Dict[str, str] = field(default_factory=dict)  # the features' `featurize.*` metadata
 
     @property
     def samples(self) -> int:
@@ -162,6 +164,8 @@ def format_summary(summary: Summary) -> str:
         lines += format_stages(summary.stages)
     if summary.ray_logs:  # kept off the console (console.py): where to look when something went wrong
         lines.append(f"ray logs     {summary.ray_logs}")
+    if summary.provenance:  # what made the features, and a warning when the weights were random
+        lines += describe(summary.provenance).lines()
     lines.append(f"output       {summary.out_uri}")
     return redact_text("\n".join(lines))
 

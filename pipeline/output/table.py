@@ -73,8 +73,7 @@ class FeatureTable:
 
     def metadata(self) -> Dict[str, str]:
         """The `featurize.*` provenance of the first file (every file of a run has the same)."""
-        meta = pq.read_schema(self.files[0], filesystem=self.fs).metadata or {}
-        return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"featurize.")}
+        return featurize_metadata(pq.read_schema(self.files[0], filesystem=self.fs))
 
     def provenance(self) -> Dict[str, Any]:
         """What a head trained on (or applied to) this table records of it; no credentials."""
@@ -98,6 +97,11 @@ class FeatureTable:
 
     def rows(self) -> int:
         return sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in self.files)
+
+
+def featurize_metadata(schema: pa.Schema) -> Dict[str, str]:
+    """A features file's `featurize.*` key-value metadata (its provenance), as strings."""
+    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"featurize.")}
 
 
 def _feature_like(typ: pa.DataType) -> bool:

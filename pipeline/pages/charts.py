@@ -37,7 +37,12 @@ def _figure(width: float = 7.0, height: float = 3.2):
 def png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return data_uri(buf.getvalue())
+
+
+def data_uri(png_bytes: bytes) -> str:
+    """A PNG as a data URI: the page embeds it, nothing is fetched."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
 
 
 @plain_text
@@ -69,12 +74,17 @@ def throughput_chart(runs: List[Tuple[str, Sequence[Sequence[float]]]]) -> str:
         t = np.asarray([p[0] for p in series], dtype=float)
         n = np.asarray([p[1] for p in series], dtype=float)
         color = PALETTE[i % len(PALETTE)]
-        total.plot(t, n, marker="." if len(t) < 40 else None, color=color, label=name)
-        if len(t) > 1:  # the rate over a window of points (a twentieth of them): commits come in lumps
+        # steps: rows arrive a commit at a time, nothing between (one commit is one step, not a ramp)
+        total.plot(t, n, marker="." if len(t) < 40 else None, color=color, label=name, drawstyle="steps-post")
+        if len(t) == 2 and t[1] > 0:  # one commit: its rate is the run's, from the start to that commit
+            rate.plot(t, [n[1] / t[1]] * 2, color=color, marker="o", label=name)
+        elif len(t) > 1:  # the rate over a window of points (a twentieth of them): commits come in lumps
             w = max(1, len(t) // 20)
             dt, dn = t[w:] - t[:-w], n[w:] - n[:-w]
             ok = dt > 0
-            rate.plot(((t[w:] + t[:-w]) / 2)[ok], dn[ok] / dt[ok], color=color, label=name)
+            rate.plot(((t[w:] + t[:-w]) / 2)[ok], dn[ok] / dt[ok], color=color, label=name,
+                      marker="o" if ok.sum() < 40 else None)  # a dot per point when there are few
+    rate.set_ylim(bottom=0)
     total.set_xlabel("seconds since execution began")
     total.set_ylabel("rows committed")
     rate.set_xlabel("seconds since execution began")

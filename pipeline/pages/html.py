@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..output.provenance import Provenance, of_duplicates
 from ..redact import redact_text
 from .allowed import page_roots
 from .thumbnails import is_placeholder, placeholder_reason, thumbnails
@@ -32,6 +33,8 @@ table{border-collapse:collapse;font-size:.85em;background:#fff}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 figure{margin:8px 0} figure img{max-width:100%;border:1px solid #ddd;background:#fff}
 .note{color:#666;font-style:italic}
+.warn{color:#8a1c1c;background:#fdecea;border:1px solid #e6a7a1;border-radius:4px;padding:6px 10px;font-weight:600}
+.about{margin:4px 0 12px}
 """
 
 
@@ -77,10 +80,11 @@ def hit_lines(hit: Dict[str, Any]) -> List[str]:
 
 def search_page(query: Dict[str, Any], hits: Sequence[Dict[str, Any]],
                 storage_options: Optional[Dict[str, Any]] = None, size: int = 160, *, table: Optional[str] = None,
-                allow_uris: Sequence[str] = ()) -> str:
+                allow_uris: Sequence[str] = (), about: Optional[Provenance] = None) -> str:
     """The query and its nearest samples as thumbnails with score, label, id and URI (redacted).
     `table`: the output root the hits are rows of (its source is read); `allow_uris`: other prefixes
-    to read. A query by file names the user's own file; a query by id, a row of the table."""
+    to read; `about`: what made the table and how it is searched (Index.provenance()), shown on top.
+    A query by file names the user's own file; a query by id, a row of the table."""
     kind, value, uri = query.get("kind", ""), query.get("value", ""), query.get("uri")
     items = ([(uri, None)] if uri else []) + [(h.get("uri", ""), h.get("start_s")) for h in hits]
     roots = page_roots(table, storage_options, allow_uris) + ([uri] if uri and kind != "id" else [])
@@ -94,6 +98,7 @@ def search_page(query: Dict[str, Any], hits: Sequence[Dict[str, Any]],
     metric = "higher is closer" if _cosine_like(hits) else "lower is closer"
     body = (f"<h1>Search: {text(kind)} {text(value)}</h1>\n"
             f'<div class="meta">{len(hits)} nearest samples, by rank; score: {metric}</div>\n'
+            f"{provenance_html(about)}"
             f'<div class="grid">{head}</div>\n<h2>Neighbours</h2>\n<div class="grid">\n{cards}\n</div>')
     if not hits:
         body += '\n<p class="note">no neighbours found</p>'
@@ -139,10 +144,24 @@ def dedup_page(groups_table: Union[pa.Table, str], storage_options: Optional[Dic
     note = (f'<p class="note">showing the first {len(shown)} of {total} groups</p>' if total > len(shown) else "")
     body = (f"<h1>Near-duplicate groups</h1>\n"
             f'<div class="meta">{total} groups, {members} samples; score: similarity to the group\'s first member'
-            f"</div>\n{note}\n" + "\n".join(sections))
+            f"</div>\n{provenance_html(of_duplicates(groups_table.schema.metadata))}{note}\n" + "\n".join(sections))
     if not total:
         body += '\n<p class="note">no near-duplicates found</p>'
     return document("featurize dedup", body, size)
+
+
+def provenance_html(about: Optional[Provenance]) -> str:
+    """The warning (random weights) in a box, then what made the table as a small table; nothing
+    when not known."""
+    if about is None:
+        return ""
+    warning = f'<p class="warn">WARNING: {text(about.warning)}</p>\n' if about.warning else ""
+    return f'{warning}<div class="about">{table_html(None, about.rows)}</div>\n'
+
+
+def figure(src: str, alt: str) -> str:
+    """A chart (a data URI) on the page."""
+    return f'<figure><img src="{src}" alt="{text(alt)}"></figure>'
 
 
 def table_html(header: Optional[Iterable[str]], rows: Iterable[Iterable[Any]]) -> str:

@@ -1,10 +1,13 @@
 """`featurize report OUT`: one self-contained HTML page about a job's output root.
 
-What it shows: where the time went (per stage; rows committed over time), the errors by kind
-with a few examples, the distribution of the feature norms, and a 2-D PCA projection of the
-features coloured by label. It reads the output contract only (OUT/_job.json, OUT/features,
-OUT/errors), never Ray, and a bounded sample: at most SAMPLE_ROWS feature rows, only the columns
-it draws; the errors table is streamed in batches.
+What it shows: what made the features (output/provenance.py: model, weights, layer; an `apply`
+output's head and source; a warning when the weights were random), where the time went (per stage;
+rows committed over time), the errors by kind with a few examples, a classifier's accuracy and
+confusion matrices when the table has `pred` and `label` (predictions.py), the distribution of the
+feature norms, and a 2-D PCA projection of the features (an autoencoder's `code`) coloured by label.
+It reads the output contract only (OUT/_job.json, OUT/features, OUT/errors), never Ray, and a
+bounded sample: at most SAMPLE_ROWS feature rows, only the columns it draws; the errors table and
+the pred and label strings are streamed in batches.
 """
 from __future__ import annotations
 
@@ -21,11 +24,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import ReportError
+from ..output.provenance import Provenance, describe
 from ..output.store import filesystem, parquet_files, write_atomic
+from ..output.table import featurize_metadata
 from ..output.tensors import default_vector
 from ..redact import logger, redact_text
 from . import charts
-from .html import document, table_html, text
+from .html import document, figure, provenance_html, table_html, text
+from .predictions import predictions_section
 
 log = logger(__name__)
 REPORT_FILE = "_report.html"
@@ -52,12 +58,16 @@ def build_report(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> 
     """The report's HTML (self-contained: charts are PNG data URIs)."""
     fs, root, record = _open(uri, storage_options or {})
     features = parquet_files(fs, f"{root}/features")
+    schema = pq.read_schema(features[0], filesystem=fs) if features else None
+    meta = featurize_metadata(schema) if schema is not None else {}
     sections = [
-        _header(uri, record, len(features)),
+        _header(uri, record, len(features), describe(meta) if schema is not None else None),
         '<h2 id="time">Time</h2>\n' + _time_section(record),
         '<h2 id="errors">Errors</h2>\n' + _errors_section(fs, f"{root}/errors"),
     ]
-    sections += _feature_sections(fs, features)
+    if schema is not None and "pred" in schema.names:
+        sections.append('<h2 id="predictions">Predictions</h2>\n' + predictions_section(fs, features, schema, meta))
+    sections += _feature_sections(fs, features, schema)
     return document(f"featurize report: {record.get('name') or uri}", "\n".join(sections))
 
 
@@ -74,7 +84,8 @@ def _open(uri: str, options: Dict[str, Any]) -> Tuple[Any, str, Dict[str, Any]]:
     return fs, root, record
 
 
-def _header(uri: str, record: Dict[str, Any], files: int) -> str:
+def _header(uri: str, record: Dict[str, Any], files: int, about: Optional[Provenance]) -> str:
+    """What made the features (a warning first if random weights did), then the job, its counts and timings."""
     counts, timings = record.get("counts", {}), record.get("timings", {})
     rows = [("output", uri), ("job", record.get("name", "?")), ("kind", record.get("kind", "run")),
             ("status", record.get("status", "?")), ("finished", record.get("finished_at", "not yet")),
@@ -82,18 +93,31 @@ def _header(uri: str, record: Dict[str, Any], files: int) -> str:
             ("errors", counts.get("errors", "?")), ("feature files", files)]
     if timings:
         rows += [("wall time", f"{timings.get('wall_s', 0):.1f} s (+{timings.get('startup_s', 0):.1f} s start-up)"),
-                 ("throughput", f"{timings.get('samples_per_s', 0):.1f} samples/s overall, "
-                                f"{timings.get('steady_samples_per_s', 0):.1f} once the pipeline was full")]
+                 ("throughput", _throughput(timings))]
+    made = provenance_html(about) if about else '<p class="note">no features table to read its model from</p>\n'
     return (f"<h1>Report: {text(record.get('name') or uri)}</h1>\n"
             f'<div class="meta">made by featurize report at {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}'
-            f"</div>\n" + table_html(None, rows))
+            f"</div>\n{made}" + table_html(None, rows))
+
+
+def _throughput(timings: Dict[str, Any]) -> str:
+    """The last run's rates. One commit (all rows at once) gives no rate once the pipeline was full
+    (jobrun.steady_state needs two): then the rate over the whole run is the one to go by."""
+    overall, steady = timings.get("samples_per_s", 0), timings.get("steady_samples_per_s", 0)
+    if steady:
+        return f"{overall:.1f} samples/s overall, {steady:.1f} once the pipeline was full"
+    if overall:
+        return (f"{overall:.1f} samples/s over the whole run (one commit: all rows at once after "
+                f"{timings.get('first_commit_s', timings.get('wall_s', 0)):.1f} s, so no rate once the pipeline "
+                "was full)")
+    return "none: the last run had nothing to do (every planned sample was committed before it)"
 
 
 def _time_section(record: Dict[str, Any]) -> str:
     out = ["<h3>Time per stage</h3>"]
     stages = record.get("stages") or {}
     if stages.get("stages"):
-        out.append(_figure(charts.stage_chart(stages["stages"], stages.get("bound")), "busy seconds per stage"))
+        out.append(figure(charts.stage_chart(stages["stages"], stages.get("bound")), "busy seconds per stage"))
         if stages.get("suggestion"):
             out.append(f'<p class="note">{text(stages["suggestion"])}</p>')
     else:
@@ -104,13 +128,16 @@ def _time_section(record: Dict[str, Any]) -> str:
     series = [(f"run {i + 1} ({r.get('started_at', '?')})", r["progress"]) for i, r in enumerate(runs)
               if r.get("progress")]
     if series:
-        out.append(_figure(charts.throughput_chart(series), "rows committed over time"))
+        out.append(figure(charts.throughput_chart(series), "rows committed over time"))
+        out += [f'<p class="note">{text(name)} made one commit: all {_n(int(points[-1][1]), "row")} at once, '
+                f"{points[-1][0]:.1f} s after execution began ({points[-1][1] / points[-1][0]:.1f} rows/s over the "
+                "run)</p>" for name, points in series if len(points) == 2 and points[-1][0] > 0]
         return "\n".join(out)
     out.append('<p class="note">not recorded for this run (newer versions keep the rows committed over time '
                "in _job.json); below: each run's start and end</p>")
     points = _run_points(runs)
     if points:
-        out.append(_figure(charts.runs_chart(points), "rows committed by each run, from its start to its end"))
+        out.append(figure(charts.runs_chart(points), "rows committed by each run, from its start to its end"))
     return "\n".join(out)
 
 
@@ -172,13 +199,16 @@ def error_kinds(fs, files: List[str]) -> Tuple[Counter, Dict[str, List[Tuple[str
     return counts, examples
 
 
-def _feature_sections(fs, files: List[str]) -> List[str]:
+def _feature_sections(fs, files: List[str], schema: Optional[pa.Schema]) -> List[str]:
     norms, proj = '<h2 id="norms">Feature norms</h2>\n', '<h2 id="projection">Projection (PCA)</h2>\n'
-    if not files:
+    if schema is None:
         none = '<p class="note">no features table</p>'
         return [norms + none, proj + none]
-    schema = pq.read_schema(files[0], filesystem=fs)
     vectors = vector_columns(schema)
+    if "pred" in schema.names:  # a classifier's probabilities: the predictions section says what they mean
+        vectors = [c for c in vectors if c != "probs"]
+        if not vectors:
+            return []
     if not vectors:
         none = '<p class="note">no vector column (fixed-size list of floats) in the features table</p>'
         return [norms + none, proj + none]
@@ -193,7 +223,7 @@ def _feature_sections(fs, files: List[str]) -> List[str]:
     bad = f", {int((~finite).sum())} with NaN or infinite values left out" if (~finite).any() else ""
     stats = (f"<p>{_n(len(x), 'row')} sampled{bad}: norm mean {norm.mean():.3f}, min {norm.min():.3f}, "
              f"max {norm.max():.3f}, {int((norm == 0).sum())} all-zero</p>\n") if len(norm) else ""
-    norms += chosen + stats + (_figure(charts.histogram(norm, f"L2 norm of {column}"), "norm histogram")
+    norms += chosen + stats + (figure(charts.histogram(norm, f"L2 norm of {column}"), "norm histogram")
                                if len(norm) else '<p class="note">no finite rows</p>')
     names = sample[labels].to_pylist() if labels else [""] * len(x)
     kept = [str(n) for n, ok in zip(names, finite) if ok]
@@ -201,7 +231,7 @@ def _feature_sections(fs, files: List[str]) -> List[str]:
         xy, share = charts.pca_2d(x[finite])
         proj += chosen + (f"<p>{int(finite.sum())} sampled rows on their first two principal components, "
                           f"coloured by label ({_n(len(set(kept)), 'label')})</p>\n")
-        proj += _figure(charts.scatter(xy, kept, share), "PCA projection")
+        proj += figure(charts.scatter(xy, kept, share), "PCA projection")
     else:
         proj += '<p class="note">too few rows for a projection (3 at least)</p>'
     return [norms, proj]
@@ -241,7 +271,3 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _figure(src: str, alt: str) -> str:
-    return f'<figure><img src="{src}" alt="{text(alt)}"></figure>'

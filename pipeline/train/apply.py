@@ -185,7 +185,7 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
     if not len(ws.todo):  # all done already: no need for Ray
         verify(ws)
         lease.check()
-        return complete(ws, record, t0, summarize(ws, out_uri, t0, time.time(), {}))
+        return complete(ws, record, t0, summarize(ws, out_uri, t0, time.time(), {}, provenance=provenance(plan)))
     record(status="running", started_at=t0)  # before Ray starts: a stop from here on is recorded
     with recorded(record, t0, ws.uri):
         starting(progress, f"{len(ws.todo)} rows to apply the head to: Ray and its actors")
@@ -207,7 +207,8 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
             dataset(plan, ws, batch_size, committer).write_datasink(sink, ray_remote_args={"num_cpus": 0})
 
     run_to_end(ws, lease, committer, write, record, t0)
-    return complete(ws, record, t0, summarize(ws, out_uri, t0, t1, sink.totals))  # an overwrite replaces the old table
+    summary = summarize(ws, out_uri, t0, t1, sink.totals, provenance=spec.metadata)
+    return complete(ws, record, t0, summary)  # an overwrite replaces the old table
 
 
 def dataset(plan: Plan, ws: Workspace, batch_size: int, committer=None):

@@ -26,9 +26,13 @@ class Tally:
         """y: (N,) class indices; scores: (N, C) probabilities or logits."""
         if not len(y):
             return
-        pred = scores.argmax(axis=1)
-        np.add.at(self.confusion, (y, pred), 1)
+        self.count(y, scores.argmax(axis=1))
         self.topk_hits += int(topk_hits(y, scores, self.k).sum())
+
+    def count(self, y: np.ndarray, pred: np.ndarray, times=1) -> None:
+        """(true, predicted) class index pairs, each `times` times (a count per pair, or one for all):
+        predictions already made, as an `apply` output's pred column holds them."""
+        np.add.at(self.confusion, (y, pred), times)
 
     @property
     def rows(self) -> int:

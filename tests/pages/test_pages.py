@@ -19,16 +19,17 @@ from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.output.store import parquet_bytes
-from pipeline.pages import dedup_page, search_page, thumbnail, thumbnails, write_report
+from pipeline.pages import build_report, dedup_page, search_page, thumbnail, thumbnails, write_report
 from pipeline.samples import encode, encode_video, photo
 
-from tables import write_table
+from tables import apply_metadata, run_metadata, write_table
 
 VOID = {"meta", "img", "br", "hr", "input", "link", "source", "area", "base", "col", "embed", "wbr"}
 SECRET = "hunter2pass"
@@ -240,16 +241,17 @@ def _job(progress=True, kind=None) -> Dict:
     return {**record, "kind": kind} if kind else record
 
 
-def _table(root, column="feature", n=120, name="tiny") -> str:
+def _table(root, column="feature", n=120, name="tiny", metadata=None) -> str:
     rng = np.random.default_rng(0)
     labels = [f"class{i % 3}" for i in range(n)]
     x = rng.normal(0, 1, (n, 16)) + np.eye(16)[[i % 3 for i in range(n)]] * 6  # three clusters
-    write_table(str(root), ["train"] * (n // 2) + ["val"] * (n - n // 2), labels, feature=x, name=name)
+    write_table(str(root), ["train"] * (n // 2) + ["val"] * (n - n // 2), labels, feature=x, name=name,
+                metadata=metadata)
     if column != "feature":  # a video table: clip_<head> columns
         for path in pq.ParquetDataset(str(root / "features")).files:
             t = pq.read_table(path)
-            t = t.rename_columns([column if c == "feature" else c for c in t.column_names])
-            t = t.append_column("clip_attn", t[column])
+            renamed = t.rename_columns([column if c == "feature" else c for c in t.column_names])
+            t = renamed.replace_schema_metadata(t.schema.metadata).append_column("clip_attn", renamed[column])
             pq.write_table(t, path)
     errors = pa.table({"sample_id": ["a/1.jpg", "a/2.jpg", "b/3.jpg"],
                        "uri": [f"s3://b/a/{i}.jpg" for i in range(3)], "stage": ["decode", "decode", "read"],
@@ -386,3 +388,171 @@ def test_report_charts_draw_names_as_plain_text(tmp_path):
     page = self_contained((root / "_report.html").read_text())
     assert len(_pngs(page)) == 4
     assert "column clip_$_$" in "".join(page.text) and "coloured by label (5 labels)" in "".join(page.text)
+
+
+# ---------------------------------------------------------------- what made the table; charts that mean something
+
+RANDOM = "random-init(seed=0)"
+
+
+def _text(html: str) -> str:
+    """The page's text, a space between every element's, runs of blanks as one."""
+    return " ".join(" ".join(self_contained(html).text).split())
+
+
+def _one_commit_job() -> Dict:
+    job = _job()
+    job["runs"] = job["runs"][1:]
+    job["runs"][0]["progress"] = [[0.0, 0], [4.0, 120]]  # every row in the run's one commit, 4 s in
+    job["timings"].update(samples_per_s=30.0, steady_samples_per_s=0.0, first_commit_s=4.0)
+    return job
+
+
+def test_a_one_commit_run_reports_its_rate_over_the_whole_run(tmp_path):
+    out = _table(tmp_path / "out", metadata=run_metadata())
+    (tmp_path / "out" / "_job.json").write_text(json.dumps(_one_commit_job()))
+    html = build_report(out)
+    page, text = self_contained(html), _text(html)
+    assert "30.0 samples/s over the whole run (one commit: all rows at once after 4.0 s" in text
+    assert "0.0 once the pipeline was full" not in text
+    assert "made one commit: all 120 rows at once, 4.0 s after execution began (30.0 rows/s over the run)" in text
+    assert len(_pngs(page)) == 4  # stages, throughput (a dot for the one rate), norms, projection
+
+
+def test_the_report_names_the_model_and_warns_of_random_weights(tmp_path):
+    trained = _table(tmp_path / "trained", metadata=run_metadata())
+    text = _text(build_report(trained))
+    assert "model resnet18 (torchvision)" in text and "weights IMAGENET1K_V1, sha256 5c1f1d6e2a9b" in text
+    assert "layer avgpool, pool avg" in text and "WARNING" not in text and "random" not in text
+    heads = [{"name": "mean", "kind": "mean", "weights": ""}, {"name": "lstm", "kind": "lstm", "weights": RANDOM}]
+    video = _table(tmp_path / "video", column="clip_mean", metadata=run_metadata(RANDOM, heads=heads))
+    text = _text(build_report(video))
+    assert (f"WARNING: random weights: resnet18 ({RANDOM}); temporal head lstm ({RANDOM}) were never trained"
+            in text)
+    assert f"weights {RANDOM}" in text and f"temporal clip_mean: mean; clip_lstm: lstm ({RANDOM})" in text
+    bare = _table(tmp_path / "bare")  # files without provenance (written by hand): said, not guessed
+    assert "model unknown: the table's files carry no featurize.* provenance" in _text(build_report(bare))
+
+
+def test_the_summary_names_the_model_and_warns_of_random_weights(tmp_path):
+    from pipeline.output.record import Summary, format_summary
+
+    def summary(meta):
+        return format_summary(Summary(str(tmp_path), 3, 3, {}, 1.0, 1.0, provenance=meta)).splitlines()
+
+    lines = summary(run_metadata(RANDOM))
+    assert lines[-5:] == ["model        resnet18 (torchvision)", f"weights      {RANDOM}", "layer        avgpool, pool avg",
+                          f"WARNING      random weights: resnet18 ({RANDOM}) was never trained, so these vectors say "
+                          "nothing learned about the content: for tests and demos only", f"output       {tmp_path}"]
+    assert not any("WARNING" in line for line in summary(run_metadata()))
+    applied = summary(apply_metadata(run_metadata(RANDOM), "linear", ["a", "b"]))  # an apply: head, then its source
+    assert applied[-7:-2] == ["head         linear from /heads/probe, sha256 9f86d081884c, 2 classes",
+                              "source       /out/tiny", "model        resnet18 (torchvision)",
+                              f"weights      {RANDOM}", "layer        avgpool, pool avg"]
+    assert applied[-2].startswith("WARNING      random weights: resnet18")
+    assert not any(line.startswith(("model", "WARNING")) for line in summary({}))  # nothing recorded: nothing said
+
+
+def test_search_and_dedup_pages_name_model_metric_centring_threshold_and_warn(tmp_path, capsys):
+    x = np.random.default_rng(1).normal(size=(24, 8))
+    x[5] = x[2] + 0.001  # one planted pair
+    out = str(tmp_path / "out")
+    write_table(out, ["train"] * 24, ["c"] * 24, feature=x, metadata=run_metadata(RANDOM))
+    assert main(["index", out, "--center"]) == 0
+    capsys.readouterr()
+    search, dedup = tmp_path / "search.html", tmp_path / "dedup.html"
+    assert main(["search", out, "--id", "s00002", "-k", "2", "--html", str(search)]) == 0
+    assert "featurize: WARNING: random weights: resnet18" in capsys.readouterr().err
+    assert main(["dedup", out, "--threshold", "0.9", "--html", str(dedup)]) == 0
+    assert "featurize: WARNING: random weights: resnet18" in capsys.readouterr().err
+    warning = f"WARNING: random weights: resnet18 ({RANDOM}) was never trained"
+    common = ["model resnet18 (torchvision)", f"weights {RANDOM}", "layer avgpool, pool avg",
+              "metric cosine (higher is closer)", "centring yes: the table's mean is taken off every vector", warning]
+    text = _text(search.read_text())
+    assert all(c in text for c in common) and "threshold" not in text
+    text = _text(dedup.read_text())
+    assert all(c in text for c in common) and "threshold 0.9 (cosine similarity at or above)" in text
+    assert "group 0: 2 samples" in text
+    write_table(out, ["train"] * 24, ["c"] * 24, feature=x, metadata=run_metadata())  # trained weights: no warning
+    assert main(["dedup", out, "--html", str(dedup)]) == 0
+    assert "WARNING" not in capsys.readouterr().err and "WARNING" not in dedup.read_text()
+    assert "centring yes" in _text(dedup.read_text())  # as the index was built
+
+
+def _applied(root, kind: str, n: int = 90, source=None) -> tuple:
+    """An apply output of a `kind` head over a three-class table: (OUT, labels, preds, splits)."""
+    rng = np.random.default_rng(2)
+    classes = ["cat", "dog", "eel"]
+    labels = [classes[i % 3] for i in range(n)]
+    splits = ["val" if i % 4 == 0 else "train" for i in range(n)]
+    right = rng.random(n) < np.where(np.array(splits) == "train", 0.9, 0.6)  # better on the rows it saw
+    preds = [lab if ok else classes[(classes.index(lab) + 1) % 3] for lab, ok in zip(labels, right)]
+    probs = np.full((n, 3), 0.1)
+    probs[np.arange(n), [classes.index(p) for p in preds]] = 0.8
+    columns = {"pred": pa.array(preds), "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel(), pa.float32()), 3)}
+    if kind == "lstm":
+        columns["clip_lstm"] = pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=n * 8), pa.float32()), 8)
+    meta = apply_metadata(source or run_metadata(), kind, classes)
+    write_table(str(root), splits, labels, columns=columns, metadata=meta, name=f"apply-{kind}",
+                record={"kind": "apply"})
+    return str(root), labels, preds, splits
+
+
+def test_the_report_of_a_classifiers_output_shows_accuracy_and_confusion_matrices(tmp_path):
+    out, labels, preds, splits = _applied(tmp_path / "out", "linear")
+    html = build_report(out)
+    page, text = self_contained(html), _text(html)
+    assert [a.get("id") for a in page.attrs if a["tag"] == "h2"] == ["time", "errors", "predictions"]
+    truth = pq.ParquetDataset(os.path.join(out, "features")).read(columns=["split", "label", "pred"])
+    for split in ("train", "val"):  # recomputed from the table as written
+        rows = truth.filter(pc.equal(truth["split"], split))
+        right = int(pc.sum(pc.equal(rows["label"], rows["pred"])).as_py())
+        assert f"{split} {len(rows)} {right / len(rows):.4f} ({right} of {len(rows)})" in text
+    right = sum(a == b for a, b in zip(labels, preds))
+    assert f"all {len(labels)} {right / len(labels):.4f} ({right} of {len(labels)})" in text
+    assert "3 classes" in text and "norm" not in text.lower() and "<code>probs</code>" not in html
+    assert len(_pngs(page)) == 2  # a confusion matrix per split (and no runs in this _job.json to draw)
+    assert "head linear from /heads/probe" in text and "model resnet18 (torchvision)" in text
+    assert "WARNING" not in text
+    random_source = _applied(tmp_path / "random", "linear", source=run_metadata(RANDOM))[0]
+    assert f"WARNING: random weights: resnet18 ({RANDOM})" in _text(build_report(random_source))
+
+
+def test_the_report_of_a_temporal_heads_output_and_of_an_autoencoders_code(tmp_path):
+    out = _applied(tmp_path / "lstm", "lstm")[0]
+    page = self_contained(build_report(out))
+    assert [a.get("id") for a in page.attrs if a["tag"] == "h2"] == ["time", "errors", "predictions", "norms",
+                                                                     "projection"]
+    assert "column clip_lstm (the table's vector columns: probs, clip_lstm)" not in "".join(page.text)
+    assert "column clip_lstm" in "".join(page.text) and len(_pngs(page)) == 2 + 2  # matrices; norms, projection
+    code = np.random.default_rng(3).normal(size=(30, 4)) + np.eye(4)[[i % 3 for i in range(30)]] * 5
+    columns = {"code": pa.FixedSizeListArray.from_arrays(pa.array(code.ravel(), pa.float32()), 4)}
+    auto = tmp_path / "auto"
+    write_table(str(auto), ["train"] * 30, [f"c{i % 3}" for i in range(30)], columns=columns,
+                metadata=apply_metadata(run_metadata(), "autoencoder", []), record={"kind": "apply"})
+    html = build_report(str(auto))
+    page, text = self_contained(html), _text(html)
+    assert [a.get("id") for a in page.attrs if a["tag"] == "h2"] == ["time", "errors", "norms", "projection"]
+    assert "column code" in text and "30 sampled rows on their first two principal components" in text
+    assert "coloured by label (3 labels)" in text and "head autoencoder from /heads/probe" in text
+
+
+def test_predictions_with_labels_the_head_never_learned_without_labels_and_of_no_rows(tmp_path):
+    out = tmp_path / "out"
+    probs = pa.FixedSizeListArray.from_arrays(pa.array([0.5] * 8, pa.float32()), 2)
+    columns = {"pred": pa.array(["cat", "cat", "dog", "cat"]), "probs": probs}
+    write_table(str(out), ["val"] * 4, ["cat", "dog", "fox", "cat"], columns=columns,
+                metadata=apply_metadata(run_metadata(), "linear", ["cat", "dog"]))
+    text = _text(build_report(str(out)))
+    # fox is not one of the head's classes: counted apart, not scored; macro F1 (cat 0.8, dog 0) / 2
+    assert "val 3 0.6667 (2 of 3) 0.4000 1" in text and "2 classes" in text
+    files = sorted(out.rglob("*.parquet"))
+    for path in files:  # the same table without its label column
+        t = pq.read_table(path)
+        pq.write_table(t.drop_columns(["label"]), path)
+    text = _text(build_report(str(out)))
+    assert "no label column: no accuracy; the predicted classes pred rows cat 3 dog 1" in text
+    for path in files:  # no rows at all
+        t = pq.read_table(path)
+        pq.write_table(t.slice(0, 0), path)
+    assert "Predictions no rows" in _text(build_report(str(out)))

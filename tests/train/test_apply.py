@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.errors import ApplyError
 from pipeline.output.ledger import part_name
-from pipeline.output.record import inspect_output
+from pipeline.output.record import format_summary, inspect_output
 from pipeline.output.root import JOB_FILE
 from pipeline.output.status import status
 from pipeline.output.tensors import sequences, vectors
@@ -132,9 +132,10 @@ def test_a_linear_head_makes_a_table_of_every_sample_with_pred_and_probs(tmp_pat
     assert record["runs"][-1]["progress"][-1][1] == len(ids)  # rows committed over time
     from pipeline.pages import build_report
 
-    page = build_report(str(out2))  # an apply table's report: no stage timings, its series, its vector column
-    assert "not recorded for this apply" in page and "<code>probs</code>" in page
-    assert page.count('src="data:image/png;base64,') == 3
+    page = build_report(str(out2))  # an apply table's report: no stage timings, its series, its predictions
+    assert "not recorded for this apply" in page and 'id="predictions"' in page and "<code>probs</code>" not in page
+    assert page.count('src="data:image/png;base64,') == 3  # the series, a confusion matrix per split
+    assert f"head         linear from {head}" in format_summary(summary)  # the summary names the head
 
     before = tree(out2 / "features")  # the same apply again: nothing to do, nothing rewritten
     again = apply_head(head, str(out), str(out2))
