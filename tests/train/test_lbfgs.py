@@ -142,12 +142,16 @@ def test_the_default_grid_of_lbfgs_is_scikit_learns_cs(probe_table):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_table, tmp_path):
+def test_a_sweep_on_two_workers_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_table, tmp_path):
+    """Each trial on two workers, each holding its shard: the closure sums the loss and the gradients
+    over them (an all-reduce per L-BFGS evaluation), so a trial fits the whole objective's optimum."""
     uri, x, y = probe_table
     cs = (0.1, 10.0)  # val 0.867 and 0.850 (scikit-learn): the second of the grid wins
     grid = [1 / (c * 120) for c in cs]
     out = tmp_path / "h"
-    result = train(parse_training(lbfgs_file(uri, str(out))), say=None, sweep=parse_sweep({"weight_decay": grid}))
+    spec = lbfgs_file(uri, str(out))
+    spec["train"].update(workers=2, cpus_per_worker=0.5)  # a trial fits on this 2-CPU Ray
+    result = train(parse_training(spec), say=None, sweep=parse_sweep({"weight_decay": grid}))
     record = json.loads((out / SWEEP_JSON).read_text())
     assert record["optimizer"] == "lbfgs" and record["grid"]["C"] == sorted(cs, reverse=True)
 
@@ -167,3 +171,7 @@ def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_ta
         got = head.model(torch.from_numpy(x[180:].astype(np.float32))).argmax(1).numpy()
     codes = np.asarray([head.classes.index(CLASSES[v]) for v in fitted[expected].predict(z[180:])])
     assert (got == codes).all()  # the checkpoint predicts the held-out rows as scikit-learn does at that C
+
+    order = [CLASSES.index(k) for k in head.classes]
+    probs = head.outputs(x[180:].astype(np.float32), None, "")["probs"]
+    assert np.abs(probs - fitted[expected].predict_proba(z[180:])[:, order]).max() < 1e-3
