@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 
 from .config import JobConfig, parse_job, read_job_file
+from .output.tensors import VECTOR
 
 Overrides = Union[None, Mapping[str, Any], Sequence[str]]
 
@@ -162,68 +163,109 @@ def open(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> "Output"
     return Output(uri, dict(storage_options or {}))
 
 
+class Vectors(NamedTuple):
+    """`to_numpy()` of a vector column: unpacks as `ids, labels, x`."""
+
+    ids: np.ndarray  # the sample ids (object: str)
+    labels: np.ndarray  # the exact label strings (object)
+    x: Any  # float32 (N, D): numpy, or a torch tensor from to_torch
+
+
+class Sequences(NamedTuple):
+    """`to_numpy("frame_features")`: unpacks as `ids, labels, x, lengths`."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    x: Any  # float32 (N, T, D), zero after each clip's own frames; T: the longest clip
+    lengths: Any  # int64 (N,): each clip's number of frames
+
+
+# Besides the features, the columns of a row that to_pandas and to_polars give where the table has
+# them: a window's bounds (windowed videos) and what an applied classifier predicted.
+ROWS = ("sample_id", "label", "split", "start_s", "end_s", "pred")
+
+
 @dataclasses.dataclass
 class Output:
+    """An output root to read. Without `column`, a table is read by the column `featurize index`
+    takes: `feature` (images), else the first `clip_<head>` (videos, an lstm head's apply), else the
+    first vector (`code` of an autoencoder's apply, `probs` of a classifier's)."""
+
     uri: str
     storage_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def table(self, columns: Optional[List[str]] = None) -> pa.Table:
         """The features table (exact split and label strings; no partition folder columns)."""
         from .errors import TableError
-        from .output.table import open_table
         from .redact import redact_text
 
-        table = open_table(self.uri, self.storage_options, key="uri")
+        table = self._open()
         missing = [c for c in columns or () if c not in table.schema.names]
         if missing:
             raise TableError(f"column {missing[0]!r}: {redact_text(self.uri)} has no such column "
                              f"(columns: {', '.join(table.schema.names)})")
         return table.dataset().to_table(columns=columns)
 
-    def to_numpy(self, column: str = "feature") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sample_ids, labels, features float32 (N, D)) of a fixed-size column."""
-        t = self.table(["sample_id", "label", column])
-        return (np.asarray(t["sample_id"].to_pylist(), dtype=object), np.asarray(t["label"].to_pylist(), dtype=object),
-                self._vectors(t, column))
+    def to_numpy(self, column: Optional[str] = None) -> Union[Vectors, Sequences]:
+        """`ids, labels, x = out.to_numpy()`: x float32 (N, D) of a vector column (feature,
+        clip_<head>, code, probs). Of `frame_features` (a sequence per clip): `ids, labels, x, lengths`
+        with x float32 (N, T, D) zero-padded to the longest clip and lengths int64 (N,)."""
+        t, column, kind = self._read(column, ("sample_id", "label"))
+        ids, labels = (np.asarray(t[c].to_pylist(), dtype=object) for c in ("sample_id", "label"))
+        values = self._values(t, column, kind)
+        return Vectors(ids, labels, values) if kind == VECTOR else Sequences(ids, labels, *values)
 
-    def _vectors(self, t: pa.Table, column: str) -> np.ndarray:
-        """float32 (N, D) of `column`; a null vector is a refusal naming the table and how many rows."""
+    def to_pandas(self, column: Optional[str] = None):
+        """A DataFrame of sample_id, label, split (start_s, end_s of windowed videos; pred of an
+        applied classifier) and `column`: one float32 array per row, (D,) or a clip's (T, D) frames."""
+        t, column, kind = self._read(column, ROWS)
+        values = self._values(t, column, kind)
+        cells = np.empty(len(t), dtype=object)  # filled one by one: pandas would stack (T, D) arrays
+        for i, cell in enumerate(values if kind == VECTOR else _clips(*values)):
+            cells[i] = cell
+        df = t.drop_columns([column]).to_pandas()
+        df[column] = cells
+        return df
+
+    def to_polars(self, column: Optional[str] = None):
+        """A Polars frame (Polars is not a dependency: `pip install polars`) of to_pandas's columns,
+        `column` as Array(Float32, D), or List(Array(Float32, D)) for frame_features."""
+        import polars as pl
+
+        t, column, kind = self._read(column, ROWS)
+        values = self._values(t, column, kind)
+        return pl.from_arrow(t.set_column(t.schema.get_field_index(column), column, _float32_column(values, kind)))
+
+    def to_torch(self, column: Optional[str] = None) -> Union[Vectors, Sequences]:
+        """to_numpy's result with x (and lengths) as torch tensors: (N, D), or (N, T, D) and (N,)."""
+        import torch
+
+        got = self.to_numpy(column)
+        return got._replace(**{k: torch.from_numpy(getattr(got, k)) for k in ("x", "lengths") if hasattr(got, k)})
+
+    def _open(self):
+        from .output.table import open_table
+
+        return open_table(self.uri, self.storage_options, key="uri")
+
+    def _read(self, column: Optional[str], rows: Sequence[str]) -> Tuple[pa.Table, str, str]:
+        """(the row columns the table has and the feature column, in one read; the column; its kind)."""
+        table = self._open()
+        column, kind = table.choose(column, "column")
+        names = [c for c in rows if c in table.schema.names]
+        return table.dataset().to_table(columns=[*names, column]), column, kind
+
+    def _values(self, t: pa.Table, column: str, kind: str):
+        """float32 (N, D) of a vector column, (x (N, T, D), lengths) of a sequence column; a row with
+        no value is a refusal naming the table and how many rows."""
         from .errors import TableError
-        from .output.tensors import VECTOR, ColumnError, column_shape, vectors
+        from .output.tensors import ColumnError, sequences, vectors
         from .redact import redact_text
 
         try:
-            if column_shape(column, t.schema.field(column).type)[0] != VECTOR:
-                raise ColumnError("a sequence of frame vectors, not one vector per row: use FeatureDataset")
-            return vectors(t[column])
+            return vectors(t[column]) if kind == VECTOR else sequences(t[column])
         except ColumnError as e:
             raise TableError(f"column {column!r} of {redact_text(self.uri)}: {e}") from None
-
-    def to_pandas(self, column: str = "feature"):
-        """A DataFrame of sample_id, label, split and `column`, one float32 array per row."""
-        import pandas as pd
-
-        t = self.table(["sample_id", "label", "split", column])  # one read of the table
-        return pd.DataFrame({"sample_id": t["sample_id"].to_pylist(), "label": t["label"].to_pylist(),
-                             "split": t["split"].to_pylist(), column: list(self._vectors(t, column))})
-
-    def to_polars(self, column: str = "feature"):
-        """A Polars frame (Polars is not a dependency: `pip install polars`) of sample_id, label, split
-        and `column` as an Array(Float32, D) column."""
-        import polars as pl
-
-        t = self.table(["sample_id", "label", "split", column])
-        x = self._vectors(t, column)
-        return pl.DataFrame({"sample_id": t["sample_id"].to_pylist(), "label": t["label"].to_pylist(),
-                             "split": t["split"].to_pylist(),
-                             column: pl.Series(column, x, dtype=pl.Array(pl.Float32, x.shape[1]))})
-
-    def to_torch(self, column: str = "feature"):
-        """(sample_ids, labels, features as a float32 torch tensor (N, D))."""
-        import torch
-
-        ids, labels, x = self.to_numpy(column)
-        return ids, labels, torch.from_numpy(x)
 
     def errors(self) -> pa.Table:
         """The errors table (sample_id, uri, stage, error_type, message, attempts); empty if none."""
@@ -241,3 +283,18 @@ class Output:
         from .output.status import status
 
         return status(self.uri, self.storage_options)
+
+
+def _clips(x: np.ndarray, lengths: np.ndarray):
+    """Each clip's own frames, (T_i, D), of a padded (N, T, D)."""
+    return (x[i, :n] for i, n in enumerate(lengths))
+
+
+def _float32_column(values, kind: str) -> pa.Array:
+    """_values as Arrow: fixed_size_list<float32, D>, or a list of them per clip."""
+    if kind == VECTOR:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+    x, lengths = values
+    frames = pa.FixedSizeListArray.from_arrays(pa.array(x[np.arange(x.shape[1]) < lengths[:, None]].ravel()),
+                                               x.shape[2])
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32()), frames)

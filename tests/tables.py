@@ -36,6 +36,11 @@ def windows(counts: List[int], window_s: float = 4.0, stride_s: Optional[float] 
             "start_s": [k * stride for _, k in rows], "end_s": [k * stride + window_s for _, k in rows]}
 
 
+def fixed(x: np.ndarray, dtype=np.float16) -> pa.FixedSizeListArray:
+    """(N, D) -> fixed_size_list<float16 | float32, D>: a vector column as the sink stores it."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(dtype).ravel()), x.shape[1])
+
+
 def write_table(root: str, split: List[str], labels: List[str], feature: Optional[np.ndarray] = None,
                 frames: Optional[np.ndarray] = None, rows_per_file: int = 16, name: str = "tiny",
                 lengths: Optional[np.ndarray] = None, column: str = "feature",
@@ -55,14 +60,13 @@ def write_table(root: str, split: List[str], labels: List[str], feature: Optiona
         **{k: pa.array(v) for k, v in (rows or {}).items()},
     }
     if feature is not None:
-        cols[column] = pa.FixedSizeListArray.from_arrays(pa.array(feature.astype(np.float16).ravel()), feature.shape[1])
+        cols[column] = fixed(feature)
     if frames is not None:
         t, d = frames.shape[1], frames.shape[2]
         lengths = np.full(n, t) if lengths is None else np.asarray(lengths)
         real = np.concatenate([frames[i, :k] for i, k in enumerate(lengths)])
-        inner = pa.FixedSizeListArray.from_arrays(pa.array(real.astype(np.float16).ravel()), d)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        cols["frame_features"] = pa.ListArray.from_arrays(pa.array(offsets), inner)
+        cols["frame_features"] = pa.ListArray.from_arrays(pa.array(offsets), fixed(real.reshape(-1, d)))
     cols.update(columns or {})
     table = pa.table(cols).replace_schema_metadata(metadata)
     for (s, label) in sorted(set(zip(split, labels))):

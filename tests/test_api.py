@@ -5,12 +5,14 @@ import runpy
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import featurize
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TableError
 
 from conftest import job_dict
+from tables import fixed, write_table
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example.py"
 
@@ -55,3 +57,134 @@ def test_the_command_says_its_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"featurize {featurize.__version__}"
+
+
+# -- featurize.open: every kind of table read back, as written (tables in run's and apply's layouts) --
+
+N, D, T, CLASSES = 12, 6, 5, ["cat", "dog"]
+
+
+def f16(x):
+    """The values as a float16 column stores them (every comparison below is exact)."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def table_of(tmp_path, name, **kwargs):
+    labels = [CLASSES[i % 2] for i in range(N)]
+    split = ["train" if i < 8 else "test" for i in range(N)]
+    return featurize.open(write_table(str(tmp_path / name), split, labels, rows_per_file=5, **kwargs)), labels
+
+
+def rows(ids):
+    """Where each row read back was written (write_table's ids are s<row>; files come back in path order)."""
+    return np.array([int(s[1:]) for s in ids])
+
+
+def one_line_refusal(read, *needles):
+    with pytest.raises(TableError) as e:
+        read()
+    assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_an_image_table_reads_back_exactly_in_every_form(tmp_path):
+    pl = pytest.importorskip("polars")
+    x = np.random.default_rng(0).normal(size=(N, D))
+    out, labels = table_of(tmp_path, "images", feature=x)
+
+    ids, got_labels, got = out.to_numpy()  # the 3-tuple of before, unchanged
+    order = rows(ids)
+    assert got.dtype == np.float32 and np.array_equal(got, f16(x)[order])
+    assert list(got_labels) == [labels[i] for i in order]
+    df = out.to_pandas()
+    assert list(df.columns) == ["sample_id", "label", "split", "feature"]
+    assert np.array_equal(np.stack(df["feature"]), got) and list(df["sample_id"]) == list(ids)
+    torch_x = out.to_torch().x
+    assert torch_x.dtype.is_floating_point and np.array_equal(torch_x.numpy(), got)
+    pf = out.to_polars()
+    assert pf.schema["feature"] == pl.Array(pl.Float32, D) and np.array_equal(pf["feature"].to_numpy(), got)
+
+    one_line_refusal(lambda: out.to_numpy("clip_mean"), "column: ", "has no feature column 'clip_mean'",
+                     "(feature columns: feature (vector))")
+    one_line_refusal(lambda: out.to_pandas("label"), "has no feature column 'label'")
+
+
+def windowed_video(tmp_path, name="video"):
+    """A video table as a windowed run writes it: two windows per video, clip_mean and clip_lstm, and
+    frame_features of unequal lengths (the last window of a video is shorter)."""
+    rng = np.random.default_rng(1)
+    frames = rng.normal(size=(N, T, D))
+    lengths = np.array([T if i % 2 == 0 else 3 for i in range(N)])
+    start = np.array([0.0 if i % 2 == 0 else 4.0 for i in range(N)])
+    clips = {"start_s": pa.array(start), "end_s": pa.array(start + lengths),
+             "clip_mean": fixed(frames.mean(1)), "clip_lstm": fixed(rng.normal(size=(N, 4)))}
+    out, labels = table_of(tmp_path, name, frames=frames, lengths=lengths, columns=clips)
+    return out, labels, frames, lengths, start
+
+
+def test_a_windowed_video_table_reads_its_clip_column_and_its_frame_sequences(tmp_path):
+    pl = pytest.importorskip("polars")
+    out, labels, frames, lengths, start = windowed_video(tmp_path)
+
+    ids, _, x = out.to_numpy()  # clip_mean: the first clip_<head>, as featurize index takes it
+    order = rows(ids)
+    assert np.array_equal(x, f16(frames.mean(1))[order])
+    df = out.to_pandas()
+    assert list(df.columns) == ["sample_id", "label", "split", "start_s", "end_s", "clip_mean"]
+    assert np.array_equal(df["start_s"], start[order]) and np.array_equal(df["end_s"], (start + lengths)[order])
+    assert np.stack(out.to_pandas("clip_lstm")["clip_lstm"]).shape == (N, 4)
+
+    seq = out.to_numpy("frame_features")
+    ids, got_labels, x, got_lengths = seq  # sequences unpack as four
+    order = rows(ids)
+    assert x.dtype == np.float32 and x.shape == (N, T, D) and np.array_equal(got_lengths, lengths[order])
+    for i, row in enumerate(order):
+        n = lengths[row]
+        assert np.array_equal(x[i, :n], f16(frames[row, :n])) and not x[i, n:].any()  # zero after the clip
+    assert list(got_labels) == [labels[i] for i in order]
+
+    cells = out.to_pandas("frame_features")["frame_features"]  # one (T_i, D) array per row
+    assert [c.shape for c in cells] == [(lengths[r], D) for r in order]
+    assert all(np.array_equal(c, x[i, :len(c)]) and c.dtype == np.float32 for i, c in enumerate(cells))
+    tx = out.to_torch("frame_features")
+    assert np.array_equal(tx.x.numpy(), x) and np.array_equal(tx.lengths.numpy(), got_lengths)
+    pf = out.to_polars("frame_features")
+    assert pf.schema["frame_features"] == pl.List(pl.Array(pl.Float32, D))
+    assert [np.array_equal(np.asarray(v.to_list(), np.float32), c) for v, c in zip(pf["frame_features"], cells)] == [True] * N
+    assert list(pf["start_s"]) == list(df["start_s"])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "autoencoder", "linear"])
+def test_an_apply_output_reads_back_by_the_index_rule_with_its_predictions(tmp_path, kind):
+    """What `featurize apply` writes per head kind (Checkpoint.columns): clip_<name>, pred, probs for a
+    temporal head; code for an autoencoder; pred, probs for a classifier."""
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet([1, 1], size=N).astype(np.float32)
+    pred = pa.array([CLASSES[i] for i in probs.argmax(1)])
+    code = rng.normal(size=(N, 3))
+    columns, expected = {
+        "lstm": ({"clip_seq": fixed(code, np.float32), "pred": pred, "probs": fixed(probs, np.float32)},
+                 ("clip_seq", code)),
+        "autoencoder": ({"code": fixed(code)}, ("code", f16(code))),
+        "linear": ({"pred": pred, "probs": fixed(probs, np.float32)}, ("probs", probs)),
+    }[kind]
+    out, _ = table_of(tmp_path, kind, columns=columns)
+
+    ids, _, x = out.to_numpy()
+    order = rows(ids)
+    column, values = expected
+    assert np.array_equal(x, values.astype(np.float32)[order])
+    df = out.to_pandas()
+    assert list(df.columns) == ["sample_id", "label", "split", *(["pred"] if "pred" in columns else []), column]
+    if "pred" in columns:
+        assert list(df["pred"]) == [pred[i].as_py() for i in order]
+        assert np.array_equal(out.to_numpy("probs").x, probs[order])
+
+
+def test_tables_that_cannot_be_read_as_asked_are_one_line_refusals(tmp_path):
+    frames = np.random.default_rng(3).normal(size=(N, T, D))
+    out, _ = table_of(tmp_path, "frames-only", frames=frames)
+    one_line_refusal(out.to_numpy, "has no vector column to read", "(feature columns: frame_features (sequence))")
+    assert out.to_numpy("frame_features").x.shape == (N, T, D)
+    one_line_refusal(featurize.open(str(tmp_path / "nothing")).to_pandas, "holds no features table")
+    nulls, _ = table_of(tmp_path, "nulls", columns={"feature": pa.array([None] * N, pa.list_(pa.float16(), D))})
+    one_line_refusal(nulls.to_pandas, f"column 'feature' of {tmp_path}/nulls: {N} rows have no vector")

@@ -11,39 +11,16 @@ import pyarrow.parquet as pq
 
 from ..errors import IndexRefused
 from ..output.table import FeatureTable
-from ..output.tensors import SEQUENCE, VECTOR, column_shape, default_vector, vectors
-from ..redact import redact_text
+from ..output.tensors import SEQUENCE, VECTOR, vectors
 
-ROW_COLUMNS = ("sample_id", "uri", "label", "split")
-CLIP_COLUMNS = ("start_s", "end_s")  # clip rows of video tables
 BATCH_ROWS = 16384
-
-
-def feature_columns(table: FeatureTable) -> Dict[str, str]:
-    """column -> VECTOR or SEQUENCE, for every feature column of the table."""
-    out = {}
-    for f in table.schema:
-        try:
-            out[f.name] = column_shape(f.name, f.type)[0]
-        except ValueError:
-            continue
-    return out
 
 
 def choose_column(table: FeatureTable, column: Optional[str] = None) -> Tuple[str, int]:
     """(column, D): `column`, else `feature`, else the table's first vector column (clip_<head>)."""
-    kinds = feature_columns(table)
-    named = ", ".join(f"{c} ({k})" for c, k in kinds.items()) or "none"
-    where = redact_text(table.uri)
-    if column is None:
-        found = [c for c, k in kinds.items() if k == VECTOR]
-        if not found:
-            raise IndexRefused(f"{where} has no vector column to index (feature columns: {named})")
-        column = default_vector(found)
-    if column not in kinds:
-        raise IndexRefused(f"--column: {where} has no feature column {column!r} (feature columns: {named})")
-    if kinds[column] == SEQUENCE:
-        vec = [c for c, k in kinds.items() if k == VECTOR]
+    column, kind = table.choose(column, "--column", IndexRefused, "to index")
+    if kind == SEQUENCE:
+        vec = [c for c, k in table.feature_columns().items() if k == VECTOR]
         raise IndexRefused(f"--column: {column!r} is a sequence of frame vectors, not one vector per row; "
                           f"index a vector column ({', '.join(vec) or 'none in this table'})")
     return column, table.shape(column, "--column")[1]
@@ -56,11 +33,6 @@ def relative(table: FeatureTable, path: str) -> str:
 def file_rows(table: FeatureTable, rel_files: Sequence[str]) -> List[int]:
     """Row count of each file, from its Parquet footer."""
     return [pq.read_metadata(f"{table.root}/{f}", filesystem=table.fs).num_rows for f in rel_files]
-
-
-def row_columns(table: FeatureTable) -> List[str]:
-    names = table.schema.names
-    return [c for c in (*ROW_COLUMNS, *CLIP_COLUMNS) if c in names]
 
 
 def batches(table: FeatureTable, rel_files: Sequence[str], column: str, metric: str,

@@ -20,7 +20,7 @@ from ..errors import IndexDamaged, IndexRefused
 from ..output.table import FeatureTable, open_table
 from ..redact import redact_strings, redact_text
 from . import generations as store
-from .batches import batches, choose_column, file_rows, gather, relative, row_columns
+from .batches import batches, choose_column, file_rows, gather, relative
 from .checks import check_options, lineage_change
 
 FLAT_MAX = 100_000  # exact search over 100k rows at D=512: ~4 ms a query in batches (bench/README.md)
@@ -114,7 +114,7 @@ def _add(table: FeatureTable, column: str, loaded, new: List[str], counts: List[
     meta, index, rows = loaded
     parts, skipped = [rows], {}
     center = np.asarray(meta["center"], np.float32) if meta.get("center") else None
-    for x, extra in batches(table, new, column, meta["metric"], row_columns(table), center=center, skipped=skipped):
+    for x, extra in batches(table, new, column, meta["metric"], table.row_columns(), center=center, skipped=skipped):
         index.add(x)
         parts.append(pa.Table.from_batches([extra]))
     rows = pa.concat_tables(parts, promote_options="default")
@@ -137,7 +137,7 @@ def _build(table: FeatureTable, column: str, dim: int, files: List[str], counts:
     mean = _mean(table, files, column, n) if center else None
     probe = _Probe(table, files, column, metric, n, index, params, mean) if kind != "flat" else None
     parts, start, skipped = [], 0, {}
-    for x, extra in batches(table, files, column, metric, row_columns(table), center=mean, skipped=skipped):
+    for x, extra in batches(table, files, column, metric, table.row_columns(), center=mean, skipped=skipped):
         index.add(x)
         if probe and len(x):
             probe.truth(x, start)

@@ -15,10 +15,10 @@ import pyarrow as pa
 from ..errors import IndexDamaged, IndexRefused
 from ..names import plain_name
 from ..output.store import parquet_bytes, write_atomic
-from ..output.table import open_table
+from ..output.table import CLIP_COLUMNS, open_table
 from ..redact import redact_strings, redact_text
 from . import generations as store
-from .batches import CLIP_COLUMNS, batches, choose_column, gather
+from .batches import batches, choose_column, gather
 from .build import build_index
 from .checks import number, whole
 from .options import KINDS

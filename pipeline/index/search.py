@@ -15,10 +15,10 @@ import pyarrow.compute as pc
 
 from ..errors import IndexRefused
 from ..output.provenance import Provenance, describe
-from ..output.table import FeatureTable, open_table
+from ..output.table import CLIP_COLUMNS, FeatureTable, open_table
 from ..redact import redact_text
 from . import generations as store
-from .batches import CLIP_COLUMNS, batches, choose_column, file_rows, prepare, relative
+from .batches import batches, choose_column, file_rows, prepare, relative
 from .checks import lineage_change, whole
 
 

@@ -19,7 +19,10 @@ import pyarrow.parquet as pq
 from ..errors import TableError
 from ..redact import redact_strings, redact_text
 from .store import filesystem, parquet_sizes
-from .tensors import SEQUENCE, ColumnError, column_shape
+from .tensors import SEQUENCE, VECTOR, ColumnError, column_shape, default_vector
+
+ROW_COLUMNS = ("sample_id", "uri", "label", "split")  # every features table's
+CLIP_COLUMNS = ("start_s", "end_s")  # the clip rows of video tables (a window's bounds)
 
 
 @dataclass
@@ -39,13 +42,42 @@ class FeatureTable:
     def shape(self, column: str, key: str = "data.column") -> Tuple[str, int]:
         """(VECTOR or SEQUENCE, D) of a feature column, or a refusal naming it."""
         if column not in self.schema.names:
-            found = [f.name for f in self.schema if _feature_like(f.type)]
             raise TableError(f"{key}: {self.uri} has no column {column!r} "
-                             f"(feature columns: {', '.join(found) or 'none'})")
+                             f"(feature columns: {', '.join(self.feature_columns()) or 'none'})")
         try:
             return column_shape(column, self.schema.field(column).type)
         except ColumnError as e:
             raise TableError(f"{key}: {e}") from None
+
+    def feature_columns(self) -> Dict[str, str]:
+        """column -> VECTOR or SEQUENCE, for every feature column, in the table's order."""
+        out = {}
+        for f in self.schema:
+            try:
+                out[f.name] = column_shape(f.name, f.type)[0]
+            except ColumnError:
+                continue
+        return out
+
+    def choose(self, column: Optional[str], key: str, error=TableError, what: str = "to read") -> Tuple[str, str]:
+        """(column, VECTOR or SEQUENCE): `column`, else the vector column a table is read by when none
+        is named (default_vector: the rule of index, search, dedup, the report and the API); a
+        refusal (`error`, `what` the reader does) that names the feature columns there are."""
+        kinds = self.feature_columns()
+        named = ", ".join(f"{c} ({k})" for c, k in kinds.items()) or "none"
+        where = redact_text(self.uri)
+        if column is None:
+            found = [c for c, k in kinds.items() if k == VECTOR]
+            if not found:
+                raise error(f"{where} has no vector column {what} (feature columns: {named})")
+            column = default_vector(found)
+        if column not in kinds:
+            raise error(f"{key}: {where} has no feature column {column!r} (feature columns: {named})")
+        return column, kinds[column]
+
+    def row_columns(self) -> List[str]:
+        """The columns that say which row is which (ROW_COLUMNS, and a video table's CLIP_COLUMNS)."""
+        return [c for c in (*ROW_COLUMNS, *CLIP_COLUMNS) if c in self.schema.names]
 
     def labels(self, label: str = "label", key: str = "data.label") -> Dict[str, Counter]:
         """split -> Counter of labels, read from the two string columns only."""
@@ -102,14 +134,6 @@ class FeatureTable:
 def featurize_metadata(schema: pa.Schema) -> Dict[str, str]:
     """A features file's `featurize.*` key-value metadata (its provenance), as strings."""
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"featurize.")}
-
-
-def _feature_like(typ: pa.DataType) -> bool:
-    try:
-        column_shape("", typ)
-        return True
-    except ColumnError:
-        return False
 
 
 def open_table(uri: str, storage_options: Optional[Dict[str, Any]] = None, key: str = "data.uri") -> FeatureTable:
