@@ -12,7 +12,9 @@ notebook can run several jobs in a row. Refusals raise the same errors the CLI t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -20,9 +22,30 @@ import numpy as np
 import pyarrow as pa
 
 from .config import JobConfig, parse_job, read_job_file
+from .errors import Refused, api_words
 from .output.tensors import VECTOR
 
 Overrides = Union[None, Mapping[str, Any], Sequence[str]]
+
+
+def _entry(starts_ray: bool = False):
+    """An entry point of the API: its refusals name the API's arguments where the command's name its
+    flags (`overwrite=True` for `--overwrite`: errors.api_words). One that starts Ray keeps Ray's
+    native noise off stderr as the command does (console.NativeStderr), unless verbose=True."""
+    def wrap(function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            from .console import NativeStderr
+
+            quiet = starts_ray and not kwargs.get("verbose")
+            try:
+                with NativeStderr() if quiet else contextlib.nullcontext():
+                    return function(*args, **kwargs)
+            except Refused as e:
+                e.args = tuple(api_words(a) if isinstance(a, str) else a for a in e.args)
+                raise
+        return call
+    return wrap
 
 
 def _overrides(overrides: Overrides) -> List[str]:
@@ -60,6 +83,7 @@ def _mapping(config: Any, overrides: Overrides, what: str) -> Dict[str, Any]:
     return shipped_job(data, _overrides(overrides), os.getcwd())
 
 
+@_entry(starts_ray=True)
 def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = None, *, address: Optional[str] = None,
         overwrite: bool = False, retry_failed: bool = False, incremental: bool = False, progress: bool = True,
         verbose: bool = False):
@@ -76,6 +100,7 @@ def run(job: Union[str, Mapping[str, Any], JobConfig], overrides: Overrides = No
                    retry_failed=retry_failed, incremental=incremental, progress=progress, verbose=verbose)
 
 
+@_entry(starts_ray=True)
 def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, *, address: Optional[str] = None,
           say=print, verbose: bool = False, overwrite: bool = False, sweep=None):
     """Train a head (a training file's path or mapping); returns the TrainResult (metrics per epoch,
@@ -95,6 +120,7 @@ def train(training: Union[str, Mapping[str, Any]], overrides: Overrides = None, 
                       say=say or (lambda line: None), verbose=verbose, overwrite=overwrite, sweep=grid)
 
 
+@_entry(starts_ray=True)
 def apply(checkpoint: str, input: str, output: str, **options):
     """Apply a trained head to a features table, writing a new one (see train/apply.py for options;
     progress=True by default, as for `run`)."""
@@ -107,6 +133,7 @@ def apply(checkpoint: str, input: str, output: str, **options):
     return apply_head(checkpoint, input, output, **{"progress": True, **options})
 
 
+@_entry()
 def evaluate(checkpoint: str, input: str, split: Optional[str] = None,  # noqa: A002 - the CLI's word
              **options) -> Dict[str, Any]:
     """How good a trained head is on a features table (the rows of `split`, else all), as `featurize
@@ -122,6 +149,7 @@ def evaluate(checkpoint: str, input: str, split: Optional[str] = None,  # noqa: 
     return evaluate_head(checkpoint, input, split, **options)
 
 
+@_entry()
 def index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Optional[str] = None,
           **options) -> Dict[str, Any]:
     """Build or bring up to date the similarity index of a table (kind=, metric=, center= as
@@ -131,6 +159,7 @@ def index(uri: str, storage_options: Optional[Dict[str, Any]] = None, column: Op
     return build_index(uri, storage_options, column, **options)
 
 
+@_entry()
 def search(uri: str, *, id: Optional[str] = None, image: Optional[str] = None,  # noqa: A002 - the CLI's word
            video: Optional[str] = None, text: Optional[str] = None, k: int = 10, column: Optional[str] = None,
            storage_options: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
@@ -142,6 +171,7 @@ def search(uri: str, *, id: Optional[str] = None, image: Optional[str] = None,  
                  video=video, text=text, k=k)[1]
 
 
+@_entry()
 def dedup(uri: str, threshold: float = 0.95, storage_options: Optional[Dict[str, Any]] = None,
           column: Optional[str] = None, **options) -> pa.Table:
     """Near-duplicate groups (group, sample_id, uri, label, split, score), as `featurize dedup`
@@ -151,6 +181,7 @@ def dedup(uri: str, threshold: float = 0.95, storage_options: Optional[Dict[str,
     return find_duplicates(uri, storage_options, column, threshold, **options)
 
 
+@_entry()
 def report(uri: str, storage_options: Optional[Dict[str, Any]] = None, out: Optional[str] = None) -> str:
     """Write the self-contained HTML report of an output root (default OUT/_report.html); returns where."""
     from .pages.report import write_report

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from . import safe_yaml
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .names import plain_name
 from .redact import redact
 
@@ -208,8 +208,8 @@ def _build(cls, data: Any, path: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = ", ".join(_join(path, k) for k in unknown)
-        raise ConfigError(f"unknown key {where} (allowed: {', '.join(sorted(names))})")
+        where, allowed = ", ".join(_join(path, k) for k in unknown), sorted(names)
+        raise ConfigError(f"unknown key {where} (allowed: {', '.join(allowed)}){did_you_mean(unknown, allowed)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = _join(path, f.name)
@@ -239,7 +239,8 @@ def _coerce(tp, value: Any, key: str):
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+        options = [str(o) for o in typing.get_args(tp)]
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}{did_you_mean(str(value), options)}")
     if origin in (list, List):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

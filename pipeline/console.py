@@ -100,16 +100,18 @@ NATIVE_NOISE = (
 
 
 class NativeStderr:
-    """Keeps the NATIVE_NOISE lines off the console; a context manager, for the CLI only.
+    """Keeps the NATIVE_NOISE lines off the console; a context manager, for the CLI and for the API's
+    calls that start Ray (a notebook's kernel shows what reaches descriptor 2 as the cell's stderr).
 
-    Python's own stderr (sys.stderr: tracebacks, the progress line, Ray's Python loggers) moves to
-    a copy of the console's descriptor and is untouched; descriptor 2, where native code writes,
-    becomes a pipe whose lines a thread passes on to the console, less the noise. Not done where
-    stderr is not a real descriptor 2 (a notebook, a test capturing it)."""
+    Descriptor 2, where native code writes, becomes a pipe whose lines a thread passes on to what
+    descriptor 2 was, less the noise. Python's own stderr (tracebacks, the progress line, Ray's Python
+    loggers) is untouched: where it writes to descriptor 2 (a terminal, a file) it moves to a copy of
+    the console's descriptor; elsewhere (a notebook's stream, a test capturing it) it stays as it is."""
 
     def __init__(self, noise=NATIVE_NOISE):
         self.noise = noise
         self.saved: Optional[int] = None
+        self.old_stderr = None
 
     def __enter__(self) -> "NativeStderr":
         import io
@@ -118,18 +120,23 @@ class NativeStderr:
         import threading
 
         try:
-            if sys.stderr.fileno() != 2:
-                return self
-            sys.stderr.flush()
+            on_fd2 = sys.stderr.fileno() == 2
         except (AttributeError, ValueError, io.UnsupportedOperation):
+            on_fd2 = False
+        try:
+            if on_fd2:
+                sys.stderr.flush()
+            self.saved = os.dup(2)
+        except (OSError, ValueError):  # no descriptor 2 (a closed console)
             return self
-        self.saved = os.dup(2)
-        self.old_stderr = sys.stderr
         read, write = os.pipe()
         os.dup2(write, 2)
         os.close(write)
-        sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(self.saved), "wb", buffering=0), encoding=sys.stderr.encoding,
-                                      errors="backslashreplace", line_buffering=True, write_through=True)
+        if on_fd2:
+            self.old_stderr = sys.stderr
+            sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(self.saved), "wb", buffering=0),
+                                          encoding=sys.stderr.encoding, errors="backslashreplace",
+                                          line_buffering=True, write_through=True)
         self.thread = threading.Thread(target=self._pump, args=(read,), name="featurize-stderr", daemon=True)
         self.thread.start()
         return self
@@ -159,12 +166,15 @@ class NativeStderr:
 
         if self.saved is None:
             return
-        sys.stderr.flush()
-        try:
-            self.old_stderr.flush()
-        except Exception:
-            pass
+        ours = None
+        if self.old_stderr is not None:
+            sys.stderr.flush()
+            try:
+                self.old_stderr.flush()
+            except Exception:
+                pass
+            ours, sys.stderr = sys.stderr, self.old_stderr
         os.dup2(self.saved, 2)  # the pipe's last writer gone (unless a child holds it): the pump ends
-        ours, sys.stderr = sys.stderr, self.old_stderr
         self.thread.join(timeout=1)
-        ours.close()
+        if ours is not None:
+            ours.close()

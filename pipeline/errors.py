@@ -1,4 +1,5 @@
-"""featurize's errors and exit codes: every refusal class is defined here, and the per-sample base.
+"""featurize's errors and exit codes: every refusal class is defined here, and the per-sample base;
+and two helpers of refusals' words (api_words, did_you_mean).
 
 `Refused`: a command that cannot run as asked. The CLI catches it once (cli.main), prints its
 message on one line and exits 2; the API raises it as it is (`featurize.Refused`). Its subclasses
@@ -9,9 +10,38 @@ of the job) with its `error_type` and `stage`.
 """
 from __future__ import annotations
 
+import difflib
+import re
+from typing import Sequence, Union
+
 from .redact import RedactedError
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# A refusal is worded for the command line; raised out of the API (featurize.run, train, apply ...),
+# the flags it names become the API's arguments of the same meaning (api.py: api_words).
+API_WORDS = {
+    "--set": "overrides",
+    **{f"--{flag}": f"{flag.replace('-', '_')}=True" for flag in ("overwrite", "retry-failed", "incremental",
+                                                                  "allow-other-source")},
+    **{f"--{flag}": flag for flag in ("sweep", "column", "input", "output", "name", "address", "image", "video",
+                                      "text", "id")},
+}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*(?![\w-])")
+
+
+def api_words(message: str) -> str:
+    """`message` with the command's flags (API_WORDS) as the API's arguments: `run with --overwrite`
+    -> `run with overwrite=True`."""
+    return _FLAG.sub(lambda m: API_WORDS.get(m.group(0), m.group(0)), message)
+
+
+def did_you_mean(name: Union[str, Sequence[str]], choices: Sequence[str]) -> str:
+    """`; did you mean a, b?` with the choices closest to a mistyped name (up to three; for several
+    names, the closest to each), or nothing when none is close."""
+    names = [name] if isinstance(name, str) else list(name)
+    near = [c for one in names for c in difflib.get_close_matches(one, choices, n=3 if len(names) == 1 else 1)]
+    return f"; did you mean {', '.join(dict.fromkeys(near))}?" if near else ""
 
 
 class Refused(RedactedError):

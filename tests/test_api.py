@@ -1,7 +1,9 @@
 """`import featurize`: the Python API a notebook uses, two runs in one process on one local Ray."""
 from __future__ import annotations
 
+import json
 import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +11,13 @@ import pyarrow as pa
 import pytest
 
 import featurize
-from pipeline.errors import ConfigError, TableError
+from pipeline.errors import ConfigError, TableError, api_words
 
 from conftest import job_dict
 from tables import fixed, write_table
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example.py"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "docs" / "example.py"
 
 
 @pytest.mark.slow
@@ -49,6 +52,63 @@ def test_a_bad_job_or_training_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="head.kind"):
         featurize.train({"name": "t", "data": {"uri": "x"}, "head": {"kind": "rnn"}, "output": {"uri": "h"}})
     assert featurize.__version__ and callable(featurize.FeatureDataset) and callable(featurize.apply)
+
+
+def test_a_refusal_names_the_apis_arguments_where_the_command_names_its_flags(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.errors import OutputExists
+
+    job, out = job_dict(str(tmp_path / "src"), str(tmp_path / "out")), str(tmp_path / "out")
+    with pytest.raises(OutputExists) as e:
+        featurize.run(job, overwrite=True, retry_failed=True)
+    assert str(e.value) == "overwrite=True and retry_failed=True: choose one"
+    with pytest.raises(OutputExists) as e:
+        featurize.run(job, overwrite=True, incremental=True)
+    assert str(e.value) == "overwrite=True and incremental=True: choose one (overwrite=True lists the source anew anyway)"
+    with pytest.raises(OutputExists) as e:
+        featurize.run(job, retry_failed=True)
+    assert str(e.value) == f"retry_failed=True: output.uri {out} holds no output to retry"
+    with pytest.raises(ConfigError) as e:
+        featurize.run(job, ["model.arch"])
+    assert str(e.value) == "overrides 'model.arch': expected KEY=VALUE, e.g. model.arch=resnet18"
+
+    (tmp_path / "job.yaml").write_text(json.dumps(job))  # the command's words stay the command's
+    assert main(["run", str(tmp_path / "job.yaml"), "--overwrite", "--retry-failed"]) == 2
+    assert capsys.readouterr().err.strip() == "featurize: --overwrite and --retry-failed: choose one"
+    assert main(["run", str(tmp_path / "job.yaml"), "--set", "model.arch"]) == 2
+    assert capsys.readouterr().err.strip() == "featurize: --set 'model.arch': expected KEY=VALUE, e.g. model.arch=resnet18"
+
+
+def test_api_words_change_the_flags_it_knows_only():
+    assert api_words("run with --overwrite to train anew; pass --allow-other-source to apply it anyway") == (
+        "run with overwrite=True to train anew; pass allow_other_source=True to apply it anyway")
+    assert api_words("--sweep lr: no values; --column: x; choose another --output") == (
+        "sweep lr: no values; column: x; choose another output")
+    kept = "run featurize index out --rebuild; s3://b/--overwrite-me/x --overwrites --output-storage-options"
+    assert api_words(kept) == kept  # other flags, and words that only contain one, are left as they are
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_rays_native_noise_is_kept_off_a_notebooks_stderr_unless_verbose(tmp_path, monkeypatch, capfd, verbose):
+    """The core worker writes its ray#53727 line to descriptor 2, which a notebook's kernel shows as
+    the cell's stderr; Python's sys.stderr there is a stream of the kernel's, as pytest's is here.
+    The API's calls that start Ray filter the line as the command does (verbose=True: everything)."""
+    import os
+
+    from pipeline.console import NATIVE_NOISE
+
+    def run_job(job, **modes):  # the run, as far as stderr sees it
+        os.write(2, b"[core_worker.cc:123] Actor " + NATIVE_NOISE[0] + b" ray#53727\n")
+        os.write(2, b"a native line kept\n")
+        print("a python line", file=sys.stderr)
+        return "summary"
+
+    monkeypatch.setattr("pipeline.extract.runner.run_job", run_job)
+    assert sys.stderr.fileno() != 2  # as in a notebook
+    assert featurize.run(job_dict(str(tmp_path / "src"), str(tmp_path / "out")), verbose=verbose) == "summary"
+    err = capfd.readouterr().err
+    assert "a native line kept" in err and "a python line" in err
+    assert ("constructor arguments in the object store" in err) is verbose
 
 
 def test_the_command_says_its_version(capsys):

@@ -87,6 +87,23 @@ def test_override_of_unknown_key_is_refused():
         parse_job(BASE, ["model.arch"])
 
 
+def test_a_mistyped_key_or_value_is_refused_with_what_was_meant(tmp_path, capsys):
+    with pytest.raises(ConfigError) as e:
+        parse_job(job(model={"poool": "avg"}))
+    assert str(e.value).startswith("unknown key model.poool (allowed: ") and str(e.value).endswith("; did you mean pool?")
+    with pytest.raises(ConfigError, match=r"unknown key model\.layr, model\.poool \(allowed: .*\); did you mean layer, pool\?$"):
+        parse_job(BASE, ["model.poool=avg", "model.layr=fc"])  # several: the closest to each
+    with pytest.raises(ConfigError, match=r"^unknown key modle \(allowed: .*\); did you mean model\?$"):
+        parse_job(job(modle={}))
+    with pytest.raises(ConfigError, match=r"^unknown key model\.flavour \(allowed: [a-z0-9_, ]*\)$"):  # none close
+        parse_job(BASE, ["model.flavour=x"])
+    with pytest.raises(ConfigError, match=r"^model\.pool: 'agv' is not one of avg, max, none; did you mean avg\?$"):
+        parse_job(job(model={"pool": "agv"}))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job(video={"samplng": "uniform"})))
+    assert refused(capsys, "run", str(job_file)).endswith("; did you mean sampling?")
+
+
 def test_load_job_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read job file"):
         load_job(str(tmp_path / "missing.yaml"))

@@ -12,7 +12,6 @@ it is found by its module name, which is the value of `model.family`.
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, model_families
-from ..errors import ModelError, Refused, WeightsError
+from ..errors import ModelError, Refused, WeightsError, did_you_mean
 from ..output.provenance import random_init_id
 from .weights import Weights, from_file, looks_like_path
 
@@ -94,12 +93,6 @@ def resolve(cfg: ModelConfig, storage_options: Optional[Dict[str, Any]] = None) 
     if looks_like_path(cfg.weights):
         return from_file(cfg, storage_options)
     return family(cfg.family).weights_by_name(cfg)
-
-
-def did_you_mean(name: str, choices: List[str]) -> str:
-    """`; did you mean a, b?` with the names closest to a mistyped one, or nothing when none is close."""
-    near = difflib.get_close_matches(name, choices, n=3)
-    return f"; did you mean {', '.join(near)}?" if near else ""
 
 
 def check_arch(cfg: ModelConfig) -> None:

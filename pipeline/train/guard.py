@@ -166,8 +166,7 @@ def check_input(head, table, checkpoint: str, input_uri: str, allow: bool, error
             for k in INPUT_KEYS if was.get(k) != have.get(k)]
     if diff and not allow:
         raise error(f"checkpoint {checkpoint} was trained on other features than {input_uri}'s (the head's -> "
-                    f"the table's: {', '.join(diff)}); pass --allow-other-source (allow_other_source=True) to "
-                    "apply it anyway")
+                    f"the table's: {', '.join(diff)}); pass --allow-other-source to apply it anyway")
     if diff:
         _warn(f"featurize: applying {checkpoint} to other features than it was trained on ({', '.join(diff)})")
 

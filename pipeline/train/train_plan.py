@@ -26,7 +26,7 @@ from .models import TEMPORAL, supervised
 from .recipe import class_weights
 from .trainfile import TrainConfig
 
-OVERWRITE = "run with --overwrite (featurize.train(..., overwrite=True)) to replace it, or choose another output.uri"
+OVERWRITE = "run with --overwrite to replace it, or choose another output.uri"
 
 
 @dataclass

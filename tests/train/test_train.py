@@ -68,6 +68,13 @@ def test_training_file_refused_naming_the_key(change, message):
         parse_training(training("out", "head", **change))
 
 
+def test_a_mistyped_training_key_or_kind_gets_what_was_meant():
+    with pytest.raises(ConfigError, match=r"^unknown key train\.epoch \(allowed: .*\); did you mean epochs\?$"):
+        parse_training(training("out", "head", train={"epoch": 3}))
+    with pytest.raises(ConfigError, match=r"^head\.kind: 'lstn' is not one of .*; did you mean lstm\?$"):
+        parse_training(training("out", "head", kind="lstn"))
+
+
 def test_cli_refuses_a_bad_training_file_with_exit_2(tmp_path, capsys):
     path = tmp_path / "t.yaml"
     path.write_text(json.dumps(training("out", "head", train={"lr": -1})))

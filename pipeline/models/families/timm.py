@@ -18,8 +18,8 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from ...config import ModelConfig
-from ...errors import ModelError, WeightsError
-from ..base import Family, Node, did_you_mean, fit_state_dict, forward_at_crop, module_layer, module_layers
+from ...errors import ModelError, WeightsError, did_you_mean
+from ..base import Family, Node, fit_state_dict, forward_at_crop, module_layer, module_layers
 from ..weights import Weights, cached_file, hf_cached, load_state_dict, not_cached
 
 HF_FILES = ("model.safetensors", "pytorch_model.bin")

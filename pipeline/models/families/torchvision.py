@@ -14,8 +14,8 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ...config import ModelConfig
-from ...errors import ModelError
-from ..base import Family, Node, Pooled, did_you_mean, fit_state_dict, forward_at_crop
+from ...errors import ModelError, did_you_mean
+from ..base import Family, Node, Pooled, fit_state_dict, forward_at_crop
 from ..weights import Weights, load_state_dict, resolve_torchvision
 
 
