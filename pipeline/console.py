@@ -137,11 +137,14 @@ class NativeStderr:
             sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(self.saved), "wb", buffering=0),
                                           encoding=sys.stderr.encoding, errors="backslashreplace",
                                           line_buffering=True, write_through=True)
-        self.thread = threading.Thread(target=self._pump, args=(read,), name="featurize-stderr", daemon=True)
+        # the pump has a descriptor of its own: it outlives the context while a child started in it
+        # (Ray's processes) holds the pipe, and each call of the API's must leave no descriptor behind
+        self.thread = threading.Thread(target=self._pump, args=(read, os.dup(self.saved)), name="featurize-stderr",
+                                       daemon=True)
         self.thread.start()
         return self
 
-    def _pump(self, read: int) -> None:
+    def _pump(self, read: int, out: int) -> None:
         import os
 
         pending = b""
@@ -155,10 +158,11 @@ class NativeStderr:
             *lines, pending = (pending + chunk).split(b"\n")
             kept = b"".join(line + b"\n" for line in lines if not any(n in line for n in self.noise))
             if kept:
-                os.write(self.saved, kept)
+                os.write(out, kept)
         if pending:
-            os.write(self.saved, pending)
+            os.write(out, pending)
         os.close(read)
+        os.close(out)
 
     def __exit__(self, *exc) -> None:
         import os
@@ -175,6 +179,8 @@ class NativeStderr:
                 pass
             ours, sys.stderr = sys.stderr, self.old_stderr
         os.dup2(self.saved, 2)  # the pipe's last writer gone (unless a child holds it): the pump ends
+        os.close(self.saved)
+        self.saved = None
         self.thread.join(timeout=1)
         if ours is not None:
             ours.close()

@@ -14,7 +14,7 @@ import featurize
 from pipeline.errors import ConfigError, TableError, api_words
 
 from conftest import job_dict
-from tables import fixed, write_table
+from tables import fixed, windows, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "example.py"
@@ -73,8 +73,10 @@ def test_a_refusal_names_the_apis_arguments_where_the_command_names_its_flags(tm
     assert str(e.value) == "overrides 'model.arch': expected KEY=VALUE, e.g. model.arch=resnet18"
 
     (tmp_path / "job.yaml").write_text(json.dumps(job))  # the command's words stay the command's
+    capsys.readouterr()
     assert main(["run", str(tmp_path / "job.yaml"), "--overwrite", "--retry-failed"]) == 2
-    assert capsys.readouterr().err.strip() == "featurize: --overwrite and --retry-failed: choose one"
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the `starting` line
+    assert last == "featurize: --overwrite and --retry-failed: choose one"
     assert main(["run", str(tmp_path / "job.yaml"), "--set", "model.arch"]) == 2
     assert capsys.readouterr().err.strip() == "featurize: --set 'model.arch': expected KEY=VALUE, e.g. model.arch=resnet18"
 
@@ -105,7 +107,9 @@ def test_rays_native_noise_is_kept_off_a_notebooks_stderr_unless_verbose(tmp_pat
 
     monkeypatch.setattr("pipeline.extract.runner.run_job", run_job)
     assert sys.stderr.fileno() != 2  # as in a notebook
+    before = sorted(os.listdir("/proc/self/fd"))
     assert featurize.run(job_dict(str(tmp_path / "src"), str(tmp_path / "out")), verbose=verbose) == "summary"
+    assert sorted(os.listdir("/proc/self/fd")) == before  # a notebook calls it again and again: nothing left open
     err = capfd.readouterr().err
     assert "a native line kept" in err and "a python line" in err
     assert ("constructor arguments in the object store" in err) is verbose
@@ -130,14 +134,12 @@ def f16(x):
 
 
 def table_of(tmp_path, name, **kwargs):
+    """(the output, its labels, where: row read back -> row written; files come back in path order)."""
     labels = [CLASSES[i % 2] for i in range(N)]
     split = ["train" if i < 8 else "test" for i in range(N)]
-    return featurize.open(write_table(str(tmp_path / name), split, labels, rows_per_file=5, **kwargs)), labels
-
-
-def rows(ids):
-    """Where each row read back was written (write_table's ids are s<row>; files come back in path order)."""
-    return np.array([int(s[1:]) for s in ids])
+    out = featurize.open(write_table(str(tmp_path / name), split, labels, rows_per_file=5, **kwargs))
+    written = {sid: i for i, sid in enumerate(kwargs.get("rows", {}).get("sample_id") or [f"s{i:05d}" for i in range(N)])}
+    return out, labels, lambda ids: np.array([written[sid] for sid in ids])
 
 
 def one_line_refusal(read, *needles):
@@ -149,10 +151,10 @@ def one_line_refusal(read, *needles):
 def test_an_image_table_reads_back_exactly_in_every_form(tmp_path):
     pl = pytest.importorskip("polars")
     x = np.random.default_rng(0).normal(size=(N, D))
-    out, labels = table_of(tmp_path, "images", feature=x)
+    out, labels, where = table_of(tmp_path, "images", feature=x)
 
     ids, got_labels, got = out.to_numpy()  # the 3-tuple of before, unchanged
-    order = rows(ids)
+    order = where(ids)
     assert got.dtype == np.float32 and np.array_equal(got, f16(x)[order])
     assert list(got_labels) == [labels[i] for i in order]
     df = out.to_pandas()
@@ -168,34 +170,34 @@ def test_an_image_table_reads_back_exactly_in_every_form(tmp_path):
     one_line_refusal(lambda: out.to_pandas("label"), "has no feature column 'label'")
 
 
-def windowed_video(tmp_path, name="video"):
-    """A video table as a windowed run writes it: two windows per video, clip_mean and clip_lstm, and
-    frame_features of unequal lengths (the last window of a video is shorter)."""
+def windowed_video(tmp_path):
+    """A video table as a windowed run writes it: two 4 s windows per video (ids v<j>.avi#w<k>),
+    clip_mean and clip_lstm, and frame_features of unequal lengths (a video's last window is shorter)."""
     rng = np.random.default_rng(1)
     frames = rng.normal(size=(N, T, D))
     lengths = np.array([T if i % 2 == 0 else 3 for i in range(N)])
-    start = np.array([0.0 if i % 2 == 0 else 4.0 for i in range(N)])
-    clips = {"start_s": pa.array(start), "end_s": pa.array(start + lengths),
-             "clip_mean": fixed(frames.mean(1)), "clip_lstm": fixed(rng.normal(size=(N, 4)))}
-    out, labels = table_of(tmp_path, name, frames=frames, lengths=lengths, columns=clips)
-    return out, labels, frames, lengths, start
+    clips = windows([2] * (N // 2))
+    out, labels, where = table_of(tmp_path, "video", feature=frames.mean(1), column="clip_mean", rows=clips,
+                                  frames=frames, lengths=lengths, columns={"clip_lstm": fixed(rng.normal(size=(N, 4)))})
+    return out, labels, where, frames, lengths, clips
 
 
 def test_a_windowed_video_table_reads_its_clip_column_and_its_frame_sequences(tmp_path):
     pl = pytest.importorskip("polars")
-    out, labels, frames, lengths, start = windowed_video(tmp_path)
+    out, labels, where, frames, lengths, clips = windowed_video(tmp_path)
 
     ids, _, x = out.to_numpy()  # clip_mean: the first clip_<head>, as featurize index takes it
-    order = rows(ids)
+    order = where(ids)
     assert np.array_equal(x, f16(frames.mean(1))[order])
     df = out.to_pandas()
     assert list(df.columns) == ["sample_id", "label", "split", "start_s", "end_s", "clip_mean"]
-    assert np.array_equal(df["start_s"], start[order]) and np.array_equal(df["end_s"], (start + lengths)[order])
+    assert list(df["sample_id"]) == [clips["sample_id"][i] for i in order]  # v<j>.avi#w<k>
+    assert list(df["start_s"]) == [clips["start_s"][i] for i in order] and list(df["end_s"]) == [clips["end_s"][i] for i in order]
     assert np.stack(out.to_pandas("clip_lstm")["clip_lstm"]).shape == (N, 4)
 
     seq = out.to_numpy("frame_features")
     ids, got_labels, x, got_lengths = seq  # sequences unpack as four
-    order = rows(ids)
+    order = where(ids)
     assert x.dtype == np.float32 and x.shape == (N, T, D) and np.array_equal(got_lengths, lengths[order])
     for i, row in enumerate(order):
         n = lengths[row]
@@ -227,10 +229,10 @@ def test_an_apply_output_reads_back_by_the_index_rule_with_its_predictions(tmp_p
         "autoencoder": ({"code": fixed(code)}, ("code", f16(code))),
         "linear": ({"pred": pred, "probs": fixed(probs, np.float32)}, ("probs", probs)),
     }[kind]
-    out, _ = table_of(tmp_path, kind, columns=columns)
+    out, _, where = table_of(tmp_path, kind, columns=columns)
 
     ids, _, x = out.to_numpy()
-    order = rows(ids)
+    order = where(ids)
     column, values = expected
     assert np.array_equal(x, values.astype(np.float32)[order])
     df = out.to_pandas()
@@ -242,9 +244,9 @@ def test_an_apply_output_reads_back_by_the_index_rule_with_its_predictions(tmp_p
 
 def test_tables_that_cannot_be_read_as_asked_are_one_line_refusals(tmp_path):
     frames = np.random.default_rng(3).normal(size=(N, T, D))
-    out, _ = table_of(tmp_path, "frames-only", frames=frames)
+    out, _, _ = table_of(tmp_path, "frames-only", frames=frames)
     one_line_refusal(out.to_numpy, "has no vector column to read", "(feature columns: frame_features (sequence))")
     assert out.to_numpy("frame_features").x.shape == (N, T, D)
     one_line_refusal(featurize.open(str(tmp_path / "nothing")).to_pandas, "holds no features table")
-    nulls, _ = table_of(tmp_path, "nulls", columns={"feature": pa.array([None] * N, pa.list_(pa.float16(), D))})
+    nulls, _, _ = table_of(tmp_path, "nulls", columns={"feature": pa.array([None] * N, pa.list_(pa.float16(), D))})
     one_line_refusal(nulls.to_pandas, f"column 'feature' of {tmp_path}/nulls: {N} rows have no vector")
