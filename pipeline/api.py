@@ -8,7 +8,8 @@
     featurize.evaluate("out/demo-order-lstm-head", "out/demo-order", split="test")
 
 Every call in one process shares one local Ray (started by the first that needs it), so a
-notebook can run several jobs in a row. Refusals raise the same errors the CLI turns into exit 2.
+notebook can run several jobs in a row. Refusals raise the same errors the CLI turns into exit 2,
+in the API's words (`overwrite=True` where the command says `--overwrite`: _entry).
 """
 from __future__ import annotations
 
