@@ -67,6 +67,36 @@ def test_the_fit_is_scikit_learns_logistic_regression(c, balanced):
                                                    == y[train]).mean())
 
 
+def _fit_a_shard(rank: int, world: int, init: str, x, y, l2: float, out: str) -> None:
+    """One worker of a two-process fit: its half of the rows, the loss and gradients all-reduced."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, _, rows = fit(x[rank::world], y[rank::world], l2)
+        if rank == 0:
+            torch.save({"state": model.state_dict(), "rows": rows}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_workers_each_with_half_the_rows_fit_what_one_process_fits(tmp_path):
+    """train.workers 2: each worker holds its shard and the closure sums the loss and the gradients
+    over them (an all-reduce per evaluation, as under Ray Train's process group): the same optimum
+    as one process with every row, and the same metrics (summed over the shards)."""
+    x, y = three_classes(200, seed=3)
+    z = (x - x.mean(0)) / x.std(0)
+    l2 = 1 / (1.0 * 200)
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_fit_a_shard, args=(2, f"file://{tmp_path / 'rendezvous'}", z, y, l2, str(out)),
+                                nprocs=2, join=True)
+    two = torch.load(out)
+    one, _, rows = fit(z, y, l2)
+    for name, value in one.state_dict().items():
+        assert torch.allclose(two["state"][name], value, atol=1e-6), name
+    assert two["rows"][-1]["train_rows"] == 200  # the metrics count every worker's rows
+    assert two["rows"][-1]["objective"] == pytest.approx(rows[-1]["objective"], rel=1e-9)
+    assert two["rows"][-1]["train_acc"] == pytest.approx(rows[-1]["train_acc"])
+
+
 def test_a_shard_is_gathered_in_float64_and_the_state_saves_without_its_history(tmp_path):
     class Shard:  # Ray Data's iter_torch_batches, in two batches
         def iter_torch_batches(self, batch_size, device):
@@ -142,15 +172,12 @@ def test_the_default_grid_of_lbfgs_is_scikit_learns_cs(probe_table):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_a_sweep_on_two_workers_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_table, tmp_path):
-    """Each trial on two workers, each holding its shard: the closure sums the loss and the gradients
-    over them (an all-reduce per L-BFGS evaluation), so a trial fits the whole objective's optimum."""
+def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_table, tmp_path):
     uri, x, y = probe_table
     cs = (0.1, 10.0)  # val 0.867 and 0.850 (scikit-learn): the second of the grid wins
     grid = [1 / (c * 120) for c in cs]
     out = tmp_path / "h"
     spec = lbfgs_file(uri, str(out))
-    spec["train"].update(workers=2, cpus_per_worker=0.5)  # a trial fits on this 2-CPU Ray
     result = train(parse_training(spec), say=None, sweep=parse_sweep({"weight_decay": grid}))
     record = json.loads((out / SWEEP_JSON).read_text())
     assert record["optimizer"] == "lbfgs" and record["grid"]["C"] == sorted(cs, reverse=True)
