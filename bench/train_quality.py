@@ -1,8 +1,8 @@
 """Trained heads by default against a careful reference, on the same features and the same split.
 
     .venv/bin/python bench/train_quality.py [--videos 120] [--clips 360] [--photos 60] [--only order photos]
-    .venv/bin/python bench/train_quality.py --no-apply --sweep   # also featurize train --sweep (probes)
-    .venv/bin/python bench/train_quality.py --no-apply --sweep --sweep-optimizer lbfgs   # the linear head's by L-BFGS
+    .venv/bin/python bench/train_quality.py --no-apply --sweep   # also featurize train --sweep (linear: L-BFGS)
+    .venv/bin/python bench/train_quality.py --no-apply --sweep --sweep-optimizer adamw   # the probes' sweep by AdamW
     .venv/bin/python bench/train_quality.py --grid      # the measurement the train.* defaults come from
 
 For each task (bench/quality_tasks.py: the order videos, synthetic sequences, photo classes and an
@@ -53,7 +53,7 @@ def make_tasks(args) -> dict:
 
 
 def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_apply: bool = True, sweep=None,
-                     seed: int = 0, optimizer: str = "adamw"):
+                     seed: int = 0, optimizer: str = "auto"):
     """(held-out accuracy, the checkpoint's selected_by) of the default training file (with `sweep`:
     of `featurize train --sweep`, the default grid unless given, and its kept trial; `optimizer`:
     its train.optimizer)."""
@@ -65,12 +65,12 @@ def default_accuracy(task: str, uri: str, kind: str, column: str, d: dict, via_a
     from pipeline.train.trainfile import parse_training
 
     out = os.path.join(OUT, "heads", f"{task}-{kind}" + ("-sweep" if sweep is not None else "")
-                       + ("-" + optimizer if optimizer != "adamw" else ""))
+                       + ("-" + optimizer if optimizer != "auto" else ""))
     shutil.rmtree(out, ignore_errors=True)
     data = {"name": f"quality-{task}-{kind}", "data": {"uri": uri, "column": column}, "head": {"kind": kind},
             "output": {"uri": out}}
-    train_keys = {**({"seed": seed} if seed else {}), **({"optimizer": optimizer} if optimizer != "adamw" else {})}
-    cfg = parse_training({**data, "train": train_keys} if train_keys else data)  # seed 0, adamw: the default file
+    train_keys = {**({"seed": seed} if seed else {}), **({"optimizer": optimizer} if optimizer != "auto" else {})}
+    cfg = parse_training({**data, "train": train_keys} if train_keys else data)  # seed 0, auto: the default file
     result = train(cfg, say=lambda line: None, sweep=parse_sweep(sweep))
     kept = result.sweep or result.selected_by  # --sweep: its kept trial
     if sweep is not None:
@@ -122,7 +122,7 @@ def table(made: dict, args) -> None:
             if args.default_seeds > 1:
                 kept = f"seeds {' / '.join(f'{r[0]:.3f}' for r in runs)}; seed 0: {kept}"
             line = f"| {task} | {kind} | {n} | {got:.3f} | {ref:.3f} | {got / ref:.2f} | {kept} | {how} |"
-            if args.sweep and kind in SWEPT and (args.sweep_optimizer == "adamw" or kind == "linear"):
+            if args.sweep and kind in SWEPT and (args.sweep_optimizer != "lbfgs" or kind == "linear"):
                 swept, trial = default_accuracy(task, uri, kind, column, d, sweep=args.sweep_grid or True,
                                                 optimizer=args.sweep_optimizer)
                 line += f" {swept:.3f} | {swept / ref:.2f} | {trial} |"
@@ -158,8 +158,9 @@ def main() -> None:
                    help="predict with the checkpoint's model (Checkpoint.outputs, what apply runs) without apply's job")
     p.add_argument("--sweep", action="store_true", help="also `featurize train --sweep` for the linear and mlp heads")
     p.add_argument("--sweep-grid", nargs="*", default=None, help="--sweep's KEY=V1,V2 items (default: its grid)")
-    p.add_argument("--sweep-optimizer", choices=["adamw", "lbfgs"], default="adamw",
-                   help="--sweep's train.optimizer (lbfgs: the linear head only; the mlp is not swept)")
+    p.add_argument("--sweep-optimizer", choices=["auto", "adamw", "lbfgs"], default="auto",
+                   help="--sweep's train.optimizer (auto, the default: lbfgs for the linear head, adamw for the "
+                        "mlp; lbfgs: the linear head only, the mlp is not swept)")
     p.add_argument("--grid", action="store_true", help="the recipe measurement instead of the table")
     p.add_argument("--grid-lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
     p.add_argument("--grid-epochs", type=int, nargs="+", default=[20, 40])

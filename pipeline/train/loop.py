@@ -34,7 +34,7 @@ from . import state as epoch_state
 from .epochs import format_epoch, train_loop
 from .models import supervised
 from .outdir import RUNS
-from .train_plan import Plan, held_out, plan_training
+from .train_plan import Plan, held_out, plan_training, train_settings
 from .trainfile import TrainConfig, cache_bytes
 
 __all__ = ["TrainError", "TrainResult", "format_epoch", "plan_training", "train"]
@@ -65,6 +65,7 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
     t0 = time.time()
     table, plan = plan_training(cfg)
     size = _parquet_bytes(table)  # decides how the rows reach the workers (_fit), and if lbfgs can run
+    cfg = _optimizer(cfg, plan, size, sweep, say)
     _check_full_batch(cfg, size)
     if sweep is not None:  # its grid decides the checkpoint too: another grid is another training
         sweep.prepare(cfg, plan, address)
@@ -188,6 +189,23 @@ def _evaluate(cfg: TrainConfig, say: Callable[[str], None]) -> Optional[Dict[str
     except Exception as e:  # noqa: BLE001 - an evaluation that fails leaves a good checkpoint
         say(f"featurize: the evaluation of {cfg.name} failed: {type(e).__name__}: {e}")
         return None
+
+
+def _optimizer(cfg: TrainConfig, plan: Plan, size: int, sweep, say: Callable[[str], None]) -> TrainConfig:
+    """train.optimizer auto, resolved: lbfgs for a linear head's --sweep on a table held in memory
+    (each trial scikit-learn's regularised optimum, as the CLIP paper's probes), adamw otherwise.
+    The plan records what was resolved, so a rerun resumes or finds it done."""
+    if cfg.train.optimizer != "auto":
+        return cfg
+    probe = sweep is not None and plan.kind == "linear"
+    chosen = "lbfgs" if probe and size <= cache_bytes(cfg) else "adamw"
+    if probe and say is not None:
+        say(f"featurize: --sweep on a linear head: train.optimizer {chosen}"
+            + (" (each trial a full-batch L-BFGS fit to its optimum)" if chosen == "lbfgs" else
+               f" (the table's {size} bytes are over data.cache {cfg.data.cache}, which lbfgs needs)"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer=chosen))
+    plan.settings["train"] = train_settings(cfg)
+    return cfg
 
 
 def _check_full_batch(cfg: TrainConfig, size: int) -> None:

@@ -72,7 +72,7 @@ def plan_training(cfg: TrainConfig, note: Optional[Callable[[str], None]] = None
         classes = sorted(set(train_counts) | set(val_counts))
     frames = (cfg.data.frames or table.frames(cfg.data.column)) if temporal else None
     settings = {"data": redact(dataclasses.asdict(cfg.data)), "head": dataclasses.asdict(cfg.head),
-                "train": _train_settings(cfg),
+                "train": train_settings(cfg),
                 "table_rows": table.rows(), "dim": dim,
                 "table": table.lineage()}  # which table: a rebuilt one (other model, other files) is another
     for how in ("storage_options", "cache"):  # how the table is read, not what is learned
@@ -82,7 +82,7 @@ def plan_training(cfg: TrainConfig, note: Optional[Callable[[str], None]] = None
                        sum(train_counts.values()), sum(val_counts.values()), settings, train_splits, weights)
 
 
-def _train_settings(cfg: TrainConfig) -> Dict[str, Any]:
+def train_settings(cfg: TrainConfig) -> Dict[str, Any]:
     """What of train.* decides the checkpoint: not how many workers run it; train.optimizer only when
     not adamw, so a checkpoint trained before the key existed keeps its fingerprint (and resumes)."""
     return {k: v for k, v in dataclasses.asdict(cfg.train).items()

@@ -141,7 +141,7 @@ def test_lbfgs_fits_a_linear_head_only():
     with pytest.raises(ConfigError, match="^train.optimizer: lbfgs fits a linear probe \\(head.kind linear\\), not mlp"):
         parse_training(lbfgs_file("t", "h", kind="mlp"))
     assert parse_training(lbfgs_file("t", "h")).train.optimizer == "lbfgs"
-    assert parse_training({**lbfgs_file("t", "h"), "train": {}}).train.optimizer == "adamw"  # the default
+    assert parse_training({**lbfgs_file("t", "h"), "train": {}}).train.optimizer == "auto"  # the default (below)
 
 
 def test_lbfgs_needs_the_table_held_in_memory(probe_table, tmp_path):
@@ -164,8 +164,27 @@ def test_the_default_grid_of_lbfgs_is_scikit_learns_cs(probe_table):
     assert sweep.points(0.01)[0] == {"weight_decay": sweep.weight_decay[0]}
     assert sweep.label(sweep.points(0.01)[0]) == f"weight_decay {sweep.weight_decay[0]:g} (C 100)"
     adamw = parse_sweep(True)
-    adamw.prepare(parse_training({**lbfgs_file(probe_table[0], "h"), "train": {}}), plan_training(cfg)[1])
+    adamw.prepare(parse_training({**lbfgs_file(probe_table[0], "h"), "train": {"optimizer": "adamw"}}),
+                  plan_training(cfg)[1])
     assert adamw.weight_decay == [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
+
+
+@pytest.mark.parametrize("kind, sweep, cache, chosen", [
+    ("linear", True, "1GiB", "lbfgs"), ("linear", False, "1GiB", "adamw"), ("linear", True, 0, "adamw"),
+    ("mlp", True, "1GiB", "adamw")])
+def test_train_optimizer_auto_is_lbfgs_for_a_linear_probes_sweep_on_a_table_in_memory(probe_table, kind, sweep,
+                                                                                      cache, chosen):
+    from pipeline.train.loop import _optimizer
+
+    spec = {**lbfgs_file(probe_table[0], "h", kind=kind, cache=cache), "train": {}}
+    cfg = parse_training(spec)
+    plan = plan_training(cfg)[1]
+    said = []
+    resolved = _optimizer(cfg, plan, 40_000, parse_sweep(True) if sweep else None, said.append)
+    assert resolved.train.optimizer == chosen
+    # the plan records what was resolved: adamw as before the key existed (old checkpoints resume)
+    assert plan.settings["train"].get("optimizer", "adamw") == chosen
+    assert bool(said) == (sweep and kind == "linear")  # the choice is said when the sweep made it
 
 
 # ---------------------------------------------------------------- on Ray Train
@@ -178,6 +197,7 @@ def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_ta
     grid = [1 / (c * 120) for c in cs]
     out = tmp_path / "h"
     spec = lbfgs_file(uri, str(out))
+    del spec["train"]["optimizer"]  # auto: a linear probe's sweep fits by lbfgs
     result = train(parse_training(spec), say=None, sweep=parse_sweep({"weight_decay": grid}))
     record = json.loads((out / SWEEP_JSON).read_text())
     assert record["optimizer"] == "lbfgs" and record["grid"]["C"] == sorted(cs, reverse=True)

@@ -35,7 +35,7 @@ def probe_table(tmp_path_factory):
 
 def probe(uri: str, out: str, **train):
     return {"name": "probe", "data": {"uri": uri, "column": "feature", "val_split": "val"},
-            "head": {"kind": "linear"}, "train": {"epochs": 3, "batch_size": 16, "lr": 0.1, **train},
+            "head": {"kind": "linear"}, "train": {"optimizer": "adamw", "epochs": 3, "batch_size": 16, "lr": 0.1, **train},
             "output": {"uri": out}}
 
 
