@@ -349,6 +349,8 @@ def test_the_example_jobs_parse_and_an_unknown_family_is_refused(tmp_path):
 
     assert load_job(f"{JOBS}/images_timm_convnext.yaml").model.family == "timm"
     assert load_job(f"{JOBS}/images_open_clip_vit_b32.yaml").model.arch == "ViT-B-32"
+    clips = load_job(f"{JOBS}/ucf101_r2plus1d_clips.yaml")
+    assert clips.clips and clips.model.weights == "KINETICS400_V1" and clips.video.window_s == 2.0
     assert parse_job(job_dict("src", "out")).model.family == "torchvision"  # job files without the key, as before
     with pytest.raises(ConfigError, match=r"model.family: 'keras' is not one of torchvision, open_clip, timm"):
         load_job(f"{JOBS}/images_timm_convnext.yaml", ["model.family=keras"])
