@@ -53,7 +53,7 @@ class PreprocessConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"  # a model name of the family (featurize models --family F lists them)
-    family: str = "torchvision"  # torchvision | timm | open_clip: a module of pipeline/models/families
+    family: str = "torchvision"  # torchvision | timm | open_clip | torchvision_video: pipeline/models/families
     weights: str = "DEFAULT"  # the family's weights name or tag | path or URI of a state dict | none
     weights_sha256: Optional[str] = None  # refuse a weights file whose hash differs
     layer: Optional[str] = None  # node or module name; None: penultimate (open_clip: the image embedding)
@@ -71,10 +71,14 @@ class OutputConfig:
     frame_features: bool = False  # videos: also write the per-frame features
 
 
+DEFAULT_NUM_FRAMES = 16  # video.num_frames for a per-frame model, and for a clip model without a documented length
+
+
 @dataclass
 class VideoConfig:
     sampling: Literal["uniform", "fps", "every", "all"] = "uniform"
-    num_frames: int = 16  # for uniform: frames spread over the clip (or window)
+    # for uniform: frames spread over the clip (or window); None: a clip model's clip length, else 16
+    num_frames: Optional[int] = None
     fps: Optional[float] = None  # for fps: frames per second of video
     every: Optional[int] = None  # for every: every k-th frame
     window_s: Optional[float] = None  # split long videos into windows of this many seconds ...
@@ -129,7 +133,12 @@ class JobConfig:
     def is_video(self) -> bool:
         if self.source.media != "auto":
             return self.source.media == "video"
-        return self.source.format == "video_folder" or bool(self.temporal)
+        return self.source.format == "video_folder" or bool(self.temporal) or self.clips
+
+    @property
+    def clips(self) -> bool:
+        """The model embeds clips (N, 3, T, H, W): one feature per window, no temporal heads."""
+        return is_clip_family(self.model.family)
 
 
 PARTITION_COLUMNS = ("split", "label")
@@ -321,6 +330,11 @@ def _check(job: JobConfig) -> None:
         raise ConfigError("model.weights_sha256: expected 64 hexadecimal digits")
 
 
+def is_clip_family(name: str) -> bool:
+    """Whether model.family `name` embeds clips: its module's name ends in _video (base.Family.clips)."""
+    return name.endswith("_video")
+
+
 def model_families() -> List[str]:
     """The values model.family takes: the modules in pipeline/models/families (found without importing them)."""
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "families")
@@ -346,7 +360,7 @@ def _check_video(job: JobConfig) -> None:
     if v.sampling in needs and not (needs[v.sampling] or 0) > 0:  # a negative fps sampled no frame at all
         raise ConfigError(f"video.{v.sampling}: required (and positive) when video.sampling is {v.sampling}")
     for key in ("num_frames", "max_frames"):
-        if getattr(v, key) < 1:
+        if getattr(v, key) is not None and getattr(v, key) < 1:
             raise ConfigError(f"video.{key}: must be at least 1, got {getattr(v, key)}")
     for key in ("window_s", "stride_s", "decode_timeout_s"):
         value = getattr(v, key)
@@ -355,17 +369,35 @@ def _check_video(job: JobConfig) -> None:
     if v.stride_s and not v.window_s:
         raise ConfigError("video.stride_s: needs video.window_s")
     reads_images = job.source.media == "image" or (job.source.media == "auto" and job.source.format == "image_folder")
-    if job.temporal and reads_images:  # each image would become a one-frame video, silently
-        key = "source.media: image" if job.source.media == "image" else "source.format: image_folder"
-        raise ConfigError(f"temporal: heads over frames need videos, but {key} reads images (one frame each); "
+    images_key = ("source.media: image" if job.source.media == "image" else "source.format: image_folder"
+                  ) if reads_images else ""
+    if job.temporal and images_key:  # each image would become a one-frame video, silently
+        raise ConfigError(f"temporal: heads over frames need videos, but {images_key} reads images (one frame each); "
                           "for a folder of videos use source.format: video_folder, for images remove temporal:")
     names = [t.name for t in job.temporal]
     for i, t in enumerate(job.temporal):
         plain_name(t.name, f"temporal[{i}].name")  # it becomes the column clip_<name>, a part of paths
         if not re.fullmatch(r"[A-Za-z0-9_]+", t.name) or names.count(t.name) > 1:
             raise ConfigError(f"temporal[{i}].name: {t.name!r} must be unique and made of letters, digits, _")
-    if job.is_video and not job.temporal:
+    if job.clips:
+        _check_clips(job, images_key)
+    elif job.is_video and not job.temporal:
         raise ConfigError("temporal: a video job needs at least one head, e.g. [{kind: mean, name: mean}]")
+
+
+def _check_clips(job: JobConfig, images_key: str) -> None:
+    """A clip model gives each window its feature itself: no heads, no per-frame features, a fixed T."""
+    family = f"model.family {job.model.family} embeds each clip whole (one `feature` per window)"
+    if job.temporal:
+        raise ConfigError(f"temporal: heads pool per-frame features, but {family}; remove temporal:, or use an "
+                          "image family (torchvision, timm, open_clip) for per-frame features and heads")
+    if job.output.frame_features:
+        raise ConfigError(f"output.frame_features: {family}, so there are no per-frame features to write")
+    if job.video.sampling != "uniform":
+        raise ConfigError(f"video.sampling: {family} from video.num_frames frames; use sampling: uniform")
+    if images_key:
+        raise ConfigError(f"{images_key} reads images, but {family} of a video; for a folder of videos use "
+                          "source.format: video_folder")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -255,6 +255,35 @@ def test_temporal_heads_on_an_image_source_are_refused_naming_both_keys(source):
     parse_job({**data, "source": {"uri": "v/", "format": "video_folder"}})  # the same heads on videos: fine
 
 
+CLIPS = {"name": "t", "source": {"uri": "v/", "format": "video_folder"}, "output": {"uri": "out"},
+         "model": {"family": "torchvision_video", "arch": "r2plus1d_18"}}
+
+
+def test_a_clip_model_job_needs_no_heads_and_reads_videos_whatever_the_source():
+    cfg = parse_job(CLIPS)
+    assert cfg.clips and cfg.is_video and not cfg.temporal and cfg.video.num_frames is None  # prepare resolves it
+    shards = parse_job({**CLIPS, "source": {"uri": "s/", "format": "webdataset"}})
+    assert shards.is_video  # a clip model reads videos from shards without source.media
+    with pytest.raises(ConfigError, match=r"^temporal: a video job needs at least one head"):
+        parse_job({**CLIPS, "model": {"arch": "resnet18"}})  # an image model's video job: as before
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"temporal": [{"kind": "mean", "name": "mean"}]}, "temporal: heads pool per-frame features, but model.family "
+                                                       "torchvision_video embeds each clip whole"),
+    ({"output": {"uri": "out", "frame_features": True}}, "output.frame_features: model.family torchvision_video"),
+    ({"video": {"sampling": "fps", "fps": 2}}, "video.sampling: model.family torchvision_video embeds each clip "
+                                               "whole (one `feature` per window) from video.num_frames frames"),
+    ({"source": {"uri": "i/"}}, "source.format: image_folder reads images, but model.family torchvision_video"),
+    ({"source": {"uri": "m/", "format": "manifest", "media": "image"}}, "source.media: image reads images"),
+    ({"video": {"num_frames": 0}}, "video.num_frames: must be at least 1, got 0"),
+])
+def test_what_a_clip_model_job_cannot_have_is_refused_naming_the_key(change, message):
+    with pytest.raises(ConfigError) as e:
+        parse_job({**CLIPS, **change})
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["../../x", "/abs", ".hidden", "a/b", "x" * 129, "", "a..b"])
 def test_a_temporal_head_name_that_is_not_plain_is_refused_naming_the_key(name):
     """The name becomes the column clip_<name>, which later commands turn into paths (OUT/_index/...)."""

@@ -119,3 +119,53 @@ def test_webdataset_video_shards_and_windows(ray_session, tmp_path):
     assert [(rows[f"vid-000.tar/k0#w{i}"]["start_s"], rows[f"vid-000.tar/k0#w{i}"]["end_s"]) for i in range(3)] == [
         (0.0, 1.0), (0.5, 1.5), (1.0, 2.0)]
     assert rows["vid-001.tar/k1#w0"]["label"] == "jump"
+
+
+@pytest.mark.timeout(300)
+def test_clip_model_windows_equal_its_own_forward_on_pyav_frames(ray_session, tmp_path):
+    """model.family torchvision_video: each window's frames (C, T, H, W) through r2plus1d_18 in one
+    forward, one row per window with `feature`; each row equals the model's own forward on the frames
+    PyAV decodes at the row's frame_timestamps_s, preprocessed as torchvision does."""
+    import av
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+    from torchvision.transforms import functional as F
+
+    root = tmp_path / "videos"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "long.avi").write_bytes(encode_video(50, width=160, height=120))  # 2 s: two 1 s windows
+    (root / "a" / "broken.avi").write_bytes(b"RIFF....AVI garbage" * 40)
+    torch.manual_seed(5)
+    model = torchvision.models.video.r2plus1d_18().eval()
+    weights = str(tmp_path / "r2plus1d_18.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    out = str(tmp_path / "out")
+    data = video_job(str(root), out, video={"num_frames": 4, "window_s": 1.0}, temporal=[],
+                     model={"family": "torchvision_video", "arch": "r2plus1d_18", "weights": weights})
+    data["preprocess"] = {"resize": 64, "crop": 56}
+    summary = run(data)
+    assert summary.features == 2 and summary.errors == {"decode/VideoDecodeError": 1}
+    features, errors = assert_exactly_once(out, ["a/long.avi#w0", "a/long.avi#w1", "a/broken.avi"])
+    table = read_features(out)
+    assert {"feature", "start_s", "end_s", "frame_timestamps_s"} <= set(table.column_names)
+    assert not [c for c in table.column_names if c.startswith("clip_") or c == "frame_features"]
+    rows = {r["sample_id"]: r for r in table.to_pylist()}
+    assert [(rows[f"a/long.avi#w{k}"]["start_s"], rows[f"a/long.avi#w{k}"]["end_s"]) for k in (0, 1)] == [
+        (0.0, 1.0), (1.0, 2.0)]
+    model.fc = torch.nn.Identity()
+    mean, std = torch.tensor([0.43216, 0.394666, 0.37645]), torch.tensor([0.22803, 0.22145, 0.216989])
+    for sample_id, row in rows.items():
+        with av.open(str(root / sample_id.split("#")[0])) as container:
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = torch.from_numpy(np.stack([decoded[round(t * row["fps"])] for t in row["frame_timestamps_s"]]))
+        x = F.center_crop(F.resize(frames.permute(0, 3, 1, 2), 64, antialias=True), 56).float() / 255
+        x = ((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).permute(1, 0, 2, 3)  # C, T, H, W
+        with torch.inference_mode():
+            expected = model(x[None])[0].numpy()
+        got = np.asarray(row["feature"], np.float64)
+        assert got.shape == (512,) and len(row["frame_timestamps_s"]) == 4
+        assert got @ expected / np.linalg.norm(got) / np.linalg.norm(expected) >= 0.99, sample_id
+    meta = pq.ParquetFile(next((tmp_path / "out" / "features").rglob("*.parquet"))).schema_arrow.metadata
+    assert json.loads(meta[b"featurize.video_sampling"])["num_frames"] == 4
+    assert meta[b"featurize.model_family"] == b"torchvision_video"

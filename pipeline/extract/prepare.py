@@ -8,10 +8,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import __version__
-from ..config import DEFAULT_CROP, DEFAULT_RESIZE, JobConfig, output_storage_options, source_store_options
+from ..config import (
+    DEFAULT_CROP,
+    DEFAULT_NUM_FRAMES,
+    DEFAULT_RESIZE,
+    JobConfig,
+    output_storage_options,
+    source_store_options,
+)
 from ..errors import ConfigError
 from ..models.base import check_arch, family, feature_dim, preprocess_defaults, resolve
 from ..models.temporal import HeadInfo, resolve_heads
@@ -36,17 +43,20 @@ class Prepared:
     out_options: Dict[str, Any]
     heads: List[HeadInfo] = field(default_factory=list)  # videos: the temporal heads
     model_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options for model.weights
+    frame_size: Optional[Tuple[int, int]] = None  # clip models: the weights' exact (H, W) for every frame
 
     @property
     def frames(self) -> FrameSpec:
         return FrameSpec(resize=self.job.video.size or self.image.resize, crop=self.image.crop,
-                         squash=self.image.squash)
+                         squash=self.image.squash, size=self.frame_size)
 
     def sink_spec(self) -> SinkSpec:
         from ..output.sink import SinkSpec, image_columns, video_columns  # Ray's: the runner's, not search's
 
         dtype = self.job.output.dtype
-        if self.job.is_video:
+        if self.job.clips:  # one feature per clip, beside the clip's timing
+            columns = video_columns(dtype, [("feature", self.dim)], None)
+        elif self.job.is_video:
             heads = [(h.column, h.out_dim) for h in self.heads]
             columns = video_columns(dtype, heads, self.dim if self.job.output.frame_features else None)
         else:
@@ -76,7 +86,8 @@ class Prepared:
             "featurize.pool": m.pool,
             "featurize.preprocess": json.dumps(
                 {"resize": self.image.resize, "crop": self.image.crop, "mean": self.mean, "std": self.std,
-                 "interpolation": self.image.interpolation, "color": "RGB"}
+                 "interpolation": self.image.interpolation, "color": "RGB",
+                 **({"frame_size": list(self.frame_size)} if self.frame_size else {})}
             ),
             "featurize.dtype": self.job.output.dtype,
             "featurize.dim": str(self.dim),
@@ -97,9 +108,12 @@ def prepare(job: JobConfig) -> Prepared:
     model_options = source_store_options(job, job.model.weights)
     weights = resolve(job.model, model_options)
     defaults = preprocess_defaults(job.model, weights)
+    # video.num_frames unset: a clip model's clip length; resolved here so the output records the number
+    frames = job.video.num_frames or defaults.get("num_frames", DEFAULT_NUM_FRAMES)
+    job = dataclasses.replace(job, video=dataclasses.replace(job.video, num_frames=frames))
     image = _resolve_image(job, defaults)
-    dim = feature_dim(job.model, image.crop, weights, model_options)  # layer and fit too
-    heads = resolve_heads(job.temporal, dim, job.source.storage_options) if job.is_video else []
+    dim = feature_dim(job.model, image.crop, weights, model_options, frames=frames)  # layer and fit too
+    heads = resolve_heads(job.temporal, dim, job.source.storage_options) if job.is_video and not job.clips else []
     return Prepared(
         job=job,
         weights=weights,
@@ -110,7 +124,16 @@ def prepare(job: JobConfig) -> Prepared:
         out_options=output_storage_options(job),
         heads=heads,
         model_options=model_options,
+        frame_size=_frame_size(job, defaults),
     )
+
+
+def _frame_size(job: JobConfig, defaults: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """The weights' exact frame size (r2plus1d_18's 128x171), unless the job sizes frames itself."""
+    pre = job.preprocess
+    if pre.resize or pre.resize_mode or job.video.size or not defaults.get("frame_size"):
+        return None
+    return tuple(defaults["frame_size"])
 
 
 def _resolve_image(job: JobConfig, defaults: Dict[str, Any]) -> ImageSpec:

@@ -168,7 +168,7 @@ def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> r
         compute=ActorPoolStrategy(min_size=layout.actors, max_size=layout.max_actors),
         **model_args(layout, res),
     )
-    if not job.is_video:
+    if not job.is_video or job.clips:  # a clip model's rows have their feature already
         return ds
     # The temporal heads are small next to the CNN: their own single actor, claiming no CPU.
     return ds.map_batches(
@@ -195,4 +195,5 @@ def _embed_spec(prepared: Prepared, layout: Layout) -> EmbedSpec:
         torch_threads=layout.torch_threads,
         storage_options=prepared.model_options,
         image=prepared.image if layout.decode_in_actor else None,
+        clips=job.clips,
     )

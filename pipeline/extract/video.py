@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import faults
-from ..config import VideoConfig
+from ..config import DEFAULT_NUM_FRAMES, VideoConfig
 from ..errors import DecodeFailure
 from ..rows import ERROR_COLUMNS, OK, PLAN_COLUMNS, SAMPLE_COLUMNS, error_fields, ragged
 from ..timing import timed
@@ -29,6 +29,11 @@ class FrameSpec:
     resize: int  # shorter side the decoder scales to
     crop: int  # then a center crop to crop x crop
     squash: bool = False  # both sides to `resize` (preprocess.resize_mode squash)
+    size: Optional[Tuple[int, int]] = None  # (height, width) exactly, whatever the video's: Resize([128, 171])
+
+    def scaled(self, width: int, height: int) -> Tuple[int, int]:
+        """(width, height) the decoder scales a width x height video to."""
+        return (self.size[1], self.size[0]) if self.size else scaled_size(width, height, self.resize, self.squash)
 
 
 @dataclass
@@ -80,7 +85,8 @@ def _sample(first: int, last: int, fps: float, cfg: VideoConfig) -> np.ndarray:
     count = last - first
     if cfg.sampling == "uniform":
         # Centres of num_frames equal segments; a short clip repeats frames.
-        idx = first + ((np.arange(cfg.num_frames) + 0.5) * count / cfg.num_frames).astype(np.int64)
+        n = frames_per_clip(cfg)
+        idx = first + ((np.arange(n) + 0.5) * count / n).astype(np.int64)
     elif cfg.sampling == "fps":
         idx = first + np.floor(np.arange(0, count, fps / cfg.fps)).astype(np.int64)
     elif cfg.sampling == "every":
@@ -91,6 +97,11 @@ def _sample(first: int, last: int, fps: float, cfg: VideoConfig) -> np.ndarray:
     if len(idx) > cfg.max_frames:  # the memory bound: spread max_frames over the same span
         idx = idx[np.linspace(0, len(idx) - 1, cfg.max_frames).round().astype(np.int64)]
     return idx
+
+
+def frames_per_clip(cfg: VideoConfig) -> int:
+    """video.num_frames; unset (a job resolves it in prepare.py), the per-frame default."""
+    return cfg.num_frames or DEFAULT_NUM_FRAMES
 
 
 def decode_video(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
@@ -144,7 +155,7 @@ def _decode_decord(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
     total, fps = len(probe), float(probe.get_avg_fps())
     del probe
     windows = plan_windows(total, fps, cfg)
-    w, h = scaled_size(width, height, spec.resize, spec.squash)
+    w, h = spec.scaled(width, height)
     reader = decord.VideoReader(_open_source(source), width=w, height=h, num_threads=1)
     clips = []
     for window in windows:
@@ -159,7 +170,7 @@ def _decode_pyav(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
     total, fps, (width, height) = _pyav_probe(source)
     windows = plan_windows(total, fps, cfg)
     wanted = {int(i) for wdw in windows for i in wdw.frames}
-    w, h = scaled_size(width, height, spec.resize, spec.squash)
+    w, h = spec.scaled(width, height)
     kept = {}
     with av.open(_open_source(source)) as container:
         stream = container.streams.video[0]
@@ -264,7 +275,7 @@ def _to_columns(rows: List[Dict[str, Any]], spec: FrameSpec, cfg: VideoConfig) -
     out["fps"] = np.array([r["fps"] for r in rows], np.float32)
     out["frame_timestamps_s"] = ragged([r["frame_timestamps_s"] for r in rows])
     if cfg.sampling == "uniform":  # every clip has num_frames frames: one dense array
-        shape = (cfg.num_frames, spec.crop, spec.crop, 3)
+        shape = (frames_per_clip(cfg), spec.crop, spec.crop, 3)
         out["frames"] = np.stack([r["frames"] if r["frames"] is not None else np.zeros(shape, np.uint8) for r in rows])
     else:
         empty = np.zeros((0, spec.crop, spec.crop, 3), np.uint8)

@@ -1,6 +1,7 @@
 """The model actor, written once for every family: built from an EmbedSpec, then called on batches
 of uint8 `pixels` or `frames` (or of encoded `data` it decodes itself); it drops them and adds the
-columns it declares in OUTPUT_COLUMNS.
+columns it declares in OUTPUT_COLUMNS. A clip family's `frames` (B, T, H, W, 3) become one `feature`
+per clip; an image family's become `frame_features` (T, D) per clip, for the temporal heads.
 
 Pixels arrive as uint8 NHWC and are normalised on the actor's device, so only bytes cross the
 object store; the family's module (base.py) maps them to pooled features. Decoding in the actor
@@ -42,6 +43,7 @@ class EmbedSpec:
     storage_options: Dict[str, Any] = field(default_factory=dict)
     committer: Any = None  # the job's Committer, where the actor registers so a failed job can stop it
     image: Optional[ImageSpec] = None  # decode images in the actor (resources.decode_on: actor)
+    clips: bool = False  # the family embeds clips: `frames` (B, T, H, W, 3) -> `feature` (B, D)
 
 
 class Embedder:
@@ -57,9 +59,9 @@ class Embedder:
         if self.device.type == "cpu":
             torch.set_num_threads(spec.torch_threads)
         self.module = build_module(spec.model, spec.weights, spec.storage_options).to(self.device)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not spec.clips:  # channels_last is for 4-d tensors
             self.module = self.module.to(memory_format=torch.channels_last)
-        shape = (1, 3, 1, 1)
+        shape = (1, 3, 1, 1, 1) if spec.clips else (1, 3, 1, 1)  # N, C, (T,) H, W
         self.mean = torch.tensor(spec.mean, device=self.device).view(shape) * 255.0
         self.std = torch.tensor(spec.std, device=self.device).view(shape) * 255.0
         self.out_dtype = np.float16 if spec.dtype == "float16" else np.float32
@@ -71,26 +73,33 @@ class Embedder:
         self.decode = partial(decode_on_device, device=self.device) if self.device.type == "cuda" else decode_batch
 
     def embed(self, pixels) -> np.ndarray:
-        """uint8 NHWC (numpy, or a tensor already on the device) -> features (N, D) as float32 numpy."""
-        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        x = (x.float() - self.mean) / self.std
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        """uint8 NHWC, or clips NTHWC (numpy, or a tensor already on the device) -> features (N, D) as
+        float32 numpy."""
+        x = self.input(pixels)
         on_gpu = self.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             out = self.module(x)
         return out.float().cpu().numpy()
 
+    def input(self, pixels) -> torch.Tensor:
+        """The model's input: uint8 NHWC (NTHWC) -> normalised float NCHW (NCTHW) on the device."""
+        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
+        x = x.to(self.device, non_blocking=True)
+        x = x.permute(0, 4, 1, 2, 3) if x.ndim == 5 else x.permute(0, 3, 1, 2)
+        x = (x.float() - self.mean) / self.std
+        if self.device.type == "cuda" and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     @timed("model")
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         faults.point("embed", lambda: "\n".join(map(str, batch["sample_id"])))
         if "data" in batch:  # bytes: this actor decodes them (resources.decode_on: actor)
             batch = self.decode(batch, self.spec.image, pool=self.decoders, parts=self.spec.torch_threads)
-        if "frames" in batch:
+        if "frames" in batch and not self.spec.clips:
             return self._call_frames(batch)
-        pixels = batch.pop("pixels")
+        pixels = batch.pop("frames" if self.spec.clips else "pixels")  # clips: dense (B, T, H, W, 3)
         ok = batch["error_stage"] == ""
         # Rows that failed earlier keep zeros; the sink writes them to the errors table only.
         features = np.zeros((len(ok), self.spec.dim), dtype=np.float32)

@@ -9,6 +9,10 @@ checks; the output columns `feature` / `frame_features`) is written once and tak
 
 Adding a family is one new file in families/ defining `FAMILY = SomeFamily()`, plus its tests:
 it is found by its module name, which is the value of `model.family`.
+
+A clip family (`clips = True`; its module name ends in `_video`, which config.py reads without
+importing it) maps a clip (N, 3, T, H, W) to one feature each: a video job then gives one row per
+window with `feature`, and needs no temporal heads.
 """
 from __future__ import annotations
 
@@ -40,6 +44,14 @@ class Family:
     about = ""  # one line for `featurize models`
     default_layer = "penultimate"  # what model.layer: null gives, as the provenance names it ...
     default_layer_about = "the classifier's input"  # ... and as `featurize layers` explains it
+    clips = False  # True: the module takes clips (N, 3, T, H, W), one feature per clip
+
+    def example(self, crop: int, frames: int) -> torch.Tensor:
+        """The zero input of one sample a forward checks the model with."""
+        return torch.zeros(1, 3, crop, crop)
+
+    def input_words(self, crop: int, frames: int) -> str:
+        return f"{crop}x{crop} images"
 
     def names(self) -> List[str]:
         """Every model.arch this family accepts."""
@@ -108,28 +120,33 @@ def build_module(cfg: ModelConfig, weights: Optional[Weights], storage_options: 
 
 
 def feature_dim(cfg: ModelConfig, crop: int, weights: Optional[Weights] = None,
-                storage_options: Optional[Dict[str, Any]] = None) -> int:
-    """Checks arch, layer, crop and (when given) that the weights fit; returns D after one forward pass."""
+                storage_options: Optional[Dict[str, Any]] = None, frames: int = 16) -> int:
+    """Checks arch, layer, crop (and a clip family's `frames`) and (when given) that the weights fit;
+    returns D after one forward pass."""
     fam = family(cfg.family)
     module = fam.build(cfg, weights, storage_options or {})
-    out = forward_at_crop(module, cfg, crop, fam.crop_hint(cfg.arch))
+    out = forward_at_crop(module, cfg, crop, fam.crop_hint(cfg.arch), fam.example(crop, frames),
+                          fam.input_words(crop, frames))
     if not torch.is_tensor(out) or out.ndim != 2:
         raise ModelError(f"model.layer: {cfg.layer!r} of {cfg.arch} gives no tensor to pool")
     return int(out.shape[1])
 
 
-def forward_at_crop(module: nn.Module, cfg: ModelConfig, crop: int, hint: str = "try a larger crop") -> Any:
-    """One forward of a zero image at the crop; a model that cannot take it is refused, naming the crop it needs."""
+def forward_at_crop(module: nn.Module, cfg: ModelConfig, crop: int, hint: str = "try a larger crop",
+                    x: Optional[torch.Tensor] = None, words: str = "") -> Any:
+    """One forward of a zero image (or `x`) at the crop; a model that cannot take it is refused, naming the
+    crop it needs."""
     try:
         with torch.inference_mode():
-            return module(torch.zeros(1, 3, crop, crop))
+            return module(torch.zeros(1, 3, crop, crop) if x is None else x)
     except Refused:
         raise
     except Exception as e:  # ViT's `Wrong image height!`, a kernel larger than a tiny input ...
         size = getattr(module, "image_size", None)  # the transformers that take one size only
         if isinstance(size, int):
             hint = f"it needs crop {size}"
-        raise ModelError(f"preprocess.crop: {cfg.arch} does not take {crop}x{crop} images ({first_line(e)}); "
+        raise ModelError(f"preprocess.crop: {cfg.arch} does not take {words or f'{crop}x{crop} images'} "
+                         f"({first_line(e)}); "
                          f"{hint}") from None
 
 
@@ -139,12 +156,15 @@ def first_line(e: BaseException) -> str:
 
 
 def pool(x: Any, how: str) -> torch.Tensor:
-    """A feature map (N, C, H, W) or tokens (N, T, D) pooled to (N, D); anything else flattened."""
+    """A feature map (N, C, H, W), a clip's (N, C, T, H, W) or tokens (N, T, D) pooled to (N, D); anything
+    else flattened."""
     if isinstance(x, dict):
         x = x["feature"]
     if isinstance(x, (tuple, list)):  # modules that return (output, extras ...)
         x = x[0]
-    if x.ndim == 4:  # N, C, H, W
+    if x.ndim == 5:  # N, C, T, H, W
+        dims = (2, 3, 4)
+    elif x.ndim == 4:  # N, C, H, W
         dims = (2, 3)
     elif x.ndim == 3:  # N, tokens, D (transformers)
         dims = (1,)
@@ -208,14 +228,15 @@ def module_layer(model: nn.Module, cfg: ModelConfig, forward: str = "forward") -
     return ModuleOutput(model, cfg.layer, cfg.pool, forward).eval()
 
 
-def module_layers(model: nn.Module, crop: int, forward: str = "forward") -> List[Node]:
-    """Every named submodule of `model` that runs, in the order it runs, with its output at `crop`."""
+def module_layers(model: nn.Module, crop: int, forward: str = "forward",
+                  x: Optional[torch.Tensor] = None) -> List[Node]:
+    """Every named submodule of `model` that runs, in the order it runs, with its output at `crop` (or for `x`)."""
     seen: Dict[str, Any] = {}
     handles = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, out))
                for name, m in model.named_modules() if name]
     try:
         with torch.inference_mode():
-            getattr(model, forward)(torch.zeros(1, 3, crop, crop))
+            getattr(model, forward)(torch.zeros(1, 3, crop, crop) if x is None else x)
     finally:
         for h in handles:
             h.remove()

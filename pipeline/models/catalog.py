@@ -80,7 +80,7 @@ def format_layers(arch: str, crop: int = DEFAULT_CROP, family_name: str = "torch
 
 def _pooled_dim(shape: tuple) -> int:
     """D after base.pool's avg or max: channels of a map, width of tokens, else everything flattened."""
-    if len(shape) == 3:  # C, H, W
+    if len(shape) in (3, 4):  # C, H, W or a clip's C, T, H, W
         return shape[0]
     if len(shape) == 2:  # tokens, D
         return shape[1]

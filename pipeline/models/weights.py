@@ -113,7 +113,7 @@ def resolve_torchvision(cfg: ModelConfig) -> Weights:
         id=f"{type(entry).__name__}.{entry.name}",
         location=entry.url,
         sha256=digest,
-        transforms=_transform_defaults(entry),
+        transforms=transform_defaults(entry),
     )
 
 
@@ -132,7 +132,7 @@ def fetch_torchvision(url: str) -> str:
     return path
 
 
-def _transform_defaults(entry) -> Dict[str, Any]:
+def transform_defaults(entry) -> Dict[str, Any]:
     t = entry.transforms()
     out: Dict[str, Any] = {}
     for key, attr in (("resize", "resize_size"), ("crop", "crop_size"), ("mean", "mean"), ("std", "std")):

@@ -76,6 +76,8 @@ def settings(prepared) -> Dict[str, Any]:
         "model.pool": job.model.pool, "output.dtype": job.output.dtype,
         "output.partition_by": list(job.output.partition_by), "output.frame_features": job.output.frame_features,
     }
+    if prepared.frame_size:  # clip models' exact frame size (the key came with them)
+        out["preprocess.frame_size"] = list(prepared.frame_size)
     if prepared.image.squash:  # an output made before the key resized the shorter side
         out["preprocess.resize_mode"] = "squash"
     if not prepared.image.jpeg_draft:  # an output made before the key was decoded with draft

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
+import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
@@ -23,7 +24,9 @@ from pipeline.config import parse_job
 from pipeline.errors import ModelError, WeightsError
 from pipeline.extract.decode import decode_image
 from pipeline.extract.prepare import prepare
+from pipeline.extract.video import center_crop
 from pipeline.models.actor import Embedder, EmbedSpec
+from pipeline.models.families.torchvision_video import input_defaults
 from pipeline.output.root import differences, settings
 from pipeline.samples import encode, encode_video, photo
 
@@ -53,20 +56,26 @@ def save(model: torch.nn.Module, path) -> str:
     return str(path)
 
 
-def prepared_for(model: dict, preprocess: dict | None = None, tmp="/tmp/unused"):
+def prepared_for(model: dict, preprocess: dict | None = None, tmp="/tmp/unused", video: dict | None = None):
     data = job_dict(f"{tmp}/src", f"{tmp}/out")
     data["model"] = {"device": "cpu", **model}  # float32 on any machine: the fidelity bounds are for float32
     data["preprocess"] = preprocess or {}
+    if model.get("family") == "torchvision_video":
+        data["source"]["format"] = "video_folder"
+        data["video"] = video or {}
     return prepare(parse_job(data))
 
 
-def pipeline_features(prepared, jpegs):
-    """What the pipeline's model actor writes for these files (float32), and the pixels it saw."""
+def pipeline_features(prepared, jpegs=(), clips=None):
+    """What the pipeline's model actor writes for these files (float32), and the pixels it saw; for
+    `clips` (N, T, H, W, 3), the clip features and the actor."""
     spec = EmbedSpec(model=prepared.job.model, weights=prepared.weights, crop=prepared.image.crop, dim=prepared.dim,
                      mean=prepared.mean, std=prepared.std, dtype="float32", torch_threads=2,
-                     storage_options=prepared.model_options)
-    pixels = np.stack([decode_image(b, prepared.image)[0] for b in jpegs])
+                     storage_options=prepared.model_options, clips=prepared.job.clips)
     embedder = Embedder(spec)
+    if clips is not None:
+        return embedder.embed(clips), embedder
+    pixels = np.stack([decode_image(b, prepared.image)[0] for b in jpegs])
     return embedder.embed(pixels), pixels, embedder
 
 
@@ -215,6 +224,92 @@ def test_the_family_is_in_the_settings_so_a_resume_with_another_is_refused():
     assert tv.provenance()["featurize.model_family"] == "torchvision"
 
 
+# --- torchvision_video: clip models, one feature per clip -------------------------------------------------
+
+VIDEO = {"family": "torchvision_video", "weights": "none"}
+
+
+@pytest.mark.parametrize("arch,dim,crop,frames", [
+    ("r3d_18", 512, 56, 8), ("mc3_18", 512, 56, 8), ("r2plus1d_18", 512, 56, 8),
+    pytest.param("swin3d_t", 768, 64, 4, marks=pytest.mark.slow),
+    pytest.param("swin3d_s", 768, 64, 4, marks=pytest.mark.slow),
+    pytest.param("swin3d_b", 1024, 64, 4, marks=pytest.mark.slow),
+    pytest.param("s3d", 1024, 224, 14, marks=pytest.mark.slow),  # its pooling needs 7x7 by 2 at the end
+    pytest.param("mvit_v1_b", 768, 224, 16, marks=pytest.mark.slow),  # fixed positions: 16 frames at 224
+    pytest.param("mvit_v2_s", 768, 224, 16, marks=pytest.mark.slow),
+])
+def test_every_clip_model_builds_and_gives_its_dimension(arch, dim, crop, frames):
+    prepared = prepared_for({**VIDEO, "arch": arch}, {"resize": crop, "crop": crop},
+                            video={"num_frames": frames})
+    assert prepared.dim == dim and prepared.job.clips and prepared.sink_spec().columns[-1][0] == "feature"
+    clip = np.random.default_rng(0).integers(0, 256, (2, frames, crop, crop, 3), dtype=np.uint8)
+    assert pipeline_features(prepared, clips=clip)[0].shape == (2, dim)
+
+
+def test_clip_defaults_come_from_the_weights():
+    """r2plus1d_18's KINETICS400_V1 (its DEFAULT, also for `none`): frames resized to exactly 128x171,
+    cropped to 112, Kinetics' mean and std, 16 frames; s3d squashes to 256 and reads 128 frames."""
+    p = prepared_for({**VIDEO, "arch": "r2plus1d_18"})
+    assert (p.image.resize, p.image.crop, p.job.video.num_frames, p.frame_size) == (128, 112, 16, (128, 171))
+    assert p.mean == [0.43216, 0.394666, 0.37645] and p.std == [0.22803, 0.22145, 0.216989]
+    assert p.frames.scaled(320, 240) == p.frames.scaled(1920, 1080) == (171, 128)  # as Resize([128, 171])
+    assert json.loads(p.provenance()["featurize.preprocess"])["frame_size"] == [128, 171]
+    own = prepared_for({**VIDEO, "arch": "r2plus1d_18"}, {"resize": 64, "crop": 56}, video={"num_frames": 4})
+    assert own.frame_size is None and own.frames.scaled(320, 240) == (85, 64)  # the job's keys win
+    s3d = input_defaults(torchvision.models.get_model_weights("s3d").DEFAULT)
+    assert (s3d["resize"], s3d["crop"], s3d["resize_mode"], s3d["num_frames"]) == (256, 224, "squash", 128)
+
+
+@pytest.fixture(scope="module")
+def r2plus1d(weights_dir):
+    torch.manual_seed(3)
+    model = torchvision.models.video.r2plus1d_18().eval()
+    return model, save(model, weights_dir / "r2plus1d_18.safetensors")
+
+
+def test_clip_preprocessing_and_features_equal_torchvisions(r2plus1d):
+    """Frames at the weights' size (the decoder's resize; torchvision's is then the identity): the
+    actor's crop, normalisation and layout give torchvision's `transforms()` tensor, and the
+    feature its own forward (penultimate: fc removed)."""
+    model, path = r2plus1d
+    prepared = prepared_for({**VIDEO, "arch": "r2plus1d_18", "weights": path}, video={"num_frames": 8})
+    frames = np.random.default_rng(1).integers(0, 256, (2, 8, 128, 171, 3), dtype=np.uint8)
+    clips = np.stack([center_crop(f, prepared.image.crop) for f in frames])
+    ours, embedder = pipeline_features(prepared, clips=clips)
+    reference = torchvision.models.get_weight("R2Plus1D_18_Weights.KINETICS400_V1").transforms()
+    expected = torch.stack([reference(torch.from_numpy(f).permute(0, 3, 1, 2)) for f in frames])  # N, C, T, H, W
+    torch.testing.assert_close(embedder.input(clips), expected, rtol=0, atol=1e-5)
+    model.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        theirs = model(expected).numpy()
+    assert cosine(ours, theirs).min() >= 0.9999
+
+
+def test_clip_weights_files_load_and_wrong_ones_are_refused(r2plus1d, weights_dir):
+    model, path = r2plus1d
+    clip = np.random.default_rng(2).integers(0, 256, (1, 4, 56, 56, 3), dtype=np.uint8)
+    small = {"resize": 64, "crop": 56}
+    loaded = pipeline_features(prepared_for({**VIDEO, "arch": "r2plus1d_18", "weights": path}, small,
+                                            video={"num_frames": 4}), clips=clip)[0]
+    random = pipeline_features(prepared_for({**VIDEO, "arch": "r2plus1d_18"}, small, video={"num_frames": 4}),
+                               clips=clip)[0]
+    model.fc = torch.nn.Identity()
+    with torch.inference_mode():  # the file's weights, not the seed's
+        theirs = model(torch.from_numpy(clip).permute(0, 4, 1, 2, 3).float().sub(
+            torch.tensor([0.43216, 0.394666, 0.37645]).view(1, 3, 1, 1, 1) * 255).div(
+            torch.tensor([0.22803, 0.22145, 0.216989]).view(1, 3, 1, 1, 1) * 255)).numpy()
+    np.testing.assert_allclose(loaded, theirs, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(loaded, random, rtol=1e-2)
+    r3d = save(torchvision.models.video.r3d_18(), weights_dir / "r3d_18.pth")
+    with pytest.raises(WeightsError, match=r"^model.weights: .*r3d_18.pth does not fit r2plus1d_18 \(") as e:
+        prepared_for({**VIDEO, "arch": "r2plus1d_18", "weights": r3d}, small, video={"num_frames": 4})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ModelError, match=r"is not a model of torchvision_video; did you mean r2plus1d_18"):
+        prepared_for({**VIDEO, "arch": "r2plus1d_19"})
+    with pytest.raises(ModelError, match=r"does not take clips of 4 frames at 64x64 .*its weights use crop 224"):
+        prepared_for({**VIDEO, "arch": "s3d"}, {"resize": 64, "crop": 64}, video={"num_frames": 4})
+
+
 # --- a video job per family, through the real pipeline ---------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -254,6 +349,8 @@ def test_the_example_jobs_parse_and_an_unknown_family_is_refused(tmp_path):
 
     assert load_job(f"{JOBS}/images_timm_convnext.yaml").model.family == "timm"
     assert load_job(f"{JOBS}/images_open_clip_vit_b32.yaml").model.arch == "ViT-B-32"
+    clips = load_job(f"{JOBS}/ucf101_r2plus1d_clips.yaml")
+    assert clips.clips and clips.model.weights == "KINETICS400_V1" and clips.video.window_s == 2.0
     assert parse_job(job_dict("src", "out")).model.family == "torchvision"  # job files without the key, as before
     with pytest.raises(ConfigError, match=r"model.family: 'keras' is not one of torchvision, open_clip, timm"):
         load_job(f"{JOBS}/images_timm_convnext.yaml", ["model.family=keras"])

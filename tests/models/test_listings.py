@@ -31,13 +31,18 @@ def without_ray(tmp_path: Path) -> dict:
 
 
 def test_models_and_layers_list_without_ray(tmp_path):
-    result, layers = featurize_each(["models"], ["layers", "resnet18", "--crop", "112"], env_extra=without_ray(tmp_path))
+    result, layers, clip_layers = featurize_each(
+        ["models"], ["layers", "resnet18", "--crop", "112"],
+        ["layers", "r2plus1d_18", "--family", "torchvision_video", "--crop", "56"], env_extra=without_ray(tmp_path))
     assert result.returncode == 0, result.stderr
     sections = {}
     for block in result.stdout.strip().split("\n\n"):
         head, _, body = block.partition("\n")
         sections[head.split()[0]] = {name.strip() for name in body.replace("\n", " ").split(",")}
-    assert set(sections) == set(FAMILIES) == {"torchvision", "timm", "open_clip", "temporal"}
+    assert set(sections) == set(FAMILIES) == {"torchvision", "timm", "open_clip", "torchvision_video", "temporal"}
+    assert sections["torchvision_video"] == {"r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v1_b", "mvit_v2_s",
+                                             "swin3d_t", "swin3d_s", "swin3d_b"}
+    assert not {"r3d_18", "s3d"} & sections["torchvision"]  # clip models are not image backbones
     assert {"resnet18", "convnext_atto", "vit_tiny_patch16_224"} <= sections["timm"]
     assert {"ViT-B-32", "RN50"} <= sections["open_clip"]
     assert {"resnet18", "resnet50", "vit_b_16", "convnext_tiny"} <= sections["torchvision"]
@@ -52,6 +57,13 @@ def test_models_and_layers_list_without_ray(tmp_path):
     assert "(512, 4, 4)" in rows["layer4.1.relu_1"] and rows["layer4.1.relu_1"].endswith("= layer4, layer4.1")
     assert rows["avgpool"].split()[1:] == ["(512,", "1,", "1)", "512"]
     assert "crop 112" in result.stdout.splitlines()[0]
+
+    # a clip model's layers: (C, T, H, W) at its clip length (16 frames) and the crop, pooled to C
+    assert clip_layers.returncode == 0, clip_layers.stderr
+    rows = {line.split()[0]: line for line in clip_layers.stdout.splitlines()[2:-1]}
+    assert rows["layer4"].split()[1:] == ["(512,", "2,", "4,", "4)", "512"]
+    assert rows["avgpool"].split()[1:] == ["(512,", "1,", "1,", "1)", "512"]
+    assert "pooled over time and space" in clip_layers.stdout.splitlines()[-1]
 
 
 def test_layers_have_their_output_shapes_at_the_crop():
@@ -70,7 +82,8 @@ def test_layers_have_their_output_shapes_at_the_crop():
 
 def test_models_and_layers_of_one_family():
     assert format_models(only="open_clip").startswith("open_clip (model.arch, model.family: open_clip, ")
-    with pytest.raises(ModelError, match=r"--family: 'keras' is not one of torchvision, open_clip, timm, temporal"):
+    with pytest.raises(ModelError, match=r"--family: 'keras' is not one of torchvision, open_clip, timm, "
+                                         r"torchvision_video, temporal"):
         format_models(only="keras")
     nodes = {n.name: n.shape for n in layer_nodes("convnext_atto", 64, "timm")}
     assert nodes["stages.2"] == (160, 4, 4) and nodes["stages.3"] == (320, 2, 2)

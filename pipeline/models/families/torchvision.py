@@ -36,7 +36,7 @@ def feature_module(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     """The part of `model` whose output is the requested feature map."""
     layer = cfg.layer
     if layer is None:
-        return _drop_classifier(model)
+        return drop_classifier(model)
     names = layer_names(get_graph_node_names(model)[1])
     if layer not in names:
         raise ModelError(f"model.layer: {layer!r} is not a node of {cfg.arch}{did_you_mean(layer, names)} "
@@ -58,7 +58,7 @@ def crop_hint(arch: str) -> str:
         return "try a larger crop"
 
 
-def _drop_classifier(model: nn.Module) -> nn.Module:
+def drop_classifier(model: nn.Module) -> nn.Module:
     """Replace the last Linear layer (the classifier) with Identity: the penultimate features."""
     last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not last:
