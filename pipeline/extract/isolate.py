@@ -7,11 +7,15 @@ child that dies takes only its current job with it. Either way the next job gets
 A child's start (a Python interpreter importing the decoders, seconds on a busy node) is not
 charged to any file: the child says it is ready before the first job's clock starts.
 Python's ProcessPoolExecutor cannot kill a hung worker, hence this small hand-written pool of one.
+
+`stream` runs a generator in the child one item per request, so neither process holds more than
+an item or two of a long stream (a video's windows); the time limit is the whole stream's.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, Iterator, Optional
 
 from ..errors import DecodeFailure
 
@@ -43,14 +47,23 @@ def _serve(conn, target: Callable[..., Any], prepare: Optional[Callable[[], Any]
     if prepare is not None:  # `target`'s module was imported while the child unpickled it
         prepare()
     conn.send(("ready", None))
+    items: Iterator[Any] = iter(())
     while True:
         try:
-            args = conn.recv()
+            kind, args = conn.recv()
         except EOFError:
             return
         try:
-            conn.send(("ok", target(*args)))
+            if kind == "call":
+                conn.send(("ok", target(*args)))
+                continue
+            if kind == "stream":  # a new stream replaces one its consumer left
+                items = iter(target(*args))
+            conn.send(("ok", next(items)))
+        except StopIteration:
+            conn.send(("end", None))
         except Exception as e:  # the decoder's own error, by name (exceptions may not pickle)
+            items = iter(())
             conn.send(("error", (type(e).__name__, str(e))))
 
 
@@ -88,11 +101,28 @@ class IsolatedCall:
             raise DecoderUnavailable(f"the decoder process {why}")
 
     def call(self, *args: Any) -> Any:
+        return self._ask(("call", args), self.timeout_s)[1]
+
+    def stream(self, *args: Any) -> Iterator[Any]:
+        """The items of `target(*args)` (an iterable), each made in the child when asked for: the
+        child works only between a request and its answer, so the time the parent waits is the
+        child's time, and the limit (`timeout_s`) holds for the whole stream."""
+        left, message = self.timeout_s, ("stream", args)
+        while True:
+            t = time.monotonic()
+            status, value = self._ask(message, left)
+            if status == "end":
+                return
+            left -= time.monotonic() - t
+            message = ("next", None)
+            yield value
+
+    def _ask(self, message: tuple, timeout_s: float) -> tuple:
         if self._proc is None or not self._proc.is_alive():
             self._start()
         try:
-            self._conn.send(args)
-            if not self._conn.poll(self.timeout_s):
+            self._conn.send(message)
+            if not self._conn.poll(max(0.0, timeout_s)):
                 self.close()
                 raise DecodeTimeout(f"no result within {self.timeout_s:g} s")
             status, value = self._conn.recv()
@@ -102,7 +132,7 @@ class IsolatedCall:
             raise DecoderCrashed(f"the decoder process died (exit code {code})") from None
         if status == "error":
             raise ChildError(*value)
-        return value
+        return status, value
 
     def close(self) -> None:
         if self._proc is not None:

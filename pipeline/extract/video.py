@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -45,6 +45,7 @@ class Window:
     end_s: float
     frames: np.ndarray  # frame indices to decode, len == num_frames asked (repeats when short)
     real_frames: int  # distinct frames behind them
+    count: int = 1  # windows the video has
 
 
 @dataclass
@@ -64,11 +65,12 @@ def plan_windows(total: int, fps: float, cfg: VideoConfig) -> List[Window]:
     if total < 1 or not fps > 0:
         raise VideoDecodeError(f"no frames (frame count {total}, fps {fps})")
     duration = total / fps
+    bounds = _window_bounds(duration, cfg)
     out = []
-    for k, (start, end) in enumerate(_window_bounds(duration, cfg)):
+    for k, (start, end) in enumerate(bounds):
         first, last = int(round(start * fps)), min(total, max(int(round(end * fps)), int(round(start * fps)) + 1))
         frames = _sample(first, last, fps, cfg)
-        out.append(Window(k, start, end, frames, int(len(np.unique(frames)))))
+        out.append(Window(k, start, end, frames, int(len(np.unique(frames))), len(bounds)))
     return out
 
 
@@ -105,19 +107,31 @@ def frames_per_clip(cfg: VideoConfig) -> int:
 
 
 def decode_video(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
-    """All windows of one video (a path or bytes); decord first, PyAV once if decord fails."""
+    """All windows of one video (a path or bytes): stream_video's clips in a list."""
+    return list(stream_video(source, spec, cfg))
+
+
+def stream_video(source, spec: FrameSpec, cfg: VideoConfig) -> Iterator[Clip]:
+    """The windows of one video (a path or bytes) in order, one clip at a time, so that a long
+    video's windows are never held at once. decord first; PyAV if decord cannot open the video
+    (PyAV plans the windows again from its own probe), or from the window where decord failed on
+    (decord's plan: the windows given already stay as they are)."""
     faults.point("decode", source if isinstance(source, str) else "")  # runs in the isolated child
     if isinstance(source, (bytes, bytearray)) and not source:
         raise VideoDecodeError("empty file (0 bytes)")
+    given, plan = 0, None
     try:
-        return _decode_decord(source, spec, cfg)
-    except Exception as first:  # decord's errors are plain RuntimeErrors (or worse): try PyAV
-        try:
-            return _decode_pyav(source, spec, cfg)
-        except Exception as second:
-            raise VideoDecodeError(
-                f"decord: {_short(first)}; pyav: {_short(second)}"
-            ) from None
+        plan = _decord_plan(source, cfg)
+        for clip in _decord_clips(source, spec, plan):
+            yield clip
+            given += 1
+        return
+    except Exception as e:  # decord's errors are plain RuntimeErrors (or worse): try PyAV
+        first = e
+    try:
+        yield from _pyav_clips(source, spec, plan.after(given) if given else _pyav_plan(source, cfg))
+    except Exception as second:
+        raise VideoDecodeError(f"decord: {_short(first)}; pyav: {_short(second)}") from None
 
 
 def import_decoders() -> None:
@@ -147,45 +161,77 @@ def _open_source(source):
     return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
 
 
-def _decode_decord(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
+@dataclass
+class Plan:
+    """One video's windows and what decoding them needs: its fps and size (width, height)."""
+
+    windows: List[Window]
+    fps: float
+    size: Tuple[int, int]
+
+    def after(self, given: int) -> "Plan":
+        return Plan(self.windows[given:], self.fps, self.size)
+
+
+def _decord_plan(source, cfg: VideoConfig) -> Plan:
     import decord
 
     probe = decord.VideoReader(_open_source(source), num_threads=1)
     height, width = probe[0].shape[:2] if len(probe) else (0, 0)
     total, fps = len(probe), float(probe.get_avg_fps())
-    del probe
-    windows = plan_windows(total, fps, cfg)
-    w, h = spec.scaled(width, height)
+    return Plan(plan_windows(total, fps, cfg), fps, (width, height))
+
+
+def _decord_clips(source, spec: FrameSpec, plan: Plan) -> Iterator[Clip]:
+    import decord
+
+    w, h = spec.scaled(*plan.size)
     reader = decord.VideoReader(_open_source(source), width=w, height=h, num_threads=1)
-    clips = []
-    for window in windows:
+    for window in plan.windows:
         frames = reader.get_batch(window.frames.tolist()).asnumpy()
-        clips.append(Clip(window, center_crop(frames, spec.crop), fps, "decord"))
-    return clips
+        yield Clip(window, center_crop(frames, spec.crop), plan.fps, "decord")
 
 
 def _decode_pyav(source, spec: FrameSpec, cfg: VideoConfig) -> List[Clip]:
+    """All windows of one video by PyAV alone."""
+    return list(_pyav_clips(source, spec, _pyav_plan(source, cfg)))
+
+
+def _pyav_plan(source, cfg: VideoConfig) -> Plan:
+    total, fps, size = _pyav_probe(source)
+    return Plan(plan_windows(total, fps, cfg), fps, size)
+
+
+def _pyav_clips(source, spec: FrameSpec, plan: Plan) -> Iterator[Clip]:
+    """The windows' clips in order, decoding the video once: a window is given as soon as its last
+    frame is decoded, and only the frames of windows not given yet are kept (scaled as they are
+    converted). Frames past the video's real end (a header's count too high) repeat the last one."""
     import av
 
-    total, fps, (width, height) = _pyav_probe(source)
-    windows = plan_windows(total, fps, cfg)
-    wanted = {int(i) for wdw in windows for i in wdw.frames}
-    w, h = spec.scaled(width, height)
-    kept = {}
+    w, h = spec.scaled(*plan.size)
+    pending = list(plan.windows)
+    wanted = {int(i) for wdw in pending for i in wdw.frames}
+    kept: Dict[int, np.ndarray] = {}
+    last = None
     with av.open(_open_source(source)) as container:
         stream = container.streams.video[0]
         for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:  # only wanted frames are scaled and kept: memory stays bounded
-                kept[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
-            if i >= max(wanted):
+            if i in wanted:
+                kept[i] = last = frame.to_ndarray(format="rgb24", width=w, height=h)
+            while pending and i >= pending[0].frames.max():
+                yield _pyav_clip(pending.pop(0), kept, last, spec, plan.fps)
+                first = min((int(p.frames.min()) for p in pending), default=i + 1)
+                kept = {k: v for k, v in kept.items() if k >= first}
+            if not pending:
                 break
-    if not kept:
+    if last is None:
         raise VideoDecodeError("no frame could be decoded")
-    last = kept[max(kept)]
-    return [
-        Clip(wdw, center_crop(np.stack([kept.get(int(i), last) for i in wdw.frames]), spec.crop), fps, "pyav")
-        for wdw in windows
-    ]
+    for wdw in pending:
+        yield _pyav_clip(wdw, kept, last, spec, plan.fps)
+
+
+def _pyav_clip(wdw: Window, kept: Dict[int, np.ndarray], last: np.ndarray, spec: FrameSpec, fps: float) -> Clip:
+    return Clip(wdw, center_crop(np.stack([kept.get(int(i), last) for i in wdw.frames]), spec.crop), fps, "pyav")
 
 
 def _pyav_probe(source) -> Tuple[int, float, Tuple[int, int]]:
@@ -204,23 +250,28 @@ def _pyav_probe(source) -> Tuple[int, float, Tuple[int, int]]:
 # ---------------------------------------------------------------- the Ray Data stage
 
 _DECODER = None  # one isolated decoder process per Ray worker, reused across batches
+BATCH_BYTES = 64 << 20  # an output batch's frames, at most (and at least one row): the stage's memory bound
 
 
 @timed("decode")
 def decode_video_batch(
-    batch: Dict[str, np.ndarray], spec: FrameSpec, cfg: VideoConfig, windowed: bool
-) -> Dict[str, np.ndarray]:
-    """Ray Data map_batches function: one input row per video -> one output row per window.
+    batch: Dict[str, np.ndarray], spec: FrameSpec, cfg: VideoConfig, windowed: bool, batch_bytes: int = BATCH_BYTES
+) -> Iterator[Dict[str, np.ndarray]]:
+    """Ray Data map_batches generator: one input row per video -> one output row per window.
 
-    Each video is decoded in the isolated child with `cfg.decode_timeout_s`; a timeout, a
-    crash or an unreadable file becomes that video's error row. `frames` is one dense array
-    when every row has `num_frames` frames (uniform sampling), else one array per row.
+    Each video is decoded in the isolated child with `cfg.decode_timeout_s` (for all its windows);
+    a timeout, a crash or an unreadable file becomes that video's error row, or, once some of its
+    windows are out, one error row per window left. The windows stream from the child one at a
+    time and leave in batches of at most `batch_bytes` of frames, so a long video's windows are
+    never all held. `frames` is one dense array when every row has `num_frames` frames (uniform
+    sampling), else one array per row.
     """
     global _DECODER
     if _DECODER is None:
-        _DECODER = IsolatedCall(decode_video, timeout_s=cfg.decode_timeout_s, prepare=import_decoders)
+        _DECODER = IsolatedCall(stream_video, timeout_s=cfg.decode_timeout_s, prepare=import_decoders)
     _DECODER.timeout_s = cfg.decode_timeout_s  # a pooled worker may have served a job with another limit
-    rows = []
+    rows: List[Dict[str, Any]] = []
+    held = 0  # bytes of frames in `rows`
     for i in range(len(batch["sample_id"])):
         base = {"unit": batch["sample_id"][i], "unit_rows": 1, "attempts": 0,  # when not read by read.py
                 **{k: batch[k][i] for k in SAMPLE_COLUMNS if k in batch}}
@@ -229,17 +280,35 @@ def decode_video_batch(
         if batch["error_stage"][i]:
             rows.append(_error_row(base, {k: batch[k][i] for k in ERROR_COLUMNS}))
             continue
-        try:
-            clips = _DECODER.call(_source(batch["data"][i], str(base["uri"])), spec, cfg)
-        except DecoderUnavailable:  # no file's fault: the task fails and Ray retries it
-            raise
-        except Exception as e:  # this video's error row; the task goes on with the next
-            rows.append(_error_row(base, error_fields("decode", e)))
-            continue
-        if windowed and base["unit_rows"] == 1:  # the video is a unit of len(clips) rows
-            base["unit_rows"] = len(clips)
-        rows.extend(_clip_row(base, clip, windowed) for clip in clips)
-    return _to_columns(rows, spec, cfg)
+        for row in _video_rows(base, _source(batch["data"][i], str(base["uri"])), spec, cfg, windowed):
+            rows.append(row)
+            held += row["frames"].nbytes if row["frames"] is not None else 0
+            if held >= batch_bytes:
+                yield _to_columns(rows, spec, cfg)
+                rows, held = [], 0
+    if rows:
+        yield _to_columns(rows, spec, cfg)
+
+
+def _video_rows(base: Dict[str, Any], source, spec: FrameSpec, cfg: VideoConfig,
+                windowed: bool) -> Iterator[Dict[str, Any]]:
+    """One video's rows as its windows come from the decoder."""
+    given = count = 0
+    try:
+        for clip in _DECODER.stream(source, spec, cfg):
+            count = clip.window.count
+            if windowed and base["unit_rows"] == 1:  # the video is a unit of `count` rows
+                base = {**base, "unit_rows": count}
+            yield _clip_row(base, clip, windowed)
+            given += 1
+    except DecoderUnavailable:  # no file's fault: the task fails and Ray retries it
+        raise
+    except Exception as e:  # this video's error row(s); the task goes on with the next
+        error = error_fields("decode", e)
+        if not given:
+            yield _error_row(base, error)
+        for k in range(given, count):  # some windows are out: the others are each an error row
+            yield _error_row({**base, "sample_id": f"{base['sample_id']}#w{k}"}, error)
 
 
 def _source(data: bytes, uri: str):

@@ -1,4 +1,5 @@
 """Video sampling, decoding (decord, PyAV fallback) and isolation, on videos PyAV encodes here."""
+import io
 import os
 import signal
 import time
@@ -8,7 +9,15 @@ import pytest
 
 from pipeline.config import VideoConfig
 from pipeline.extract.isolate import ChildError, DecoderCrashed, DecoderUnavailable, DecodeTimeout, IsolatedCall
-from pipeline.extract.video import FrameSpec, VideoDecodeError, _decode_pyav, decode_video, plan_windows
+from pipeline.extract.video import (
+    FrameSpec,
+    VideoDecodeError,
+    _decode_pyav,
+    center_crop,
+    decode_video,
+    plan_windows,
+    stream_video,
+)
 from pipeline.samples import encode_video
 
 SPEC = FrameSpec(resize=128, crop=112)
@@ -214,8 +223,8 @@ def test_the_stage_turns_a_hanging_or_crashing_file_into_one_error_row(tmp_path,
     call = IsolatedCall(target, timeout_s=3.0)
     monkeypatch.setattr(video, "_DECODER", call)
     try:
-        out = video.decode_video_batch(video_batch(poison, good), SPEC, VideoConfig(num_frames=4, decode_timeout_s=3),
-                                       windowed=False)
+        (out,) = video.decode_video_batch(video_batch(poison, good), SPEC,
+                                          VideoConfig(num_frames=4, decode_timeout_s=3), windowed=False)
     finally:
         call.close()
     assert list(out["sample_id"]) == ["poison.avi", "good.avi"]
@@ -236,13 +245,102 @@ def test_each_job_gets_its_own_decode_time_limit_in_a_reused_worker(tmp_path, uc
     good, poison = good_and_poison(tmp_path, ucf_like)
     monkeypatch.setattr(video, "_DECODER", None)
     try:
-        first = video.decode_video_batch(video_batch(good), SPEC, VideoConfig(num_frames=4, decode_timeout_s=60),
-                                         windowed=False)
+        (first,) = video.decode_video_batch(video_batch(good), SPEC,
+                                            VideoConfig(num_frames=4, decode_timeout_s=60), windowed=False)
         assert list(first["error_stage"]) == [""]
         t = time.time()
-        second = video.decode_video_batch(video_batch(poison), SPEC, VideoConfig(num_frames=4, decode_timeout_s=2),
-                                          windowed=False)
+        (second,) = video.decode_video_batch(video_batch(poison), SPEC,
+                                             VideoConfig(num_frames=4, decode_timeout_s=2), windowed=False)
         assert list(second["error_type"]) == ["timeout"] and time.time() - t < 30
     finally:
         if video._DECODER is not None:
             video._DECODER.close()
+
+
+# ------------------------------------------------------------------ long videos: windows stream
+
+
+def windowed_batch(folder, video, cfg, batch_bytes):
+    """decode_video_batch's output batches for one windowed video, with a fresh decoder."""
+    import pipeline.extract.video as video_module
+
+    path = folder / "long.avi"
+    path.write_bytes(video)
+    video_module._DECODER = None
+    try:
+        return list(video_module.decode_video_batch(video_batch(path), SPEC, cfg, windowed=True,
+                                                    batch_bytes=batch_bytes))
+    finally:
+        video_module._DECODER.close()
+        video_module._DECODER = None
+
+
+def test_a_long_videos_windows_leave_in_bounded_batches_equal_to_decoding_it_whole(tmp_path, ucf_like):
+    cfg = VideoConfig(num_frames=4, window_s=0.4, decode_timeout_s=30)  # a 3 s video: 7 windows
+    whole = decode_video(ucf_like, SPEC, cfg)
+    clip_bytes = whole[0].pixels.nbytes
+    batches = windowed_batch(tmp_path, ucf_like, cfg, batch_bytes=2 * clip_bytes)
+    assert [len(b["sample_id"]) for b in batches] == [2, 2, 2, 1]  # never more than 2 windows held
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in ("sample_id", "frames", "unit_rows", "start_s")}
+    assert list(rows["sample_id"]) == [f"long.avi#w{k}" for k in range(7)]
+    assert (rows["unit_rows"] == 7).all()
+    assert list(rows["start_s"]) == [c.window.start_s for c in whole]
+    assert np.array_equal(rows["frames"], np.stack([c.pixels for c in whole]))
+
+
+def test_pyav_holds_only_the_frames_of_windows_not_given_yet(ucf_like):
+    from pipeline.extract.video import _pyav_clips, _pyav_plan
+
+    cfg = VideoConfig(num_frames=4, window_s=0.4)
+    plan = _pyav_plan(ucf_like, cfg)
+    clips = _pyav_clips(ucf_like, SPEC, plan)
+    given = []
+    for clip in clips:
+        given.append(clip)
+        held = clips.gi_frame.f_locals["kept"] if clips.gi_frame else {}
+        assert len(held) <= 2 * cfg.num_frames  # the next window's frames at most, never the video's
+    everything = {}  # the reference: every frame of the video, kept
+    import av
+
+    with av.open(io.BytesIO(ucf_like)) as container:
+        w, h = SPEC.scaled(*plan.size)
+        for i, frame in enumerate(container.decode(video=0)):
+            everything[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
+    assert len(given) == len(plan.windows) == 7
+    for clip in given:
+        want = center_crop(np.stack([everything[int(i)] for i in clip.window.frames]), SPEC.crop)
+        assert np.array_equal(clip.pixels, want)
+
+
+def three_then_fail(source, spec, cfg):
+    """The decoder's stream: a video's first windows, then a failure (a file corrupt past them)."""
+    for k, clip in enumerate(stream_video(source, spec, cfg)):
+        if k == 3:
+            raise ValueError("corrupt past window 3")
+        yield clip
+
+
+def three_then_hang(source, spec, cfg):
+    for k, clip in enumerate(stream_video(source, spec, cfg)):
+        if k == 3:
+            time.sleep(60)
+        yield clip
+
+
+@pytest.mark.parametrize("target, kind", [(three_then_fail, "ValueError"), (three_then_hang, "timeout")])
+def test_a_video_failing_after_some_windows_keeps_them_and_the_others_are_error_rows(tmp_path, ucf_like,
+                                                                                     monkeypatch, target, kind):
+    import pipeline.extract.video as video
+
+    path = tmp_path / "v.avi"
+    path.write_bytes(ucf_like)
+    call = IsolatedCall(target, timeout_s=5.0)
+    monkeypatch.setattr(video, "_DECODER", call)
+    try:
+        (out,) = video.decode_video_batch(video_batch(path), SPEC, VideoConfig(num_frames=4, window_s=0.4,
+                                                                                decode_timeout_s=5), windowed=True)
+    finally:
+        call.close()
+    assert list(out["sample_id"]) == [f"v.avi#w{k}" for k in range(7)]  # one row per window, once each
+    assert list(out["error_stage"]) == [""] * 3 + ["decode"] * 4 and set(out["error_type"][3:]) == {kind}
+    assert (out["unit_rows"] == 7).all() and out["frames"][:3].any() and not out["frames"][3:].any()

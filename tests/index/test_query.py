@@ -151,8 +151,8 @@ def video_table(tmp_path_factory):
     prepared = prepare(parse_job(job))
     batch = {"sample_id": ["run/v1.avi"], "uri": ["/run/v1.avi"], "label": ["run"], "split": ["all"], "data": [data],
              "error_stage": [""], "error_type": [""], "error_message": [""]}
-    batch = decode_video_batch({k: np.array(v, dtype=object) for k, v in batch.items()}, prepared.frames,
-                               prepared.job.video, windowed=True)
+    (batch,) = decode_video_batch({k: np.array(v, dtype=object) for k, v in batch.items()}, prepared.frames,
+                                  prepared.job.video, windowed=True)
     threads = torch.get_num_threads()
     batch = Embedder(EmbedSpec(model=prepared.job.model, weights=prepared.weights, crop=prepared.image.crop,
                                dim=prepared.dim, mean=prepared.mean, std=prepared.std, torch_threads=threads))(batch)
