@@ -13,7 +13,9 @@ excluded and the GPU synchronised:
 
 - model alone: `Embedder.embed` on a uint8 batch already on the device (normalise, bf16
   autocast, channels_last, pool, features back to the host), for the job's arch, ResNet-18 and
-  timm's ConvNeXt-T;
+  timm's ConvNeXt-T; and the clip models r2plus1d_18 and s3d (model.family torchvision_video) on
+  uint8 clips (B, T, H, W, 3), as clips/s, at their documented input (16x112 and 128x224;
+  `--clip-input smallest`, the CPU default, takes the smallest each accepts);
 - decode alone: torchvision's batched `decode_jpeg(device=...)` (nvJPEG), and the project's whole
   device decode (`device_decode.decode_on_device`: headers, decode, resize, crop);
 - the actor: `Embedder` (the one actor of every model family) built from an EmbedSpec as runner.py builds
@@ -54,12 +56,16 @@ from pipeline.extract.plan import plan_source  # noqa: E402
 from pipeline.extract.read import read_batch  # noqa: E402
 from pipeline.models.actor import Embedder, EmbedSpec  # noqa: E402
 from pipeline.models.base import feature_dim, resolve  # noqa: E402
+from pipeline.models.families.torchvision_video import input_defaults, weights_entry  # noqa: E402
 from pipeline.samples import photo  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # prepare.py's ImageNet defaults
 GPU_SIZES = [(500, 375), (375, 500), (500, 333), (640, 480), (500, 400)]  # ImageNet-like
 CPU_SIZES = [(96, 72), (72, 96)]
 TARGETS = {"actor_over_model": 0.8, "actor_images_per_s": 10000.0, "cosine": 0.99}
+CLIP_MODELS = {"r2plus1d_18": 32, "s3d": 8}  # the clip models' rows, clips per batch on a GPU
+SMALLEST_CLIPS = {"r2plus1d_18": (4, 32), "s3d": (16, 224)}  # (frames, crop): s3d's last pooling is 2x7x7
+KINETICS_MEAN, KINETICS_STD = [0.43216, 0.394666, 0.37645], [0.22803, 0.22145, 0.216989]
 
 
 # ---------------------------------------------------------------- settings
@@ -77,6 +83,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--threads", help="CPU decode thread counts, comma-separated")
     p.add_argument("--budget", type=float, help="seconds after which the optional rows are skipped")
     p.add_argument("--no-optional", action="store_true", help="skip cudnn.benchmark, compile, in-flight rows")
+    p.add_argument("--clip-input", choices=("documented", "smallest"),
+                   help="the clip models' input: their documented one (a GPU's default), or the smallest they take")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,6 +97,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
         "crop": 224 if gpu else 64,
         "seconds": (3.0 if quick else 8.0) if gpu else (0.2 if quick else 1.0),
         "budget": (150.0 if quick else 330.0) if gpu else 60.0,
+        "clip_input": "documented" if gpu else "smallest",
         "threads": ",".join(str(n) for n in sorted({n for n in (1, 4, 16, cores) if n <= cores}))
         if gpu else ",".join(str(n) for n in sorted({1, min(2, cores)})),
     }
@@ -292,6 +301,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         return b.rate(a.embed, [on_device], images)
     b.row("model_alone_convnext_tiny", f"timm convnext_tiny@{args.crop} embed() alone (random init)", convnext)
 
+    for arch in CLIP_MODELS:
+        frames, crop = clip_input(args, arch)
+        b.row(f"model_alone_{arch}", f"{arch} {frames}x{crop} embed() alone, uint8 clips on the device; "
+              "images/s are frames/s", lambda arch=arch: clip_rate(b, args, arch))
+
     # 2. decoding alone, on the device
     b.row("decode_jpeg_alone", "torchvision decode_jpeg(batch, device=cuda) alone (nvJPEG), full size",
           lambda: b.rate(lambda x: _decode_jpegs(list(x["data"]), dev), batches, images), gpu_only=True)
@@ -334,6 +348,29 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     b.row("actor_gpu_decode_compiled", "the actor, GPU decode, torch.compile(backbone)",
           actor_compiled, gpu_only=True, optional=True)
     return report(args, b, checks, gen_s, float(np.mean(sizes)), actor_row)
+
+
+def clip_input(args: argparse.Namespace, arch: str) -> tuple:
+    """(frames, crop) of the clip model's rows: its weights' clip length and crop, or the smallest it takes."""
+    if args.clip_input == "smallest":
+        return SMALLEST_CLIPS[arch]
+    defaults = input_defaults(weights_entry(arch))
+    return defaults["num_frames"], defaults["crop"]
+
+
+def clip_rate(b: Bench, args: argparse.Namespace, arch: str) -> Dict[str, Any]:
+    """A clip model's embed() (model.family torchvision_video, the Embedder of every family) on uint8
+    clips (B, T, H, W, 3) already on the device: clips/s, and frames/s as images_per_s."""
+    frames, crop = clip_input(args, arch)
+    batch = CLIP_MODELS[arch] if b.gpu else 1
+    cfg = ModelConfig(arch=arch, family="torchvision_video", weights="none", device=args.device)
+    weights = resolve(cfg)
+    a = Embedder(EmbedSpec(model=cfg, weights=weights, crop=crop, dim=feature_dim(cfg, crop, weights, frames=frames),
+                           mean=KINETICS_MEAN, std=KINETICS_STD, torch_threads=max(args.threads), clips=True))
+    clips = torch.randint(0, 256, (batch, frames, crop, crop, 3), dtype=torch.uint8).to(b.device)
+    r = b.rate(a.embed, [clips], batch, warmup=1)
+    return {**r, "clips_per_s": round(r["images_per_s"], 2), "images_per_s": r["images_per_s"] * frames,
+            "clip": f"{batch}x{frames}x{crop}"}
 
 
 def compile_rate(b: Bench, a, items, images) -> Dict[str, Any]:
@@ -441,7 +478,7 @@ def report(args, b: Bench, checks, gen_s: float, mean_bytes: float, actor_row) -
                                "what": "the best actor row, images/s on this one device"},
     }
     settings = {k: getattr(args, k) for k in ("device", "images", "batch", "arch", "crop", "resize", "seconds",
-                                              "threads", "budget", "quick")}
+                                              "threads", "budget", "quick", "clip_input")}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(args), "settings": settings, "weights": "random init (none): throughput only",
@@ -460,7 +497,8 @@ def markdown(result: Dict[str, Any]) -> str:
              "", "| row | images/s | ms/batch | what |", "|---|---|---|---|"]
     for r in result["rows"]:
         rate = f"{r['images_per_s']:,.1f}" if r["images_per_s"] is not None else f"skipped ({r.get('note', '')})"
-        extra = "".join(f"; {k} {r[k]}" for k in ("compile_s", "cosine_vs_sequential_min") if k in r)
+        extra = "".join(f"; {k} {r[k]}" for k in ("compile_s", "cosine_vs_sequential_min", "clips_per_s", "clip")
+                        if k in r)
         lines.append(f"| {r['key']} | {rate} | {r.get('ms_per_batch', '')} | {r['what']}{extra} |")
     lines += ["", "| check | min cosine | mean | centered min | other images | target | pass |",
               "|---|---|---|---|---|---|---|"]

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEASURED_ON_CPU = ("model_alone", "actor_cpu_decode_t1", "actor_cpu_decode_t2")
+MEASURED_ON_CPU = ("model_alone", "actor_cpu_decode_t1", "actor_cpu_decode_t2", "model_alone_r2plus1d_18",
+                   "model_alone_s3d")
 GPU_ONLY = ("decode_jpeg_alone", "device_decode_alone", "actor_gpu_decode", "actor_gpu_decode_cudnn_benchmark",
             "actor_two_in_flight", "model_alone_compiled", "actor_gpu_decode_compiled")
 
@@ -24,6 +25,8 @@ def test_gpu_bench_runs_on_cpu_without_ray(tmp_path):
     for key in GPU_ONLY:
         assert rows[key]["status"] == "skipped" and rows[key]["images_per_s"] is None, rows[key]
     assert rows["model_alone_convnext_tiny"]["status"] in ("ok", "skipped")  # timm may be absent
+    for key, clip in (("model_alone_r2plus1d_18", "1x4x32"), ("model_alone_s3d", "1x16x224")):  # the smallest
+        assert rows[key]["clip"] == clip and rows[key]["clips_per_s"] > 0, rows[key]
     for check in ("decode_cosine", "bf16_cosine"):  # the same comparisons a GPU run makes, on the CPU
         c = result["checks"][check]
         assert c["rows"] == 16 and c["min"] >= 0.99 and c["pass"], c
@@ -31,5 +34,5 @@ def test_gpu_bench_runs_on_cpu_without_ray(tmp_path):
     assert set(result["targets"]) == {"actor_over_model", "actor_images_per_s"}
     assert result["settings"]["arch"] == "resnet18" and result["settings"]["batch"] == 4
     md = (tmp_path / "gpu.md").read_text()
-    assert "CPU (smoke run, not a GPU figure)" in md and "| actor_cpu_decode_t1 |" in md
+    assert "CPU (smoke run, not a GPU figure)" in md and "| actor_cpu_decode_t1 |" in md and "| model_alone_s3d |" in md
     assert "| model_alone |" in proc.stdout  # the table is printed too
