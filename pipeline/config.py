@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import types
@@ -84,6 +85,12 @@ class VideoConfig:
     window_s: Optional[float] = None  # split long videos into windows of this many seconds ...
     stride_s: Optional[float] = None  # ... starting this far apart (default: window_s)
     max_frames: int = 512  # memory bound: frames decoded per clip or window, at most
+    # The windows in frames, as video researchers give them (v-iashin/video_features' stack and step at
+    # an extraction fps): clips of stack_frames frames at extraction_fps, one every step_frames frames.
+    # parse_job turns them into window_s, stride_s and num_frames; the rest of the path reads those.
+    extraction_fps: Optional[float] = None
+    stack_frames: Optional[int] = None
+    step_frames: Optional[int] = None  # default: stack_frames (clips side by side)
     size: Optional[int] = None  # frames are decoded at this shorter side; None: preprocess.resize
     decode_timeout_s: float = 60.0  # a decode that takes longer becomes an error row
 
@@ -173,8 +180,44 @@ def read_job_file(path: str, what: str = "job file") -> Any:
 
 def parse_job(data: Any, overrides: Optional[List[str]] = None) -> JobConfig:
     job = build_config(JobConfig, data, overrides)
+    job = dataclasses.replace(job, video=frame_windows(job.video))
     _check(job)
     return job
+
+
+FRAME_WINDOW_KEYS = ("extraction_fps", "stack_frames", "step_frames")
+
+
+def frame_windows(v: VideoConfig) -> VideoConfig:
+    """The windows in frames as the windows in seconds: window_s = stack_frames / extraction_fps,
+    stride_s = step_frames / extraction_fps, and num_frames = stack_frames, whose uniform sampling
+    (the centres of stack_frames equal parts of the window) takes one frame every 1 / extraction_fps
+    seconds. Keys of both forms must agree, so a job read back from its record parses the same."""
+    given = {k: getattr(v, k) for k in FRAME_WINDOW_KEYS if getattr(v, k) is not None}
+    if not given:
+        return v
+    if v.stack_frames is None:
+        keys = " and ".join(f"video.{k}" for k in given)
+        raise ConfigError(f"{keys}: {'need' if len(given) > 1 else 'needs'} video.stack_frames (the clip length in "
+                          "frames)")
+    for key in ("stack_frames", "step_frames"):
+        if key in given and not (isinstance(given[key], int) and given[key] >= 1):
+            raise ConfigError(f"video.{key}: must be a whole number of frames, at least 1, got {given[key]}")
+    if not (v.extraction_fps or 0) > 0:
+        raise ConfigError("video.extraction_fps: required (and positive) with video.stack_frames: the rate the "
+                          "clip's frames are taken at")
+    if v.sampling != "uniform":
+        raise ConfigError(f"video.sampling: {v.sampling}, but video.stack_frames takes its frames at "
+                          "video.extraction_fps; use sampling: uniform (the default)")
+    fps = float(v.extraction_fps)
+    derived = {"window_s": v.stack_frames / fps, "stride_s": (v.step_frames or v.stack_frames) / fps,
+               "num_frames": v.stack_frames}
+    for key, value in derived.items():
+        if getattr(v, key) is not None and not math.isclose(getattr(v, key), value, rel_tol=1e-9):
+            raise ConfigError(f"video.{key}: {getattr(v, key)}, but video.stack_frames {v.stack_frames} and "
+                              f"step_frames {v.step_frames or v.stack_frames} at extraction_fps {fps:g} make it "
+                              f"{value:g}; give the windows in frames or in seconds, not both")
+    return dataclasses.replace(v, **derived)
 
 
 def build_config(cls, data: Any, overrides: Optional[List[str]] = None):

@@ -284,6 +284,39 @@ def test_what_a_clip_model_job_cannot_have_is_refused_naming_the_key(change, mes
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+def test_windows_in_frames_are_the_windows_in_seconds_with_frames_at_the_extraction_fps():
+    """video_features' stack and step at an extraction fps: 8-frame clips at 15 fps every 4 frames."""
+    from pipeline.extract.video import plan_windows
+
+    cfg = parse_job({**CLIPS, "video": {"extraction_fps": 15, "stack_frames": 8, "step_frames": 4}})
+    assert (cfg.video.window_s, cfg.video.stride_s, cfg.video.num_frames) == (8 / 15, 4 / 15, 8)
+    windows = plan_windows(90, 30.0, cfg.video)  # a 3 s video at 30 fps: one frame in 2 is a 15 fps frame
+    assert [list(w.frames) for w in windows[:2]] == [list(range(1, 16, 2)), list(range(9, 24, 2))]
+    assert len(windows) == 10 and windows[-1].end_s == pytest.approx(44 / 15)  # the last whole stack: 36 + 8
+    assert parse_job(to_dict(cfg)) == cfg  # the job read back from its record (both forms, agreeing)
+    side_by_side = parse_job({**CLIPS, "video": {"extraction_fps": 25, "stack_frames": 16}}).video
+    assert (side_by_side.window_s, side_by_side.stride_s) == (0.64, 0.64)
+
+
+@pytest.mark.parametrize("video,message", [
+    ({"stack_frames": 16}, "video.extraction_fps: required (and positive) with video.stack_frames"),
+    ({"stack_frames": 16, "extraction_fps": 0}, "video.extraction_fps: required (and positive)"),
+    ({"step_frames": 8}, "video.step_frames: needs video.stack_frames"),
+    ({"step_frames": 8, "extraction_fps": 25}, "video.extraction_fps and video.step_frames: need video.stack_frames"),
+    ({"extraction_fps": 25}, "video.extraction_fps: needs video.stack_frames"),
+    ({"stack_frames": 0, "extraction_fps": 25}, "video.stack_frames: must be a whole number of frames, at least 1"),
+    ({"stack_frames": 16, "step_frames": -2, "extraction_fps": 25}, "video.step_frames: must be a whole number"),
+    ({"stack_frames": 16, "extraction_fps": 25, "window_s": 2.0}, "video.window_s: 2.0, but video.stack_frames 16 and "
+                                                                  "step_frames 16 at extraction_fps 25 make it 0.64"),
+    ({"stack_frames": 16, "extraction_fps": 25, "num_frames": 8}, "video.num_frames: 8, but video.stack_frames 16"),
+    ({"stack_frames": 16, "extraction_fps": 25, "sampling": "all"}, "video.sampling: all, but video.stack_frames"),
+])
+def test_windows_in_frames_that_are_incomplete_or_disagree_are_refused_naming_the_key(video, message):
+    with pytest.raises(ConfigError) as e:
+        parse_job({**CLIPS, "video": video})
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["../../x", "/abs", ".hidden", "a/b", "x" * 129, "", "a..b"])
 def test_a_temporal_head_name_that_is_not_plain_is_refused_naming_the_key(name):
     """The name becomes the column clip_<name>, which later commands turn into paths (OUT/_index/...)."""

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..config import FRAME_WINDOW_KEYS
 from ..errors import OutputExists
 from ..extract.plan import plan_source, with_fetch_uris
 from ..fingerprint import changed, fingerprint
@@ -87,7 +88,9 @@ def settings(prepared) -> Dict[str, Any]:
     if job.output.partition_by:  # folders `split_dir=`, exact values in the files (an older output had `split=`)
         out["output.partition_folders"] = [folder_key(c) for c in job.output.partition_by]
     if job.is_video:
-        out.update({f"video.{k}": v for k, v in vars(job.video).items() if k != "decode_timeout_s"})
+        # the windows in frames are recorded as the seconds they resolve to (config.frame_windows)
+        out.update({f"video.{k}": v for k, v in vars(job.video).items()
+                    if k != "decode_timeout_s" and k not in FRAME_WINDOW_KEYS})
         out["temporal"] = [h.provenance() for h in prepared.heads]
     # As _job.json holds them: lists, not tuples, credentials masked (a changed password is the same job).
     return redact(json.loads(json.dumps(out)))
