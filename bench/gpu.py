@@ -368,7 +368,7 @@ def clip_rate(b: Bench, args: argparse.Namespace, arch: str) -> Dict[str, Any]:
     a = Embedder(EmbedSpec(model=cfg, weights=weights, crop=crop, dim=feature_dim(cfg, crop, weights, frames=frames),
                            mean=KINETICS_MEAN, std=KINETICS_STD, torch_threads=max(args.threads), clips=True))
     clips = torch.randint(0, 256, (batch, frames, crop, crop, 3), dtype=torch.uint8).to(b.device)
-    r = b.rate(a.embed, [clips], batch, warmup=1)
+    r = b.rate(a.embed, [clips], batch, warmup=1, min_items=1)
     return {**r, "clips_per_s": round(r["images_per_s"], 2), "images_per_s": r["images_per_s"] * frames,
             "clip": f"{batch}x{frames}x{crop}"}
 
