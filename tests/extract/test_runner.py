@@ -36,7 +36,8 @@ def test_images_for_a_cpu_model_decode_in_the_actor_videos_and_gpus_in_tasks():
     assert lay.decode_in_actor and lay.decode_on == "the model actor"
     assert stage_workers(lay, parse_job(BASE))["decode"] == lay.max_actors
     assert not plan(LOCAL, 1000, decode_on="any").decode_in_actor
-    video = parse_job({**BASE, "source": {"uri": "v/", "media": "video"}, "temporal": [{"kind": "mean", "name": "mean"}]})
+    video = parse_job({**BASE, "source": {"uri": "v/", "media": "video"}, "temporal": [{"kind": "mean", "name": "mean"}],
+                       "video": {"num_frames": 16}})  # prepare() resolves a null num_frames before the layout
     assert not plan_resources(video, 100, LOCAL).decode_in_actor
     assert not plan(CLUSTER).decode_in_actor  # GPUs: CPU nodes decode, the GPU nodes' CPUs feed the model
     lay = plan(CLUSTER, decode_on="actor")
