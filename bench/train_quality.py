@@ -114,7 +114,7 @@ def table(made: dict, args) -> None:
         column, kinds = HEADS[task]
         d = tasks.rows(uri, column)
         n = f"{d['train'].sum()}/{d['val'].sum()}/{d['test'].sum()}"
-        for kind in kinds:
+        for kind in [k for k in kinds if not args.heads or k in args.heads]:
             ref, how = reference(d, kind, args)
             runs = [default_accuracy(task, uri, kind, column, d, args.apply, seed=s)
                     for s in range(args.default_seeds)]
@@ -146,6 +146,8 @@ def grid(made: dict, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", nargs="+", choices=list(HEADS), default=list(HEADS))
+    p.add_argument("--heads", nargs="+", choices=sorted({k for _, ks in HEADS.values() for k in ks}), default=None,
+                   help="only these head kinds of the tasks (default: all)")
     p.add_argument("--videos", type=int, default=120, help="order videos (2/3 of the scenes train)")
     p.add_argument("--clips", type=int, default=360, help="synthetic sequences (1/3 held out)")
     p.add_argument("--photos", type=int, default=60, help="training crops a class (half as many held out)")
