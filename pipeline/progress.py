@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, TextIO
 
-from .redact import logger
+from .redact import logger, redact_text
 from .timing import breakdown
 
 INTERVAL_ENV = "FEATURIZE_PROGRESS_INTERVAL"
@@ -141,15 +141,11 @@ def postfix(c: Counts, nouns: Nouns) -> str:
 
 def describe_job(job) -> str:
     """`job demo: resnet18 over /data/images into out/demo` (no credentials)."""
-    from .redact import redact_text
-
     return (f"job {job.name}: {job.model.arch} over {redact_text(job.source.uri)} "
             f"into {redact_text(job.output.uri)}")
 
 
 def applying(checkpoint: str, table: str, out: str) -> str:
-    from .redact import redact_text
-
     return f"apply {redact_text(checkpoint)} to {redact_text(table)} into {redact_text(out)}"
 
 

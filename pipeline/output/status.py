@@ -14,12 +14,11 @@ from .ledger import STAGING, audit, parquet_files
 from .root import JOB_FILE, OVERWRITE, PLAN_FILE, load_plan, read_record
 from .store import filesystem
 
-# status -> what it means, for the CLI's line (the record's own words: complete, running, failed,
-# interrupted; the two the files tell: planned, stopped)
+# the two states the files tell, in words for the CLI's line (the record's own words, complete,
+# running, interrupted, failed, say themselves)
 MEANING = {
     "planned": "planned, not started: stopped before its first record",
     "stopped": "stopped: its record says running but no run holds the output (killed?)",
-    "interrupted": "interrupted",
 }
 
 
