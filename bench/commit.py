@@ -64,7 +64,7 @@ def make_files(n: int, rows: int, dim: int) -> List[Dict[str, Any]]:
 
 def workspace(uri: str) -> SimpleNamespace:
     """What start_committer reads of a run: the output's URI, the job's fingerprint, what OUT held."""
-    return SimpleNamespace(uri=uri, ledger=SimpleNamespace(job="benchjob", rows=(), units=()))
+    return SimpleNamespace(uri=uri, job="benchjob", committed=(0, 0))
 
 
 def committed(files, writers: int, uri: str, options: Dict[str, Any], mode: str) -> float:

@@ -114,9 +114,9 @@ def main() -> None:
             out = f"{args.dir}/d{dim}-r{rows}"
             make_table(out, rows, dim)
             runs: dict = {}
+            contenders = [("scan", "scan", 0)] + [(f"loader, {w} workers", "loader", w) for w in args.workers]
             for _ in range(args.repeat):  # interleaved, so the host's drift falls on every contender alike
-                runs = [("scan", "scan", 0)] + [(f"loader, {w} workers", "loader", w) for w in args.workers]
-                for name, kind, w in runs:
+                for name, kind, w in contenders:
                     r = measure(kind, out, w)
                     assert r["rows"] == rows, (name, r)
                     runs.setdefault(name, []).append(r)

@@ -63,6 +63,10 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+DEFAULT_FILE_SIZE = "64MiB"  # output.file_size, and apply's: see file_bytes
+MAX_FILE_BYTES = 1 << 30
+
+
 @dataclass
 class OutputConfig:
     uri: str
@@ -70,6 +74,7 @@ class OutputConfig:
     dtype: Literal["float16", "float32"] = "float16"
     storage_options: Optional[Dict[str, Any]] = None  # None: the source's when on the same store
     frame_features: bool = False  # videos: also write the per-frame features
+    file_size: Union[int, str] = DEFAULT_FILE_SIZE  # each committed file holds about this much (row groups inside)
 
 
 DEFAULT_NUM_FRAMES = 16  # video.num_frames for a per-frame model, and for a clip model without a documented length
@@ -345,6 +350,7 @@ def _check(job: JobConfig) -> None:
         value = getattr(pre, key)
         if value is not None and len(value) != 3:
             raise ConfigError(f"preprocess.{key}: expected 3 values (R, G, B), got {len(value)}")
+    file_bytes(job.output.file_size, "output.file_size")
     for col in job.output.partition_by:
         if col not in PARTITION_COLUMNS:
             raise ConfigError(f"output.partition_by: {col!r} is not one of {', '.join(PARTITION_COLUMNS)}")
@@ -455,6 +461,18 @@ def memory_bytes(value: Union[int, str, None], key: str) -> Optional[int]:
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
         raise ConfigError(f"{key}: {value!r} is not a size (bytes, or a number with KB, MB, GB, KiB, MiB, GiB ...)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def file_bytes(value: Union[int, str], key: str) -> int:
+    """A committed file's target size in bytes, from 67108864 or "64MiB": a write task gathers
+    blocks until they hold this much, then writes them as one file per partition. Larger files
+    read faster (fewer opens and footers; object stores charge per request) but a killed run
+    redoes the files it had in flight, and the write task holds its file in memory (on an object
+    store its bytes also travel to the committer): at most MAX_FILE_BYTES."""
+    size = memory_bytes(value, key) or 0
+    if not 1 <= size <= MAX_FILE_BYTES:
+        raise ConfigError(f"{key}: {value!r} is not between 1 byte and 1GiB (a write task holds its file in memory)")
+    return size
 
 
 def output_storage_options(job: JobConfig) -> Dict[str, Any]:

@@ -21,7 +21,7 @@ from .output.committer import CONCURRENCY, Committer
 from .output.lease import Lease
 from .output.ledger import audit
 from .output.record import Summary
-from .output.root import Workspace, finish, table_rows
+from .output.root import Workspace, finish
 from .output.store import filesystem
 from .procs import marked_environment, stop_orphans
 from .redact import logger
@@ -91,8 +91,7 @@ def start_committer(ws: Workspace, out_uri: str, storage_options: Dict[str, Any]
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = ray.remote(Committer).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here,
                                           max_concurrency=CONCURRENCY)
-    return actor.remote(ws.uri, storage_options, job=ws.ledger.job, lease=(out_uri, run_id),
-                        base=(len(ws.ledger.rows), len(ws.ledger.units)))
+    return actor.remote(ws.uri, storage_options, job=ws.job, lease=(out_uri, run_id), base=ws.committed)
 
 
 def stop(committer) -> None:
@@ -158,7 +157,7 @@ def summarize(ws: Workspace, out_uri: str, t0: float, t1: float, totals: Dict[st
         out_uri=out_uri, planned=len(ws.plan), features=totals.get("features", 0),
         errors=dict(sorted(totals.get("errors", {}).items())), wall_s=time.time() - t1, startup_s=t1 - t0,
         skipped=ws.skipped, added=ws.added, gone=ws.gone, duplicates=totals.get("duplicates", 0),
-        output_rows=ws.rows if ws.rows is not None else table_rows(ws.fs, ws.root),
+        output_rows=dict(ws.rows or {}),  # as the run's audit (verify, before every summary) read them
         ray_logs=(ray_log_dir() or "") if totals else "",
         progress=progress_series(commits, t1), **steady_state(commits, t1), **fields)
 

@@ -16,6 +16,7 @@ from ..config import (
     DEFAULT_NUM_FRAMES,
     DEFAULT_RESIZE,
     JobConfig,
+    file_bytes,
     output_storage_options,
     source_store_options,
 )
@@ -67,6 +68,7 @@ class Prepared:
             partition_by=self.job.output.partition_by,
             columns=columns,
             metadata=self.provenance(),
+            file_bytes=file_bytes(self.job.output.file_size, "output.file_size"),
         )
 
     def provenance(self) -> Dict[str, str]:

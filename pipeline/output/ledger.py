@@ -38,7 +38,7 @@ import posixpath
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,6 +57,7 @@ from .store import (  # noqa: F401 (re-exported)
 )
 
 STAGING, UNITS = "_staging", "_units"
+Ids = Union[Set[str], pa.Array, pa.ChunkedArray]  # sample ids or units: a ledger's set, or as a file holds them
 TABLES = ("features", "errors")
 log = logger(__name__)  # credentials masked in every record
 
@@ -76,6 +77,7 @@ class Staged:
     kinds: List[str] = field(default_factory=list)  # errors: "stage/error_type" per row
     units: List[Tuple[str, str, int]] = field(default_factory=list)  # rows of multi-row units
     data: Optional[bytes] = None  # the file itself, published by one exclusive PUT
+    row_group_bytes: Optional[int] = None  # its row groups' size, kept when its rows are written anew
 
     def table(self, fs) -> pa.Table:
         if self.data is not None:
@@ -104,10 +106,21 @@ def part_name(ids: Iterable[str]) -> str:
     return f"part-{hashlib.sha256(key.encode('ascii')).hexdigest()[:32]}.parquet"
 
 
-def committed_ids(fs, root: str) -> Dict[str, List[str]]:
-    """The sample ids of OUT/features and of OUT/errors as the files on the store hold them (lists,
-    so that an id committed twice shows twice)."""
-    return {t: read_column(fs, parquet_files(fs, f"{root}/{t}"), "sample_id").to_pylist() for t in TABLES}
+def committed_ids(fs, root: str) -> Dict[str, pa.ChunkedArray]:
+    """The sample ids of OUT/features and of OUT/errors as the files on the store hold them (Arrow
+    arrays, a few bytes an id; an id committed twice shows twice)."""
+    return {t: read_column(fs, parquet_files(fs, f"{root}/{t}"), "sample_id") for t in TABLES}
+
+
+def committed_units(fs, root: str) -> pa.ChunkedArray:
+    return read_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit")
+
+
+def clear_staging(fs, root: str) -> None:
+    try:
+        fs.rm(f"{root.rstrip('/')}/{STAGING}", recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def staging_folder(job: str, run: str) -> str:
@@ -133,8 +146,10 @@ class Ledger:
                  fence: Optional[Callable[[], None]] = None):
         self.fs, self.root, self.job, self.fence = fs, root.rstrip("/"), job, fence
         if state is None:
-            state = ({i for ids in committed_ids(fs, self.root).values() for i in ids},
-                     set(read_column(fs, parquet_files(fs, f"{self.root}/{UNITS}"), "unit").to_pylist()))
+            state = (set(), set(committed_units(fs, self.root).to_pylist()))
+            for ids in committed_ids(fs, self.root).values():
+                for chunk in ids.chunks:  # a file's ids at a time: no second list of all of them
+                    state[0].update(chunk.to_pylist())
         self.rows, self.units = state
         self.pending: Dict[str, Tuple[Set[str], int]] = {}  # unit -> (its rows seen, rows expected)
         self.reserved: Set[str] = set()  # rows of files being published now
@@ -163,10 +178,7 @@ class Ledger:
         return published
 
     def clear_staging(self) -> None:
-        try:
-            self.fs.rm(f"{self.root}/{STAGING}", recursive=True)
-        except FileNotFoundError:
-            pass
+        clear_staging(self.fs, self.root)
 
     def commit(self, staged: List[Staged]) -> Dict[str, Any]:
         if self.fence is not None:
@@ -234,7 +246,7 @@ class Ledger:
                 if len(keep) < len(s.ids):
                     table = s.table(self.fs).take(keep)
                     final = posixpath.join(posixpath.dirname(final), part_name(table["sample_id"].to_pylist()))
-                    data = parquet_bytes(table)
+                    data = parquet_bytes(table, s.row_group_bytes)
                 self._put(final, data)
                 s.drop(self.fs)
             else:
@@ -268,28 +280,36 @@ class Ledger:
         return completed
 
 
-def remaining(plan: pa.Table, rows: Set[str], units: Set[str]) -> pa.Table:
+def remaining(plan: pa.Table, rows: Ids, units: Ids) -> pa.Table:
     """The plan rows not yet done: a tar shard is done when recorded complete in _units, a
-    file when its row is committed or (a windowed video) its unit is complete."""
+    file when its row is committed or (a windowed video) its unit is complete. `rows` and
+    `units`: sets, or Arrow arrays as the files hold them."""
     ids = plan["sample_id"]
-    in_units = pc.is_in(ids, value_set=pa.array(sorted(units), pa.string()))
-    in_rows = pc.is_in(ids, value_set=pa.array(sorted(rows), pa.string()))
+    in_units = pc.is_in(ids, value_set=_value_set(units, ids.type))
+    in_rows = pc.is_in(ids, value_set=_value_set(rows, ids.type))
     is_file = pc.equal(plan["container"], "")
     done = pc.or_(in_units, pc.and_(is_file, in_rows))
     return plan.filter(pc.invert(done))
 
 
+def _value_set(values: Ids, typ: pa.DataType) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return values.cast(typ) if isinstance(values, pa.Array) else pa.array(list(values), typ)
+
+
 def audit(fs, root: str, plan: pa.Table) -> Dict[str, Any]:
     """What the files on the store hold against the plan: planned samples missing (count and
     first), sample ids committed more than once across features and errors, and the rows of each
-    table (read with the ids: the files are read once, for both)."""
+    table (read with the ids: each file is opened once, for both, several at a time). The ids stay
+    in Arrow: a few bytes each, not a Python string in a list, a set and a counter."""
     by_table = committed_ids(fs, root)
-    ids = [i for t in TABLES for i in by_table[t]]
-    units = set(read_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit").to_pylist())
-    left = remaining(plan, set(ids), units)
+    ids = pa.chunked_array([c for t in TABLES for c in by_table[t].chunks], pa.string())
+    left = remaining(plan, ids, committed_units(fs, root))
+    counts = pc.value_counts(ids)
+    twice = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     return {"missing": len(left), "first_missing": left["sample_id"][0].as_py() if len(left) else None,
-            "duplicates": sorted(k for k, n in Counter(ids).items() if n > 1),
-            "rows": {t: len(by_table[t]) for t in TABLES}}
+            "duplicates": sorted(twice.to_pylist()), "rows": {t: len(by_table[t]) for t in TABLES}}
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .ledger import (
     TABLES,
     UNITS,
     Ledger,
+    clear_staging,
     is_local,
     move,
     parquet_bytes,
@@ -36,7 +37,7 @@ from .ledger import (
     write_atomic,
 )
 from .partitions import folder_key
-from .store import filesystem
+from .store import READERS, filesystem, with_connections
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
 OVERWRITE, SWAP_FILE = "_overwrite", "_swap.json"
@@ -51,12 +52,14 @@ class Workspace:
     root: str
     plan: pa.Table  # every planned sample
     todo: pa.Table  # the plan rows still to process, with `attempts` and `skip`
-    ledger: Ledger
+    job: str  # the job's fingerprint: its staging folder, and what its committer may recover
     previous: Optional[Dict[str, Any]]  # the _job.json an earlier run left, if any
     replaces: Optional[str] = None  # OUT's root, when this run overwrites it
     added: int = 0  # --incremental: samples new in the source, added to the plan by this run
     gone: int = 0  # --incremental: planned samples no longer in the source (their rows stay)
     rows: Optional[Dict[str, int]] = None  # the tables' rows on the store, as the run's audit read them
+    # (ids, units) committed before this run: counts only; the committed ids live in the committer alone
+    committed: Tuple[int, int] = (0, 0)
 
     @property
     def skipped(self) -> int:
@@ -166,7 +169,7 @@ def open_planned(uri: str, storage_options: Dict[str, Any], wanted: Dict[str, An
 def _claim(uri: str, storage_options: Dict[str, Any], key: str):
     """(fs, OUT's root, its _job.json or None, whether it holds output); an --overwrite that
     stopped while swapping is finished first."""
-    fs, out = filesystem(uri, storage_options)
+    fs, out = filesystem(uri, with_connections(uri, storage_options, READERS))  # the audits' reads overlap
     out = out.rstrip("/")
     try:
         finish_swap(fs, out)
@@ -223,12 +226,14 @@ def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previo
 def _ready(fs, root: str, uri: str, wanted: Dict[str, Any], plan: pa.Table, previous, added: int = 0,
            gone: int = 0) -> Workspace:
     """The workspace once the plan is known: what an interrupted run left staged is published
-    (not redone), and the plan rows not yet committed are the todo."""
+    (not redone), and the plan rows not yet committed are the todo. The ledger read here is dropped
+    once the todo is known: the run's committer reads its own (committer.py)."""
     ledger = Ledger(fs, root, job=fingerprint(wanted))
     ledger.recover()
     todo = remaining(plan, ledger.rows, ledger.units)
     todo = _with_attempts(fs, root, _with_skip(todo, ledger.rows))
-    return Workspace(uri, fs, root, plan, todo, ledger, previous, added=added, gone=gone)
+    return Workspace(uri, fs, root, plan, todo, ledger.job, previous, added=added, gone=gone,
+                     committed=(len(ledger.rows), len(ledger.units)))
 
 
 def extend_plan(fs, root: str, plan: pa.Table, source) -> Tuple[pa.Table, int, int]:
@@ -332,7 +337,7 @@ def _reopen_units(fs, root: str, units: set) -> None:
 def finish(ws: Workspace) -> None:
     """After a run that completed: drop what only the run needed, and swap an --overwrite
     output into place."""
-    ws.ledger.clear_staging()
+    clear_staging(ws.fs, ws.root)
     if ws.fs.exists(f"{ws.root}/{RETRY_FILE}"):
         ws.fs.rm(f"{ws.root}/{RETRY_FILE}")
     if ws.replaces:
@@ -383,9 +388,3 @@ def finish_swap(fs, out: str) -> None:
         if fs.exists(f"{out}/{left}"):
             fs.rm(f"{out}/{left}", recursive=True)
     fs.rm(f"{out}/{SWAP_FILE}")
-
-
-def table_rows(fs, root: str) -> Dict[str, int]:
-    """Rows in OUT/features and OUT/errors, from the files' footers."""
-    return {t: sum(pq.read_metadata(f, filesystem=fs).num_rows for f in parquet_files(fs, f"{root}/{t}"))
-            for t in TABLES}

@@ -23,7 +23,7 @@ from .. import faults
 from ..timing import block_seconds
 from .ledger import STAGING, Staged, error_kinds, parquet_bytes, part_name, write_atomic
 from .partitions import partition_folder
-from .store import filesystem, is_local
+from .store import ROW_GROUP_BYTES, filesystem, is_local
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -45,6 +45,13 @@ class SinkSpec:
     columns: List[Tuple[str, pa.DataType]]  # after sample_id, uri, label, split
     metadata: Dict[str, str] = field(default_factory=dict)  # provenance, in every file
     staging: str = ""  # under OUT/_staging: "<job fingerprint>/<run id>" (ledger.staging_folder)
+    file_bytes: int = 0  # a write call's target: one file per partition of about this size (0: one per block)
+
+    @property
+    def row_group_bytes(self) -> int:
+        """Row groups of a quarter of a file, at most ROW_GROUP_BYTES: readers split a file's work
+        by row group (the loader shards and shuffles by them), and read one at a time."""
+        return min(ROW_GROUP_BYTES, max(1, self.file_bytes // 4)) if self.file_bytes else ROW_GROUP_BYTES
 
 
 def feature_type(dtype: str, dim: int) -> pa.DataType:
@@ -72,7 +79,9 @@ def features_schema(spec: SinkSpec) -> pa.Schema:
 
 
 class ParquetCommitSink(Datasink):
-    """Stages each block's tables whole, then has the committer publish them (see ledger.py)."""
+    """Stages a write call's tables whole, one file per partition, then has the committer publish
+    them (see ledger.py). Ray Data gathers blocks into write calls of `spec.file_bytes` (its
+    `min_bytes_per_write`), so a file's size follows the setting, not the read tasks' blocks."""
 
     def __init__(self, spec: SinkSpec, committer: Any):
         self.spec = spec
@@ -80,32 +89,26 @@ class ParquetCommitSink(Datasink):
         self.totals: Dict[str, Any] = {"features": 0, "errors": Counter(), "files": 0, "duplicates": 0, "commits": [],
                                        "seconds": Counter()}  # busy seconds per stage (timing.py)
 
+    @property
+    def min_bytes_per_write(self) -> Optional[int]:
+        return self.spec.file_bytes or None
+
     def write(self, blocks: Iterable[Any], ctx: Any) -> Dict[str, Any]:
         started, seconds = time.perf_counter(), Counter()
         fs, root = filesystem(self.spec.out_uri, self.spec.storage_options)
         local = is_local(fs)  # object stores: no staged copy (a PUT, then a COPY and a DELETE)
         # recovery publishes only what its own job staged: the folder names the job and the run
         staging = "/".join(p for p in (root.rstrip("/"), STAGING, self.spec.staging, uuid.uuid4().hex) if p)
-        schema = features_schema(self.spec)
         staged: List[Staged] = []
-        for block in blocks:
-            accessor = BlockAccessor.for_block(block)
-            if accessor.num_rows() == 0:  # e.g. a resumed tar shard whose members were all committed
-                continue
-            batch = accessor.to_batch_format("numpy")
-            seconds.update(block_seconds(batch))
-            ok = batch["error_stage"] == ""
-            tables = list(self._feature_tables(batch, ok, schema))
-            if (~ok).any():
-                tables.append(("errors", _errors_table(batch, ~ok), np.flatnonzero(~ok)))
-            for folder, table, rows in tables:
-                ids = table["sample_id"].to_pylist()
-                rel, data = f"{folder}/{part_name(ids)}", parquet_bytes(table)
-                kinds = error_kinds(table) if folder == "errors" else []
-                if local:
-                    write_atomic(fs, f"{staging}/{rel}", data)
-                staged.append(Staged(f"{staging}/{rel}" if local else "", rel, ids, kinds, _unit_rows(batch, rows),
-                                     None if local else data))
+        for rel, table, units in self.files(blocks, seconds):
+            ids = table["sample_id"].to_pylist()
+            rel = f"{rel}/{part_name(ids)}"
+            data = parquet_bytes(table, self.spec.row_group_bytes)
+            kinds = error_kinds(table) if rel.startswith("errors/") else []
+            if local:
+                write_atomic(fs, f"{staging}/{rel}", data)
+            staged.append(Staged(f"{staging}/{rel}" if local else "", rel, ids, kinds, units, None if local else data,
+                                 self.spec.row_group_bytes))
         # the committer tallies the busy seconds too, for the live progress line's bound (progress.py)
         live = {**seconds, "write": seconds["write"] + time.perf_counter() - started}
         result = {"features": 0, "errors": Counter(), "duplicates": 0, "files": 0}
@@ -117,6 +120,27 @@ class ParquetCommitSink(Datasink):
         seconds["write"] += time.perf_counter() - started
         result["seconds"] = dict(seconds)
         return result
+
+    def files(self, blocks: Iterable[Any], seconds: Counter) -> List[Tuple[str, pa.Table, List[Tuple[str, str, int]]]]:
+        """(folder relative to OUT, table, its rows of multi-row units) of each file a write call
+        makes: all its blocks' rows of one partition (or of the errors) together; `seconds` gets
+        the blocks' busy seconds per stage."""
+        schema = features_schema(self.spec)
+        parts: Dict[str, List[Tuple[pa.Table, List[Tuple[str, str, int]]]]] = {}
+        for block in blocks:
+            accessor = BlockAccessor.for_block(block)
+            if accessor.num_rows() == 0:  # e.g. a resumed tar shard whose members were all committed
+                continue
+            batch = accessor.to_batch_format("numpy")
+            seconds.update(block_seconds(batch))
+            ok = batch["error_stage"] == ""
+            tables = list(self._feature_tables(batch, ok, schema))
+            if (~ok).any():
+                tables.append(("errors", _errors_table(batch, ~ok), np.flatnonzero(~ok)))
+            for folder, table, rows in tables:
+                parts.setdefault(folder, []).append((table, _unit_rows(batch, rows)))
+        return [(folder, pa.concat_tables([t for t, _ in pieces]), [u for _, units in pieces for u in units])
+                for folder, pieces in sorted(parts.items())]
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:

@@ -12,7 +12,7 @@ from ..errors import NoOutput
 from .lease import describe, read, stale
 from .ledger import STAGING, audit, parquet_files
 from .root import JOB_FILE, OVERWRITE, PLAN_FILE, load_plan, read_record
-from .store import filesystem
+from .store import READERS, filesystem, with_connections
 
 # the two states the files tell, in words for the CLI's line (the record's own words, complete,
 # running, interrupted, failed, say themselves)
@@ -24,7 +24,7 @@ MEANING = {
 
 def status(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Planned, committed, errored and remaining counts of an output root."""
-    fs, root = filesystem(uri, storage_options or {})
+    fs, root = filesystem(uri, with_connections(uri, storage_options or {}, READERS))  # the audit's reads overlap
     root = root.rstrip("/")
     record = read_record(fs, root)
     plan = load_plan(fs, root)

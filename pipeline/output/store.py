@@ -7,11 +7,11 @@ import errno
 import io
 import os
 import uuid
-from typing import Any, Dict, List, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
 
 import fsspec
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -91,13 +91,21 @@ def _link_then_unlink(src: str, dst: str) -> None:
 _NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+ROW_GROUP_BYTES = 16 << 20  # at most: readers split work by row group (the loader, DuckDB, Spark)
+
+
+def parquet_bytes(table: pa.Table, row_group_bytes: Optional[int] = None) -> bytes:
+    """A Parquet file of `table`; `row_group_bytes`: row groups of about that many bytes of the
+    table (None: pyarrow's, one group up to 1Mi rows)."""
     buf = io.BytesIO()
     # Dictionary encoding only where values repeat (ids, labels, splits): tried on a float feature
     # column it falls back to plain encoding anyway, and leaves pages that every reader decodes
     # about 5x slower (bench/README.md, the loader).
     strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)]
-    pq.write_table(table, buf, compression="zstd", use_dictionary=strings)
+    rows = None
+    if row_group_bytes and len(table):
+        rows = max(1, -(-len(table) * row_group_bytes // max(1, table.nbytes)))
+    pq.write_table(table, buf, compression="zstd", use_dictionary=strings, row_group_size=rows)
     return buf.getvalue()
 
 
@@ -153,7 +161,19 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/") if part)
 
 
+READERS = 16  # files read at once: on an object store each is a footer's and a column's round trips
+
+
 def read_column(fs, files: List[str], column: str) -> pa.ChunkedArray:
+    """`column` of every file, in the files' order: each file opened once (its footer and the
+    column's pages read, nothing else; no read-ahead cache), READERS at a time."""
     if not files:
         return pa.chunked_array([], pa.string())
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[column])[column]
+
+    def one(path: str) -> pa.ChunkedArray:
+        with fs.open(path, "rb", cache_type="none") as f:
+            return pq.read_table(f, columns=[column])[column]
+
+    with ThreadPoolExecutor(min(READERS, len(files))) as pool:
+        parts = list(pool.map(one, files))
+    return pa.chunked_array([c for p in parts for c in p.chunks], parts[0].type)

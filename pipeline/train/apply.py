@@ -19,13 +19,13 @@ import dataclasses
 import json
 import time
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import pyarrow as pa
 
 from .. import __version__
-from ..config import absolute_local, same_store
-from ..errors import ApplyError, BadArgument, CheckpointError, OutputExists, TableError
+from ..config import DEFAULT_FILE_SIZE, absolute_local, file_bytes, same_store
+from ..errors import ApplyError, BadArgument, CheckpointError, ConfigError, OutputExists, TableError
 from ..jobrun import complete, init_ray, recorded, run_to_end, start_committer, summarize, take_lease, verify
 from ..output.ledger import staging_folder
 from ..output.partitions import folder_key
@@ -61,17 +61,23 @@ def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[
                storage_options: Optional[Dict[str, Any]] = None,
                output_storage_options: Optional[Dict[str, Any]] = None, address: Optional[str] = None,
                overwrite: bool = False, batch_size: Optional[int] = None, progress: bool = False,
-               verbose: bool = False, allow_other_source: bool = False) -> Summary:
+               verbose: bool = False, allow_other_source: bool = False,
+               file_size: Union[int, str, None] = None) -> Summary:
     """Apply the head at `checkpoint` to the features table at `input_uri`, into `output_uri`.
     `storage_options` are the input's (and the checkpoint's, when on the same store);
     `output_storage_options` default to them when OUT2 is on the same store. Refusals raise
     ApplyError before any work; a failure midway raises as it is (run again to resume).
     `progress` and `verbose` as for runner.run_job; `allow_other_source`: apply a head to a table
-    whose input provenance (model, weights, layer ...) differs from the one it was trained on."""
+    whose input provenance (model, weights, layer ...) differs from the one it was trained on;
+    `file_size`: OUT2's files, as a run's output.file_size (default the same)."""
     t0 = time.time()
     check_apply_args(checkpoint, input_uri, output_uri, name, storage_options, output_storage_options, address,
                      {"overwrite": overwrite, "progress": progress, "verbose": verbose,
                       "allow_other_source": allow_other_source}, batch_size, ApplyError)
+    try:
+        size = file_bytes(DEFAULT_FILE_SIZE if file_size is None else file_size, "file_size")
+    except ConfigError as e:
+        raise ApplyError(str(e)) from None
     checkpoint, input_uri, output_uri = (absolute_local(u) for u in (checkpoint, input_uri, output_uri))
     if address and address.startswith("ray://"):  # Ray Data's executor needs a core worker, which a client lacks
         raise ApplyError(f"--address {address}: Ray Client is not supported by apply; run it on a node of the "
@@ -89,15 +95,15 @@ def apply_head(checkpoint: str, input_uri: str, output_uri: str, name: Optional[
                               kind="apply", overwrite=overwrite)
         except OutputExists as e:
             raise ApplyError(str(e)) from None
-        return _run(plan, ws, lease, output_uri, out_options, t0, address, batch_size or _batch_rows(plan),
+        return _run(plan, ws, lease, output_uri, out_options, t0, address, batch_size or _batch_rows(plan), size,
                     progress, verbose)
     finally:
         lease.release()
 
 
 def _batch_rows(plan: Plan) -> int:
-    """Rows per batch, and so per commit: each commit writes and publishes whole files, so a batch
-    of about BATCH_BYTES of float32 input (8,192 rows at most) keeps commits few and memory bounded."""
+    """Rows per head batch: about BATCH_BYTES of float32 input (8,192 rows at most) keeps the
+    head's calls few and memory bounded (the sink gathers batches into files of file_size)."""
     per_row = 4 * int(plan.head.input["dim"]) * (plan.frames or 1)
     return max(16, min(8192, BATCH_BYTES // per_row))
 
@@ -180,7 +186,8 @@ def _source_rows(table: FeatureTable) -> pa.Table:
 
 
 def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, Any], t0: float,
-         address: Optional[str], batch_size: int, progress: bool = False, verbose: bool = False) -> Summary:
+         address: Optional[str], batch_size: int, target: int, progress: bool = False,
+         verbose: bool = False) -> Summary:
     record = partial(write_record, ws, _record_head(plan))
     if not len(ws.todo):  # all done already: no need for Ray
         verify(ws)
@@ -196,7 +203,7 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
         committer = start_committer(ws, out_uri, out_options, lease.run_id)
     spec = SinkSpec(out_uri=ws.uri, storage_options=out_options, partition_by=plan.partition_by,
                     columns=plan.head.columns(plan.name, plan.dtype), metadata=provenance(plan),
-                    staging=staging_folder(ws.ledger.job, lease.run_id))
+                    staging=staging_folder(ws.job, lease.run_id), file_bytes=target)
     sink = ParquetCommitSink(spec, committer)
     t1 = time.time()
     # no stage timing here (the head's op is not timed), so the line names no bound
@@ -213,8 +220,8 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
 
 def dataset(plan: Plan, ws: Workspace, batch_size: int, committer=None):
     """OUT's rows still to do -> the head's columns. Each read task reads one file of OUT, only
-    the needed columns, and keeps only the rows still to do (a resumed apply): OUT2 is committed
-    as OUT was made, file by file, and memory stays bounded by a file."""
+    the needed columns, and keeps only the rows still to do (a resumed apply), so memory stays
+    bounded by a file; the sink gathers the head's output into OUT2's files of file_size."""
     import ray
     from ray.data import ActorPoolStrategy
 
