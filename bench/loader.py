@@ -1,10 +1,15 @@
 """The training loader against a plain pyarrow scan: rows/s of float16 feature vectors into float32.
 
     .venv/bin/python bench/loader.py [--rows 100000 1000000] [--dims 512 2048] [--workers 0 2] [--repeat 3]
+                                     [--file-size 64MiB | --per-file 10000]
 
-Writes features tables as a run leaves them (OUT/features/split_dir=train/label_dir=<l>/part-*.parquet,
-zstd, 10,000 rows a file, `feature` fixed_size_list<float16, D>) under --dir (kept for the next
-run; 4 GB for 1M rows at D=2048), then times, each in a fresh process whose peak RSS it reports:
+Writes a features table under --dir (kept for the next run; 4 GB for 1M rows at D=2048), either
+as a run writes it now (--file-size, the default: blocks of 256 rows, as the read tasks make them,
+through the job's sink, ParquetCommitSink, and committer on a local Ray, partitioned by split, so
+the files are output.file_size's) or directly with pyarrow in files of --per-file rows and one row
+group each (OUT/features/split_dir=train/label_dir=<l>/part-*.parquet: how the sink wrote a block
+before files were sized, at 255 rows), zstd, `feature` fixed_size_list<float16, D>. It prints the
+files' layout, then times, each in a fresh process whose peak RSS it reports:
 
 - **scan**: `pyarrow.dataset(files).to_batches(columns=["feature"])`, each batch through
   `tensors.vectors` to float32 numpy: the ceiling;
@@ -40,16 +45,16 @@ if "--one" in sys.argv and "loader" in sys.argv:  # only the loader's process pa
 
     from pipeline.train.loader import FeatureDataset  # noqa: E402
 
-PER_FILE, LABELS = 10_000, 10
+LABELS, BLOCK = 10, 256
 
 
-def make_table(out: str, rows: int, dim: int) -> None:
-    """`rows` rows of random float16 vectors, files of PER_FILE rows (the same block in every file)."""
+def make_table(out: str, rows: int, dim: int, per_file: int) -> None:
+    """`rows` rows of random float16 vectors, files of `per_file` rows (the same block in every file)."""
     if os.path.exists(f"{out}/_done"):
         return
-    block = np.random.default_rng(0).standard_normal((PER_FILE, dim), dtype=np.float32).astype(np.float16)
-    for k, start in enumerate(range(0, rows, PER_FILE)):
-        n = min(PER_FILE, rows - start)
+    block = np.random.default_rng(0).standard_normal((per_file, dim), dtype=np.float32).astype(np.float16)
+    for k, start in enumerate(range(0, rows, per_file)):
+        n = min(per_file, rows - start)
         label = f"l{k % LABELS}"
         table = pa.table({
             "sample_id": [f"{label}/{i:08d}.jpg" for i in range(start, start + n)],
@@ -62,6 +67,53 @@ def make_table(out: str, rows: int, dim: int) -> None:
         with open(f"{folder}/part-{k:05d}.parquet", "wb") as f:
             f.write(parquet_bytes(table))  # as the sink writes its files
     open(f"{out}/_done", "w").close()
+
+
+def _rows(batch: dict, dim: int) -> dict:
+    """Model rows as the sink receives them, for the ids in batch["id"]."""
+    ids = batch["id"]
+    text = lambda values: np.array(values, dtype=object)  # noqa: E731
+    rng = np.random.default_rng(int(ids[0]))
+    return {"sample_id": text([f"l{i % LABELS}/{i:08d}.jpg" for i in ids]),
+            "uri": text([f"s3://bucket/l{i % LABELS}/{i:08d}.jpg" for i in ids]),
+            "label": text([f"l{i % LABELS}" for i in ids]), "split": text(["train"] * len(ids)),
+            "feature": rng.standard_normal((len(ids), dim), dtype=np.float32).astype(np.float16),
+            "width": np.full(len(ids), 500, np.int32), "height": np.full(len(ids), 375, np.int32),
+            "error_stage": text([""] * len(ids)), "error_type": text([""] * len(ids)),
+            "error_message": text([""] * len(ids))}
+
+
+def write_as_a_run(out: str, rows: int, dim: int, file_size: str) -> None:
+    """`rows` rows through the job's sink and committer on a local Ray, from blocks of BLOCK rows."""
+    if os.path.exists(f"{out}/_done"):
+        return
+    import ray
+
+    from pipeline.config import file_bytes
+    from pipeline.output.committer import CONCURRENCY, Committer
+    from pipeline.output.sink import ParquetCommitSink, SinkSpec, image_columns
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    committer = ray.remote(Committer).options(max_concurrency=CONCURRENCY).remote(out, {}, job="bench")
+    spec = SinkSpec(out, {}, ["split"], image_columns("float16", dim), staging="bench/run",
+                    file_bytes=file_bytes(file_size, "--file-size"))
+    ds = ray.data.range(rows, override_num_blocks=-(-rows // BLOCK)).map_batches(
+        _rows, fn_kwargs={"dim": dim}, batch_size=BLOCK, batch_format="numpy")
+    ds.write_datasink(ParquetCommitSink(spec, committer), ray_remote_args={"num_cpus": 0})
+    open(f"{out}/_done", "w").close()
+
+
+def layout(out: str) -> str:
+    """Files, rows and MB a file (median), row groups a file (median)."""
+    import pyarrow.parquet as pq
+
+    fs = fsspec.filesystem("file")
+    files = parquet_files(fs, f"{out}/features")
+    metas = [pq.read_metadata(f) for f in files]
+    rows = statistics.median(m.num_rows for m in metas)
+    mb = statistics.median(os.path.getsize(f) for f in files) / 1e6
+    groups = statistics.median(m.num_row_groups for m in metas)
+    return f"{len(files):,} files, {rows:,.0f} rows and {mb:.1f} MB a file, {groups:g} row groups a file (medians)"
 
 
 def scan(out: str, workers: int) -> int:
@@ -103,29 +155,39 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dir", default="/tmp/featurize-bench-loader")
+    p.add_argument("--file-size", default="64MiB", help="write as a run does, files of this size (the default)")
+    p.add_argument("--per-file", type=int, help="write directly, files of this many rows and one row group")
     p.add_argument("--one", choices=["scan", "loader"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return one(args.one, args.dir, args.workers[0])
-    print("| D | rows | contender | rows/s (median) | range | ratio to scan | peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+    tables = []
     for dim in args.dims:
         for rows in args.rows:
-            out = f"{args.dir}/d{dim}-r{rows}"
-            make_table(out, rows, dim)
-            runs: dict = {}
-            contenders = [("scan", "scan", 0)] + [(f"loader, {w} workers", "loader", w) for w in args.workers]
-            for _ in range(args.repeat):  # interleaved, so the host's drift falls on every contender alike
-                for name, kind, w in contenders:
-                    r = measure(kind, out, w)
-                    assert r["rows"] == rows, (name, r)
-                    runs.setdefault(name, []).append(r)
-            ceiling = statistics.median(rows / r["seconds"] for r in runs["scan"])
-            for name, rs in runs.items():
-                rates = [rows / r["seconds"] for r in rs]
-                rate = statistics.median(rates)
-                print(f"| {dim} | {rows:,} | {name} | {rate:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
-                      f"{rate / ceiling:.2f} | {max(r['rss_mb'] for r in rs):,.0f} MB |", flush=True)
+            if args.per_file:
+                out = f"{args.dir}/d{dim}-r{rows}-p{args.per_file}"
+                make_table(out, rows, dim, args.per_file)
+            else:
+                out = f"{args.dir}/d{dim}-r{rows}-s{args.file_size}"
+                write_as_a_run(out, rows, dim, args.file_size)
+            print(f"D={dim}, {rows:,} rows: {layout(out)}", flush=True)
+            tables.append((dim, rows, out))
+    print("| D | rows | contender | rows/s (median) | range | ratio to scan | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for dim, rows, out in tables:
+        runs: dict = {}
+        contenders = [("scan", "scan", 0)] + [(f"loader, {w} workers", "loader", w) for w in args.workers]
+        for _ in range(args.repeat):  # interleaved, so the host's drift falls on every contender alike
+            for name, kind, w in contenders:
+                r = measure(kind, out, w)
+                assert r["rows"] == rows, (name, r)
+                runs.setdefault(name, []).append(r)
+        ceiling = statistics.median(rows / r["seconds"] for r in runs["scan"])
+        for name, rs in runs.items():
+            rates = [rows / r["seconds"] for r in rs]
+            rate = statistics.median(rates)
+            print(f"| {dim} | {rows:,} | {name} | {rate:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
+                  f"{rate / ceiling:.2f} | {max(r['rss_mb'] for r in rs):,.0f} MB |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,9 @@ S3_BUCKET = "featurize-e2e"
 SMALL_MODEL = {"arch": "resnet18", "weights": "none"}
 SMALL_PREPROCESS = {"resize": 64, "crop": 56}
 SMALL_RESOURCES = {"batch_size": 16, "decode_batch_size": 8}
+# a file a model batch or so (16 rows of 512 float16 are ~18 KB), so a few samples commit in several
+# files, as the tests that stop a run midway and resume it need; real jobs keep the 64MiB default
+SMALL_FILE_SIZE = "8KiB"
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +168,7 @@ def job_dict(source_uri: str, output_uri: str, *, name: str = "e2e", source: Opt
     return {
         "name": name,
         "source": {"uri": source_uri, **(source or {})},
-        "output": {"uri": output_uri, **(output or {})},
+        "output": {"uri": output_uri, "file_size": SMALL_FILE_SIZE, **(output or {})},
         "preprocess": dict(SMALL_PREPROCESS),
         "model": dict(SMALL_MODEL),
         "resources": {**SMALL_RESOURCES, **(resources or {})},

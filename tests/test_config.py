@@ -42,6 +42,11 @@ def test_defaults_fill_in():
         (job(preprocess={"mean": [0.5, 0.5]}), "preprocess.mean"),
         (job(output={"uri": "o", "dtype": "float64"}), "output.dtype"),
         (job(output={"uri": "o", "partition_by": ["color"]}), "output.partition_by"),
+        (job(output={"uri": "o", "file_size": "big"}), "output.file_size: 'big' is not a size"),
+        (job(output={"uri": "o", "file_size": 0}), "output.file_size"),
+        (job(output={"uri": "o", "file_size": "0.5"}), "output.file_size: '0.5' is not between 1 byte and 1GiB"),
+        (job(output={"uri": "o", "file_size": "2GiB"}), "output.file_size: '2GiB' is not between 1 byte and 1GiB"),
+        (job(output={"uri": "o", "file_size": True}), "output.file_size"),
         (job(source={"uri": "d", "format": "zip"}), "source.format"),
         (job(source={"uri": "d", "storage_options": "anon"}), "source.storage_options"),
         (job(model={"weights_sha256": "abc"}), "model.weights_sha256"),
@@ -68,6 +73,14 @@ def test_memory_sizes_read_as_bytes():
     assert memory_bytes("2GiB", "k") == 2 * 2**30
     assert memory_bytes("512 MB", "k") == 512 * 10**6
     assert memory_bytes(1024, "k") == 1024 and memory_bytes(None, "k") is None
+
+
+def test_output_file_size_defaults_to_64MiB_and_reads_as_bytes():
+    from pipeline.config import file_bytes
+
+    assert file_bytes(parse_job(BASE).output.file_size, "output.file_size") == 64 * 2**20
+    assert file_bytes(parse_job(BASE, ["output.file_size=8MiB"]).output.file_size, "k") == 8 * 2**20
+    assert file_bytes(1, "k") == 1 and file_bytes("1GiB", "k") == 2**30
 
 
 def test_overrides_parse_yaml_values():

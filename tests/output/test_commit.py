@@ -347,3 +347,86 @@ def test_the_committer_s_s3_client_keeps_its_calls_in_flight_and_a_user_s_pool_i
     mine = {"config_kwargs": {"max_pool_connections": 4, "retries": {"max_attempts": 9}}}
     assert with_connections("s3://b/out", mine, 32) == mine
     assert with_connections("/data/out", {}, 32) == {} and with_connections("gs://b/out", {}, 32) == {}
+
+
+# --- issue 26: files sized by output.file_size, row groups inside; an audit that opens each file once ---
+
+def _block(start: int, n: int, dim: int = 64, errors=()):
+    """A model batch as the sink receives it: rows start..start+n, both splits, `errors` failed."""
+    import numpy as np
+    from ray.data.block import BlockAccessor
+
+    ids = [f"s{i:03d}" for i in range(start, start + n)]
+    failed = [i in errors for i in range(start, start + n)]
+    text = lambda values: np.array(values, dtype=object)  # noqa: E731
+    return BlockAccessor.batch_to_block({
+        "sample_id": text(ids), "uri": text([f"/data/{i}.jpg" for i in ids]), "label": text(["cat"] * n),
+        "split": text(["train" if i % 2 else "val" for i in range(start, start + n)]),
+        "feature": np.full((n, dim), 0.5, np.float16), "width": np.ones(n, np.int32), "height": np.ones(n, np.int32),
+        "error_stage": text(["decode" if f else "" for f in failed]),
+        "error_type": text(["Broken" if f else "" for f in failed]), "error_message": text(["bad" if f else "" for f in failed])})
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_write_gathers_blocks_into_files_of_the_target_size_with_row_groups_inside(tmp_path):
+    """Ray Data hands the sink blocks until they hold file_bytes (min_bytes_per_write); the sink writes
+    each partition of them as one file, in row groups of a quarter of the target: so the files follow
+    the setting, not the 8-row blocks the upstream stage made."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    from pipeline.output.committer import Committer
+    from pipeline.output.sink import ParquetCommitSink, SinkSpec, image_columns
+
+    out = str(tmp_path / "out")
+    blocks = [_block(8 * i, 8, errors={13, 77}) for i in range(12)]
+    per_block = BlockAccessor.for_block(blocks[0]).size_bytes()
+    spec = SinkSpec(out, {}, ["split"], image_columns("float16", 64), staging="j/r", file_bytes=4 * per_block)
+    sink = ParquetCommitSink(spec, ray.remote(Committer).remote(out, {}, job="j"))
+    assert sink.min_bytes_per_write == 4 * per_block
+    ray.data.from_blocks(blocks).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+
+    files = parquet_files(FS, f"{out}/features")
+    assert len(files) == 6  # 12 blocks in 3 write calls of 4, each a file per split: not 24 files
+    for f in files:
+        meta = pq.read_metadata(f)
+        split = pq.read_table(f, columns=["split"])["split"].unique().to_pylist()
+        assert len(split) == 1 and f"split_dir={split[0]}" in f
+        assert meta.num_rows >= 15 and meta.num_row_groups >= 2, (f, meta.num_rows, meta.num_row_groups)
+    errors = parquet_files(FS, f"{out}/errors")
+    assert len(errors) == 2 and sorted(published_ids(out)) == sorted(f"s{i:03d}" for i in range(96))
+    assert sink.totals["features"] == 94 and sum(sink.totals["errors"].values()) == 2
+
+
+class CountingFS(LocalFileSystem):
+    """The local file system, counting the files opened (each open is a footer's and a column's reads)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.opened = []
+
+    def _open(self, path, mode="rb", **kwargs):
+        self.opened.append(path)
+        return super()._open(path, mode, **kwargs)
+
+
+def test_the_audit_opens_each_file_once_and_finds_a_duplicate_and_a_missing_id(tmp_path):
+    root = str(tmp_path)
+    plan = pa.Table.from_pylist([{"sample_id": f"s{i}", "uri": "", "label": "", "split": "", "container": ""}
+                                 for i in range(30)], schema=PLAN_SCHEMA)
+    groups = [[f"s{i}" for i in range(k, k + 5)] for k in range(0, 25, 5)]  # s25..s29 in none yet
+    groups += [["s25", "s26", "s27", "s28"], ["s3"]]  # s29 missing; s3 also in the errors
+    for ids in groups[:-1]:
+        write_atomic(FS, f"{root}/features/split_dir=a/{part_name(ids)}",
+                     parquet_bytes(pa.table({"sample_id": ids, "v": list(range(len(ids)))}), row_group_bytes=8))
+    write_atomic(FS, f"{root}/errors/{part_name(groups[-1])}", parquet_bytes(pa.table({"sample_id": groups[-1]})))
+    assert pq.read_metadata(parquet_files(FS, f"{root}/features")[0]).num_row_groups > 1
+    fs = CountingFS(skip_instance_cache=True)
+    assert audit(fs, root, plan) == {"missing": 1, "first_missing": "s29", "duplicates": ["s3"],
+                                     "rows": {"features": 29, "errors": 1}}
+    files = [f for t in ("features", "errors") for f in parquet_files(FS, f"{root}/{t}")]
+    assert sorted(fs.opened) == sorted(files)  # each once, and nothing else
+
+    empty = tmp_path / "empty"
+    assert audit(CountingFS(skip_instance_cache=True), str(empty), plan.slice(0, 2)) == {
+        "missing": 2, "first_missing": "s0", "duplicates": [], "rows": {"features": 0, "errors": 0}}

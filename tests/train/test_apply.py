@@ -208,15 +208,15 @@ def test_exactly_once_after_a_failure_midway_and_the_rerun_applies_only_the_rest
     # OUT2 is committed file by file as OUT was made: the write of OUT's last file fails, the job with it
     last = ids[3::4]
     faults("write", action="raise", match=part_name(last))
-    with pytest.raises(Exception, match="fault injected"):
-        apply_head(head, str(out), str(out2), batch_size=4)
+    with pytest.raises(Exception, match="fault injected"):  # file_size 1: a write call, so a file, per block
+        apply_head(head, str(out), str(out2), batch_size=4, file_size=1)
     done = set(read_features(str(out2), columns=["sample_id"])["sample_id"].to_pylist()) if (out2 / "features").exists() else set()
     assert not done & set(last) and len(done) % 10 == 0  # whole files of OUT, never the failed one
     assert json.loads((out2 / JOB_FILE).read_text())["status"] == "failed"
     assert not status(str(out2))["complete"]
 
     faults("apply", action="record", once=False)
-    summary = apply_head(head, str(out), str(out2), batch_size=4)
+    summary = apply_head(head, str(out), str(out2), batch_size=4, file_size=1)
     applied = set("\n".join(recorded(faults_dir, "apply")).split("\n"))
     assert set(last) <= applied and not applied & done, "the rerun applied the head to rows already committed"
     assert summary.skipped >= len(done) and summary.skipped + summary.features == len(ids)
