@@ -49,8 +49,8 @@ class SinkSpec:
 
     @property
     def row_group_bytes(self) -> int:
-        """Row groups of a quarter of a file, at most ROW_GROUP_BYTES: readers split a file's work
-        by row group (the loader shards and shuffles by them), and read one at a time."""
+        """Row groups of ROW_GROUP_BYTES, or a quarter of a smaller file: readers split a file's work
+        by row group (the loader shards and shuffles by them) and hold one or a few at a time."""
         return min(ROW_GROUP_BYTES, max(1, self.file_bytes // 4)) if self.file_bytes else ROW_GROUP_BYTES
 
 

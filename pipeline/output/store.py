@@ -91,7 +91,7 @@ def _link_then_unlink(src: str, dst: str) -> None:
 _NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
 
 
-ROW_GROUP_BYTES = 16 << 20  # at most: readers split work by row group (the loader, DuckDB, Spark)
+ROW_GROUP_BYTES = 4 << 20  # at most: readers split work by row group; the loader read larger ones slower
 
 
 def parquet_bytes(table: pa.Table, row_group_bytes: Optional[int] = None) -> bytes:

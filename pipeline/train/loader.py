@@ -61,7 +61,7 @@ class FeatureDataset(IterableDataset):
     - ids: add each row's "sample_id" (a list of str) to its batch.
     - read_threads: row groups read and converted at once in each process (in every DataLoader worker).
     Memory stays bounded by (read_threads + 1) row groups and the shuffle buffer, whatever the
-    table's size (a run writes a row group per commit).
+    table's size (a run writes row groups of 4 MiB at most, output.file_size).
     """
 
     def __init__(self, uri: str, column: str, label: Optional[str] = "label", split: Optional[str] = None,
