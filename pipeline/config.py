@@ -63,7 +63,7 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-DEFAULT_FILE_SIZE = "64MiB"  # output.file_size, and apply's: see file_bytes
+DEFAULT_FILE_SIZE = "auto"  # output.file_size, and apply's: see file_bytes and sink.target_bytes
 MAX_FILE_BYTES = 1 << 30
 
 
@@ -463,12 +463,15 @@ def memory_bytes(value: Union[int, str, None], key: str) -> Optional[int]:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def file_bytes(value: Union[int, str], key: str) -> int:
-    """A committed file's target size in bytes, from 67108864 or "64MiB": a write task gathers
+def file_bytes(value: Union[int, str], key: str) -> Optional[int]:
+    """A committed file's target size in bytes, from 67108864 or "64MiB" (None for "auto", sized
+    by the job's output: output/sink.py target_bytes): a write task gathers
     blocks until they hold this much, then writes them as one file per partition. Larger files
     read faster (fewer opens and footers; object stores charge per request) but a killed run
     redoes the files it had in flight, and the write task holds its file in memory (on an object
     store its bytes also travel to the committer): at most MAX_FILE_BYTES."""
+    if value == "auto":
+        return None
     size = memory_bytes(value, key) or 0
     if not 1 <= size <= MAX_FILE_BYTES:
         raise ConfigError(f"{key}: {value!r} is not between 1 byte and 1GiB (a write task holds its file in memory)")

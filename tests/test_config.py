@@ -75,10 +75,19 @@ def test_memory_sizes_read_as_bytes():
     assert memory_bytes(1024, "k") == 1024 and memory_bytes(None, "k") is None
 
 
-def test_output_file_size_defaults_to_64MiB_and_reads_as_bytes():
+def test_output_file_size_defaults_to_auto_and_reads_as_bytes():
     from pipeline.config import file_bytes
+    from pipeline.output.sink import image_columns, target_bytes, video_columns
 
-    assert file_bytes(parse_job(BASE).output.file_size, "output.file_size") == 64 * 2**20
+    assert file_bytes(parse_job(BASE).output.file_size, "output.file_size") is None  # auto
+    # auto: a 32nd of the run's output (64 bytes of ids a row besides the features), in [1 MiB, 64 MiB]
+    resnet50 = image_columns("float16", 2048)  # 4,096 + 8 bytes a row (feature, width, height)
+    assert target_bytes(None, 5_000, resnet50) == 2**20  # a laptop's run: 1 MiB files, ~250 rows
+    assert target_bytes(None, 1_281_167, resnet50) == 64 * 2**20  # ImageNet: 64 MiB
+    assert target_bytes(None, 100_000, resnet50) == 100_000 * (64 + 4096 + 8) // 32
+    frames = video_columns("float16", [("clip_mean", 512)], 512)  # 16 frames of 512 float16 a clip
+    assert target_bytes(None, 20_000, frames, frames=16) > target_bytes(None, 20_000, frames, frames=1)
+    assert target_bytes(8192, 10**9, resnet50) == 8192  # a given size is kept
     assert file_bytes(parse_job(BASE, ["output.file_size=8MiB"]).output.file_size, "k") == 8 * 2**20
     assert file_bytes(1, "k") == 1 and file_bytes("1GiB", "k") == 2**30
 

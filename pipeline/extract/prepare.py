@@ -51,8 +51,9 @@ class Prepared:
         return FrameSpec(resize=self.job.video.size or self.image.resize, crop=self.image.crop,
                          squash=self.image.squash, size=self.frame_size)
 
-    def sink_spec(self) -> SinkSpec:
-        from ..output.sink import SinkSpec, image_columns, video_columns  # Ray's: the runner's, not search's
+    def sink_spec(self, rows: int = 0) -> SinkSpec:
+        """The features table's writer for a run of `rows` samples (or clips) to do."""
+        from ..output.sink import SinkSpec, image_columns, target_bytes, video_columns  # Ray's: the runner's
 
         dtype = self.job.output.dtype
         if self.job.clips:  # one feature per clip, beside the clip's timing
@@ -68,7 +69,8 @@ class Prepared:
             partition_by=self.job.output.partition_by,
             columns=columns,
             metadata=self.provenance(),
-            file_bytes=file_bytes(self.job.output.file_size, "output.file_size"),
+            file_bytes=target_bytes(file_bytes(self.job.output.file_size, "output.file_size"), rows, columns,
+                                    self.job.video.num_frames or 1),
         )
 
     def provenance(self) -> Dict[str, str]:

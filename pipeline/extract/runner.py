@@ -68,7 +68,7 @@ def _run_leased(prepared: Prepared, lease: Lease, t0: float, address: Optional[s
         layout = plan_resources(job, len(ws.todo))
         DataContext.get_current().enable_progress_bars = verbose
         committer = start_committer(ws, prepared.job.output.uri, prepared.out_options, lease.run_id)
-    sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(), out_uri=ws.uri,
+    sink = ParquetCommitSink(dataclasses.replace(prepared.sink_spec(len(ws.todo)), out_uri=ws.uri,
                                                  staging=staging_folder(ws.job, lease.run_id)), committer)
     t1 = time.time()
     shown = watch(committer, len(ws.plan), ws.skipped, nouns_of(job), progress, stage_workers(layout, job),

@@ -54,6 +54,33 @@ class SinkSpec:
         return min(ROW_GROUP_BYTES, max(1, self.file_bytes // 4)) if self.file_bytes else ROW_GROUP_BYTES
 
 
+# output.file_size "auto": about AUTO_FILES files a run, each within [AUTO_MIN, AUTO_MAX] bytes. A
+# small run (a laptop's 10,000 images) still commits every few hundred rows, so its progress line
+# moves and a stop loses little; an ImageNet-scale run writes files of AUTO_MAX, as readers and
+# object stores want them (bench/README.md, the loader).
+AUTO_FILES, AUTO_MIN, AUTO_MAX = 32, 1 << 20, 64 << 20
+
+
+def target_bytes(setting: Optional[int], rows: int, columns: List[Tuple[str, pa.DataType]], frames: int = 1) -> int:
+    """A file's target: the setting's bytes, or for "auto" (None) a 32nd of the run's estimated
+    output (`rows` of `columns`, a variable list holding about `frames` items), within the bounds."""
+    if setting:
+        return setting
+    size = rows * (64 + sum(_value_bytes(t, frames) for _, t in columns)) // AUTO_FILES  # 64: ids, uri, label
+    return min(AUTO_MAX, max(AUTO_MIN, size))
+
+
+def _value_bytes(typ: pa.DataType, frames: int) -> int:
+    if pa.types.is_fixed_size_list(typ):
+        return typ.list_size * _value_bytes(typ.value_type, frames)
+    if pa.types.is_list(typ):
+        return frames * _value_bytes(typ.value_type, frames)
+    try:
+        return max(1, typ.bit_width // 8)
+    except ValueError:  # strings: a few bytes each
+        return 16
+
+
 def feature_type(dtype: str, dim: int) -> pa.DataType:
     return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)
 

@@ -31,7 +31,7 @@ from ..output.ledger import staging_folder
 from ..output.partitions import folder_key
 from ..output.record import Summary, write_record
 from ..output.root import Workspace, open_planned
-from ..output.sink import ParquetCommitSink, SinkSpec
+from ..output.sink import ParquetCommitSink, SinkSpec, target_bytes
 from ..output.table import FeatureTable, open_table
 from ..output.tensors import SEQUENCE
 from ..progress import Nouns, starting, watch
@@ -186,7 +186,7 @@ def _source_rows(table: FeatureTable) -> pa.Table:
 
 
 def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, Any], t0: float,
-         address: Optional[str], batch_size: int, target: int, progress: bool = False,
+         address: Optional[str], batch_size: int, size: Optional[int], progress: bool = False,
          verbose: bool = False) -> Summary:
     record = partial(write_record, ws, _record_head(plan))
     if not len(ws.todo):  # all done already: no need for Ray
@@ -201,9 +201,10 @@ def _run(plan: Plan, ws: Workspace, lease, out_uri: str, out_options: Dict[str, 
 
         DataContext.get_current().enable_progress_bars = verbose
         committer = start_committer(ws, out_uri, out_options, lease.run_id)
-    spec = SinkSpec(out_uri=ws.uri, storage_options=out_options, partition_by=plan.partition_by,
-                    columns=plan.head.columns(plan.name, plan.dtype), metadata=provenance(plan),
-                    staging=staging_folder(ws.job, lease.run_id), file_bytes=target)
+    columns = plan.head.columns(plan.name, plan.dtype)
+    spec = SinkSpec(out_uri=ws.uri, storage_options=out_options, partition_by=plan.partition_by, columns=columns,
+                    metadata=provenance(plan), staging=staging_folder(ws.job, lease.run_id),
+                    file_bytes=target_bytes(size, len(ws.todo), columns, plan.frames or 1))
     sink = ParquetCommitSink(spec, committer)
     t1 = time.time()
     # no stage timing here (the head's op is not timed), so the line names no bound
