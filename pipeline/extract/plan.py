@@ -82,11 +82,14 @@ def _record_batches(rows: Iterator[Dict[str, Any]]) -> Iterator[pa.RecordBatch]:
 
 def _sorted(batches: List[pa.RecordBatch]) -> pa.Table:
     """The batches as one table sorted by sample_id (a stable sort: of two equal ids the one listed
-    first comes first). Emptied as it goes: each column is dropped once its sorted copy is made."""
+    first comes first). Emptied as it goes: each column is dropped once its sorted copy is made,
+    and made one array before its take (a take on chunks makes that array itself, and keeps the
+    chunks meanwhile), so the driver holds the plan and one column more at most."""
     columns = dict(zip(PLAN_SCHEMA.names, pa.Table.from_batches(batches, schema=PLAN_SCHEMA).columns))
     batches.clear()
     order = pc.sort_indices(columns["sample_id"])
-    return pa.table({name: columns.pop(name).take(order) for name in PLAN_SCHEMA.names}, schema=PLAN_SCHEMA)
+    return pa.table({name: columns.pop(name).combine_chunks().take(order) for name in PLAN_SCHEMA.names},
+                    schema=PLAN_SCHEMA)
 
 
 def split_list_gaps(plan: pa.Table) -> Dict[str, Any]:
