@@ -7,13 +7,15 @@ members are discovered while it is streamed.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import posixpath
 import re
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -27,6 +29,7 @@ from .listing import REFUSED_URI, Confinement, Entry, ListingError, raw_path, ut
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
 LABEL_EXTENSIONS = ("cls", "txt", "json")
+BATCH_ROWS = 65_536  # rows listed into one Arrow record batch: the Python dicts held at once
 SPLIT_GAPS = "featurize.split_lists"  # plan metadata: split_list_gaps
 PLAN_SCHEMA = pa.schema(
     [
@@ -44,9 +47,11 @@ PLAN_SCHEMA = pa.schema(
 
 
 def plan_source(cfg: SourceConfig) -> pa.Table:
-    """List the source once and return the plan, sorted by sample_id."""
+    """List the source once and return the plan, sorted by sample_id. Rows become Arrow record
+    batches as they are listed (no list of every row's dict), and the plan is sorted and checked
+    on Arrow: the driver holds the plan's Arrow columns, and one more column while sorting."""
     try:
-        rows = list(_LISTERS[cfg.format](cfg))
+        batches = list(_record_batches(_LISTERS[cfg.format](cfg)))
     except SourceError:
         raise
     except ListingError as e:
@@ -55,16 +60,36 @@ def plan_source(cfg: SourceConfig) -> pa.Table:
         raise SourceError(f"source.uri {cfg.uri}: not found ({e})") from None
     except Exception as e:  # the store's own errors: no credentials, no endpoint, denied
         raise SourceError(f"source.uri {cfg.uri}: cannot list ({type(e).__name__}: {e})") from None
-    if not rows:
+    if not batches:
         raise SourceError(f"source.uri {cfg.uri}: no {cfg.format} samples found")
-    rows = [public_row(r) for r in rows]  # credentials in URIs: masked in ids and uris, kept aside
-    rows.sort(key=lambda r: r["sample_id"])
-    _check_unique(rows)
-    plan = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    plan = _sorted(batches)
+    _check_unique(plan)
     if cfg.format == "video_folder" and cfg.split_files:  # kept with the plan in OUT/_plan.parquet
         plan = plan.replace_schema_metadata({**(plan.schema.metadata or {}),
-                                             SPLIT_GAPS: json.dumps(_split_list_gaps(cfg, rows))})
+                                             SPLIT_GAPS: json.dumps(_split_list_gaps(cfg, plan["sample_id"]))})
     return plan
+
+
+def _record_batches(rows: Iterator[Dict[str, Any]]) -> Iterator[pa.RecordBatch]:
+    """The listed rows, BATCH_ROWS at a time, with credentials in URIs masked in ids and uris
+    (the real uri kept aside in FETCH_URI)."""
+    while True:
+        chunk = [public_row(r) for r in itertools.islice(rows, BATCH_ROWS)]
+        if not chunk:
+            return
+        yield pa.RecordBatch.from_pylist(chunk, schema=PLAN_SCHEMA)
+
+
+def _sorted(batches: List[pa.RecordBatch]) -> pa.Table:
+    """The batches as one table sorted by sample_id (a stable sort: of two equal ids the one listed
+    first comes first). Emptied as it goes: each column is dropped once its sorted copy is made,
+    and made one array before its take (a take on chunks makes that array itself, and keeps the
+    chunks meanwhile), so the driver holds the plan and one column more at most."""
+    columns = dict(zip(PLAN_SCHEMA.names, pa.Table.from_batches(batches, schema=PLAN_SCHEMA).columns))
+    batches.clear()
+    order = pc.sort_indices(columns["sample_id"])
+    return pa.table({name: columns.pop(name).combine_chunks().take(order) for name in PLAN_SCHEMA.names},
+                    schema=PLAN_SCHEMA)
 
 
 def split_list_gaps(plan: pa.Table) -> Dict[str, Any]:
@@ -73,11 +98,12 @@ def split_list_gaps(plan: pa.Table) -> Dict[str, Any]:
     return json.loads((plan.schema.metadata or {}).get(SPLIT_GAPS.encode(), b"{}"))
 
 
-def _split_list_gaps(cfg: SourceConfig, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    listed = _read_split_files(cfg)  # small text files: read again rather than threaded through the lister
-    ids = {r["sample_id"] for r in rows}
-    missing = sorted(set(listed) - ids)
-    return {"unlisted": sum(1 for i in ids if i not in listed), "missing": len(missing), "first_missing": missing[:3]}
+def _split_list_gaps(cfg: SourceConfig, ids: pa.ChunkedArray) -> Dict[str, Any]:
+    listed = pa.array(sorted(_read_split_files(cfg)), pa.string())  # small text files: read again
+    found = pc.is_in(listed, value_set=ids)
+    missing = listed.filter(pc.invert(found)).to_pylist()
+    unlisted = len(ids) - pc.sum(pc.is_in(ids, value_set=listed).cast(pa.int64())).as_py()
+    return {"unlisted": unlisted, "missing": len(missing), "first_missing": missing[:3]}
 
 
 def with_fetch_uris(plan: pa.Table, cfg: SourceConfig, listed: Optional[pa.Table] = None) -> pa.Table:
@@ -87,16 +113,21 @@ def with_fetch_uris(plan: pa.Table, cfg: SourceConfig, listed: Optional[pa.Table
     if not has_masked_uris(plan):
         return plan
     listed = plan_source(cfg) if listed is None else listed
-    real = dict(zip(listed["sample_id"].to_pylist(), listed[FETCH_URI].to_pylist()))
-    column = pa.array([real.get(s) for s in plan["sample_id"].to_pylist()], pa.string())
-    return saved_plan(plan).append_column(FETCH_URI, column)
+    at = pc.index_in(plan["sample_id"], value_set=listed["sample_id"])  # null where no longer listed
+    return saved_plan(plan).append_column(FETCH_URI, listed[FETCH_URI].take(at))
 
 
-def _check_unique(rows: List[Dict[str, Any]]) -> None:
-    for a, b in zip(rows, rows[1:]):
-        if a["sample_id"] == b["sample_id"]:
-            both = f" (as {_name(a)!r} and {_name(b)!r})" if a.get("raw_path") or b.get("raw_path") else ""
-            raise SourceError(f"sample_id {a['sample_id']!r} appears twice in the source{both}")
+def _check_unique(plan: pa.Table) -> None:
+    """Refuse a sample_id listed twice: in the sorted ids, one equal to the id before it."""
+    ids = plan["sample_id"]
+    if len(ids) < 2:
+        return
+    same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    if not pc.any(same).as_py():
+        return
+    a, b = plan.slice(pc.index(same, True).as_py(), 2).to_pylist()
+    both = f" (as {_name(a)!r} and {_name(b)!r})" if a["raw_path"] or b["raw_path"] else ""
+    raise SourceError(f"sample_id {a['sample_id']!r} appears twice in the source{both}")
 
 
 def _name(row: Dict[str, Any]) -> Any:
@@ -185,30 +216,42 @@ def _list_webdataset(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
 def _list_manifest(cfg: SourceConfig) -> Iterator[Dict[str, Any]]:
     fs, path = filesystem(cfg.uri, cfg.storage_options)
     with fs.open(path, "rb") as f:
-        data = f.read()
-    table = pq.read_table(io.BytesIO(data)) if _extension(path) == "parquet" else _read_csv(data)
-    if "uri" not in table.column_names:
-        raise SourceError(f"source.uri {cfg.uri}: the manifest has no 'uri' column (has {table.column_names})")
+        data = f.read()  # the file's bytes (compressed); its rows are read a batch at a time
+    names, batches = _parquet_batches(data) if _extension(path) == "parquet" else _csv_batches(data)
+    if "uri" not in names:
+        raise SourceError(f"source.uri {cfg.uri}: the manifest has no 'uri' column (has {names})")
     base = posixpath.dirname(path)
-    allowed = Confinement([full_uri(fs, base), *cfg.allow_uris])
-    for rec in table.to_pylist():
-        uri = str(rec["uri"])
-        if "://" in uri or uri.startswith("/"):
-            target = uri
-        else:  # relative to the manifest's folder
-            target = full_uri(fs, posixpath.join(base, uri))
-        split = cfg.split or _text(rec.get("split"))
-        refused = "" if allowed.allows(target) else REFUSED_URI  # the same words whether or not it exists
-        yield {**_row(uri, target, _text(rec.get("label")), split), "refused": refused}
+    allowed = Confinement([full_uri(fs, base), *cfg.allow_uris])  # its roots resolved once
+    for batch in batches:
+        uris, labels, splits = (_values(batch, name) for name in ("uri", "label", "split"))
+        for uri, label, split in zip(uris, labels, splits):
+            uri = str(uri)
+            if "://" in uri or uri.startswith("/"):
+                target = uri
+            else:  # relative to the manifest's folder
+                target = full_uri(fs, posixpath.join(base, uri))
+            refused = "" if allowed.allows(target) else REFUSED_URI  # the same words whether or not it exists
+            yield {**_row(uri, target, _text(label), cfg.split or _text(split)), "refused": refused}
 
 
-def _read_csv(data: bytes) -> pa.Table:
+def _values(batch: pa.RecordBatch, name: str) -> List[Any]:
+    """A column's values, or None for each row where the manifest has no such column."""
+    index = batch.schema.get_field_index(name)
+    return batch.column(index).to_pylist() if index >= 0 else [None] * batch.num_rows
+
+
+def _parquet_batches(data: bytes) -> Tuple[List[str], Iterator[pa.RecordBatch]]:
+    f = pq.ParquetFile(io.BytesIO(data))
+    return f.schema_arrow.names, f.iter_batches(batch_size=BATCH_ROWS)
+
+
+def _csv_batches(data: bytes) -> Tuple[List[str], Iterator[pa.RecordBatch]]:
     """Every column as the text it holds: `007` stays `007`, `true`, `null` and `` stay strings."""
     parse = pacsv.ParseOptions(newlines_in_values=True)  # a quoted value may span lines
     names = pacsv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
                                    quoted_strings_can_be_null=False)
-    return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+    return names, pacsv.open_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
 
 
 def _text(value: Any) -> str:

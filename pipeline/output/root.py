@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -230,8 +231,7 @@ def _ready(fs, root: str, uri: str, wanted: Dict[str, Any], plan: pa.Table, prev
     once the todo is known: the run's committer reads its own (committer.py)."""
     ledger = Ledger(fs, root, job=fingerprint(wanted))
     ledger.recover()
-    todo = remaining(plan, ledger.rows, ledger.units)
-    todo = _with_attempts(fs, root, _with_skip(todo, ledger.rows))
+    todo = todo_of(fs, root, plan, ledger.rows, ledger.units)
     return Workspace(uri, fs, root, plan, todo, ledger.job, previous, added=added, gone=gone,
                      committed=(len(ledger.rows), len(ledger.units)))
 
@@ -259,31 +259,41 @@ def load_plan(fs, root: str) -> Optional[pa.Table]:
         return None
 
 
+def todo_of(fs, root: str, plan: pa.Table, rows, units) -> pa.Table:
+    """The plan rows not yet done, with `skip` and `attempts`. A fresh run's todo is the plan's
+    own columns, not a filtered copy of them (the driver holds the plan for the whole run)."""
+    todo = remaining(plan, rows, units) if rows or units else plan
+    return _with_attempts(fs, root, _with_skip(todo, rows))
+
+
 def _with_skip(todo: pa.Table, committed) -> pa.Table:
-    """Tar shards list their members already committed, which the read stage passes over."""
-    shards = [i for i, c in enumerate(todo["container"].to_pylist()) if c == "tar"]
-    skip: List[List[str]] = [[] for _ in range(len(todo))]
+    """Tar shards list their members already committed, which the read stage passes over; any
+    other row an empty list (built on Arrow: a todo of millions of files holds no Python list each)."""
+    shards = pc.indices_nonzero(pc.equal(todo["container"], "tar")).to_pylist()
+    lengths = np.zeros(len(todo), np.int32)
+    members: List[str] = []
     if shards:
         done = sorted(committed)
-        ids = todo["sample_id"].to_pylist()
+        ids = todo["sample_id"]
         for i in shards:
-            lo, hi = bisect.bisect_left(done, ids[i] + "/"), bisect.bisect_left(done, ids[i] + "0")
-            skip[i] = done[lo:hi]  # "0" follows "/": the ids under the shard
-    return todo.append_column("skip", pa.array(skip, pa.list_(pa.string())))
+            sid = ids[i].as_py()
+            lo, hi = bisect.bisect_left(done, sid + "/"), bisect.bisect_left(done, sid + "0")
+            lengths[i] = hi - lo  # "0" follows "/": the ids under the shard
+            members.extend(done[lo:hi])
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)]), pa.int32())
+    return todo.append_column("skip", pa.ListArray.from_arrays(offsets, pa.array(members, pa.string())))
 
 
 def _with_attempts(fs, root: str, todo: pa.Table) -> pa.Table:
     """How many runs already failed on each sample (a tar shard: the most among its members)."""
     try:
-        retry = pq.read_table(f"{root}/{RETRY_FILE}", filesystem=fs).to_pylist()
+        retry = pq.read_table(f"{root}/{RETRY_FILE}", filesystem=fs, columns=["unit", "attempts"])
     except FileNotFoundError:
-        retry = []
-    prior: Dict[str, int] = {}
-    for r in retry:
-        unit = r["unit"]
-        prior[unit] = max(prior.get(unit, 0), r["attempts"])
-    attempts = [prior.get(s, 0) for s in todo["sample_id"].to_pylist()]
-    return todo.append_column("attempts", pa.array(attempts, pa.int64()))
+        return todo.append_column("attempts", pa.array(np.zeros(len(todo), np.int64)))
+    prior = retry.group_by("unit").aggregate([("attempts", "max")])
+    at = pc.index_in(todo["sample_id"], value_set=prior["unit"])
+    attempts = pc.fill_null(prior["attempts_max"].take(at), 0).cast(pa.int64())
+    return todo.append_column("attempts", attempts)
 
 
 def _forget_errors(fs, root: str, previous: Dict[str, Any]) -> None:
@@ -307,11 +317,11 @@ def _forget_errors(fs, root: str, previous: Dict[str, Any]) -> None:
 
 def _units_of(ids: List[str], plan: pa.Table) -> List[str]:
     """The plan row each sample id comes from: itself, its tar shard, or its windowed video."""
-    planned = set(plan["sample_id"].to_pylist())
-    shards = {s for s, c in zip(plan["sample_id"].to_pylist(), plan["container"].to_pylist()) if c == "tar"}
+    planned = pc.is_in(pa.array(ids, pa.string()), value_set=plan["sample_id"]).to_pylist()
+    shards = set(plan.filter(pc.equal(plan["container"], "tar"))["sample_id"].to_pylist())
     out = []
-    for sid in ids:
-        unit = sid if sid in planned else sid.rsplit("#w", 1)[0]
+    for sid, is_planned in zip(ids, planned):
+        unit = sid if is_planned else sid.rsplit("#w", 1)[0]
         parts = sid.split("/")
         for n in range(1, len(parts)):
             if "/".join(parts[:n]) in shards:

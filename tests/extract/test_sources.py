@@ -360,3 +360,52 @@ def test_a_manifest_resolves_its_roots_once_not_once_a_row(tmp_path, monkeypatch
     roots = [p for p in calls if not p.endswith(".jpg")]
     assert len(roots) == 2, roots  # the manifest's folder and the one allowed root, once each
     assert len(calls) == rows + 2
+
+
+def old_plan(cfg):
+    """The plan as planning made it before it streamed into Arrow: every row a dict, masked with
+    public_row, sorted in Python, one from_pylist (the reference for the batched plan)."""
+    from pipeline.extract.plan import _LISTERS, PLAN_SCHEMA
+    from pipeline.redact import public_row
+
+    rows = sorted((public_row(r) for r in _LISTERS[cfg.format](cfg)), key=lambda r: r["sample_id"])
+    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+def test_a_large_manifest_is_planned_in_batches_sorted_and_as_the_row_by_row_plan(tmp_path, monkeypatch):
+    from pipeline.extract import plan as planning
+    from pipeline.extract.listing import REFUSED_URI
+
+    monkeypatch.setattr(planning, "BATCH_ROWS", 4096)  # 50k rows: 13 record batches
+    n = 50_000
+    rng = np.random.default_rng(0)
+    uris = [f"c{i % 97:02d}/{i}.jpg" for i in rng.permutation(n)]
+    uris[7] = "/etc/passwd"  # outside the manifest's folder: planned refused
+    uris[8] = "https://user:secret@example.com/a.jpg?X-Amz-Signature=abc"  # masked; real one kept aside
+    labels = [None if i % 5 == 0 else f"l{i % 7}" for i in range(n)]
+    pq.write_table(pa.table({"uri": uris, "label": labels, "split": ["train", "val"] * (n // 2)}),
+                   tmp_path / "m.parquet")
+    cfg = SourceConfig(uri=str(tmp_path / "m.parquet"), format="manifest")
+    plan = plan_source(cfg)
+    assert plan.equals(old_plan(cfg), check_metadata=True) and len(plan) == n
+    ids = plan["sample_id"].to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == n
+    by_id = {r["sample_id"]: r for r in plan.to_pylist()}
+    assert by_id["/etc/passwd"]["refused"] == REFUSED_URI
+    masked = "https://user:***@example.com/a.jpg?X-Amz-Signature=***"
+    assert by_id[masked]["uri"] == masked and by_id[masked]["fetch_uri"] == uris[8]
+    assert by_id[uris[0]]["refused"] == "" and by_id[uris[0]]["uri"] == f"file://{tmp_path}/{uris[0]}"
+
+    # one id twice, in the first and the last batch: refused by name
+    pq.write_table(pa.table({"uri": uris[:-1] + [uris[0]]}), tmp_path / "m.parquet")
+    with pytest.raises(SourceError, match=f"^sample_id '{uris[0]}' appears twice in the source$"):
+        plan_source(cfg)
+
+
+def test_a_plan_of_one_row_and_a_csv_manifest_of_only_a_header(tmp_path):
+    (tmp_path / "one.csv").write_text("uri,label\na.jpg,x\n")
+    plan = plan_source(SourceConfig(uri=str(tmp_path / "one.csv"), format="manifest"))
+    assert plan["sample_id"].to_pylist() == ["a.jpg"] and plan["label"].to_pylist() == ["x"]
+    (tmp_path / "none.csv").write_text("uri,label\n")
+    with pytest.raises(SourceError, match="no manifest samples found"):
+        plan_source(SourceConfig(uri=str(tmp_path / "none.csv"), format="manifest"))

@@ -112,3 +112,28 @@ def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults
     assert summary.samples == len(ids) - len(done)
     assert_exactly_once(str(out), ids)
     assert status(str(out))["complete"]
+
+
+def test_the_todo_lists_a_shards_committed_members_and_the_attempts_of_earlier_failures(tmp_path):
+    """todo_of on a plan with a shard and files: `skip` names the committed members under each
+    shard only (not `s.tar0...` nor another shard's), `attempts` the most a unit's failures had."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.output.root import RETRY_FILE, todo_of
+
+    plan = pa.table({"sample_id": ["a.jpg", "b.jpg", "s.tar", "t.tar"], "container": ["", "", "tar", "tar"]})
+    fs, root = LocalFileSystem(), str(tmp_path)
+    fresh = todo_of(fs, root, plan, set(), set())
+    assert fresh["skip"].to_pylist() == [[]] * 4 and fresh["attempts"].to_pylist() == [0] * 4
+    assert fresh["sample_id"].chunks[0].buffers() == plan["sample_id"].chunks[0].buffers()  # not a copy
+
+    committed = {"a.jpg", "s.tar/2", "s.tar/1", "s.tar0", "t.tar/x"}
+    pq.write_table(pa.table({"unit": ["s.tar", "s.tar", "b.jpg"], "sample_id": ["s.tar/3", "s.tar/4", "b.jpg"],
+                             "attempts": [1, 3, 2]}), f"{root}/{RETRY_FILE}")
+    todo = todo_of(fs, root, plan, committed, {"t.tar"})
+    assert todo["sample_id"].to_pylist() == ["b.jpg", "s.tar"]
+    assert todo["skip"].to_pylist() == [[], ["s.tar/1", "s.tar/2"]]
+    assert todo["attempts"].to_pylist() == [2, 3]
+    assert todo_of(fs, root, plan.slice(0, 0), set(), set()).num_rows == 0
