@@ -98,7 +98,10 @@ def _shards(folder, n_shards=3, per_shard=8):
 def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults_dir):
     src, out = tmp_path / "shards", tmp_path / "out"
     ids = _shards(src)
-    job = job_dict(str(src), str(out), source={"format": "webdataset"}, resources={"batch_size": 4})
+    # a file a model batch of 4 (file_size 1): the fourth write fails with shards still to do (with
+    # 8 KiB files the 24 rows were 3 files and the fault could land after the last of them)
+    job = job_dict(str(src), str(out), source={"format": "webdataset"}, resources={"batch_size": 4},
+                   output={"file_size": 1})
     faults("write", action="raise", after=3)
     with pytest.raises(Exception, match="fault injected"):
         run(job)
