@@ -177,9 +177,6 @@ class Ledger:
                                                 staging, foreign)
         return published
 
-    def clear_staging(self) -> None:
-        clear_staging(self.fs, self.root)
-
     def commit(self, staged: List[Staged]) -> Dict[str, Any]:
         if self.fence is not None:
             self.fence()
