@@ -214,14 +214,21 @@ def test_rerun_finds_everything_done_and_another_job_is_refused(image_folder_run
 # ---------------------------------------------------------------- webdataset
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, data) -> None:
     info = tarfile.TarInfo(name)  # names are written as given: '../' and absolute paths included
+    if isinstance(data, str):  # a symbolic link to that name, not a regular file
+        info.type, info.linkname = tarfile.SYMTYPE, data
+        tar.addfile(info)
+        return
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.mark.timeout(180)
 def test_webdataset_shards(tmp_path):
+    """Labels from .cls/.txt/.json members, hostile member names, and the odd shards of issue 12
+    (tests/extract/test_read_edges.py reads them stage by stage): a key seen again, a name that is
+    not UTF-8, a link, a shard cut inside a header; every member group lands exactly once."""
     shards, out = tmp_path / "shards", tmp_path / "out"
     shards.mkdir()
     jpg = [encode(photo(80 + 8 * i, 60, seed=10 + i)) for i in range(8)]
@@ -234,23 +241,35 @@ def test_webdataset_shards(tmp_path):
         "shard-002.tar": [("../evil.jpg", jpg[6]), ("../evil.cls", b"6"),
                           (escaped_abs + ".jpg", jpg[7]), (escaped_abs + ".cls", b"7")],
     }
-    for shard, items in members.items():
-        with tarfile.open(shards / shard, "w") as tar:
+    odd = {"shard-003.tar": [("a.jpg", jpg[0]), ("b.jpg", jpg[1]), ("a.png", jpg[2]), ("b.jpg", jpg[3]),
+                             (os.fsdecode(b"n\xe9.jpg"), jpg[4]), ("l.jpg", "a.jpg")],
+           "shard-004.tar": [("c.jpg", jpg[0]), ("d.jpg", jpg[1]), ("e.jpg", jpg[2])]}
+    for shard, items in {**members, **odd}.items():
+        # the odd ones in GNU format: a name that is not UTF-8 is written as its bytes
+        kind = {"format": tarfile.GNU_FORMAT, "encoding": "utf-8"} if shard in odd else {}
+        with tarfile.open(shards / shard, "w", **kind) as tar:
             for name, data in items:
                 _add(tar, name, data)
+    with tarfile.open(shards / "shard-004.tar") as tar:
+        cut = tar.getmembers()[2].offset + 100  # inside e.jpg's header
+    (shards / "shard-004.tar").write_bytes((shards / "shard-004.tar").read_bytes()[:cut])
     with tarfile.open(shards / "shard-002.tar") as tar:  # the hostile names really are in the shard
         assert tar.getnames()[0] == "../evil.jpg" and tar.getnames()[2].startswith("/")
     outside_before = tree(tmp_path)
 
-    run(job_dict(str(shards / "shard-{000..002}.tar"), str(out), name="e2e-wds",
+    run(job_dict(str(shards / "shard-{000..004}.tar"), str(out), name="e2e-wds",
                  source={"format": "webdataset", "split": "train"}))
 
     expected_labels = {
         "shard-000.tar/a": "0", "shard-000.tar/b": "1", "shard-000.tar/c": "x",
         "shard-001.tar/d": "a dog", "shard-001.tar/sub/e": "5",
         "shard-002.tar/../evil": "6", f"shard-002.tar/{escaped_abs}": "7",
+        "shard-003.tar/a": "", "shard-003.tar/b": "", "shard-003.tar/n\\xe9": "",
+        "shard-004.tar/c": "", "shard-004.tar/d": "",
     }
-    expected_errors = {"shard-001.tar/broken": "decode", "shard-001.tar/onlycls": "read"}
+    expected_errors = {"shard-001.tar/broken": "decode", "shard-001.tar/onlycls": "read",
+                       "shard-003.tar/a.dup2": "read", "shard-003.tar/b.dup2": "read", "shard-003.tar/l": "read",
+                       "shard-004.tar": "read"}
     features, errors = assert_exactly_once(str(out), {*expected_labels, *expected_errors})
     assert sorted(features) == sorted(expected_labels)
 
@@ -266,6 +285,9 @@ def test_webdataset_shards(tmp_path):
     assert err["shard-001.tar/onlycls"]["error_type"] == "LookupError"
     assert "no image member" in err["shard-001.tar/onlycls"]["message"]
     assert err["shard-001.tar/broken"]["message"]
+    assert {sid: err[sid]["error_type"] for sid in expected_errors if sid.startswith(("shard-003", "shard-004"))} == {
+        "shard-003.tar/a.dup2": "duplicate_key", "shard-003.tar/b.dup2": "duplicate_key",
+        "shard-003.tar/l": "not_a_file", "shard-004.tar": "truncated"}
 
     # member names are data only: nothing appeared outside OUT, and OUT holds only its own layout
     assert not os.path.exists(escaped_abs + ".jpg") and not (tmp_path / "evil.jpg").exists()
