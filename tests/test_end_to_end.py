@@ -3,10 +3,10 @@
 Each test runs one small job (random-init ResNet-18 on 56x56 crops) on the session's Ray and
 checks the design's invariants on what lands in OUT: every planned sample exactly once across
 `features` and `errors` (I1), only whole committed files visible (I2), provenance in the files.
+A manifest's run (relative uris, a row listed but not there, splits as folders) is test_partitions'.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -356,39 +356,3 @@ def test_s3_source_and_output(s3):
     text = inspect_output(out_uri, options)
     assert "dim 512, halffloat" in text and f"rows       {len(good)}" in text and "errors     2" in text
     assert S3_SECRET not in text
-
-
-# ---------------------------------------------------------------- manifest
-
-
-@pytest.mark.timeout(180)
-def test_manifest_two_splits(tmp_path):
-    data, out = tmp_path / "data", tmp_path / "out"
-    rows = []
-    for i in range(7):
-        split = "train" if i < 5 else "val"
-        rel = f"imgs/{split}/{i:03d}.jpg"
-        (data / "imgs" / split).mkdir(parents=True, exist_ok=True)
-        (data / rel).write_bytes(encode(photo(64 + i, 48, seed=100 + i)))
-        rows.append({"uri": rel, "label": f"class{i % 2}", "split": split})
-    rows.append({"uri": "imgs/val/missing.jpg", "label": "class0", "split": "val"})  # listed, not there
-    with open(data / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["uri", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-    run(job_dict(str(data / "manifest.csv"), str(out), name="e2e-manifest",
-                 source={"format": "manifest"}, output={"partition_by": ["split"]}))
-
-    features, errors = assert_exactly_once(str(out), [r["uri"] for r in rows])
-    assert errors == ["imgs/val/missing.jpg"]
-    err = read_errors(str(out)).to_pylist()[0]
-    assert err["stage"] == "read" and err["error_type"] == "FileNotFoundError"
-
-    assert sorted(os.listdir(out / "features")) == ["split_dir=train", "split_dir=val"]
-    for split, n in (("train", 5), ("val", 2)):
-        part = pq.ParquetDataset(str(out / "features" / f"split_dir={split}")).read()
-        assert part.num_rows == n
-    table = read_features(str(out))
-    got = {r["sample_id"]: (r["label"], r["split"]) for r in table.select(["sample_id", "label", "split"]).to_pylist()}
-    assert got == {r["uri"]: (r["label"], r["split"]) for r in rows[:-1]}
