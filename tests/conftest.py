@@ -153,6 +153,11 @@ def s3_options(endpoint: str) -> Dict[str, Any]:
     return {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": endpoint}}
 
 
+# What Ray prints on a console that a run keeps off it (pipeline/console.py); test_progress, test_interrupt
+RAY_NOISE = ("Token authentication is enabled", "has constructor arguments in the object store",
+             "does not have any available CPUs", "Progress bars disabled")
+
+
 def refusal_lines(stderr: str) -> List[str]:
     """stderr's lines less the `starting` line a run prints before it can refuse (the job's model,
     source and output are checked after the imports that line is printed ahead of)."""

@@ -123,7 +123,7 @@ def test_unknown_arch_and_missing_source_are_refused(tmp_path, images, ray_tmpdi
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session):
+def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session, capsys):
     out = tmp_path / "out"
     data = {
         "name": "cli-small",
@@ -157,6 +157,17 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session):
     assert record["config"]["resources"]["batch_size"] == 4  # the --set override was applied
     assert record["counts"]["features"] == 6 and record["counts"]["errors"] == 2
 
+    # another job into the same output is refused, naming what differs, and changes nothing (here
+    # through main(): a refusal in a new process is above)
+    from pipeline.cli import main
+
+    before = tree(out)
+    capsys.readouterr()
+    assert main(["run", str(job), "--set", "model.pool=max"]) == 2
+    (line,) = refusal_lines(capsys.readouterr().err)
+    assert 'model.pool ("avg" -> "max")' in line and "--overwrite" in line
+    assert tree(out) == before
+
     # inspect, status, and the same job again, in one new process, one after another
     before = tree(out / "features")
     inspect, status, again = featurize_each(["inspect", str(out)], ["status", str(out)],
@@ -180,13 +191,6 @@ def test_run_then_inspect(tmp_path, images, ray_tmpdir, ray_session):
     assert again.returncode == 0, again.stderr
     assert "skipped      8 planned samples already committed" in again.stdout
     assert tree(out / "features") == before
-
-    # another job into the same output is refused, naming what differs, and changes nothing
-    before = tree(out)
-    result = featurize("run", str(job), "--set", "model.pool=max", timeout=60)
-    assert result.returncode == 2
-    assert 'model.pool ("avg" -> "max")' in result.stderr and "--overwrite" in result.stderr
-    assert tree(out) == before
 
 
 def test_demo_never_removes_or_adds_to_what_it_did_not_create(tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 It used to abort with a C++ stack dump and exit 134: ray.init replaces the SIGTERM handler with
 one that kills the local Ray under the still-connected driver. The one test here starts its own
-Ray in the `featurize` subprocess; the rerun uses the session's.
+Ray in the `featurize` subprocess, as a user's run does (the suite's only run that does: it also
+checks that such a Ray keeps its noise off the console and shows in RAY_TMPDIR, the control of
+test_cli's refusals); the rerun uses the session's.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import yaml
 
 from pipeline.samples import make_image_folder
 
-from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, run, wait_for
+from conftest import RAY_NOISE, assert_exactly_once, assert_whole_files, job_dict, planned, run, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERRUPTED = "featurize: interrupted; run the same command again to resume"
@@ -37,7 +38,7 @@ def _running(out: Path) -> bool:
 @pytest.mark.cluster  # a Ray of its own: ray.init's SIGTERM handler is that of an embedded local Ray
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigterm_exits_130_with_one_line_and_the_rerun_completes(ray_session, tmp_path):
+def test_sigterm_exits_130_with_one_line_and_the_rerun_completes(ray_session, tmp_path, ray_tmpdir):
     src, out = tmp_path / "images", tmp_path / "out"
     make_image_folder(str(src), n=20, broken=1)
     job = job_dict(str(src), str(out), resources={"batch_size": 2, "decode_batch_size": 2})
@@ -46,8 +47,7 @@ def test_sigterm_exits_130_with_one_line_and_the_rerun_completes(ray_session, tm
     slow = tmp_path / "slow"  # every model batch sleeps: the job is still running when SIGTERM comes
     slow.mkdir()
     (slow / "embed.json").write_text(json.dumps({"action": "sleep", "seconds": 0.6, "once": False}))
-    env = {**os.environ, "FEATURIZE_FAULTS": str(slow), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
-           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ftray-", dir="/tmp")}  # Ray's socket paths stay short
+    env = {**os.environ, "FEATURIZE_FAULTS": str(slow), "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmpdir)}
     env.pop("RAY_ADDRESS", None)
     featurize = Path(sys.executable).with_name("featurize")
     proc = subprocess.Popen([str(featurize), "run", str(job_file)], env=env, cwd=ROOT, start_new_session=True,
@@ -63,10 +63,12 @@ def test_sigterm_exits_130_with_one_line_and_the_rerun_completes(ray_session, tm
         except ProcessLookupError:
             pass
     assert proc.returncode == 130, stderr[-3000:]
-    lines = stderr.strip().splitlines()  # Ray's own start-up warnings may come first
+    assert (ray_tmpdir / "ray").is_dir()  # the control of test_cli's refusals: a Ray start shows there
+    lines = stderr.strip().splitlines()
     assert lines[-1] == INTERRUPTED and stderr.count("featurize:") == 1, stderr[-3000:]
     for dump in ("Traceback", "Stack trace", "*** SIG", "Aborted", "core dumped", "Check failed"):
         assert dump not in stderr, stderr[-3000:]
+    assert not [n for n in RAY_NOISE if n in stderr], stderr[-3000:]
     record = json.loads((out / "_job.json").read_text())
     assert record["status"] == "interrupted" and record["runs"][-1]["error"].startswith("KeyboardInterrupt")
 

@@ -1,6 +1,6 @@
 """The read stage at the edges (issue 12): repeated keys, cut shards, odd members, huge members,
-reads that hang. Unit tests call read_batch on hand-built plans; two small end-to-end runs check
-that the rows these give land exactly once."""
+reads that hang. Unit tests call read_batch on hand-built plans; a small end-to-end run checks that
+the rows an odd folder gives land exactly once (the odd shards' run is test_end_to_end's webdataset one)."""
 from __future__ import annotations
 
 import io
@@ -297,26 +297,6 @@ def test_a_fifo_is_not_planned_and_a_read_that_hangs_becomes_a_timeout_row(tmp_p
 
 
 # ------------------------------------------------------------------ end to end
-
-
-@pytest.mark.usefixtures("ray_session")
-@pytest.mark.timeout(180)
-def test_odd_shards_end_to_end_every_member_group_exactly_once(tmp_path):
-    shards, out = tmp_path / "shards", tmp_path / "out"
-    shards.mkdir()
-    make_tar(shards / "s0.tar", [("a.jpg", JPEG[0]), ("b.jpg", JPEG[1]), ("a.png", JPEG[2]), ("b.jpg", JPEG[3]),
-                                 (os.fsdecode(b"n\xe9.jpg"), JPEG[4]), ("l.jpg", Special(tarfile.SYMTYPE, "a.jpg"))])
-    make_tar(shards / "s1.tar", [("c.jpg", JPEG[0]), ("d.jpg", JPEG[1]), ("e.jpg", JPEG[2])])
-    data = (shards / "s1.tar").read_bytes()
-    (shards / "s1.tar").write_bytes(data[: _members(shards / "s1.tar")[2][1] + 100])  # cut in e's header
-    run(job_dict(str(shards), str(out), name="e2e-odd-shards", source={"format": "webdataset"}))
-    features, errors = assert_exactly_once(str(out), {
-        "s0.tar/a", "s0.tar/b", "s0.tar/a.dup2", "s0.tar/b.dup2", "s0.tar/n\\xe9", "s0.tar/l",
-        "s1.tar/c", "s1.tar/d", "s1.tar"})
-    assert sorted(features) == ["s0.tar/a", "s0.tar/b", "s0.tar/n\\xe9", "s1.tar/c", "s1.tar/d"]
-    types = {r["sample_id"]: r["error_type"] for r in read_errors(str(out)).to_pylist()}
-    assert types == {"s0.tar/a.dup2": "duplicate_key", "s0.tar/b.dup2": "duplicate_key",
-                     "s0.tar/l": "not_a_file", "s1.tar": "truncated"}
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -1,7 +1,8 @@
 """Search queries embedded in a table's own space (pipeline/index/query.py): an image file that is in a
-table extracted by the real pipeline lands on its own row, a video file on its first window's row of a
-table made by extraction's stage functions; a text query on an open_clip table equals open_clip's
-encode_text; everything else is refused on one line, with no secret in it.
+table lands on its own row, a video file on its first window's row (both tables made by extraction's
+stage functions in this process, with the provenance a run writes: no Ray); a text query on an
+open_clip table equals open_clip's encode_text; everything else is refused on one line, with no secret
+in it.
 
 The open_clip weights are a random-init model saved to a file here; nothing is downloaded.
 """
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import TemporalConfig, parse_job, to_dict
 from pipeline.errors import Refused
+from pipeline.extract.decode import decode_image
 from pipeline.extract.prepare import prepare
 from pipeline.extract.video import decode_video_batch
 from pipeline.index.query import query_vector
@@ -28,7 +30,7 @@ from pipeline.models.base import resolve
 from pipeline.models.temporal import TemporalEmbedder, resolve_heads
 from pipeline.samples import encode, encode_video, photo
 
-from conftest import S3_BUCKET, job_dict, read_features, run
+from conftest import S3_BUCKET, job_dict, read_features
 from tables import write_table
 
 CLIP = "ViT-S-32-alt"  # the smallest plain open_clip model: 256-d embedding, a 10-layer 256-wide text tower
@@ -43,15 +45,23 @@ def rows(out) -> dict:
 
 
 @pytest.fixture(scope="module")
-def image_table(ray_session, tmp_path_factory):
-    """4 JPEGs of several shapes in two label folders, extracted by the real pipeline (resnet18, 56 px)."""
+def image_table(tmp_path_factory):
+    """4 JPEGs of several shapes in two label folders and their table (resnet18, 56 px), its rows made
+    as a run's model actor makes them (decode_image, the Embedder; float16 as the sink stores them)."""
     base = tmp_path_factory.mktemp("query-images")
+    ids, pixels = [], []
+    job = job_dict(str(base / "src"), str(base / "out"), name="query-images")
+    job["model"]["device"] = "cpu"
+    prepared = prepare(parse_job(job))
     for i, (w, h) in enumerate([(120, 90), (80, 110), (96, 96), (150, 70)]):
-        folder = base / "src" / ("cat" if i % 2 else "dog")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"img{i}.jpg").write_bytes(encode(photo(w, h, seed=i), quality=90))
-    summary = run(job_dict(str(base / "src"), str(base / "out"), name="query-images"))
-    assert summary.features == 4
+        ids.append(f"{'cat' if i % 2 else 'dog'}/img{i}.jpg")
+        (base / "src" / ids[-1]).parent.mkdir(parents=True, exist_ok=True)
+        (base / "src" / ids[-1]).write_bytes(encode(photo(w, h, seed=i), quality=90))
+        pixels.append(decode_image((base / "src" / ids[-1]).read_bytes(), prepared.image)[0])
+    embed = Embedder(EmbedSpec(model=prepared.job.model, weights=prepared.weights, crop=prepared.image.crop,
+                               dim=prepared.dim, mean=prepared.mean, std=prepared.std,
+                               torch_threads=torch.get_num_threads()))
+    write_out(base / "out", prepared, ids, {"feature": embed.embed(np.stack(pixels))})
     return base
 
 

@@ -10,7 +10,7 @@ from pipeline.output.root import JOB_FILE
 from pipeline.output.status import status
 from pipeline.samples import encode, make_image_folder, photo
 
-from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_features, run, tree
+from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, run, tree
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -23,7 +23,7 @@ def _add_images(folder, names, seed=50):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_incremental_run_takes_up_only_what_the_source_gained(tmp_path, faults):
+def test_incremental_run_takes_up_only_what_the_source_gained_and_reports_what_is_gone(tmp_path, faults):
     src, out = tmp_path / "images", tmp_path / "out"
     make_image_folder(str(src), n=10, broken=1)
     job = job_dict(str(src), str(out))
@@ -54,22 +54,17 @@ def test_incremental_run_takes_up_only_what_the_source_gained(tmp_path, faults):
     assert (summary.added, summary.gone, summary.samples) == (0, len(gone), 0)
     assert_exactly_once(str(out), first + new)  # ... and keep their rows
 
-
-@pytest.mark.timeout(300)
-def test_incremental_reports_what_it_added_and_what_is_gone(tmp_path):
-    src, out = tmp_path / "images", tmp_path / "out"
-    make_image_folder(str(src), n=6, broken=0)
-    job = job_dict(str(src), str(out))
-    run(job)
-    _add_images(src, ["n02102040/extra.jpg"])
-    (src / planned(src)[0]).unlink()
-
+    # one more added and one more gone: the run reports both, and only the new one is done
+    _add_images(src, ["n02102040/extra.jpg"], seed=80)
+    (src / new[0]).unlink()
     summary = run(job, incremental=True)
-    assert (summary.added, summary.gone, summary.features) == (1, 1, 1)
+    assert (summary.added, summary.gone, summary.features) == (1, len(gone) + 1, 1)
     record = json.loads((out / JOB_FILE).read_text())
-    assert record["runs"][-1]["added_to_plan"] == 1 and record["runs"][-1]["gone_from_source"] == 1
-    assert record["counts"]["planned"] == 7  # the gone sample stays planned, and its row stays
-    assert len(read_features(str(out), columns=["sample_id"])) == 7
+    assert record["runs"][-1]["added_to_plan"] == 1 and record["runs"][-1]["gone_from_source"] == len(gone) + 1
+    planned_now = first + new + ["n02102040/extra.jpg"]
+    assert record["counts"]["planned"] == len(planned_now)  # the gone samples stay planned, and their rows stay
+    features, errors = assert_exactly_once(str(out), planned_now)
+    assert len(errors) == 1 and new[0] in features and "n02102040/extra.jpg" in features
 
     with pytest.raises(OutputExists, match="choose one"):
         run(job, incremental=True, overwrite=True)

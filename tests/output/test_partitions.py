@@ -23,7 +23,7 @@ from pipeline.output.record import inspect_output
 from pipeline.output.sink import ParquetCommitSink, SinkSpec, features_schema, image_columns
 from pipeline.samples import encode, photo
 
-from conftest import assert_exactly_once, job_dict, read_features, run
+from conftest import assert_exactly_once, job_dict, read_errors, read_features, run
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 CJK = "特征提取" * 20  # 80 characters: 240 UTF-8 bytes, 720 percent-encoded
@@ -139,25 +139,36 @@ def test_inspect_shows_partitions_in_the_order_their_folders_nest(tmp_path, nest
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("ray_session")
 def test_labels_read_back_exactly_end_to_end(tmp_path):
-    """A CSV manifest (no type inference: `007` stays a string) through a real run with
-    partition_by [split, label]; Ray is the fifth reader; `featurize inspect` shows exact values."""
+    """A CSV manifest (no type inference: `007` stays a string; uris relative to its folder, one listed
+    but not there) through a real run with partition_by [split, label]; Ray is the fifth reader;
+    `featurize inspect` shows exact values."""
+    import pyarrow.parquet as pq
     import ray
 
     data, out = tmp_path / "data", tmp_path / "out"
-    data.mkdir()
+    (data / "imgs").mkdir(parents=True)
     rows = []
     for i, label in enumerate(LABELS):
-        (data / f"{i:03d}.jpg").write_bytes(encode(photo(40 + i, 32, seed=i)))
-        rows.append({"uri": f"{i:03d}.jpg", "label": label, "split": SPLITS[i % len(SPLITS)]})
+        (data / "imgs" / f"{i:03d}.jpg").write_bytes(encode(photo(40 + i, 32, seed=i)))
+        rows.append({"uri": f"imgs/{i:03d}.jpg", "label": label, "split": SPLITS[i % len(SPLITS)]})
+    missing = {"uri": "imgs/missing.jpg", "label": "007", "split": "train"}  # listed, not there
     with open(data / "manifest.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["uri", "label", "split"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(rows + [missing])
 
     run(job_dict(str(data / "manifest.csv"), str(out), name="labels", source={"format": "manifest"},
                  output={"partition_by": ["split", "label"]}))
 
-    assert_exactly_once(str(out), [r["uri"] for r in rows])
+    _, errors = assert_exactly_once(str(out), [r["uri"] for r in rows + [missing]])
+    assert errors == [missing["uri"]]
+    (err,) = read_errors(str(out)).to_pylist()
+    assert err["stage"] == "read" and err["error_type"] == "FileNotFoundError"
+    splits = sorted(set(SPLITS))  # a folder per split, each holding its split's rows
+    assert sorted(os.listdir(out / "features")) == [f"split_dir={folder_value(s)}" for s in splits]
+    for split in splits:
+        files = (out / "features" / f"split_dir={folder_value(split)}").rglob("*.parquet")
+        assert sum(pq.read_metadata(f).num_rows for f in files) == sum(r["split"] == split for r in rows)
     expected = {r["uri"]: (r["label"], r["split"]) for r in rows}
     features = str(out / "features")
     for name, got in _readers(features):

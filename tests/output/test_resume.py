@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -27,20 +28,41 @@ from conftest import (
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
+GOOD = encode(photo(90, 70, seed=3))
+
+
+@pytest.fixture(scope="module")
+def image_output(tmp_path_factory, ray_session):
+    """(source, a complete output of it): 30 images, 2 broken files and late.jpg, truncated while it
+    was being uploaded. A test copies the output to change it (source.uri is in the job's settings, so
+    the source stays where it is: a test that changes it puts it back)."""
+    base = tmp_path_factory.mktemp("resume")
+    src, out = base / "images", base / "out"
+    make_image_folder(str(src), n=30, broken=2)
+    (src / "late.jpg").write_bytes(GOOD[:200])
+    run(job_dict(str(src), str(out)))
+    return src, out
+
+
+def copied(image_output, tmp_path):
+    """The shared source and a copy of its output in tmp_path."""
+    src, out = image_output
+    return src, shutil.copytree(out, tmp_path / "out")
+
+
 @pytest.mark.timeout(300)
-def test_retry_failed_moves_fixed_samples_from_errors_to_features(tmp_path):
-    src, out = tmp_path / "images", tmp_path / "out"
-    make_image_folder(str(src), n=20, broken=2)
-    good = encode(photo(90, 70, seed=3))
-    (src / "late.jpg").write_bytes(good[:200])  # truncated while it was being uploaded
+def test_retry_failed_moves_fixed_samples_from_errors_to_features(image_output, tmp_path):
+    src, out = copied(image_output, tmp_path)
     job = job_dict(str(src), str(out))
-    run(job)
     assert "late.jpg" in read_errors(str(out))["sample_id"].to_pylist()
     with pytest.raises(OutputExists, match="holds no output"):
         run(job_dict(str(src), str(tmp_path / "empty")), retry_failed=True)
 
-    (src / "late.jpg").write_bytes(good)  # the upload finished
-    summary = run(job, retry_failed=True)
+    (src / "late.jpg").write_bytes(GOOD)  # the upload finished
+    try:
+        summary = run(job, retry_failed=True)
+    finally:
+        (src / "late.jpg").write_bytes(GOOD[:200])
     assert summary.skipped == len(planned(src)) - 3  # only the three errors were taken up again
     assert summary.features == 1 and sum(summary.errors.values()) == 2
     errors = read_errors(str(out)).to_pylist()
@@ -53,10 +75,8 @@ def test_retry_failed_moves_fixed_samples_from_errors_to_features(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(tmp_path, faults):
-    src, out = tmp_path / "images", tmp_path / "out"
-    make_image_folder(str(src), n=30, broken=1)
-    run(job_dict(str(src), str(out)))
+def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(image_output, tmp_path, faults):
+    src, out = copied(image_output, tmp_path)
     old = tree(out / "features")
     other = job_dict(str(src), str(out))
     other["model"]["pool"] = "max"
