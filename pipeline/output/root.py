@@ -255,8 +255,9 @@ def extend_plan(fs, root: str, plan: PlanFile, source, folder: str) -> Tuple[Pla
     try:
         old = parquet(plan.path)
         new = f"FROM {listed} WHERE sample_id NOT IN (SELECT sample_id FROM {old})"
-        added = con.sql(f"SELECT count(*) {new}").fetchone()[0]
-        known = con.sql(f"SELECT count(*) FROM {listed} WHERE sample_id IN (SELECT sample_id FROM {old})").fetchone()[0]
+        added = con.execute(f"SELECT count(*) {new}").fetchone()[0]
+        listed_rows = con.execute(f"SELECT count(*) FROM {listed}").fetchone()[0]
+        known = listed_rows - added
         if added:
             # a plan saved by an older version may lack a column the listing has now: null there
             have = set(plan.schema.names)
