@@ -255,9 +255,8 @@ def extend_plan(fs, root: str, plan: PlanFile, source, folder: str) -> Tuple[Pla
     try:
         old = parquet(plan.path)
         new = f"FROM {listed} WHERE sample_id NOT IN (SELECT sample_id FROM {old})"
-        added = con.execute(f"SELECT count(*) {new}").fetchone()[0]
-        listed_rows = con.execute(f"SELECT count(*) FROM {listed}").fetchone()[0]
-        known = listed_rows - added
+        added = con.execute(f"SELECT count(*) {new}").fetchall()[0][0]
+        gone = len(plan) - (con.execute(f"SELECT count(*) FROM {listed}").fetchall()[0][0] - added)
         if added:
             # a plan saved by an older version may lack a column the listing has now: null there
             have = set(plan.schema.names)
@@ -277,7 +276,7 @@ def extend_plan(fs, root: str, plan: PlanFile, source, folder: str) -> Tuple[Pla
                                   os.path.join(folder, "plan.parquet"), schema.with_metadata(_metadata(plan)))
     finally:
         con.close()
-    return with_uris, added, len(plan) - known
+    return with_uris, added, gone
 
 
 def _metadata(plan: PlanFile) -> Dict[bytes, bytes]:
