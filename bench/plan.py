@@ -1,17 +1,22 @@
 """Planning on the driver: time and memory to plan a large local folder and a manifest, and to
 turn the plan into the run's todo.
 
-    .venv/bin/python bench/plan.py [--files 1281167] [--kinds folder manifest] [--repo PATH ...]
+    .venv/bin/python bench/plan.py [--files 1281167] [--kinds folder manifest] [--repo PATH ...] [--python-peak]
 
-Makes an ImageNet-shaped source under --scratch (1,000 class folders of empty `.JPEG` files, and
-a Parquet manifest of the same relative paths with a `label` column, beside them), then, for each
-checkout in --repo (default: this one), plans each kind in a fresh Python process: `plan_source`,
-the plan as OUT saves it (`saved_plan`, `parquet_bytes`) and read back (`load_plan`), and the
-todo of a fresh run (`root.todo_of`, as `root._ready` makes it).
+Makes an ImageNet-shaped source under --scratch (1,000 class folders of empty `.JPEG` files, only
+when the folder kind is asked for, and a Parquet manifest of the same relative paths with a
+`label` column, beside them), then, for each checkout in --repo (default: this one), plans each
+kind in a fresh Python process. A checkout whose plan streams (`plan.write_plan`): the plan
+listed and sorted out of core into a local file (`write_plan`), saved to OUT (`root.save_plan`)
+and taken back (`root.local_plan`), the todo of a fresh run (`root.todo_of`), the files Ray Data
+reads it from (`planfile.read_task_files`, 256-row read tasks), and the todo of a resumed run with
+every other sample committed (in 1,000-row files under OUT/features). An older checkout:
+`plan_source` in memory, `saved_plan`+`parquet_bytes`, `load_plan`, and its fresh todo.
 Each step reports its wall time, and the process's peak RSS (`resource.getrusage` maxrss) and
-RSS after it, both above its RSS before planning; a second process per kind runs `plan_source` under tracemalloc for
-Python's own peak (tracemalloc slows Python, so its time is not reported). Arrow's peak is the
-default memory pool's `max_memory()`. The scratch folder is deleted at the end unless --keep.
+RSS after it, both above its RSS before planning; with --python-peak a second process per kind
+runs the planning under tracemalloc for Python's own peak (tracemalloc slows Python, so its time
+is not reported). Arrow's peak is the default memory pool's `max_memory()` (DuckDB's memory is
+its own: in the RSS only). The scratch folder is deleted at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -26,19 +31,24 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_source(root: str, files: int, classes: int = 1000) -> None:
-    """`root/train/<class>/<class>_<i>.JPEG` (empty) and `root/manifest.parquet` naming them."""
+def make_source(root: str, files: int, folder: bool, classes: int = 1000, chunk: int = 1_000_000) -> None:
+    """`root/train/<class>/<class>_<i>.JPEG` (empty; when `folder`) and `root/manifest.parquet`
+    naming them, a million rows at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rel = [f"n{c:08d}/n{c:08d}_{i}.JPEG" for i in range(files) for c in [i % classes]]
-    if not os.path.isdir(f"{root}/train"):
-        for c in range(classes):
-            os.makedirs(f"{root}/train/n{c:08d}", exist_ok=True)
-        for r in rel:
-            os.close(os.open(f"{root}/train/{r}", os.O_CREAT | os.O_WRONLY, 0o644))
-    labels = [r.split("/", 1)[0] for r in rel]
-    pq.write_table(pa.table({"uri": [f"train/{r}" for r in rel], "label": labels}), f"{root}/manifest.parquet")
+    os.makedirs(root, exist_ok=True)
+    make_files = folder and not os.path.isdir(f"{root}/train")
+    for c in range(classes if make_files else 0):
+        os.makedirs(f"{root}/train/n{c:08d}")
+    schema = pa.schema([("uri", pa.string()), ("label", pa.string())])
+    with pq.ParquetWriter(f"{root}/manifest.parquet", schema) as manifest:
+        for start in range(0, files, chunk):
+            rel = [f"n{i % classes:08d}/n{i % classes:08d}_{i}.JPEG" for i in range(start, min(files, start + chunk))]
+            for r in rel if make_files else []:
+                os.close(os.open(f"{root}/train/{r}", os.O_CREAT | os.O_WRONLY, 0o644))
+            manifest.write_table(pa.table({"uri": [f"train/{r}" for r in rel],
+                                           "label": [r.split("/", 1)[0] for r in rel]}, schema=schema))
 
 
 def child(kind: str, root: str, trace: bool) -> dict:
@@ -61,9 +71,12 @@ def child(kind: str, root: str, trace: bool) -> dict:
     rss0 = _rss()
     pool = pa.default_memory_pool()
     out = {"kind": kind, "rss_before_mb": rss0 / 2**20}
+    from pipeline.extract import plan as planning
+
+    streams = hasattr(planning, "write_plan")
     if trace:
         tracemalloc.start()
-        rows = len(plan_source(cfg))
+        rows = len(planning.write_plan(cfg, _fresh(f"{root}/work")) if streams else plan_source(cfg))
         return {**out, "rows": rows, "python_peak_mb": tracemalloc.get_traced_memory()[1] / 2**20}
 
     def step(name, fn):
@@ -75,15 +88,57 @@ def child(kind: str, root: str, trace: bool) -> dict:
                      "arrow_peak_mb": round(pool.max_memory() / 2**20)}
         return value
 
+    os.makedirs(f"{root}/out", exist_ok=True)
+    if streams:
+        return _streamed(out, step, cfg, root)
     plan = step("plan_source", lambda: plan_source(cfg))
     out["rows"], out["plan_mb"] = len(plan), round(plan.nbytes / 2**20)
-    os.makedirs(f"{root}/out", exist_ok=True)
     saved = step("save", lambda: _save(parquet_bytes(saved_plan(plan)), f"{root}/out/_plan.parquet"))
     out["plan_file_mb"] = round(saved / 2**20)
     del plan
     plan = step("load_plan", lambda: out_root.load_plan(_local(), f"{root}/out"))
     step("todo", lambda: _todo(out_root, plan, f"{root}/out"))
     return out
+
+
+def _streamed(out: dict, step, cfg, root: str) -> dict:
+    """The steps of a checkout whose plan stays on disk (plan.write_plan)."""
+    from pipeline.extract.plan import write_plan
+    from pipeline.extract.planfile import read_task_files
+    from pipeline.output import root as out_root
+
+    fs, work, dest = _local(), _fresh(f"{root}/work"), _fresh(f"{root}/out")
+    plan = step("write_plan", lambda: write_plan(cfg, work))
+    out["rows"], out["plan_file_mb"] = len(plan), round(os.path.getsize(plan.path) / 2**20)
+    step("save_plan", lambda: out_root.save_plan(fs, dest, plan))
+    plan = step("local_plan", lambda: out_root.local_plan(fs, dest, work))
+    todo = step("todo", lambda: out_root.todo_of(fs, dest, plan, work)[0])
+    files = step("read_task_files", lambda: read_task_files(todo, 256, f"{work}/read"))
+    out["read_files"] = len(files)
+    _commit_every_other(plan, f"{dest}/features")
+    todo = step("todo_resumed", lambda: out_root.todo_of(fs, dest, plan, work)[0])
+    out["todo_resumed_rows"] = len(todo)
+    return out
+
+
+def _commit_every_other(plan, folder: str, per_file: int = 1000) -> None:
+    """OUT/features as a run that committed every other planned sample leaves it (ids only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder, exist_ok=True)
+    n = 0
+    for batch in plan.batches(["sample_id"]):
+        ids = batch.column(0).take(pa.array(range(0, batch.num_rows, 2)))
+        for i in range(0, len(ids), per_file):
+            pq.write_table(pa.table({"sample_id": ids.slice(i, per_file)}), f"{folder}/part-{n:07d}.parquet")
+            n += 1
+
+
+def _fresh(folder: str) -> str:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    return folder
 
 
 def _todo(out_root, plan, root: str):
@@ -128,6 +183,7 @@ def main() -> None:
     parser.add_argument("--repo", nargs="+", default=[HERE], help="checkouts whose pipeline/ is planned with")
     parser.add_argument("--scratch", default="/tmp/featurize-plan-bench")
     parser.add_argument("--keep", action="store_true", help="keep the generated source")
+    parser.add_argument("--python-peak", action="store_true", help="also plan under tracemalloc")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,13 +191,14 @@ def main() -> None:
         print(json.dumps(child(args.child, args.scratch, args.trace)))
         return
     t = time.time()
-    make_source(args.scratch, args.files)
+    make_source(args.scratch, args.files, folder="folder" in args.kinds)
     print(f"source: {args.files} files under {args.scratch} ({time.time() - t:.0f} s)", flush=True)
     try:
         for repo in args.repo:
             for kind in args.kinds:
                 result = run_child(repo, kind, args.scratch, trace=False)
-                result["python_peak_mb"] = round(run_child(repo, kind, args.scratch, trace=True)["python_peak_mb"])
+                if args.python_peak:
+                    result["python_peak_mb"] = round(run_child(repo, kind, args.scratch, trace=True)["python_peak_mb"])
                 print(json.dumps({"repo": repo, **result}), flush=True)
     finally:
         if not args.keep:

@@ -25,11 +25,11 @@ from ..errors import SourceError
 from ..output.store import filesystem, full_uri
 from ..redact import FETCH_URI, has_masked_uris, public_row, saved_plan
 from .listing import REFUSED_URI, Confinement, Entry, ListingError, raw_path, utf8, walk_local
+from .planfile import BATCH_ROWS, PlanFile, scratch, sort_unique, spill
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov", "m4v", "mpg", "mpeg", "ogv", "flv", "wmv"})
 LABEL_EXTENSIONS = ("cls", "txt", "json")
-BATCH_ROWS = 65_536  # rows listed into one Arrow record batch: the Python dicts held at once
 SPLIT_GAPS = "featurize.split_lists"  # plan metadata: split_list_gaps
 PLAN_SCHEMA = pa.schema(
     [
@@ -47,11 +47,19 @@ PLAN_SCHEMA = pa.schema(
 
 
 def plan_source(cfg: SourceConfig) -> pa.Table:
-    """List the source once and return the plan, sorted by sample_id. Rows become Arrow record
-    batches as they are listed (no list of every row's dict), and the plan is sorted and checked
-    on Arrow: the driver holds the plan's Arrow columns, and one more column while sorting."""
+    """List the source once and return the plan, sorted by sample_id, as a table in memory (see
+    write_plan for a plan that stays on disk)."""
+    with scratch() as folder:
+        return write_plan(cfg, folder).read()
+
+
+def write_plan(cfg: SourceConfig, folder: str) -> PlanFile:
+    """List the source once into `folder`/plan.parquet, sorted by sample_id, refusing an id listed
+    twice. Rows become Arrow record batches as they are listed and are spilled to disk; the sort
+    is out of core (planfile.sort_unique): the driver holds a batch of rows, not the plan."""
+    listed = os.path.join(folder, "listed.parquet")
     try:
-        batches = list(_record_batches(_LISTERS[cfg.format](cfg)))
+        rows = spill(_record_batches(_LISTERS[cfg.format](cfg)), listed, PLAN_SCHEMA)
     except SourceError:
         raise
     except ListingError as e:
@@ -60,14 +68,16 @@ def plan_source(cfg: SourceConfig) -> pa.Table:
         raise SourceError(f"source.uri {cfg.uri}: not found ({e})") from None
     except Exception as e:  # the store's own errors: no credentials, no endpoint, denied
         raise SourceError(f"source.uri {cfg.uri}: cannot list ({type(e).__name__}: {e})") from None
-    if not batches:
+    if not rows:
         raise SourceError(f"source.uri {cfg.uri}: no {cfg.format} samples found")
-    plan = _sorted(batches)
-    _check_unique(plan)
+    schema = PLAN_SCHEMA
     if cfg.format == "video_folder" and cfg.split_files:  # kept with the plan in OUT/_plan.parquet
-        plan = plan.replace_schema_metadata({**(plan.schema.metadata or {}),
-                                             SPLIT_GAPS: json.dumps(_split_list_gaps(cfg, plan["sample_id"]))})
-    return plan
+        ids = pq.read_table(listed, columns=["sample_id"])["sample_id"]  # videos: thousands, not millions
+        schema = schema.with_metadata({SPLIT_GAPS: json.dumps(_split_list_gaps(cfg, ids))})
+    try:
+        return sort_unique(listed, os.path.join(folder, "plan.parquet"), schema, _check_unique)
+    finally:
+        os.remove(listed)
 
 
 def _record_batches(rows: Iterator[Dict[str, Any]]) -> Iterator[pa.RecordBatch]:
@@ -78,18 +88,6 @@ def _record_batches(rows: Iterator[Dict[str, Any]]) -> Iterator[pa.RecordBatch]:
         if not chunk:
             return
         yield pa.RecordBatch.from_pylist(chunk, schema=PLAN_SCHEMA)
-
-
-def _sorted(batches: List[pa.RecordBatch]) -> pa.Table:
-    """The batches as one table sorted by sample_id (a stable sort: of two equal ids the one listed
-    first comes first). Emptied as it goes: each column is dropped once its sorted copy is made,
-    and made one array before its take (a take on chunks makes that array itself, and keeps the
-    chunks meanwhile), so the driver holds the plan and one column more at most."""
-    columns = dict(zip(PLAN_SCHEMA.names, pa.Table.from_batches(batches, schema=PLAN_SCHEMA).columns))
-    batches.clear()
-    order = pc.sort_indices(columns["sample_id"])
-    return pa.table({name: columns.pop(name).combine_chunks().take(order) for name in PLAN_SCHEMA.names},
-                    schema=PLAN_SCHEMA)
 
 
 def split_list_gaps(plan: pa.Table) -> Dict[str, Any]:

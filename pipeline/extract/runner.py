@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from functools import partial
 from typing import Any, Dict, Optional
@@ -26,8 +27,10 @@ from ..timing import breakdown
 from .decode import decode_batch
 from .layout import Layout, decode_args, model_args, plan_resources, stage_workers
 from .plan import split_list_gaps
+from .planfile import PlanFile, read_task_files
 from .prepare import Prepared, prepare
 from .read import read_batch
+from .todo_source import read_todo
 from .video import decode_video_batch
 
 log = logger(__name__)  # credentials masked in every record
@@ -133,15 +136,14 @@ def _finish(prepared: Prepared, ws: Workspace, record, t0: float, t1: float, tot
     return complete(ws, record, t0, summary)  # and an --overwrite output replaces the old one now
 
 
-def build_dataset(prepared: Prepared, layout: Layout, plan, committer=None) -> ray.data.Dataset:
+def build_dataset(prepared: Prepared, layout: Layout, todo: PlanFile, committer=None) -> ray.data.Dataset:
+    """The job's dataset: the todo read from the driver's disk a read task's rows at a time (the
+    driver never holds it as blocks), then read, decoded and embedded."""
     job, res = prepared.job, prepared.job.resources
-    blocks = [plan.slice(i, layout.rows_per_read_task) for i in range(0, len(plan), layout.rows_per_read_task)]
+    files = read_task_files(todo, layout.rows_per_read_task, os.path.join(os.path.dirname(todo.path), "read"))
     media = "video" if job.is_video else "image"
     task_args = decode_args(layout, res)
-    # from_blocks, not from_arrow: from_arrow runs a task per block for its metadata before the job
-    # starts, and Ray's view of free CPUs lags those tasks' end, which made Ray Data warn that the
-    # cluster had no free CPU and that the job would hang (it did not)
-    ds = ray.data.from_blocks(blocks).map_batches(
+    ds = read_todo(files).map_batches(
         read_batch,
         fn_kwargs={"storage_options": job.source.storage_options,
                    "rows_per_batch": min(res.decode_batch_size, layout.rows_per_read_task), "media": media,

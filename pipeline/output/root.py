@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 
 from ..config import FRAME_WINDOW_KEYS
 from ..errors import OutputExists
-from ..extract.plan import plan_source, with_fetch_uris
+from ..extract.plan import PLAN_SCHEMA, with_fetch_uris, write_plan
+from ..extract.planfile import PlanFile, duckdb_in, of_file, parquet, query, scratch, write_batches, write_table
 from ..fingerprint import changed, fingerprint
-from ..redact import redact, saved_plan
+from ..redact import FETCH_URI, has_masked_uris, redact
 from .ledger import (
     STAGING,
     TABLES,
@@ -34,14 +35,14 @@ from .ledger import (
     parquet_bytes,
     parquet_files,
     read_column,
-    remaining,
     write_atomic,
 )
 from .partitions import folder_key
-from .store import READERS, filesystem, with_connections
+from .store import READERS, filesystem, put_atomic, with_connections
 
 JOB_FILE, PLAN_FILE, RETRY_FILE = "_job.json", "_plan.parquet", "_retry.parquet"
 OVERWRITE, SWAP_FILE = "_overwrite", "_swap.json"
+SAVED_SCHEMA = PLAN_SCHEMA.remove(PLAN_SCHEMA.get_field_index(FETCH_URI))  # as OUT keeps a plan
 
 
 @dataclass
@@ -51,8 +52,8 @@ class Workspace:
     uri: str  # OUT, or OUT/_overwrite
     fs: Any
     root: str
-    plan: pa.Table  # every planned sample
-    todo: pa.Table  # the plan rows still to process, with `attempts` and `skip`
+    plan: PlanFile  # every planned sample, on the driver's disk
+    todo: PlanFile  # the plan rows still to process, with `attempts` and `skip`
     job: str  # the job's fingerprint: its staging folder, and what its committer may recover
     previous: Optional[Dict[str, Any]]  # the _job.json an earlier run left, if any
     replaces: Optional[str] = None  # OUT's root, when this run overwrites it
@@ -61,6 +62,7 @@ class Workspace:
     rows: Optional[Dict[str, int]] = None  # the tables' rows on the store, as the run's audit read them
     # (ids, units) committed before this run: counts only; the committed ids live in the committer alone
     committed: Tuple[int, int] = (0, 0)
+    scratch: Any = None  # the local folder that holds plan and todo (planfile.scratch), removed with it
 
     @property
     def skipped(self) -> int:
@@ -153,12 +155,14 @@ def open_planned(uri: str, storage_options: Dict[str, Any], wanted: Dict[str, An
 
     def planned(root: str, at: str, earlier: Optional[Dict[str, Any]]) -> Workspace:
         resuming = earlier is not None and earlier.get("settings") == wanted
-        plan = load_plan(fs, root) if resuming else None
+        folder = scratch()
+        plan = local_plan(fs, root, folder.name) if resuming else None
         if plan is None:
-            plan = make_plan()
-            write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(plan))
+            table = make_plan()
+            write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(table))
+            plan = write_table(table, os.path.join(folder.name, "plan.parquet"))
             earlier = None
-        return _ready(fs, root, at, wanted, plan, earlier)
+        return _ready(fs, root, at, wanted, plan, earlier, folder)
 
     if overwrite and taken:
         return _overwriting(fs, out, uri, wanted, planned)
@@ -211,45 +215,83 @@ def _refuse_other_job(uri: str, previous: Optional[Dict[str, Any]], wanted: Dict
 def _workspace(prepared, fs, root: str, uri: str, wanted: Dict[str, Any], previous,
                incremental: bool = False) -> Workspace:
     resuming = previous is not None and previous.get("settings") == wanted
-    plan = load_plan(fs, root) if resuming else None
+    folder = scratch()
+    plan = local_plan(fs, root, folder.name) if resuming else None
     added = gone = 0
     if plan is None:
-        plan = plan_source(prepared.job.source)
-        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(saved_plan(plan)))
+        plan = write_plan(prepared.job.source, folder.name)
+        save_plan(fs, root, plan)
         previous = None
     elif incremental:
-        plan, added, gone = extend_plan(fs, root, plan, prepared.job.source)
+        plan, added, gone = extend_plan(fs, root, plan, prepared.job.source, folder.name)
     else:
-        plan = with_fetch_uris(plan, prepared.job.source)  # OUT's plan has credentials in URIs masked
-    return _ready(fs, root, uri, wanted, plan, previous, added, gone)
+        plan = _with_fetch_uris(plan, prepared.job.source, folder.name)  # OUT's plan has credentials masked
+    return _ready(fs, root, uri, wanted, plan, previous, folder, added, gone)
 
 
-def _ready(fs, root: str, uri: str, wanted: Dict[str, Any], plan: pa.Table, previous, added: int = 0,
+def _ready(fs, root: str, uri: str, wanted: Dict[str, Any], plan: PlanFile, previous, folder, added: int = 0,
            gone: int = 0) -> Workspace:
     """The workspace once the plan is known: what an interrupted run left staged is published
-    (not redone), and the plan rows not yet committed are the todo. The ledger read here is dropped
-    once the todo is known: the run's committer reads its own (committer.py)."""
-    ledger = Ledger(fs, root, job=fingerprint(wanted))
+    (not redone), and the plan rows not yet committed are the todo. The ledger's set of committed
+    ids is read only when something is staged (to publish it without a row twice), and dropped
+    once it is: the run's committer reads its own (committer.py)."""
+    staged = parquet_files(fs, f"{root}/{STAGING}")
+    ledger = Ledger(fs, root, state=None if staged else (set(), set()), job=fingerprint(wanted))
     ledger.recover()
-    todo = todo_of(fs, root, plan, ledger.rows, ledger.units)
-    return Workspace(uri, fs, root, plan, todo, ledger.job, previous, added=added, gone=gone,
-                     committed=(len(ledger.rows), len(ledger.units)))
+    del ledger
+    todo, committed = todo_of(fs, root, plan, folder.name)
+    return Workspace(uri, fs, root, plan, todo, fingerprint(wanted), previous, added=added, gone=gone,
+                     committed=committed, scratch=folder)
 
 
-def extend_plan(fs, root: str, plan: pa.Table, source) -> Tuple[pa.Table, int, int]:
+def extend_plan(fs, root: str, plan: PlanFile, source, folder: str) -> Tuple[PlanFile, int, int]:
     """--incremental: list the source again; samples it gained join the plan (saved before any
     work, so an interrupted run resumes them), samples it lost stay planned and keep their rows.
     Returns (plan with the real URIs of this listing, added, gone). A tar shard is one planned
-    sample: a shard that grew is not reread."""
-    listed = plan_source(source)
-    known = pc.is_in(listed["sample_id"], value_set=plan["sample_id"])
-    new = listed.filter(pc.invert(known))
-    gone = len(plan) - pc.sum(known.cast(pa.int64())).as_py()
-    if len(new):
-        # promote: a plan saved by an older version may lack a column the listing has now
-        plan = pa.concat_tables([plan, new], promote_options="default").sort_by("sample_id")
-        write_atomic(fs, f"{root}/{PLAN_FILE}", parquet_bytes(saved_plan(plan)))
-    return with_fetch_uris(plan, source, listed), len(new), gone  # the source is listed once
+    sample: a shard that grew is not reread. Joined out of core, like the todo (todo_of)."""
+    os.makedirs(os.path.join(folder, "listing"))
+    listed = parquet(write_plan(source, os.path.join(folder, "listing")).path)
+    con = duckdb_in(folder)
+    try:
+        old = parquet(plan.path)
+        new = f"FROM {listed} WHERE sample_id NOT IN (SELECT sample_id FROM {old})"
+        added = con.execute(f"SELECT count(*) {new}").fetchall()[0][0]
+        gone = len(plan) - (con.execute(f"SELECT count(*) FROM {listed}").fetchall()[0][0] - added)
+        if added:
+            # a plan saved by an older version may lack a column the listing has now: null there
+            have = set(plan.schema.names)
+            columns = ", ".join(f'"{f.name}"' if f.name in have else f'NULL AS "{f.name}"' for f in SAVED_SCHEMA)
+            names = ", ".join(f'"{f.name}"' for f in SAVED_SCHEMA)
+            merged = write_batches(query(con, f"SELECT {columns} FROM {old} UNION ALL SELECT {names} {new} "
+                                              "ORDER BY sample_id"),
+                                   os.path.join(folder, "merged.parquet"), SAVED_SCHEMA.with_metadata(_metadata(plan)))
+            save_plan(fs, root, merged)
+            plan, old = merged, parquet(merged.path)
+        # the real URIs of this listing (the source is listed once); a sample no longer listed keeps its masked uri
+        schema = plan.schema.remove_metadata()
+        schema = schema if FETCH_URI in schema.names else schema.append(pa.field(FETCH_URI, pa.string()))
+        with_uris = write_batches(query(con, f"SELECT p.* EXCLUDE ({FETCH_URI}), l.{FETCH_URI} FROM "
+                                             f"(SELECT *, NULL::VARCHAR AS {FETCH_URI} FROM {old}) p LEFT JOIN "
+                                             f"{listed} l USING (sample_id) ORDER BY sample_id"),
+                                  os.path.join(folder, "plan.parquet"), schema.with_metadata(_metadata(plan)))
+    finally:
+        con.close()
+    return with_uris, added, gone
+
+
+def _metadata(plan: PlanFile) -> Dict[bytes, bytes]:
+    return {k: v for k, v in (plan.schema.metadata or {}).items() if k != b"ARROW:schema"}
+
+
+def save_plan(fs, root: str, plan: PlanFile) -> None:
+    """OUT/_plan.parquet: the plan without the real URIs, streamed from the local plan."""
+    schema = plan.schema
+    saved = os.path.join(os.path.dirname(plan.path), "saved.parquet")
+    names = [n for n in schema.names if n != FETCH_URI]
+    keep = pa.schema([schema.field(n) for n in names], metadata=_metadata(plan))
+    write_batches(plan.batches(names), saved, keep)
+    put_atomic(fs, saved, f"{root}/{PLAN_FILE}")
+    os.remove(saved)
 
 
 def load_plan(fs, root: str) -> Optional[pa.Table]:
@@ -259,21 +301,95 @@ def load_plan(fs, root: str) -> Optional[pa.Table]:
         return None
 
 
-def todo_of(fs, root: str, plan: pa.Table, rows, units) -> pa.Table:
-    """The plan rows not yet done, with `skip` and `attempts`. A fresh run's todo is the plan's
-    own columns, not a filtered copy of them (the driver holds the plan for the whole run)."""
-    todo = remaining(plan, rows, units) if rows or units else plan
-    return _with_attempts(fs, root, _with_skip(todo, rows))
+def local_plan(fs, root: str, folder: str) -> Optional[PlanFile]:
+    """OUT's saved plan as a local file: itself on local disk, else a copy in `folder`."""
+    path = f"{root}/{PLAN_FILE}"
+    if is_local(fs):
+        return of_file(path) if os.path.exists(path) else None
+    try:
+        fs.get_file(path, os.path.join(folder, PLAN_FILE))
+    except FileNotFoundError:
+        return None
+    return of_file(os.path.join(folder, PLAN_FILE))
 
 
-def _with_skip(todo: pa.Table, committed) -> pa.Table:
-    """Tar shards list their members already committed, which the read stage passes over; any
-    other row an empty list (built on Arrow: a todo of millions of files holds no Python list each)."""
+def _with_fetch_uris(plan: PlanFile, source, folder: str) -> PlanFile:
+    """A saved plan whose URIs hold masked credentials gets the real ones from a new listing, in
+    memory (plan.with_fetch_uris): a source whose URIs carry credentials is not streamed."""
+    if not any(has_masked_uris(pa.Table.from_batches([b])) for b in plan.batches(["uri"])):
+        return plan
+    return write_table(with_fetch_uris(plan.read(), source), os.path.join(folder, "plan-uris.parquet"))
+
+
+COMMITTED_GROUP = 256  # committed files whose ids are read (concurrently) and spilled at a time
+
+
+def todo_of(fs, root: str, plan: PlanFile, folder: str) -> Tuple[PlanFile, Tuple[int, int]]:
+    """The plan rows not yet done, with `skip` and `attempts`, into `folder`/todo.parquet, and the
+    (ids, units) committed before. Out of core: the committed ids and units are copied from the
+    store into local Parquet files a group of files at a time, and DuckDB leaves them out of the
+    plan (ledger.remaining's rule: a tar shard is done when in _units, a file when its row is
+    committed or its unit complete). A fresh run's todo is the plan streamed with two columns more."""
+    ids = os.path.join(folder, "committed.parquet")
+    units = os.path.join(folder, "units.parquet")
+    n_ids = _spill_column(fs, [f for t in TABLES for f in parquet_files(fs, f"{root}/{t}")], "sample_id", ids)
+    n_units = _spill_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit", units)
+    retry = os.path.join(folder, RETRY_FILE)
+    try:
+        fs.get_file(f"{root}/{RETRY_FILE}", retry)
+    except FileNotFoundError:
+        retry = None
+    done: List[List[str]] = []  # the committed ids in order, read only for a plan with tar shards
+
+    def more(batch: pa.RecordBatch) -> pa.Table:
+        table = pa.Table.from_batches([batch])
+        if "attempts" not in table.column_names:  # a fresh run's
+            table = table.append_column("attempts", pa.array(np.zeros(len(table), np.int64)))
+        if not done and pc.any(pc.equal(table["container"], "tar")).as_py():
+            done.append(sorted(pq.read_table(ids)["sample_id"].to_pylist()))
+        return _with_skip(table, done[0] if done else [])
+
+    schema = plan.schema.remove_metadata().append(pa.field("skip", pa.list_(pa.string())))
+    schema = schema.append(pa.field("attempts", pa.int64()))
+    path = os.path.join(folder, "todo.parquet")
+    if not (n_ids or n_units or retry):
+        return write_batches(plan.batches(), path, schema, more), (0, 0)
+    where = ["TRUE"]
+    if n_units:
+        where.append(f"sample_id NOT IN (SELECT unit FROM {parquet(units)})")
+    if n_ids:
+        where.append(f"NOT (container = '' AND sample_id IN (SELECT sample_id FROM {parquet(ids)}))")
+    attempts = "0"
+    if retry:  # how many runs already failed on each sample (a tar shard: the most among its members)
+        attempts = (f"coalesce((SELECT max(attempts) FROM {parquet(retry)} r WHERE r.unit = p.sample_id), 0)")
+    con = duckdb_in(folder)
+    try:
+        sql = (f"SELECT *, {attempts}::BIGINT AS attempts FROM {parquet(plan.path)} p WHERE {' AND '.join(where)} "
+               f"ORDER BY sample_id")
+        return write_batches(query(con, sql), path, schema, more), (n_ids, n_units)
+    finally:
+        con.close()
+
+
+def _spill_column(fs, files: List[str], column: str, path: str) -> int:
+    """`column` of the files into a local Parquet file, COMMITTED_GROUP files at a time."""
+    rows = 0
+    with pq.ParquetWriter(path, pa.schema([(column, pa.string())])) as writer:
+        for i in range(0, len(files), COMMITTED_GROUP):
+            values = read_column(fs, files[i:i + COMMITTED_GROUP], column).cast(pa.string())
+            writer.write_table(pa.table({column: values}))
+            rows += len(values)
+    return rows
+
+
+def _with_skip(todo: pa.Table, done: List[str]) -> pa.Table:
+    """Tar shards list their members already committed (`done`, sorted), which the read stage
+    passes over; any other row an empty list (built on Arrow: a todo of millions of files holds no
+    Python list each)."""
     shards = pc.indices_nonzero(pc.equal(todo["container"], "tar")).to_pylist()
     lengths = np.zeros(len(todo), np.int32)
     members: List[str] = []
     if shards:
-        done = sorted(committed)
         ids = todo["sample_id"]
         for i in shards:
             sid = ids[i].as_py()
@@ -282,18 +398,6 @@ def _with_skip(todo: pa.Table, committed) -> pa.Table:
             members.extend(done[lo:hi])
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)]), pa.int32())
     return todo.append_column("skip", pa.ListArray.from_arrays(offsets, pa.array(members, pa.string())))
-
-
-def _with_attempts(fs, root: str, todo: pa.Table) -> pa.Table:
-    """How many runs already failed on each sample (a tar shard: the most among its members)."""
-    try:
-        retry = pq.read_table(f"{root}/{RETRY_FILE}", filesystem=fs, columns=["unit", "attempts"])
-    except FileNotFoundError:
-        return todo.append_column("attempts", pa.array(np.zeros(len(todo), np.int64)))
-    prior = retry.group_by("unit").aggregate([("attempts", "max")])
-    at = pc.index_in(todo["sample_id"], value_set=prior["unit"])
-    attempts = pc.fill_null(prior["attempts_max"].take(at), 0).cast(pa.int64())
-    return todo.append_column("attempts", attempts)
 
 
 def _forget_errors(fs, root: str, previous: Dict[str, Any]) -> None:
@@ -354,11 +458,13 @@ def finish(ws: Workspace) -> None:
         start_swap(ws.fs, ws.replaces)
 
 
-def multi_row_units(todo: pa.Table, windowed: bool) -> List[str]:
+def multi_row_units(todo: PlanFile, windowed: bool) -> List[str]:
     """The units of this run that may yield several rows: tar shards, and videos cut into windows."""
-    if windowed:
-        return todo["sample_id"].to_pylist()
-    return todo.filter(pc.equal(todo["container"], "tar"))["sample_id"].to_pylist()
+    units: List[str] = []
+    for batch in todo.batches(["sample_id", "container"]):
+        ids = batch.column(0) if windowed else batch.column(0).filter(pc.equal(batch.column(1), "tar"))
+        units.extend(ids.to_pylist())
+    return units
 
 
 # --overwrite: the swap. `_swap.json` lists the new output's files before anything moves, so a

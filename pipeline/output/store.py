@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
@@ -65,6 +66,23 @@ def write_atomic(fs, path: str, data: bytes, exclusive: bool = False) -> None:
         faults.point("write", path)
         # an object store publishes a key only when its PUT completes; "create" sends If-None-Match: *
         fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
+
+
+def put_atomic(fs, local: str, path: str) -> None:
+    """write_atomic for a local file, streamed rather than held in memory (an object store
+    publishes the key when its upload completes)."""
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")  # readers skip dot files
+        shutil.copyfile(local, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        faults.point("write", path)
+        os.replace(tmp, path)
+    else:
+        faults.point("write", path)
+        fs.put_file(local, path)
 
 
 def _link_then_unlink(src: str, dst: str) -> None:

@@ -119,6 +119,33 @@ def test_manifest_csv_and_parquet(tmp_path):
     assert plan[0]["split"] == "val" and plan[0]["label"] == ""
 
 
+def test_a_plan_sorted_out_of_core_in_small_batches_equals_the_in_memory_sort(tmp_path, monkeypatch):
+    """Listed in batches of 2, spilled and sorted by DuckDB: the same table (values, types, order:
+    UTF-8 bytes, as Arrow sorts) as the plan sorted in memory; an id listed twice is refused with
+    the same message when its two rows fall in different sorted batches."""
+    from pipeline.extract import plan as planning
+    from pipeline.extract import planfile
+
+    names = ["b/é.jpg", "a/Z.jpg", "a/a.jpg", "c/\U0001F600.png", "a/a b.jpg", "B/x.jpg", "a/éa.jpg", "a/e.jpg"]
+    for name in names:
+        write(tmp_path / "src" / name, b"")
+    cfg = SourceConfig(uri=str(tmp_path / "src"))
+    (tmp_path / "d.csv").write_text("uri,label\nc.jpg,1\nb.jpg,2\na.jpg,3\nb.jpg,4\n")
+    dup = SourceConfig(uri=str(tmp_path / "d.csv"), format="manifest")
+    in_memory = plan_source(cfg)
+    with pytest.raises(SourceError) as refused:
+        plan_source(dup)
+    monkeypatch.setattr(planfile, "IN_MEMORY_ROWS", 0)
+    monkeypatch.setattr(planfile, "BATCH_ROWS", 2)
+    monkeypatch.setattr(planning, "BATCH_ROWS", 2)
+    spilled = plan_source(cfg)
+    assert spilled.equals(in_memory) and spilled.schema == in_memory.schema
+    assert spilled["sample_id"].to_pylist() == sorted(names, key=lambda n: n.encode())
+    with pytest.raises(SourceError) as refused_spilled:  # sorted a, b | b, c: the pair straddles two batches
+        plan_source(dup)
+    assert str(refused_spilled.value) == str(refused.value) == "sample_id 'b.jpg' appears twice in the source"
+
+
 def test_manifest_without_uri_column_or_with_duplicates_is_refused(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\na.jpg,x\n")
     with pytest.raises(SourceError, match="'uri' column"):

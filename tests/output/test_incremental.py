@@ -68,3 +68,31 @@ def test_incremental_run_takes_up_only_what_the_source_gained_and_reports_what_i
 
     with pytest.raises(OutputExists, match="choose one"):
         run(job, incremental=True, overwrite=True)
+
+
+def test_extend_plan_joins_the_new_listing_out_of_core(tmp_path):
+    """extend_plan without a run: new samples join the saved plan in order, a deleted one stays
+    planned and counts as gone, and listing again adds nothing."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.config import SourceConfig
+    from pipeline.extract.plan import write_plan
+    from pipeline.extract.planfile import scratch
+    from pipeline.output.root import extend_plan, load_plan, local_plan, save_plan
+
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    for name in ("1", "2", "3"):
+        _add_images(src, [f"a/{name}.jpg"])
+    fs, cfg = LocalFileSystem(), SourceConfig(uri=str(src))
+    with scratch() as folder:
+        save_plan(fs, out, write_plan(cfg, folder))
+    (src / "a" / "1.jpg").unlink()
+    _add_images(src, ["a/0.jpg", "b/9.jpg"])
+    with scratch() as folder:
+        plan, added, gone = extend_plan(fs, out, local_plan(fs, out, folder), cfg, folder)
+        ids = plan["sample_id"].to_pylist()
+    assert (added, gone) == (2, 1) and ids == ["a/0.jpg", "a/1.jpg", "a/2.jpg", "a/3.jpg", "b/9.jpg"]
+    assert load_plan(fs, out)["sample_id"].to_pylist() == ids
+    assert "fetch_uri" not in load_plan(fs, out).column_names  # OUT's copy never holds the real URIs
+    with scratch() as folder:
+        assert extend_plan(fs, out, local_plan(fs, out, folder), cfg, folder)[1:] == (0, 1)

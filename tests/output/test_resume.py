@@ -138,25 +138,37 @@ def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults
 
 
 def test_the_todo_lists_a_shards_committed_members_and_the_attempts_of_earlier_failures(tmp_path):
-    """todo_of on a plan with a shard and files: `skip` names the committed members under each
-    shard only (not `s.tar0...` nor another shard's), `attempts` the most a unit's failures had."""
+    """todo_of on a plan with a shard and files, the committed ids and units read from OUT's files:
+    `skip` names the committed members under each shard only (not `s.tar0...` nor another
+    shard's), `attempts` the most a unit's failures had; an empty plan has an empty todo."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from fsspec.implementations.local import LocalFileSystem
 
+    from pipeline.extract.planfile import write_table
     from pipeline.output.root import RETRY_FILE, todo_of
 
     plan = pa.table({"sample_id": ["a.jpg", "b.jpg", "s.tar", "t.tar"], "container": ["", "", "tar", "tar"]})
-    fs, root = LocalFileSystem(), str(tmp_path)
-    fresh = todo_of(fs, root, plan, set(), set())
+    fs, root, scratch = LocalFileSystem(), tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    planned = write_table(plan, str(scratch / "plan.parquet"))
+    fresh, committed = todo_of(fs, str(root), planned, str(scratch))
+    fresh = fresh.read()
+    assert committed == (0, 0) and fresh["sample_id"].to_pylist() == plan["sample_id"].to_pylist()
     assert fresh["skip"].to_pylist() == [[]] * 4 and fresh["attempts"].to_pylist() == [0] * 4
-    assert fresh["sample_id"].chunks[0].buffers() == plan["sample_id"].chunks[0].buffers()  # not a copy
 
-    committed = {"a.jpg", "s.tar/2", "s.tar/1", "s.tar0", "t.tar/x"}
+    for folder, column, values in [("features", "sample_id", ["s.tar/2", "a.jpg", "s.tar/1"]),
+                                   ("errors", "sample_id", ["s.tar0", "t.tar/x"]), ("_units", "unit", ["t.tar"])]:
+        (root / folder).mkdir(parents=True)
+        pq.write_table(pa.table({column: values}), root / folder / "part-0.parquet")
     pq.write_table(pa.table({"unit": ["s.tar", "s.tar", "b.jpg"], "sample_id": ["s.tar/3", "s.tar/4", "b.jpg"],
-                             "attempts": [1, 3, 2]}), f"{root}/{RETRY_FILE}")
-    todo = todo_of(fs, root, plan, committed, {"t.tar"})
+                             "attempts": [1, 3, 2]}), root / RETRY_FILE)
+    todo, committed = todo_of(fs, str(root), planned, str(scratch))
+    todo = todo.read()
+    assert committed == (5, 1)
     assert todo["sample_id"].to_pylist() == ["b.jpg", "s.tar"]
     assert todo["skip"].to_pylist() == [[], ["s.tar/1", "s.tar/2"]]
     assert todo["attempts"].to_pylist() == [2, 3]
-    assert todo_of(fs, root, plan.slice(0, 0), set(), set()).num_rows == 0
+    assert todo.column_names == ["sample_id", "container", "skip", "attempts"]
+    empty = write_table(plan.slice(0, 0), str(scratch / "empty.parquet"))
+    assert len(todo_of(fs, str(root), empty, str(scratch))[0]) == 0
