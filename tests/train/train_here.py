@@ -1,5 +1,6 @@
 """`featurize train` with its one worker run in the test's own process, for the tests of what the
-epochs decide (the kept epoch, early stopping, a non-finite loss, the normalisation's statistics):
+epochs decide (the kept epoch, early stopping, a non-finite loss, the normalisation's statistics,
+what the order demo's LSTM learns):
 each Ray Train fit starts a controller and a worker process that imports torch (~12 CPU-s on the
 2-core machine), the loop itself takes a fraction of a second on these tables.
 
