@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +102,20 @@ def check_values(out2: Path, want: dict, atol: float) -> None:
                 np.testing.assert_allclose(np.asarray(v, np.float32), by_id[sid], atol=atol, rtol=1e-2)
 
 
-@pytest.mark.timeout(300)
-def test_a_linear_head_makes_a_table_of_every_sample_with_pred_and_probs(tmp_path):
-    out, out2 = tmp_path / "out", tmp_path / "out2"
+@pytest.fixture(scope="module")
+def linear_applied(tmp_path_factory, ray_session):
+    """(OUT, OUT2, OUT's feature ids, the head, the summary): a linear head applied to a table, read
+    here and copied by the tests that write to OUT2."""
+    root = tmp_path_factory.mktemp("linear-applied")
+    out, out2 = root / "out", root / "out2"
     ids = make_table(out)
-    head = make_head(tmp_path / "linear", "linear")
-    summary = apply_head(head, str(out), str(out2), batch_size=5)
+    head = make_head(root / "linear", "linear")
+    return out, out2, ids, head, apply_head(head, str(out), str(out2), batch_size=5)
+
+
+@pytest.mark.timeout(300)
+def test_a_linear_head_makes_a_table_of_every_sample_with_pred_and_probs(linear_applied):
+    out, out2, ids, head, summary = linear_applied
     assert summary.features == len(ids) and summary.planned == len(ids) and not summary.errors
     features, errors = assert_exactly_once(str(out2), ids)  # broken.jpg (an error row of OUT) is not carried
     assert not errors
@@ -166,11 +175,9 @@ def test_an_lstm_over_frame_features_and_an_autoencoder(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_refusals_name_the_problem_before_any_work(tmp_path):
-    out = tmp_path / "out"
-    make_table(out)
+def test_refusals_name_the_problem_before_any_work(linear_applied, tmp_path):
+    out, applied, _, linear, _ = linear_applied  # read only: every case here is refused before it writes
     (tmp_path / "empty").mkdir()
-    linear = make_head(tmp_path / "linear", "linear")
     cases = [
         (linear, tmp_path / "empty", tmp_path / "o1", "holds no features table"),
         (make_head(tmp_path / "frames", "linear", column="clip_x"), out, tmp_path / "o2", "reads column 'clip_x'"),
@@ -191,7 +198,7 @@ def test_refusals_name_the_problem_before_any_work(tmp_path):
     with pytest.raises(ApplyError, match="holds the output of run 'tiny', not of this apply"):
         apply_head(linear, str(video), str(out))  # OUT2 holds a run's output
     out2 = tmp_path / "out2"
-    apply_head(linear, str(out), str(out2))
+    shutil.copytree(applied, out2)  # the linear head's apply output, as if made here
     auto = make_head(tmp_path / "auto", "autoencoder")
     with pytest.raises(ApplyError, match=r"different settings: .*apply\.checkpoint_sha256.*apply\.kind"):
         apply_head(auto, str(out), str(out2))  # another apply's output

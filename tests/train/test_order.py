@@ -1,10 +1,12 @@
 """The temporal heads earn their place: on clips whose class is the order of two events (the same
 frames in both classes), a trained LSTM's clip features separate the held-out clips while the mean
-over frames stays at chance. Real encoded videos, the real extraction job, Ray Train, apply."""
+over frames stays at chance. Real encoded videos, the real extraction job, the training's epochs
+(run in this process, train_here.py: Ray Train's own path is test_train.py's), apply."""
 from __future__ import annotations
 
 import pytest
 import yaml
+from train_here import in_process
 
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.order_demo import order_loop
@@ -33,8 +35,9 @@ def test_trained_lstm_separates_what_the_mean_cannot(tmp_path, capsys):
             apply_override(data, item)
         assert run(data).features == 64
 
-    accuracy = order_loop(str(tmp_path / "job.yaml"), str(tmp_path / "train.yaml"), str(tmp_path / "videos"),
-                          64, extract, say=print)
+    with in_process():
+        accuracy = order_loop(str(tmp_path / "job.yaml"), str(tmp_path / "train.yaml"), str(tmp_path / "videos"),
+                              64, extract, say=print)
     assert accuracy["mean"] <= 0.65, accuracy  # 32 held-out clips; the mean holds no order
     # 32 clips trained on and a small backbone: the default LSTM overfits by epoch 7 and its clip
     # feature separates 0.78-0.84 of the held-out clips by nearest centroid (seven runs); 23 of 32 at

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from train_here import in_process
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
@@ -190,7 +191,7 @@ def test_best_on_too_few_validation_rows_keeps_the_last_epoch_and_says_why():
     assert enough.selected_by(2) == (1, "best val_acc 0.8750 at epoch 1 of 2") and enough.weights is not None
 
 
-# ---------------------------------------------------------------- on Ray Train
+# ---------------------------------------------------------------- the epochs' loop
 
 @pytest.mark.usefixtures("ray_session")
 def test_select_best_keeps_the_best_epochs_weights_and_patience_stops(reversed_val, tmp_path, capsys):
@@ -199,7 +200,8 @@ def test_select_best_keeps_the_best_epochs_weights_and_patience_stops(reversed_v
     run for one epoch only (a constant learning rate without warm-up: the same steps)."""
     same = {"schedule": "constant", "warmup": 0, "lr": 0.05}
     best = str(tmp_path / "best")
-    result = train(parse_training(vectors_file(reversed_val, best, epochs=8, patience=2, **same)), say=print)
+    with in_process():  # the epochs' logic: train_here.py (Ray Train's own path: test_train.py, test_train_edges.py)
+        result = train(parse_training(vectors_file(reversed_val, best, epochs=8, patience=2, **same)), say=print)
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3]
     assert "stopped early after epoch 3: val_acc not better for 2 epochs (train.patience)" in capsys.readouterr().out
     config = json.loads(open(f"{best}/{ckpt.CONFIG}").read())
@@ -207,7 +209,8 @@ def test_select_best_keeps_the_best_epochs_weights_and_patience_stops(reversed_v
     assert config["selected_by"].startswith("best val_acc ") and config["selected_by"].endswith(
         "at epoch 1 of 3 (stopped early, train.patience)")
     one = str(tmp_path / "one")
-    last = train(parse_training(vectors_file(reversed_val, one, epochs=1, select="last", **same)), say=None)
+    with in_process():
+        last = train(parse_training(vectors_file(reversed_val, one, epochs=1, select="last", **same)), say=None)
     assert last.selected_by == "last" and json.loads(open(f"{one}/{ckpt.CONFIG}").read())["epoch"] == 1
     kept, first = ckpt.load(best).model.state_dict(), ckpt.load(one).model.state_dict()
     assert all(torch.equal(kept[k], first[k]) for k in kept)

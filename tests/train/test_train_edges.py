@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from train_here import in_process
 
 import featurize
 from pipeline.cli import main
@@ -202,12 +203,12 @@ def test_the_state_reader_refuses_what_it_does_not_know(tmp_path):
 
 # ---------------------------------------------------------------- NaN, --overwrite, a changed table
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_a_non_finite_loss_stops_the_training_overwrite_trains_anew_and_a_rebuilt_table_is_refused(tmp_path, capsys):
     """A NaN loss leaves no checkpoint; --overwrite trains anew there (balanced class weights, no
     validation rows: `best` falls back to the last epoch and says so); the same command again has
-    nothing to do; the table rebuilt by another model (same rows, same dimension) is refused, not done."""
+    nothing to do; the table rebuilt by another model (same rows, same dimension) is refused, not done.
+    The epochs run in this process (train_here.py): what is checked is the loop's and the driver's."""
     bad = tmp_path / "bad"
     vectors_table(bad)
     path = sorted((bad / "features" / "split_dir=train").rglob("*.parquet"))[0]  # an inf in a training row
@@ -217,7 +218,7 @@ def test_a_non_finite_loss_stops_the_training_overwrite_trains_anew_and_a_rebuil
     pq.write_table(t.set_column(t.schema.get_field_index("feature"), "feature",
                                 pa.array(rows, t.schema.field("feature").type)), path)
     out = tmp_path / "head"
-    with pytest.raises(TrainError) as e:
+    with pytest.raises(TrainError) as e, in_process():
         train(parse_training(linear(str(bad), str(out), data={"val_split": None, "train_split": "train"})))
     assert "stopped at epoch 1: the train loss is not finite" in str(e.value) and "\n" not in str(e.value)
     assert not (out / ckpt.CONFIG).exists() and not (out / ckpt.MODEL).exists() and not _states(out)
@@ -230,7 +231,8 @@ def test_a_non_finite_loss_stops_the_training_overwrite_trains_anew_and_a_rebuil
     fixed = parse_training(json.loads(file.read_text()))
     with pytest.raises(OutputExists, match=r"another training .*run with --overwrite"):
         train(fixed)
-    result = train(fixed, overwrite=True)
+    with in_process():
+        result = train(fixed, overwrite=True)
     assert [m["epoch"] for m in result.metrics] == [1, 2] and ckpt.load(str(out)).kind == "linear"
     assert result.selected_by.startswith("last: no validation rows to choose the best epoch by")
     config = json.loads((out / ckpt.CONFIG).read_text())
