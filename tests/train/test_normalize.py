@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_here import in_process
 
 from pipeline.config import ConfigError, TemporalConfig
 from pipeline.models.normalize import Normalize
@@ -25,6 +24,7 @@ from pipeline.train.trainfile import parse_training
 
 from conftest import read_features
 from tables import order_sequences, write_table
+from train_here import in_process
 
 D, T = 8, 6
 SHIFT = 5.0  # the validation rows' offset: statistics that took them in would show it

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from train_here import in_process
 
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.order_demo import order_loop
 
 from conftest import SMALL_MODEL, run
+from train_here import in_process
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -9,7 +9,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from train_here import in_process
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
@@ -21,6 +20,7 @@ from pipeline.train.selection import MIN_VAL_ROWS, Selection, effective
 from pipeline.train.trainfile import TrainSettings, parse_training
 
 from tables import write_table
+from train_here import in_process
 
 
 def vectors_file(uri: str, out: str, **train):

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from train_here import in_process
 
 import featurize
 from pipeline.cli import main
@@ -23,6 +22,7 @@ from pipeline.train.trainfile import parse_training
 
 from conftest import WORKER_DIES_AFTER_EPOCH_2
 from tables import write_table
+from train_here import in_process
 
 
 def vectors_table(root, n_train=48, n_test=16, dim=6, seed=0, model=None, random_labels=False):
