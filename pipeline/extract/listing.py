@@ -46,6 +46,18 @@ def walk_local(root: str, follow_symlinks: bool) -> Iterator[Entry]:
     yield from _walk(root, real_root, follow_symlinks, {real_root})
 
 
+def walk_store(fs, root: str) -> Iterator[Entry]:
+    """Files under `root` on an object store, a folder's listing at a time (fsspec's `walk`), each
+    folder's listing dropped from the filesystem's cache once it is planned: the driver holds the
+    largest folder's details (~3 KB an object), not the whole store's as `find(detail=True)` did.
+    Object stores have no links, FIFOs or devices; "directory" entries are not files."""
+    for folder, _, files in fs.walk(root, detail=True):
+        for name in sorted(files):
+            if files[name].get("type") == "file":
+                yield Entry(files[name]["name"])
+        fs.invalidate_cache(folder)
+
+
 def _walk(folder: str, real_root: str, follow: bool, seen: set) -> Iterator[Entry]:
     try:
         with os.scandir(folder) as it:

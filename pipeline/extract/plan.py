@@ -24,7 +24,7 @@ from ..config import SourceConfig
 from ..errors import SourceError
 from ..output.store import filesystem, full_uri
 from ..redact import FETCH_URI, has_masked_uris, public_row, saved_plan
-from .listing import REFUSED_URI, Confinement, Entry, ListingError, raw_path, utf8, walk_local
+from .listing import REFUSED_URI, Confinement, Entry, ListingError, raw_path, utf8, walk_local, walk_store
 from .planfile import BATCH_ROWS, PlanFile, scratch, sort_unique, spill
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -156,8 +156,8 @@ def _list_folder(cfg: SourceConfig, extensions: frozenset) -> Iterator[Dict[str,
         raise SourceError(f"source.uri {cfg.uri}: not a folder")
     if isinstance(fs, LocalFileSystem):
         entries = walk_local(root, cfg.follow_symlinks)
-    else:  # object stores: no links, FIFOs or devices; "directory" entries are not files
-        entries = (Entry(p) for p, info in sorted(fs.find(root, detail=True).items()) if info.get("type") == "file")
+    else:
+        entries = walk_store(fs, root)
     for path, refused in entries:
         if _extension(path) not in extensions and not (refused and os.path.isdir(path)):
             continue  # a refused link to a folder is planned too: its error row says it was not followed

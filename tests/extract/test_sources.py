@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import posixpath
 import tarfile
 
 import numpy as np
@@ -10,9 +11,12 @@ import pytest
 
 from pipeline.config import SourceConfig
 from pipeline.errors import SourceError
+from pipeline.extract.listing import walk_store
 from pipeline.extract.plan import expand_braces, plan_source
 from pipeline.extract.read import read_batch
 from pipeline.samples import encode, photo
+
+from conftest import S3_BUCKET
 
 JPEG = encode(photo(32, 24, seed=0))
 
@@ -36,6 +40,30 @@ def test_image_folder_lists_images_of_every_extension_with_folder_labels(tmp_pat
     assert by_id["top.jpg"]["label"] == ""
     assert {r["split"] for r in plan} == {"val"}
     assert by_id["n02/c.png"]["uri"].endswith("n02/c.png")
+
+
+def test_an_object_store_folder_plans_as_the_same_local_folder_a_folder_at_a_time(tmp_path, s3, monkeypatch):
+    fs, options = s3
+    rels = ["n01/a.jpg", "n01/b.JPEG", "n02/c.png", "n02/deep/d.webp", "n03/notes.txt", "top.jpg"]
+    for rel in rels:
+        write(tmp_path / rel)
+        fs.pipe(f"{S3_BUCKET}/imgs/{rel}", JPEG)
+    fs.invalidate_cache()
+    cached = {}  # each file listed -> the folders whose listings the store's cache held then
+
+    def watched(fs, root):
+        for entry in walk_store(fs, root):
+            cached[entry.path] = sorted(k for k in fs.dircache if k.startswith(f"{S3_BUCKET}/imgs"))
+            yield entry
+
+    monkeypatch.setattr("pipeline.extract.plan.walk_store", watched)
+    remote = plan_source(SourceConfig(uri=f"s3://{S3_BUCKET}/imgs", storage_options=options, split="val"))
+    local = plan_source(SourceConfig(uri=str(tmp_path), split="val"))
+    keep = ["sample_id", "label", "split"]
+    assert remote.select(keep).to_pylist() == local.select(keep).to_pylist()
+    assert remote["uri"].to_pylist() == [f"s3://{S3_BUCKET}/imgs/{i}" for i in local["sample_id"].to_pylist()]
+    # a folder's listing at a time: while a file is planned the cache holds its own folder's only
+    assert cached == {f"{S3_BUCKET}/imgs/{r}": [posixpath.dirname(f"{S3_BUCKET}/imgs/{r}")] for r in rels}
 
 
 def test_plan_is_stable_between_listings(tmp_path):
