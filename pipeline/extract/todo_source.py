@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import ray.util.client
 from ray.data import Datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
@@ -17,7 +18,13 @@ from ray.data.datasource import ReadTask
 def read_todo(files: List[str]) -> ray.data.Dataset:
     """Read on the driver's node (the files are on its disk), claiming no CPU, so that a head
     without CPUs for tasks still reads them; a read task per row group (Ray's ParquetDatasource
-    makes one per file), and no splitting of them (override_num_blocks)."""
+    makes one per file), and no splitting of them (override_num_blocks).
+    Through Ray Client (`ray://`) the driver is not on a node of the cluster, whose workers cannot
+    read its disk: there the row groups travel as blocks, through the object store (the todo is
+    then in the driver's memory while they are put, as before the plan streamed)."""
+    if ray.util.client.ray.is_connected():
+        return ray.data.from_blocks([pq.ParquetFile(f).read_row_group(g) for f in files
+                                     for g in range(pq.ParquetFile(f).metadata.num_row_groups)])
     source = _TodoSource(files)
     groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
     return ray.data.read_datasource(source, override_num_blocks=max(1, groups), num_cpus=0)
