@@ -6,12 +6,12 @@ already committed (I3); a hanging or crashing decoder costs one error row (I4).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -115,70 +115,50 @@ def _errors(out: Path):
     return pads.dataset(str(out / "errors"), format="parquet").to_table().to_pylist()
 
 
-CLUSTER_JOB = textwrap.dedent('''
-    import json, os, sys, threading, time
-    import ray
-    from ray.cluster_utils import Cluster
-    from pipeline.config import parse_job
-    from pipeline.extract.runner import run_job
-
-    job, out = json.loads(sys.argv[1]), sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    worker = cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, log_to_driver=False)
-
-    def kill_worker_after_first_commit():
-        deadline = time.time() + 180
-        while time.time() < deadline and not any(
-                n.endswith(".parquet") for _, _, names in os.walk(os.path.join(out, "features")) for n in names):
-            time.sleep(0.1)
-        removing.append(time.time())
-        cluster.remove_node(worker, allow_graceful=False)
-        print("worker node removed", flush=True)
-
-    removing = []
-    killer = threading.Thread(target=kill_worker_after_first_commit, daemon=True)
-    killer.start()
-    try:
-        summary = run_job(parse_job(job))
-        finished = time.time()
-        killer.join(timeout=120)  # the removal may still be under way: Ray waits for the node's processes
-        print("RESULT " + json.dumps({"features": summary.features, "errors": sum(summary.errors.values()),
-                                      "removed_mid_job": bool(removing) and removing[0] < finished,
-                                      "nodes_alive": sum(n["Alive"] for n in ray.nodes())}), flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-''')
-
-
-def _env(faults_folder: Path, **extra):
-    env = {**os.environ, "FEATURIZE_FAULTS": str(faults_folder), "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": str(ROOT), **extra}
+def _join_node(address: str, cpus: int) -> subprocess.Popen:
+    """A worker node that joins the session's Ray (`ray start --block`), in a process group of its own:
+    SIGKILL to the group takes down its raylet, agents and workers at once, as when a machine dies."""
+    env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
-    return env
+    return subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--block", f"--address={address}",
+                             f"--num-cpus={cpus}", "--num-gpus=0", "--min-worker-port=0", "--max-worker-port=0",
+                             "--dashboard-agent-listen-port=0", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _slow_model(tmp_path: Path, seconds: float) -> Path:
-    """A failpoint folder that makes every model batch sleep, so a fault lands mid-job."""
-    folder = tmp_path / "slow"
-    folder.mkdir()
-    (folder / "embed.json").write_text(json.dumps({"action": "sleep", "seconds": seconds, "once": False}))
-    return folder
+def _alive_nodes(ray) -> set:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
-@pytest.mark.cluster
+@pytest.mark.cluster  # a node of its own joins the session's Ray, and is killed
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_2_worker_node_killed_mid_job(tmp_path):
+def test_2_worker_node_killed_mid_job(ray_session, ray_address, faults, tmp_path):
     src, out = images(tmp_path, n=100), tmp_path / "out"
-    job = job_dict(str(src), str(out))
-    proc = subprocess.run([sys.executable, "-c", CLUSTER_JOB, json.dumps(job), str(out)], cwd=ROOT,
-                          env=_env(_slow_model(tmp_path, 0.7)), capture_output=True, text=True, timeout=360)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "worker node removed" in proc.stdout
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert result["removed_mid_job"] and result["nodes_alive"] == 1  # it finished on the head alone
+    faults("embed", action="sleep", seconds=0.7, once=False)  # every model batch sleeps: the kill lands mid-job
+    head = _alive_nodes(ray_session)
+    node = _join_node(ray_address, cpus=2)
+    killed = []
+
+    def kill_worker_after_first_commit():
+        wait_for(lambda: committed_files(out), 180, "the first commit")
+        os.killpg(node.pid, signal.SIGKILL)
+        killed.append(time.time())
+
+    try:
+        wait_for(lambda: len(_alive_nodes(ray_session)) == len(head) + 1, 120, "the worker node to join")
+        killer = threading.Thread(target=kill_worker_after_first_commit, daemon=True)
+        killer.start()
+        run(job_dict(str(src), str(out)))
+        finished = time.time()
+        killer.join(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait(30)
+    assert killed and killed[0] < finished, "the worker node was killed after the job had finished"
+    # it finished on the head alone, once Ray saw the node die
+    wait_for(lambda: _alive_nodes(ray_session) == head, 120, "Ray to see the worker node dead")
     assert_exactly_once(str(out), planned(src))
     assert_whole_files(str(out))
 
