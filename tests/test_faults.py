@@ -27,6 +27,7 @@ from conftest import (
     assert_exactly_once,
     assert_whole_files,
     job_dict,
+    join_node,
     planned,
     recorded,
     run,
@@ -115,17 +116,6 @@ def _errors(out: Path):
     return pads.dataset(str(out / "errors"), format="parquet").to_table().to_pylist()
 
 
-def _join_node(address: str, cpus: int) -> subprocess.Popen:
-    """A worker node that joins the session's Ray (`ray start --block`), in a process group of its own:
-    SIGKILL to the group takes down its raylet, agents and workers at once, as when a machine dies."""
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--block", f"--address={address}",
-                             f"--num-cpus={cpus}", "--num-gpus=0", "--min-worker-port=0", "--max-worker-port=0",
-                             "--dashboard-agent-listen-port=0", "--disable-usage-stats"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 def _alive_nodes(ray) -> set:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
@@ -137,7 +127,7 @@ def test_2_worker_node_killed_mid_job(ray_session, ray_address, faults, tmp_path
     src, out = images(tmp_path, n=100), tmp_path / "out"
     faults("embed", action="sleep", seconds=0.7, once=False)  # every model batch sleeps: the kill lands mid-job
     head = _alive_nodes(ray_session)
-    node = _join_node(ray_address, cpus=2)
+    node = join_node(ray_address, "--num-cpus=2", "--num-gpus=0")
     killed = []
 
     def kill_worker_after_first_commit():
