@@ -103,8 +103,9 @@ def ray_address(ray_session):
 
 def join_node(address: str, *args: str, env: Optional[Dict[str, str]] = None):
     """A node that joins the Ray at `address` (`ray start --block ARGS`), in a process group of its own:
-    SIGKILL to the group takes its raylet, agents and workers down at once, as when a machine dies;
-    SIGTERM to the process stops the node cleanly."""
+    SIGKILL to the group takes its raylet and agents down at once, as when a machine dies (its workers,
+    in groups of their own, exit as they find their raylet gone); SIGTERM to the process stops the node
+    cleanly."""
     import subprocess
     import sys
 
