@@ -60,8 +60,9 @@ def local_cluster():
 
 
 def featurize(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "featurize"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    # PYTHONPATH: this checkout's pipeline, also where the venv's `featurize` was installed from another one
+    return subprocess.run([str(BIN / "featurize"), *args], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def jobs(env: dict):
