@@ -101,6 +101,22 @@ def ray_address(ray_session):
     return ray_session.get_runtime_context().gcs_address
 
 
+def join_node(address: str, *args: str, env: Optional[Dict[str, str]] = None):
+    """A node that joins the Ray at `address` (`ray start --block ARGS`), in a process group of its own:
+    SIGKILL to the group takes its raylet and agents down at once, as when a machine dies (its workers,
+    in groups of their own, exit as they find their raylet gone); SIGTERM to the process stops the node
+    cleanly."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ if env is None else env)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--block", f"--address={address}",
+                             "--min-worker-port=0", "--max-worker-port=0", "--dashboard-agent-listen-port=0",
+                             "--disable-usage-stats", *args],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -2,15 +2,15 @@
 
 `cluster/local.sh` starts a head (`ray start --head`, dashboard and Jobs API on a free loopback
 port, token authentication on) and a worker node joining it; `featurize submit` sends jobs through
-the Jobs API; the cluster is stopped after the module, also when a test fails. A second test starts
-a `ray.cluster_utils.Cluster` with a CPU node and a (declared) GPU node and checks where each stage
-ran.
+the Jobs API; the cluster is stopped after the module, also when a test fails. For the last test a
+node with a (declared) GPU joins it, and the test checks where each stage ran.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.samples import make_image_folder
 
-from conftest import _free_port, assert_exactly_once, assert_whole_files, planned
+from conftest import _free_port, assert_exactly_once, assert_whole_files, join_node, planned
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -60,8 +60,9 @@ def local_cluster():
 
 
 def featurize(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "featurize"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    # PYTHONPATH: this checkout's pipeline, also where the venv's `featurize` was installed from another one
+    return subprocess.run([str(BIN / "featurize"), *args], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def jobs(env: dict):
@@ -149,52 +150,65 @@ def test_an_unreachable_cluster_is_refused_with_the_address(tmp_path):
 
 
 PLACEMENT_JOB = textwrap.dedent('''
-    import collections, json, sys
+    import collections, json, sys, time
     import ray
-    from ray.cluster_utils import Cluster
     from ray.util.state import list_actors, list_tasks
     from pipeline.config import parse_job
     from pipeline.extract.runner import run_job
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
-    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)  # declared: the actor falls back to the CPU
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(log_to_driver=False)  # the cluster at RAY_ADDRESS
+    deadline = time.time() + 120
+    while not [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]:
+        assert time.time() < deadline, "the GPU node did not join"
+        time.sleep(0.2)
     try:
         summary = run_job(parse_job(json.loads(sys.argv[1])))
+        job_id = ray.get_runtime_context().get_job_id()  # this driver's tasks, not the other tests' jobs
         where = collections.defaultdict(set)
-        for t in list_tasks(limit=10000, detail=True, raise_on_missing_output=False):
+        for t in list_tasks(filters=[("job_id", "=", job_id)], limit=10000, detail=True,
+                            raise_on_missing_output=False):
             if t.node_id:  # a task cancelled before it was scheduled ran nowhere
                 where[t.name].add(t.node_id)
-        for a in list_actors(limit=1000, detail=True):
+        for a in list_actors(filters=[("job_id", "=", job_id)], limit=1000, detail=True):
             if a.node_id:
                 where["actor " + a.class_name].add(a.node_id)
-        print("RESULT " + json.dumps({"head": cluster.head_node.node_id, "gpu": gpu_node.node_id,
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        print("RESULT " + json.dumps({"cpu_only": [n["NodeID"] for n in nodes if not n["Resources"].get("GPU")],
+                                      "gpu": [n["NodeID"] for n in nodes if n["Resources"].get("GPU")],
                                       "layout": summary.layout, "where": {k: sorted(v) for k, v in where.items()}}))
     finally:
         ray.shutdown()
-        cluster.shutdown()
 ''')
 
 
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_decode_runs_on_cpu_nodes_and_the_model_on_gpu_nodes(tmp_path):
+def test_decode_runs_on_cpu_nodes_and_the_model_on_gpu_nodes(local_cluster, tmp_path):
+    """A node with a (declared) GPU joins the module's cluster for this test: the model actor falls back
+    to the CPU there, and decode keeps to the CPU-only nodes."""
     src, out = tmp_path / "images", tmp_path / "out"
     make_image_folder(str(src), n=40, broken=1)
     job = {"name": "placement", "source": {"uri": str(src), "split": "s"}, "output": {"uri": str(out)},
            "model": {"arch": "resnet18", "weights": "none"}, "preprocess": {"resize": 64, "crop": 56},
            "resources": {"batch_size": 8, "decode_batch_size": 4}}
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", PLACEMENT_JOB, json.dumps(job)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=280)
+    gpu_node = join_node(local_cluster["RAY_ADDRESS"], "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=1",
+                         env=local_cluster)
+    try:
+        proc = subprocess.run([sys.executable, "-c", PLACEMENT_JOB, json.dumps(job)], cwd=ROOT, env=local_cluster,
+                              capture_output=True, text=True, timeout=280)
+    finally:
+        gpu_node.terminate()  # a clean stop: the head knows at once that the node is gone
+        try:
+            gpu_node.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(gpu_node.pid, signal.SIGKILL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    where, head, gpu = result["where"], result["head"], result["gpu"]
-    assert result["layout"]["decode_on"] == "CPU-only nodes (1 of 2)"
+    where, cpu_only, (gpu,) = result["where"], result["cpu_only"], result["gpu"]
+    assert result["layout"]["decode_on"] == "CPU-only nodes (2 of 3)"
     (decode,) = [name for name in where if "decode_batch" in name]
-    assert where[decode] == [head]
+    assert where[decode] and set(where[decode]) <= set(cpu_only)
     (model,) = [name for name in where if name.startswith("actor MapWorker(MapBatches(Embedder")]
     assert where[model] == [gpu]
     assert_exactly_once(str(out), planned(src))

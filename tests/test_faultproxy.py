@@ -50,7 +50,8 @@ def test_faults_are_absorbed_by_retries(proxy):
     b = bucket()
     proxy.fault_rate = 0.3
     fs.mkdir(b)
-    objects = {f"{b}/obj/{i:03d}.txt": f"payload {i} ".encode() * (i + 1) for i in range(40)}
+    # 20 objects: some 65 requests, of which ~20 faulted, each waited out by a client backoff
+    objects = {f"{b}/obj/{i:03d}.txt": f"payload {i} ".encode() * (i + 1) for i in range(20)}
     fs.pipe(objects)
     fs.invalidate_cache()
     assert sorted(fs.find(f"{b}/obj")) == sorted(objects)
