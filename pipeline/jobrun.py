@@ -107,7 +107,7 @@ def stop(committer) -> None:
 def verify(ws: Workspace) -> None:
     """A run ends well only if the files on the store (not the committer's tally) hold every
     planned sample, and none twice across features and errors."""
-    found = audit(ws.fs, ws.root, ws.plan.read(["sample_id", "container"]))
+    found = audit(ws.fs, ws.root, ws.plan)
     ws.rows = found["rows"]  # the summary's output rows: no second read of every file
     if found["duplicates"]:
         dup = found["duplicates"]

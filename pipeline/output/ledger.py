@@ -34,16 +34,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..extract.planfile import PlanFile, duckdb_in, parquet, scratch
 from ..redact import logger
 from .store import (  # noqa: F401 (re-exported)
     is_local,
@@ -57,7 +58,6 @@ from .store import (  # noqa: F401 (re-exported)
 )
 
 STAGING, UNITS = "_staging", "_units"
-Ids = Union[Set[str], pa.Array, pa.ChunkedArray]  # sample ids or units: a ledger's set, or as a file holds them
 TABLES = ("features", "errors")
 log = logger(__name__)  # credentials masked in every record
 
@@ -277,36 +277,58 @@ class Ledger:
         return completed
 
 
-def remaining(plan: pa.Table, rows: Ids, units: Ids) -> pa.Table:
-    """The plan rows not yet done: a tar shard is done when recorded complete in _units, a
-    file when its row is committed or (a windowed video) its unit is complete. `rows` and
-    `units`: sets, or Arrow arrays as the files hold them."""
-    ids = plan["sample_id"]
-    in_units = pc.is_in(ids, value_set=_value_set(units, ids.type))
-    in_rows = pc.is_in(ids, value_set=_value_set(rows, ids.type))
-    is_file = pc.equal(plan["container"], "")
-    done = pc.or_(in_units, pc.and_(is_file, in_rows))
-    return plan.filter(pc.invert(done))
+COMMITTED_GROUP = 256  # committed files whose ids are read (concurrently) and spilled at a time
 
 
-def _value_set(values: Ids, typ: pa.DataType) -> pa.Array:
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    return values.cast(typ) if isinstance(values, pa.Array) else pa.array(list(values), typ)
+def spill_column(fs, files: List[str], column: str, path: str) -> int:
+    """`column` of the files into the local Parquet file `path`, COMMITTED_GROUP files at a time
+    (each opened once); returns its rows."""
+    rows = 0
+    with pq.ParquetWriter(path, pa.schema([(column, pa.string())])) as writer:
+        for i in range(0, len(files), COMMITTED_GROUP):
+            values = read_column(fs, files[i:i + COMMITTED_GROUP], column).cast(pa.string())
+            writer.write_table(pa.table({column: values}))
+            rows += len(values)
+    return rows
 
 
-def audit(fs, root: str, plan: pa.Table) -> Dict[str, Any]:
-    """What the files on the store hold against the plan: planned samples missing (count and
-    first), sample ids committed more than once across features and errors, and the rows of each
-    table (read with the ids: each file is opened once, for both, several at a time). The ids stay
-    in Arrow: a few bytes each, not a Python string in a list, a set and a counter."""
-    by_table = committed_ids(fs, root)
-    ids = pa.chunked_array([c for t in TABLES for c in by_table[t].chunks], pa.string())
-    left = remaining(plan, ids, committed_units(fs, root))
-    counts = pc.value_counts(ids)
-    twice = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    return {"missing": len(left), "first_missing": left["sample_id"][0].as_py() if len(left) else None,
-            "duplicates": sorted(twice.to_pylist()), "rows": {t: len(by_table[t]) for t in TABLES}}
+def not_done(ids: Optional[str], units: Optional[str]) -> str:
+    """The plan rows not yet done, as a DuckDB condition on the plan against relations of committed
+    `sample_id`s and completed `unit`s (None: there are none): a tar shard is done when recorded
+    complete in _units, a file when its row is committed or (a windowed video) its unit is complete."""
+    where = ["TRUE"]
+    if units:
+        where.append(f"sample_id NOT IN (SELECT unit FROM {units})")
+    if ids:
+        where.append(f"NOT (container = '' AND sample_id IN (SELECT sample_id FROM {ids}))")
+    return " AND ".join(where)
+
+
+def audit(fs, root: str, plan) -> Dict[str, Any]:
+    """What the files on the store hold against the plan (a table, or a local plan file): planned
+    samples missing (count and first), sample ids committed more than once across features and
+    errors, and the rows of each table. Out of core: each file is opened once, for its ids and
+    rows, and its ids spilled to local Parquet; DuckDB counts them against the plan under its
+    memory limit, so the driver's memory does not grow with the rows."""
+    with scratch() as folder:
+        spilled = {t: os.path.join(folder, f"{t}.parquet") for t in (*TABLES, UNITS)}
+        rows = {t: spill_column(fs, parquet_files(fs, f"{root}/{t}"), "sample_id", spilled[t]) for t in TABLES}
+        spill_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit", spilled[UNITS])
+        con = duckdb_in(folder)
+        try:
+            if isinstance(plan, PlanFile):
+                planned = parquet(plan.path)
+            else:
+                con.register("plan_table", plan.select(["sample_id", "container"]))
+                planned = "plan_table"
+            ids = f"read_parquet([{', '.join(repr(spilled[t]) for t in TABLES)}])"
+            missing, first = con.execute(f"SELECT count(*), min(sample_id) FROM {planned} "
+                                         f"WHERE {not_done(ids, parquet(spilled[UNITS]))}").fetchall()[0]
+            twice = con.execute(f"SELECT sample_id FROM {ids} GROUP BY sample_id HAVING count(*) > 1 "
+                                "ORDER BY sample_id").fetchall()
+        finally:
+            con.close()
+    return {"missing": missing, "first_missing": first, "duplicates": [r[0] for r in twice], "rows": rows}
 
 
 @dataclass

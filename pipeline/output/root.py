@@ -32,9 +32,11 @@ from .ledger import (
     clear_staging,
     is_local,
     move,
+    not_done,
     parquet_bytes,
     parquet_files,
     read_column,
+    spill_column,
     write_atomic,
 )
 from .partitions import folder_key
@@ -321,19 +323,16 @@ def _with_fetch_uris(plan: PlanFile, source, folder: str) -> PlanFile:
     return write_table(with_fetch_uris(plan.read(), source), os.path.join(folder, "plan-uris.parquet"))
 
 
-COMMITTED_GROUP = 256  # committed files whose ids are read (concurrently) and spilled at a time
-
-
 def todo_of(fs, root: str, plan: PlanFile, folder: str) -> Tuple[PlanFile, Tuple[int, int]]:
     """The plan rows not yet done, with `skip` and `attempts`, into `folder`/todo.parquet, and the
     (ids, units) committed before. Out of core: the committed ids and units are copied from the
     store into local Parquet files a group of files at a time, and DuckDB leaves them out of the
-    plan (ledger.remaining's rule: a tar shard is done when in _units, a file when its row is
+    plan (ledger.not_done's rule: a tar shard is done when in _units, a file when its row is
     committed or its unit complete). A fresh run's todo is the plan streamed with two columns more."""
     ids = os.path.join(folder, "committed.parquet")
     units = os.path.join(folder, "units.parquet")
-    n_ids = _spill_column(fs, [f for t in TABLES for f in parquet_files(fs, f"{root}/{t}")], "sample_id", ids)
-    n_units = _spill_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit", units)
+    n_ids = spill_column(fs, [f for t in TABLES for f in parquet_files(fs, f"{root}/{t}")], "sample_id", ids)
+    n_units = spill_column(fs, parquet_files(fs, f"{root}/{UNITS}"), "unit", units)
     retry = os.path.join(folder, RETRY_FILE)
     try:
         fs.get_file(f"{root}/{RETRY_FILE}", retry)
@@ -354,32 +353,17 @@ def todo_of(fs, root: str, plan: PlanFile, folder: str) -> Tuple[PlanFile, Tuple
     path = os.path.join(folder, "todo.parquet")
     if not (n_ids or n_units or retry):
         return write_batches(plan.batches(), path, schema, more), (0, 0)
-    where = ["TRUE"]
-    if n_units:
-        where.append(f"sample_id NOT IN (SELECT unit FROM {parquet(units)})")
-    if n_ids:
-        where.append(f"NOT (container = '' AND sample_id IN (SELECT sample_id FROM {parquet(ids)}))")
+    where = not_done(parquet(ids) if n_ids else None, parquet(units) if n_units else None)
     attempts = "0"
     if retry:  # how many runs already failed on each sample (a tar shard: the most among its members)
         attempts = (f"coalesce((SELECT max(attempts) FROM {parquet(retry)} r WHERE r.unit = p.sample_id), 0)")
     con = duckdb_in(folder)
     try:
-        sql = (f"SELECT *, {attempts}::BIGINT AS attempts FROM {parquet(plan.path)} p WHERE {' AND '.join(where)} "
+        sql = (f"SELECT *, {attempts}::BIGINT AS attempts FROM {parquet(plan.path)} p WHERE {where} "
                f"ORDER BY sample_id")
         return write_batches(query(con, sql), path, schema, more), (n_ids, n_units)
     finally:
         con.close()
-
-
-def _spill_column(fs, files: List[str], column: str, path: str) -> int:
-    """`column` of the files into a local Parquet file, COMMITTED_GROUP files at a time."""
-    rows = 0
-    with pq.ParquetWriter(path, pa.schema([(column, pa.string())])) as writer:
-        for i in range(0, len(files), COMMITTED_GROUP):
-            values = read_column(fs, files[i:i + COMMITTED_GROUP], column).cast(pa.string())
-            writer.write_table(pa.table({column: values}))
-            rows += len(values)
-    return rows
 
 
 def _with_skip(todo: pa.Table, done: List[str]) -> pa.Table:

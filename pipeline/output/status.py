@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from ..errors import NoOutput
+from ..extract.planfile import scratch
 from .lease import describe, read, stale
 from .ledger import STAGING, audit, parquet_files
-from .root import JOB_FILE, OVERWRITE, PLAN_FILE, load_plan, read_record
+from .root import JOB_FILE, OVERWRITE, PLAN_FILE, local_plan, read_record
 from .store import READERS, filesystem, with_connections
 
 # the two states the files tell, in words for the CLI's line (the record's own words, complete,
@@ -27,10 +28,11 @@ def status(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[s
     fs, root = filesystem(uri, with_connections(uri, storage_options or {}, READERS))  # the audit's reads overlap
     root = root.rstrip("/")
     record = read_record(fs, root)
-    plan = load_plan(fs, root)
-    if plan is None:
-        raise NoOutput(f"{uri}: no output there (no {JOB_FILE} and {PLAN_FILE})")
-    found = audit(fs, root, plan)
+    with scratch() as folder:  # the saved plan read from a local file, not held in memory
+        plan = local_plan(fs, root, folder)
+        if plan is None:
+            raise NoOutput(f"{uri}: no output there (no {JOB_FILE} and {PLAN_FILE})")
+        found = audit(fs, root, plan)
     rows = found["rows"]
     held = read(fs, root)[1]
     state = _state(record, held)

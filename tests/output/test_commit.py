@@ -19,10 +19,10 @@ from pipeline.output.ledger import (
     Staged,
     audit,
     clear_staging,
+    not_done,
     parquet_bytes,
     parquet_files,
     part_name,
-    remaining,
     write_atomic,
 )
 
@@ -104,7 +104,7 @@ def test_units_complete_when_all_their_rows_are_committed_in_any_order(tmp_path)
     assert Ledger(FS, root, job=JOB).units == {"shard.tar"}  # recorded in _units
 
 
-def test_remaining_plan_rows():
+def test_the_rows_not_done():
     plan = pa.Table.from_pylist(
         [{"sample_id": "a.jpg", "uri": "", "label": "", "split": "", "container": ""},
          {"sample_id": "b.jpg", "uri": "", "label": "", "split": "", "container": ""},
@@ -113,9 +113,17 @@ def test_remaining_plan_rows():
          {"sample_id": "v.mp4", "uri": "", "label": "", "split": "", "container": ""}],
         schema=PLAN_SCHEMA,
     )
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("plan", plan)
+    con.register("ids", pa.table({"sample_id": ["a.jpg", "s.tar", "v.mp4#w0"]}))
+    con.register("units", pa.table({"unit": ["t.tar", "v.mp4"]}))
     # a shard's own id as a row (its error row) does not make it done; only its unit record does
-    left = remaining(plan, rows={"a.jpg", "s.tar", "v.mp4#w0"}, units={"t.tar", "v.mp4"})
-    assert left["sample_id"].to_pylist() == ["b.jpg", "s.tar"]
+    left = con.execute(f"SELECT sample_id FROM plan WHERE {not_done('ids', 'units')} ORDER BY sample_id").fetchall()
+    assert [r[0] for r in left] == ["b.jpg", "s.tar"]
+    everything = con.execute(f"SELECT count(*) FROM plan WHERE {not_done(None, None)}").fetchall()
+    assert everything == [(5,)]
 
 
 def test_a_write_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
