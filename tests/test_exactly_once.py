@@ -9,19 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.config import parse_job
+from pipeline.extract.prepare import prepare
 from pipeline.fingerprint import fingerprint
 from pipeline.jobrun import IncompleteOutput
 from pipeline.output.ledger import staging_folder
-from pipeline.output.root import JOB_FILE
+from pipeline.output.root import JOB_FILE, settings
 from pipeline.output.status import status
 from pipeline.samples import encode, make_image_folder, photo
 
 from conftest import assert_exactly_once, assert_whole_files, job_dict, planned, read_errors, refusal_lines, run
+from tables import write_table
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,21 +94,25 @@ def test_two_runs_started_at_once_into_one_output_one_refuses(tmp_path, faults, 
 def test_staged_files_of_another_job_are_never_published(tmp_path):
     """A killed job A left a staged file; job B --overwrite completed, and B's next run published
     A's file into B's output (40 rows for 20 planned)."""
-    src_a, src_b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
-    make_image_folder(str(src_a), n=8, broken=0)
+    src_b, out = tmp_path / "b", tmp_path / "out"
     src_b.mkdir()
     for i in range(6):
         (src_b / f"b{i}.jpg").write_bytes(encode(photo(64 + i, 48, seed=40 + i)))
-    job_a = job_dict(str(src_a), str(out), name="A")
-    run(job_a)
-    left = next((out / "features").rglob("*.parquet"))  # what A's sink staged, as A's killed run left it
-    job_fp = fingerprint(json.loads((out / JOB_FILE).read_text())["settings"])
-    for task in (f"{staging_folder(job_fp, 'run-a')}/task1", "task-old-layout"):
-        dst = out / "_staging" / task / left.relative_to(out)
+    # OUT as job A's killed run left it: A's _job.json, and a file A's sink staged (A's rows and
+    # provenance, written here as a run writes them) under A's staging folder and an older layout's
+    a = prepare(parse_job(job_dict(str(tmp_path / "a"), str(out), name="A")))
+    out.mkdir()
+    (out / JOB_FILE).write_text(json.dumps({"name": "A", "status": "running", "settings": settings(a)}))
+    ids = ["cat/a0.jpg", "cat/a1.jpg", "dog/a2.jpg", "dog/a3.jpg"]
+    labels = [i.split("/")[0] for i in ids]
+    staged = Path(write_table(str(tmp_path / "a-rows"), ["all"] * 4, labels, feature=np.ones((4, a.dim)),
+                              rows={"sample_id": ids, "uri": [f"{tmp_path}/a/{i}" for i in ids]},
+                              metadata=a.provenance()))
+    left = next((staged / "features").rglob("*.parquet"))
+    for task in (f"{staging_folder(fingerprint(settings(a)), 'run-a')}/task1", "task-old-layout"):
+        dst = out / "_staging" / task / left.relative_to(staged)
         dst.parent.mkdir(parents=True)
         shutil.copy(left, dst)
-    shutil.rmtree(out / "features")  # A never committed those rows: A stopped
-    shutil.rmtree(out / "errors", ignore_errors=True)
 
     job_b = job_dict(str(src_b), str(out), name="B")
     run(job_b, overwrite=True)
