@@ -114,6 +114,7 @@ def test_ucf101_tree_with_split_lists(ucf101, ucf101_run):
     assert json.loads(meta[b"featurize.video_sampling"])["num_frames"] == 6
 
 
+@pytest.mark.timeout(300)
 def test_featurize_reads_order_videos_with_their_splits(ucf101, ucf101_run):
     """make_order_videos' videos (test_order_videos) in that run: their own split lists and labels,
     and the same scene's frame features in both classes equal with the halves swapped (6 frames of
