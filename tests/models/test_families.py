@@ -23,14 +23,13 @@ from pipeline.config import parse_job
 from pipeline.errors import ModelError, WeightsError
 from pipeline.extract.decode import decode_image
 from pipeline.extract.prepare import prepare
-from pipeline.extract.video import center_crop, decode_video_batch
+from pipeline.extract.video import center_crop
 from pipeline.models.actor import Embedder, EmbedSpec
 from pipeline.models.families.torchvision_video import input_defaults
-from pipeline.models.temporal import TemporalEmbedder
 from pipeline.output.root import differences, settings
 from pipeline.samples import encode, encode_video, photo
 
-from conftest import job_dict
+from conftest import job_dict, video_stage_rows
 
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs")
 CLIP = "ViT-S-32"  # the smallest plain open_clip ViT: 224 px, 384-d embedding
@@ -321,23 +320,6 @@ def two_videos(tmp_path_factory):
     return root
 
 
-def video_rows(prepared, folder) -> dict:
-    """A video job's rows as its stages make them (decode_video_batch, the model actor, the temporal
-    actor), run here in turn: what the sink gets for the videos under `folder`."""
-    paths = sorted(folder.rglob("*.avi"))
-    batch = {"sample_id": [str(p.relative_to(folder)) for p in paths], "uri": [str(p) for p in paths],
-             "label": [p.parent.name for p in paths], "split": ["all"] * len(paths), "data": [b""] * len(paths),
-             "error_stage": [""] * len(paths), "error_type": [""] * len(paths), "error_message": [""] * len(paths)}
-    job = prepared.job
-    (batch,) = decode_video_batch({k: np.array(v, dtype=object) for k, v in batch.items()}, prepared.frames,
-                                  job.video, windowed=False)
-    spec = EmbedSpec(model=job.model, weights=prepared.weights, crop=prepared.image.crop, dim=prepared.dim,
-                     mean=prepared.mean, std=prepared.std, dtype=job.output.dtype, torch_threads=2)
-    batch = TemporalEmbedder(prepared.heads, dtype=job.output.dtype, keep_frame_features=job.output.frame_features,
-                             torch_threads=2)(Embedder(spec)(batch))
-    return batch
-
-
 @pytest.mark.parametrize("model,preprocess", [
     ({"family": "timm", "arch": "convnext_atto", "weights": "none"}, {"resize": 64, "crop": 64}),
     ({"family": "open_clip", "arch": CLIP, "weights": "none"}, {}),
@@ -351,7 +333,7 @@ def test_a_video_job_per_family(two_videos, tmp_path, model, preprocess):
     data.update(model={"device": "cpu", **model}, preprocess=preprocess, video={"num_frames": 3},
                 temporal=[{"kind": "mean", "name": "mean"}])
     prepared = prepare(parse_job(data))
-    rows = video_rows(prepared, two_videos)
+    rows = video_stage_rows(prepared, sorted(two_videos.rglob("*.avi")), two_videos)
     assert len(rows["sample_id"]) == 2 and not any(rows["error_stage"])
     frames = np.stack([np.stack(f) for f in rows["frame_features"]])
     clips = np.stack(rows["clip_mean"])
