@@ -275,6 +275,29 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def video_stage_rows(prepared, paths, root) -> Dict[str, Any]:
+    """A video job's rows as its stages make them (decode_video_batch, the model actor, the temporal
+    actor), run in this process in turn: what the sink gets for the local videos `paths` (ids
+    relative to `root`). For checks of a stage's output that need no run on Ray."""
+    import numpy as np
+
+    from pipeline.extract.video import decode_video_batch
+    from pipeline.models.actor import Embedder, EmbedSpec
+    from pipeline.models.temporal import TemporalEmbedder
+
+    n, job = len(paths), prepared.job
+    batch = {"sample_id": [str(p.relative_to(root)) for p in paths], "uri": [str(p) for p in paths],
+             "label": [p.parent.name for p in paths], "split": ["all"] * n, "data": [b""] * n,
+             "error_stage": [""] * n, "error_type": [""] * n, "error_message": [""] * n}
+    (batch,) = decode_video_batch({k: np.array(v, dtype=object) for k, v in batch.items()}, prepared.frames,
+                                  job.video, windowed=bool(job.video.window_s))
+    spec = EmbedSpec(model=job.model, weights=prepared.weights, crop=prepared.image.crop, dim=prepared.dim,
+                     mean=prepared.mean, std=prepared.std, dtype=job.output.dtype, torch_threads=2)
+    temporal = TemporalEmbedder(prepared.heads, dtype=job.output.dtype,
+                                keep_frame_features=job.output.frame_features, torch_threads=2)
+    return temporal(Embedder(spec)(batch))
+
+
 def planned(src) -> List[str]:
     """The sample ids an image or video folder plans: every file's path relative to it."""
     return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())

@@ -1,13 +1,13 @@
 """make_order_videos: real encoded videos whose two classes hold the same frames in a different
-order, so the clip's mean content is the same and only the sequence tells them apart."""
+order, so the clip's mean content is the same and only the sequence tells them apart. featurize
+reads them (their splits, their frame features with the halves swapped) in test_video_end_to_end's
+UCF-101 run, which holds them as two more classes."""
 import os
 
 import numpy as np
 import pytest
 
 from pipeline.samples import make_order_videos
-
-from conftest import job_dict, read_features, run
 
 CLASSES = ("a_then_b", "b_then_a")
 
@@ -71,31 +71,3 @@ def test_refuses_bad_arguments(tmp_path):
         make_order_videos(str(tmp_path), n=7)
     with pytest.raises(ValueError, match="2 classes"):
         make_order_videos(str(tmp_path), classes=("a", "b", "c"))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_featurize_reads_them_with_their_splits(ray_session, order, tmp_path):
-    folder, info = order
-    out = str(tmp_path / "out")
-    data = job_dict(folder, out, name="order", source={"format": "video_folder", "split_files": info["split_files"]},
-                    output={"frame_features": True})
-    data["video"] = {"num_frames": 8}
-    data["temporal"] = [{"kind": "mean", "name": "mean"}]
-    summary = run(data)
-    assert summary.features == 8 and sum(summary.errors.values()) == 0
-    rows = read_features(out).to_pylist()
-    assert {(r["split"], r["label"]) for r in rows} == {(s, c) for s in ("train", "test") for c in CLASSES}
-    for r in rows:
-        assert r["sample_id"] in listed(info["split_files"][r["split"]])
-        assert r["sample_id"].startswith(r["label"] + "/")
-        assert np.array(r["frame_features"], np.float32).shape == (8, 512)
-    # the same scene in both classes: its frames' features are the same with the halves swapped
-    by_id = {r["sample_id"]: np.array(r["frame_features"], np.float32) for r in rows}
-    for name, a in by_id.items():
-        if name.startswith(CLASSES[0]):
-            b = by_id[name.replace(CLASSES[0], CLASSES[1])]
-            swapped = np.concatenate([b[4:], b[:4]])
-            scale = np.abs(a[:4].mean(0) - a[4:].mean(0)).mean()
-            assert np.abs(a - swapped).mean() < 0.25 * scale  # codec noise only (measured <= 0.09)
-            assert np.abs(a.mean(0) - b.mean(0)).mean() < 0.1 * scale  # mean pooling: the same

@@ -1,15 +1,17 @@
-"""Video jobs end to end on the shared local Ray: a UCF101-style tree with its split lists,
-webdataset video shards, and windows over a long video; every video accounted for once."""
+"""Video jobs end to end on the shared local Ray: a UCF101-style tree with its split lists (and the
+order videos of make_order_videos), webdataset video shards, and windows over a long video; every
+video accounted for once."""
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.samples import encode_video
+from pipeline.samples import encode_video, make_order_videos
 
 from conftest import assert_exactly_once, job_dict, read_errors, read_features, run
 
@@ -30,9 +32,13 @@ def video_job(source_uri, out, **extra):
     return data
 
 
+ORDER = ("a_then_b", "b_then_a")
+
+
 @pytest.fixture(scope="module")
 def ucf101(tmp_path_factory):
-    """UCF-101/<Class>/v_<Class>_gXX_cYY.avi (MPEG-4 Part 2 in AVI) and its split lists."""
+    """UCF-101/<Class>/v_<Class>_gXX_cYY.avi (MPEG-4 Part 2 in AVI) and its split lists, with the
+    order videos of test_order_videos (make_order_videos) as two more classes in the same lists."""
     base = tmp_path_factory.mktemp("ucf")
     root = base / "UCF-101"
     train, test = [], []
@@ -46,22 +52,40 @@ def ucf101(tmp_path_factory):
     test.append("Basketball/v_Basketball_g09_c01.avi")
     (root / "Basketball" / "v_Basketball_g10_c01.avi").write_bytes(b"")
     train.append("Basketball/v_Basketball_g10_c01.avi")
-    (base / "trainlist01.txt").write_text("".join(f"{n} {1 + (n[0] == 'B')}\n" for n in train))
-    (base / "testlist01.txt").write_text("".join(f"{n}\r\n" for n in test))
-    return base, train, test
+    order = make_order_videos(str(base / "order"), n=8, frames=16, size=64, seed=3)
+    for cls in ORDER:
+        (base / "order" / cls).rename(root / cls)
+    order_lists = {split: listed(path) for split, path in order["split_files"].items()}
+    (base / "trainlist01.txt").write_text("".join(f"{n} {1 + (n[0] == 'B')}\n" for n in train)
+                                          + "".join(f"{n} {3 + (n[0] == 'b')}\n" for n in order_lists["train"]))
+    (base / "testlist01.txt").write_text("".join(f"{n}\r\n" for n in test + order_lists["test"]))
+    return base, train, test, order_lists
 
 
-@pytest.mark.timeout(300)
-def test_ucf101_tree_with_split_lists(ray_session, ucf101, tmp_path):
-    base, train, test = ucf101
-    out = str(tmp_path / "out")
+def listed(path):
+    with open(path) as f:
+        return f.read().split()
+
+
+@pytest.fixture(scope="module")
+def ucf101_run(ray_session, ucf101, tmp_path_factory):
+    """One run over the UCF-101 tree (6 frames a video, three heads, frame_features kept): (out, summary)."""
+    base = ucf101[0]
+    out = str(tmp_path_factory.mktemp("ucf-out") / "out")
     split_files = {"train": str(base / "trainlist01.txt"), "test": str(base / "testlist01.txt")}
     summary = run(video_job(str(base / "UCF-101"), out,
                             source={"format": "video_folder", "split_files": split_files},
                             output={"frame_features": True}))
-    features, errors = assert_exactly_once(out, train + test)
+    return out, summary
+
+
+@pytest.mark.timeout(300)
+def test_ucf101_tree_with_split_lists(ucf101, ucf101_run):
+    base, train, test, order = ucf101
+    out, summary = ucf101_run
+    features, errors = assert_exactly_once(out, train + test + order["train"] + order["test"])
     assert sorted(errors) == ["Basketball/v_Basketball_g09_c01.avi", "Basketball/v_Basketball_g10_c01.avi"]
-    assert summary.features == 6 and sum(summary.errors.values()) == 2
+    assert summary.features == 6 + 8 and sum(summary.errors.values()) == 2
 
     table = read_features(out)
     rows = {r["sample_id"]: r for r in table.to_pylist()}
@@ -84,10 +108,33 @@ def test_ucf101_tree_with_split_lists(ray_session, ucf101, tmp_path):
 
     errors_table = read_errors(out)
     assert set(errors_table["stage"].to_pylist()) == {"decode"}
-    meta = pq.read_schema(next((tmp_path / "out" / "features").rglob("*.parquet"))).metadata
+    meta = pq.read_schema(next((Path(out) / "features").rglob("*.parquet"))).metadata
     heads = json.loads(meta[b"featurize.temporal"])
     assert [h["name"] for h in heads] == ["mean", "lstm", "attn"]
     assert json.loads(meta[b"featurize.video_sampling"])["num_frames"] == 6
+
+
+@pytest.mark.timeout(300)
+def test_featurize_reads_order_videos_with_their_splits(ucf101, ucf101_run):
+    """make_order_videos' videos (test_order_videos) in that run: their own split lists and labels,
+    and the same scene's frame features in both classes equal with the halves swapped (6 frames of
+    16: frames 1, 4, 6 from the first half, 9, 12, 14 from the second)."""
+    order = ucf101[3]
+    rows = [r for r in read_features(ucf101_run[0]).to_pylist() if r["label"] in ORDER]
+    assert len(rows) == 8
+    assert {(r["split"], r["label"]) for r in rows} == {(s, c) for s in ("train", "test") for c in ORDER}
+    for r in rows:
+        assert r["sample_id"] in order[r["split"]]
+        assert r["sample_id"].startswith(r["label"] + "/")
+        assert np.array(r["frame_features"], np.float32).shape == (6, 512)
+    by_id = {r["sample_id"]: np.array(r["frame_features"], np.float32) for r in rows}
+    for name, a in by_id.items():
+        if name.startswith(ORDER[0]):
+            b = by_id[name.replace(ORDER[0], ORDER[1])]
+            swapped = np.concatenate([b[3:], b[:3]])
+            scale = np.abs(a[:3].mean(0) - a[3:].mean(0)).mean()
+            assert np.abs(a - swapped).mean() < 0.25 * scale  # codec noise only
+            assert np.abs(a.mean(0) - b.mean(0)).mean() < 0.1 * scale  # mean pooling: the same
 
 
 @pytest.mark.timeout(300)

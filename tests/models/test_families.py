@@ -1,5 +1,5 @@
 """Model families beyond torchvision (timm, open_clip) behind the one actor: fidelity against each
-library's own forward and preprocessing, weights from files, refusals, and a video job per family.
+library's own forward and preprocessing, weights from files, refusals, and a video job's stages per family.
 
 Weights are random-init models saved to files here; nothing is downloaded.
 """
@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 import open_clip
-import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -30,7 +29,7 @@ from pipeline.models.families.torchvision_video import input_defaults
 from pipeline.output.root import differences, settings
 from pipeline.samples import encode, encode_video, photo
 
-from conftest import job_dict, read_features, run
+from conftest import job_dict, video_stage_rows
 
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs")
 CLIP = "ViT-S-32"  # the smallest plain open_clip ViT: 224 px, 384-d embedding
@@ -242,8 +241,8 @@ def test_every_clip_model_builds_and_gives_its_dimension(arch, dim, crop, frames
     prepared = prepared_for({**VIDEO, "arch": arch}, {"resize": crop, "crop": crop},
                             video={"num_frames": frames})
     assert prepared.dim == dim and prepared.job.clips and prepared.sink_spec().columns[-1][0] == "feature"
-    clip = np.random.default_rng(0).integers(0, 256, (2, frames, crop, crop, 3), dtype=np.uint8)
-    assert pipeline_features(prepared, clips=clip)[0].shape == (2, dim)
+    clip = np.random.default_rng(0).integers(0, 256, (1, frames, crop, crop, 3), dtype=np.uint8)
+    assert pipeline_features(prepared, clips=clip)[0].shape == (1, dim)
 
 
 def test_clip_defaults_come_from_the_weights():
@@ -310,7 +309,7 @@ def test_clip_weights_files_load_and_wrong_ones_are_refused(r2plus1d, weights_di
         prepared_for({**VIDEO, "arch": "s3d"}, {"resize": 64, "crop": 64}, video={"num_frames": 4})
 
 
-# --- a video job per family, through the real pipeline ---------------------------------------------------
+# --- a video job per family, through extraction's own stage functions ----------------------------------
 
 @pytest.fixture(scope="module")
 def two_videos(tmp_path_factory):
@@ -318,29 +317,31 @@ def two_videos(tmp_path_factory):
     for cls in ("Basketball", "Drumming"):
         (root / cls).mkdir()
         (root / cls / f"v_{cls}_g01_c01.avi").write_bytes(encode_video(20, width=160, height=120))
-    return str(root)
+    return root
 
 
-@pytest.mark.timeout(300)
 @pytest.mark.parametrize("model,preprocess", [
     ({"family": "timm", "arch": "convnext_atto", "weights": "none"}, {"resize": 64, "crop": 64}),
     ({"family": "open_clip", "arch": CLIP, "weights": "none"}, {}),
 ])
-def test_a_video_job_per_family(ray_session, two_videos, tmp_path, model, preprocess):
-    data = job_dict(two_videos, str(tmp_path / "out"), name="family-video", source={"format": "video_folder"},
+def test_a_video_job_per_family(two_videos, tmp_path, model, preprocess):
+    """Each family's image model on a video job's frames: frame_features per video, the mean head over
+    them, and the family and its crop in the provenance every features file carries. (A whole video
+    run on Ray: test_video_end_to_end; the stages are family-blind past the model actor.)"""
+    data = job_dict(str(two_videos), str(tmp_path / "out"), name="family-video", source={"format": "video_folder"},
                     output={"frame_features": True, "dtype": "float32"}, resources={"batch_size": 8})
-    data.update(model=model, preprocess=preprocess, video={"num_frames": 3},
+    data.update(model={"device": "cpu", **model}, preprocess=preprocess, video={"num_frames": 3},
                 temporal=[{"kind": "mean", "name": "mean"}])
-    summary = run(data)
-    assert summary.features == 2 and not summary.errors
-    table = read_features(str(tmp_path / "out"))
-    frames = np.stack([np.stack(f) for f in table["frame_features"].to_pylist()])
-    clips = np.array(table["clip_mean"].to_pylist())
-    assert frames.shape[:2] == (2, 3) and clips.shape == (2, frames.shape[2])
+    prepared = prepare(parse_job(data))
+    rows = video_stage_rows(prepared, sorted(two_videos.rglob("*.avi")), two_videos)
+    assert len(rows["sample_id"]) == 2 and not any(rows["error_stage"])
+    frames = np.stack([np.stack(f) for f in rows["frame_features"]])
+    clips = np.stack(rows["clip_mean"])
+    assert frames.shape[:2] == (2, 3) and clips.shape == (2, frames.shape[2]) == (2, prepared.dim)
     np.testing.assert_allclose(clips, frames.mean(axis=1), rtol=1e-4, atol=1e-5)
-    meta = pq.ParquetFile(next((tmp_path / "out" / "features").rglob("*.parquet"))).schema_arrow.metadata
-    assert meta[b"featurize.model_family"].decode() == model["family"]
-    assert json.loads(meta[b"featurize.preprocess"])["crop"] == (preprocess.get("crop") or 224)
+    meta = prepared.provenance()
+    assert meta["featurize.model_family"] == model["family"]
+    assert json.loads(meta["featurize.preprocess"])["crop"] == (preprocess.get("crop") or 224)
 
 
 def test_the_example_jobs_parse_and_an_unknown_family_is_refused(tmp_path):

@@ -1,14 +1,15 @@
 """`featurize models`, `featurize layers ARCH`, and the model refusals that point at them.
 
-The listings never import Ray (proved by poisoning the import); the refusals of `featurize run`
-come before Ray starts (no RAY_TMPDIR/ray), with one line and exit 2. The commands run in a separate
-process (one for the listings, one for the refusals: each command's main() in turn, its exit code,
-stdout and stderr kept apart), so that nothing this test process imported is taken for granted.
+The listings (and a `layers` refusal) never import Ray, proved by poisoning the import in a separate
+process (each command's main() in turn, its exit code, stdout and stderr kept apart), so that nothing
+this test process imported is taken for granted; the refusals of `featurize run` come before Ray
+starts, with one line and exit 2, through main() in this process with Ray's start made to fail.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -30,10 +31,11 @@ def without_ray(tmp_path: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(poison.parent), os.environ.get("PYTHONPATH")]))}
 
 
-def test_models_and_layers_list_without_ray(tmp_path):
-    result, layers, clip_layers = featurize_each(
+def test_models_and_layers_list_and_an_unknown_arch_is_refused_without_ray(tmp_path, ray_tmpdir):
+    result, layers, clip_layers, arch = featurize_each(
         ["models"], ["layers", "resnet18", "--crop", "112"],
-        ["layers", "r2plus1d_18", "--family", "torchvision_video", "--crop", "56"], env_extra=without_ray(tmp_path))
+        ["layers", "r2plus1d_18", "--family", "torchvision_video", "--crop", "56"], ["layers", "resnet181"],
+        env_extra={**without_ray(tmp_path), "RAY_TMPDIR": str(ray_tmpdir)})
     assert result.returncode == 0, result.stderr
     sections = {}
     for block in result.stdout.strip().split("\n\n"):
@@ -64,6 +66,10 @@ def test_models_and_layers_list_without_ray(tmp_path):
     assert rows["layer4"].split()[1:] == ["(512,", "2,", "4,", "4)", "512"]
     assert rows["avgpool"].split()[1:] == ["(512,", "1,", "1,", "1)", "512"]
     assert "pooled over time and space" in clip_layers.stdout.splitlines()[-1]
+
+    # an unknown arch, naming the closest
+    line = assert_refused(arch, ray_tmpdir, "model.arch", "'resnet181'", "featurize models")
+    assert line.split("did you mean ")[1].startswith("resnet18,")
 
 
 def test_layers_have_their_output_shapes_at_the_crop():
@@ -101,27 +107,33 @@ def images(tmp_path):
     return tmp_path / "images"
 
 
-def test_an_unknown_arch_or_layer_and_a_crop_the_model_cannot_take_are_refused_before_ray(tmp_path, images,
-                                                                                          ray_tmpdir):
+def test_an_unknown_layer_and_a_crop_the_model_cannot_take_are_refused_before_ray(tmp_path, images, ray_tmpdir,
+                                                                                 monkeypatch, capsys):
+    from pipeline.cli import main
+
+    def start_ray(*args, **kwargs):
+        raise AssertionError("a refused job started Ray")
+
+    monkeypatch.setattr("pipeline.extract.runner.init_ray", start_ray)
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
     layer = job_dict(str(images), str(tmp_path / "out"))
     layer["model"]["layer"] = "layer5"
     crop = job_dict(str(images), str(tmp_path / "out"))
     crop["model"] = {"arch": "vit_b_16", "weights": "none"}
     crop["preprocess"] = {"resize": 128, "crop": 112}
-    arch, layer, crop = featurize_each(
-        ["layers", "resnet181"], ["run", str(write_job(tmp_path / "layer.yaml", layer))],
-        ["run", str(write_job(tmp_path / "crop.yaml", crop))], env_extra={"RAY_TMPDIR": str(ray_tmpdir)})
 
-    # an unknown arch, naming the closest
-    line = assert_refused(arch, ray_tmpdir, "model.arch", "'resnet181'", "featurize models")
-    assert line.split("did you mean ")[1].startswith("resnet18,")
+    def refused(job, *needles):
+        capsys.readouterr()
+        code = main(["run", str(job)])
+        out = capsys.readouterr()
+        return assert_refused(SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err), ray_tmpdir, *needles)
 
     # an unknown layer, naming the closest
-    line = assert_refused(layer, ray_tmpdir, "model.layer", "'layer5'", "featurize layers resnet18")
+    line = refused(write_job(tmp_path / "layer.yaml", layer), "model.layer", "'layer5'", "featurize layers resnet18")
     assert line.split("did you mean ")[1].startswith("layer4,")
 
     # a crop the model cannot take
-    line = assert_refused(crop, ray_tmpdir, "preprocess.crop", "vit_b_16", "112x112", "needs crop 224")
+    line = refused(write_job(tmp_path / "crop.yaml", crop), "preprocess.crop", "vit_b_16", "112x112", "needs crop 224")
     assert "resume" not in line
     assert not (tmp_path / "out").exists()
 
