@@ -1,7 +1,8 @@
 """Planning on the driver: time and memory to plan a large local folder and a manifest, and to
 turn the plan into the run's todo.
 
-    .venv/bin/python bench/plan.py [--files 1281167] [--kinds folder manifest] [--repo PATH ...] [--python-peak]
+    .venv/bin/python bench/plan.py [--files 1281167] [--kinds folder manifest] [--repo PATH ...]
+                                   [--python-peak] [--audit]
 
 Makes an ImageNet-shaped source under --scratch (1,000 class folders of empty `.JPEG` files, only
 when the folder kind is asked for, and a Parquet manifest of the same relative paths with a
@@ -16,7 +17,10 @@ Each step reports its wall time, and the process's peak RSS (`resource.getrusage
 RSS after it, both above its RSS before planning; with --python-peak a second process per kind
 runs the planning under tracemalloc for Python's own peak (tracemalloc slows Python, so its time
 is not reported). Arrow's peak is the default memory pool's `max_memory()` (DuckDB's memory is
-its own: in the RSS only). The scratch folder is deleted at the end unless --keep.
+its own: in the RSS only). With --audit, a fresh process then audits that resumed output as a
+run's end does (`ledger.audit` against the saved plan: half the samples missing), its own peak
+RSS reported.
+The scratch folder is deleted at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -69,6 +73,8 @@ def child(kind: str, root: str, trace: bool) -> dict:
            else SourceConfig(uri=f"{root}/manifest.parquet", format="manifest"))
     gc.collect()
     rss0 = _rss()
+    if kind == "audit":  # the end of a run's audit, alone in its process, of the output the last kind left
+        return _audit(root, rss0)
     pool = pa.default_memory_pool()
     out = {"kind": kind, "rss_before_mb": rss0 / 2**20}
     from pipeline.extract import plan as planning
@@ -119,6 +125,19 @@ def _streamed(out: dict, step, cfg, root: str) -> dict:
     todo = step("todo_resumed", lambda: out_root.todo_of(fs, dest, plan, work)[0])
     out["todo_resumed_rows"] = len(todo)
     return out
+
+
+def _audit(root: str, rss0: int) -> dict:
+    import resource
+
+    from pipeline.output import root as out_root
+    from pipeline.output.ledger import audit
+
+    t = time.perf_counter()
+    found = audit(_local(), f"{root}/out", out_root.local_plan(_local(), f"{root}/out", _fresh(f"{root}/work")))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"kind": "audit", "s": round(time.perf_counter() - t, 2), "peak_rss_mb": round((peak - rss0) / 2**20),
+            "missing": found["missing"], "rows": found["rows"], "duplicates": len(found["duplicates"])}
 
 
 def _commit_every_other(plan, folder: str, per_file: int = 1000) -> None:
@@ -184,6 +203,8 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/featurize-plan-bench")
     parser.add_argument("--keep", action="store_true", help="keep the generated source")
     parser.add_argument("--python-peak", action="store_true", help="also plan under tracemalloc")
+    parser.add_argument("--audit", action="store_true",
+                        help="then audit each kind's output (every other sample committed) in a fresh process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,6 +221,8 @@ def main() -> None:
                 if args.python_peak:
                     result["python_peak_mb"] = round(run_child(repo, kind, args.scratch, trace=True)["python_peak_mb"])
                 print(json.dumps({"repo": repo, **result}), flush=True)
+                if args.audit and "todo_resumed" in result:
+                    print(json.dumps({"repo": repo, **run_child(repo, "audit", args.scratch, trace=False)}), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.scratch, ignore_errors=True)
