@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..extract.planfile import PlanFile, duckdb_in, parquet, scratch
+from ..extract.planfile import PlanFile, duckdb_in, parquet, scratch, sql_text
 from ..redact import logger
 from .store import (  # noqa: F401 (re-exported)
     is_local,
@@ -321,7 +321,7 @@ def audit(fs, root: str, plan) -> Dict[str, Any]:
             else:
                 con.register("plan_table", plan.select(["sample_id", "container"]))
                 planned = "plan_table"
-            ids = f"read_parquet([{', '.join(repr(spilled[t]) for t in TABLES)}])"
+            ids = f"read_parquet([{', '.join(sql_text(spilled[t]) for t in TABLES)}])"
             missing, first = con.execute(f"SELECT count(*), min(sample_id) FROM {planned} "
                                          f"WHERE {not_done(ids, parquet(spilled[UNITS]))}").fetchall()[0]
             twice = con.execute(f"SELECT sample_id FROM {ids} GROUP BY sample_id HAVING count(*) > 1 "
