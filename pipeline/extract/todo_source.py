@@ -23,11 +23,15 @@ def read_todo(files: List[str]) -> ray.data.Dataset:
     read its disk: there the row groups travel as blocks, through the object store (the todo is
     then in the driver's memory while they are put, as before the plan streamed)."""
     if ray.util.client.ray.is_connected():
-        return ray.data.from_blocks([pq.ParquetFile(f).read_row_group(g) for f in files
-                                     for g in range(pq.ParquetFile(f).metadata.num_row_groups)])
+        return ray.data.from_blocks([group for f in files for group in _row_groups(pq.ParquetFile(f))])
     source = _TodoSource(files)
     groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
     return ray.data.read_datasource(source, override_num_blocks=max(1, groups), num_cpus=0)
+
+
+def _row_groups(source: pq.ParquetFile) -> Iterator[pa.Table]:
+    """A file's row groups, the file opened once (not once a group)."""
+    return (source.read_row_group(g) for g in range(source.metadata.num_row_groups))
 
 
 def _read_group(path: str, group: int) -> Iterator[pa.Table]:
