@@ -10,6 +10,8 @@ spec says `"once": false`; `"match"` limits it to keys (sample URIs) containing 
 file may hold a list of specs: the first that matches applies. `after` counts the hits in one
 process since the point was armed: arming it again (a new file) starts the count afresh, also
 in the long-lived processes (a test session's driver, Ray's pooled workers) that saw an earlier one.
+With `"across": true` it counts the hits of every process instead (which of Ray's pooled workers
+runs a task, and so how many hits one process sees, is Ray's choice).
 With the variable unset, the normal case, a point costs one environment lookup.
 """
 from __future__ import annotations
@@ -47,8 +49,8 @@ def point(name: str, key: Union[str, Callable[[], str]] = "") -> None:
     for spec in specs if isinstance(specs, list) else [specs]:  # a list: the first that matches
         if spec.get("match") and spec["match"] not in key:
             continue
-        _hits[arming] += 1
-        if _hits[arming] < spec.get("after", 1):
+        hits = _count_across(path, armed) if spec.get("across") else _count_here(arming)
+        if hits < spec.get("after", 1):
             return
         if spec.get("once", True):
             try:
@@ -57,6 +59,21 @@ def point(name: str, key: Union[str, Callable[[], str]] = "") -> None:
                 return
         _act(name, spec, path, key)
         return
+
+
+def _count_here(arming: tuple) -> int:
+    _hits[arming] += 1
+    return _hits[arming]
+
+
+def _count_across(path: str, armed: os.stat_result) -> int:
+    """One byte appended a hit (O_APPEND: no hit lost between processes); the file's size counts them."""
+    fd = os.open(f"{path}.{armed.st_ino}-{armed.st_mtime_ns}.hits", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b".")
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def _act(name: str, spec: dict, path: str, key: str) -> None:

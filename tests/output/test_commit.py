@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -150,6 +151,21 @@ def test_a_failpoint_counts_its_hits_afresh_each_time_it_is_armed(tmp_path, monk
         with pytest.raises(faults.InjectedFault):
             faults.point("write", "b")
         (folder / "write.json.fired").unlink()
+
+
+def test_a_failpoint_armed_across_processes_counts_every_process_hits(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    monkeypatch.setenv(faults.ENV, str(folder))
+    (folder / "write.json").write_text('{"action": "raise", "after": 3, "across": true}')
+    hit = "from pipeline import faults; faults.point('write', 'a')"
+    for _ in range(2):  # hits 1 and 2, each in a process of its own: nothing happens
+        subprocess.run([sys.executable, "-c", hit], check=True, cwd=Path(faults.__file__).parent.parent)
+    with pytest.raises(faults.InjectedFault):  # this process's first hit is the third
+        faults.point("write", "b")
 
 
 def test_the_sink_passes_over_an_empty_block(tmp_path):

@@ -115,18 +115,25 @@ def _shards(folder, n_shards=3, per_shard=8):
 
 
 @pytest.mark.timeout(300)
-def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults_dir):
+def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults_dir, monkeypatch):
+    from ray.data import DataContext
+
     src, out = tmp_path / "shards", tmp_path / "out"
     ids = _shards(src)
-    # a file a model batch of 4 (file_size 1): the fourth write fails with shards still to do (with
-    # 8 KiB files the 24 rows were 3 files and the fault could land after the last of them)
-    job = job_dict(str(src), str(out), source={"format": "webdataset"}, resources={"batch_size": 4},
-                   output={"file_size": 1})
-    faults("write", action="raise", after=3)
+    # blocks of a few rows (a shard larger than Ray Data's blocks, as real shards are), a file each
+    # (file_size 1), 3 a shard: the fifth file staged, in whichever process, fails half written, the 4
+    # before it committed, a shard among them in part. (With a block a shard, and a failpoint counting
+    # one process's writes, the fault once struck a shard's completion mark after every row was committed.)
+    monkeypatch.setattr(DataContext.get_current(), "target_max_block_size", 4096)
+    job = job_dict(str(src), str(out), source={"format": "webdataset"},
+                   resources={"batch_size": 4, "decode_batch_size": 4}, output={"file_size": 1})
+    faults("write", action="raise", match="/_staging/", after=5, across=True)
     with pytest.raises(Exception, match="fault injected"):
         run(job)
     done = set(read_features(str(out), columns=["sample_id"])["sample_id"].to_pylist())
     assert done and status(str(out))["remaining"] > 0
+    per_shard = [sum(d.startswith(f"shard-{s:03d}.tar/") for d in done) for s in range(3)]
+    assert any(0 < n < 8 for n in per_shard), per_shard  # a shard half committed: the rerun reads past that half
 
     faults("decode", action="record", once=False)
     summary = run(job)
