@@ -86,7 +86,7 @@ def ray_session(faults_dir):
     # /tmp/ray, and fails ("num_cpus ... must not be provided").
     # Idle task workers are kept for the session, not stopped after a second beyond 2 (the CPUs): the
     # next run's read, decode and write tasks find them with ray.data, pyarrow and pipeline imported
-    # (a small job's run took 7.1 s, 5.3 s with them kept; they hold some 150 MB each). A killed
+    # (a small job's run took 7.1 s, 5.3 s with them kept; each holds 80-220 MB RSS). A killed
     # node is seen dead after 5 health checks a second apart, not 3 s apart (test_faults test_2: the
     # rest of the job after the kill took 23 s, 14 s).
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
