@@ -1,5 +1,4 @@
-"""Fault injection: the issue's six faults, each on a real Ray, each bounded in time (the model
-actor's death and the writers' share one run).
+"""Fault injection: the issue's six faults (the model actor's and the writers' deaths in one run), each on a real Ray, each bounded in time.
 
 After each, OUT is read back with pyarrow and DuckDB: every planned sample exactly once across
 features and errors (I1), only whole, published files (I2); the resumed runs recompute nothing
