@@ -198,7 +198,8 @@ def test_a_sweep_keeps_the_c_scikit_learn_would_and_predicts_as_it_does(probe_ta
     out = tmp_path / "h"
     spec = lbfgs_file(uri, str(out))
     del spec["train"]["optimizer"]  # auto: a linear probe's sweep fits by lbfgs
-    result = train(parse_training(spec), say=None, sweep=parse_sweep({"weight_decay": grid}))
+    spec["train"]["cpus_per_worker"] = 0.5  # the two trials at once, of the session's two CPUs
+    result = train(parse_training(spec), say=None, sweep=parse_sweep({"weight_decay": grid, "max_concurrent_trials": 2}))
     record = json.loads((out / SWEEP_JSON).read_text())
     assert record["optimizer"] == "lbfgs" and record["grid"]["C"] == sorted(cs, reverse=True)
 

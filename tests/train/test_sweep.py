@@ -44,9 +44,10 @@ def probe(uri: str, out: str, **train):
 def test_a_sweep_over_two_values_keeps_the_better_and_records_both(probe_table, tmp_path, capsys):
     out = tmp_path / "head"
     path = tmp_path / "t.yaml"
-    path.write_text(json.dumps(probe(probe_table, str(out))))
-    # a weight decay of 1000 pulls the probe's weights to nothing (or past it): it cannot win
-    assert main(["train", str(path), "--sweep", "weight_decay=1000,0"]) == 0
+    path.write_text(json.dumps(probe(probe_table, str(out), cpus_per_worker=0.5)))
+    # a weight decay of 1000 pulls the probe's weights to nothing (or past it): it cannot win.
+    # The two trials run at once (half a CPU each, of the session's two)
+    assert main(["train", str(path), "--sweep", "weight_decay=1000,0", "--sweep", "max_concurrent_trials=2"]) == 0
     printed = capsys.readouterr()
     assert "trial 1/2 (weight_decay 0, lr 0.1)  epoch   3/3" in printed.err
     assert "trial 2/2 (weight_decay 1000, lr 0.1)" in printed.err
