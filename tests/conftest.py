@@ -6,6 +6,7 @@ Nothing is autouse, so the unit tests in this folder never pay for Ray or moto.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -71,6 +72,32 @@ def ray_tmpdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _usage_tags_with_a_timeout() -> None:
+    """Ray's telemetry puts (record_extra_usage_tag: Ray Data records its operators at every
+    execution, Tune its searcher) wait on the GCS with no timeout. In 4 of the last 7 full runs
+    (with Ray's default settings too), the first such put after test_lbfgs's sweep went unanswered
+    for 20+ minutes (py-spy: the driver in InternalKVAccessor::Put; the GCS alive, answering a fresh client
+    and holding no KV call; the puts after it answered). A tag is telemetry only: here a put gets
+    10 s, then is dropped, as Ray drops a failed one (debug log), and the test goes on."""
+    from ray._common.usage import usage_constants, usage_lib
+    from ray.experimental import internal_kv
+
+    def put(key: str, value: str, gcs_client=None) -> None:
+        client = gcs_client or internal_kv.global_gcs_client
+        try:
+            client.internal_kv_put(f"{usage_constants.EXTRA_USAGE_TAG_PREFIX}{key}".encode(), value.encode(), True,
+                                   usage_constants.USAGE_STATS_NAMESPACE.encode(), timeout=10)
+        except Exception as e:  # Ray's own put swallows every error the same way
+            logging.getLogger(__name__).debug("usage tag %s dropped: %s", key, e)
+
+    usage_lib._put_extra_usage_tag = put
+
+
+@pytest.fixture(scope="session", autouse=True)
+def usage_tags_with_a_timeout():
+    _usage_tags_with_a_timeout()
+
+
 @pytest.fixture(scope="session")
 def ray_session(faults_dir):
     """One local Ray for the whole session; `run_job` finds it initialised and reuses it."""
@@ -84,12 +111,15 @@ def ray_session(faults_dir):
     # address="local": always a Ray of our own; without it ray.init joins any cluster that a
     # concurrent `ray start` or ray.cluster_utils.Cluster (test_cluster, test_faults) advertises in
     # /tmp/ray, and fails ("num_cpus ... must not be provided").
-    # Ray's own defaults, on purpose: with idle workers kept (num_workers_soft_limit 16, no idle kill)
-    # and health checks a second apart, a small run was 7.1 -> 5.3 s and test_faults test_2 9 s
-    # shorter, but 3 of 5 full runs hung for good in test_loader's first Ray Data read after the
-    # lbfgs sweep: the driver's GCS client never answered an internal_kv_put (the GCS alive and
-    # answering other clients). Runs with the defaults have not hung.
+    # Idle task workers are kept for the session, not stopped after a second beyond 2 (the CPUs): the
+    # next run's read, decode and write tasks find them with ray.data, pyarrow and pipeline imported
+    # (a small job's run took 7.1 s, 5.3 s with them kept; each holds 80-220 MB RSS). A killed
+    # node is seen dead after 5 health checks a second apart, not 3 s apart (test_faults test_2: the
+    # rest of the job after the kill took 23 s, 14 s). (A run with Ray's defaults hung as runs with
+    # these did: _usage_tags_with_a_timeout.)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config={"num_workers_soft_limit": 16, "idle_worker_killing_time_threshold_ms": 3_600_000,
+                            "health_check_period_ms": 1000},
              runtime_env={"env_vars": {"FEATURIZE_FAULTS": str(faults_dir), **LOCAL_RAY_ENV}})
     try:
         yield ray
