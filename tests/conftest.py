@@ -76,9 +76,9 @@ def _usage_tags_with_a_timeout() -> None:
     """Ray's telemetry puts (record_extra_usage_tag: Ray Data records its operators at every
     execution, Tune its searcher) wait on the GCS with no timeout. In 4 of the last 7 full runs
     (with Ray's default settings too), the first such put after test_lbfgs's sweep went unanswered
-    for 20+ minutes (py-spy: the driver in InternalKVAccessor::Put; the GCS alive, answering a fresh client
-    and holding no KV call; the puts after it answered). A tag is telemetry only: here a put gets
-    10 s, then is dropped, as Ray drops a failed one (debug log), and the test goes on."""
+    for 20+ minutes: the driver waited in InternalKVAccessor::Put while the GCS, alive, held no KV
+    call and answered a fresh client at once; the puts after it were answered. A tag is telemetry
+    only: here a put gets 10 s, then is dropped, as Ray drops a failed one (debug log)."""
     from ray._common.usage import usage_constants, usage_lib
     from ray.experimental import internal_kv
 
@@ -91,11 +91,6 @@ def _usage_tags_with_a_timeout() -> None:
             logging.getLogger(__name__).debug("usage tag %s dropped: %s", key, e)
 
     usage_lib._put_extra_usage_tag = put
-
-
-@pytest.fixture(scope="session", autouse=True)
-def usage_tags_with_a_timeout():
-    _usage_tags_with_a_timeout()
 
 
 @pytest.fixture(scope="session")
@@ -117,6 +112,7 @@ def ray_session(faults_dir):
     # node is seen dead after 5 health checks a second apart, not 3 s apart (test_faults test_2: the
     # rest of the job after the kill took 23 s, 14 s). (A run with Ray's defaults hung as runs with
     # these did: _usage_tags_with_a_timeout.)
+    _usage_tags_with_a_timeout()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={"num_workers_soft_limit": 16, "idle_worker_killing_time_threshold_ms": 3_600_000,
                             "health_check_period_ms": 1000},
