@@ -93,6 +93,42 @@ def _usage_tags_with_a_timeout() -> None:
     usage_lib._put_extra_usage_tag = put
 
 
+_STALLED: List[Any] = []
+
+
+def pytest_runtest_setup(item):
+    if "ray_session" in item.fixturenames:
+        _answering_gcs_client()
+
+
+def _answering_gcs_client() -> None:
+    """The session driver's GCS client, checked before each test that uses the session's Ray: a
+    stalled one (_usage_tags_with_a_timeout) is replaced by a new client of the same GCS, which
+    answered at once in the stalled runs. Every internal KV call of the driver goes through it:
+    Ray Data's telemetry, but also the export of each remote function, which stalled the same way."""
+    import sys
+    import warnings
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from ray._private import worker
+    from ray._raylet import GcsClient
+    from ray.experimental import internal_kv
+
+    stalled = worker.global_worker.gcs_client
+    try:
+        stalled.internal_kv_get(b"answering", b"featurize-tests", timeout=5)
+        return
+    except Exception as e:
+        warnings.warn(f"the session driver's GCS client did not answer in 5 s ({type(e).__name__}): replaced",
+                      stacklevel=2)
+    _STALLED.append(stalled)  # kept: destroying a client with a call in flight could block on its thread
+    fresh = GcsClient(address=stalled.address, cluster_id=stalled.cluster_id.hex())
+    worker.global_worker.gcs_client = fresh
+    internal_kv._initialize_internal_kv(fresh)
+
+
 @pytest.fixture(scope="session")
 def ray_session(faults_dir):
     """One local Ray for the whole session; `run_job` finds it initialised and reuses it."""
