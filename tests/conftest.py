@@ -103,9 +103,11 @@ def pytest_runtest_setup(item):
 
 def _answering_gcs_client() -> None:
     """The session driver's GCS client, checked before each test that uses the session's Ray: a
-    stalled one (_usage_tags_with_a_timeout) is replaced by a new client of the same GCS, which
-    answered at once in the stalled runs. Every internal KV call of the driver goes through it:
-    Ray Data's telemetry, but also the export of each remote function, which stalled the same way."""
+    stalled one (_usage_tags_with_a_timeout) is replaced by a new client of the same GCS (a new
+    client in another process answered at once in a stalled run). Every internal KV call of the
+    driver goes through it: Ray Data's telemetry, and the export of each remote function, which
+    stalled the same way (ci23). Not a cure: the driver's core worker stalled with it there (its
+    task events unanswered), so a test that creates actors may still wait."""
     import sys
     import warnings
 
@@ -124,7 +126,10 @@ def _answering_gcs_client() -> None:
         warnings.warn(f"the session driver's GCS client did not answer in 5 s ({type(e).__name__}): replaced",
                       stacklevel=2)
     _STALLED.append(stalled)  # kept: destroying a client with a call in flight could block on its thread
-    fresh = GcsClient(address=stalled.address, cluster_id=stalled.cluster_id.hex())
+    # by 127.0.0.1, not the address the stalled one uses: another gRPC target, so its own connection
+    # (channels to one target share theirs); the session's GCS is local and listens on every interface
+    port = stalled.address.rsplit(":", 1)[1]
+    fresh = GcsClient(address=f"127.0.0.1:{port}", cluster_id=stalled.cluster_id.hex())
     worker.global_worker.gcs_client = fresh
     internal_kv._initialize_internal_kv(fresh)
 
