@@ -74,11 +74,12 @@ def ray_tmpdir():
 
 def _usage_tags_with_a_timeout() -> None:
     """Ray's telemetry puts (record_extra_usage_tag: Ray Data records its operators at every
-    execution, Tune its searcher) wait on the GCS with no timeout. In 4 of the last 7 full runs
-    (with Ray's default settings too), the first such put after test_lbfgs's sweep went unanswered
-    for 20+ minutes: the driver waited in InternalKVAccessor::Put while the GCS, alive, held no KV
-    call and answered a fresh client at once; the puts after it were answered. A tag is telemetry
-    only: here a put gets 10 s, then is dropped, as Ray drops a failed one (debug log)."""
+    execution, Tune its searcher) wait on the GCS with no timeout. In 5 of the last 9 full runs
+    (with Ray's default settings too), the driver's GCS calls went unanswered after test_lbfgs's
+    sweep, such a put first: the driver waited in InternalKVAccessor::Put while the GCS, alive,
+    held no KV call and answered a client in another process at once (in one run the stall ended
+    after 20+ minutes). A tag is telemetry only: here a put gets 10 s, then is dropped, as Ray
+    drops a failed one (debug log)."""
     from ray._common.usage import usage_constants, usage_lib
     from ray.experimental import internal_kv
 
