@@ -107,7 +107,7 @@ def _answering_gcs_client() -> None:
     stalled one (_usage_tags_with_a_timeout) is replaced by a new client of the same GCS (a new
     client in another process answered at once in a stalled run). Every internal KV call of the
     driver goes through it: Ray Data's telemetry, and the export of each remote function, which
-    stalled the same way (ci23). Not a cure: the driver's core worker stalled with it there (its
+    stalled the same way in a later run. Not a cure: the driver's core worker stalled with it there (its
     task events unanswered), so a test that creates actors may still wait."""
     import sys
     import warnings
