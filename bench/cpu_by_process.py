@@ -33,20 +33,30 @@ def sample(pid: int) -> Optional[Tuple[float, int, str, str]]:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         with open(f"/proc/{pid}/cmdline") as f:
-            name = f.read().replace("\0", " ").strip()[:80]
+            name = f.read().replace("\0", " ").strip()[:300]
+        if not name:  # a zombie's is empty
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
         return (int(fields[11]) + int(fields[12])) / HZ, int(fields[16]), name, fields[19]
     except OSError:
         return None
 
 
 def kind(name: str) -> str:
-    """ray::Committer.commit -> ray::Committer; a program's path and arguments -> its file name."""
+    """ray::Committer.commit -> ray::Committer; python's script or module, or `python -c`; else the program."""
     if name.startswith("ray::"):
         return name.split()[0].split(".")[0]
     words = name.split()
     program = os.path.basename(words[0]) if words else "?"
-    if program.startswith("python") and len(words) > 1:  # the script or module it runs
-        program = os.path.basename(words[2] if words[1] in ("-m", "-u") and len(words) > 2 else words[1])
+    if program.startswith("python"):
+        args = iter(words[1:])
+        for word in args:
+            if word in ("-m", "-c"):
+                return "python -c" if word == "-c" else next(args, "?")
+            if word in ("-X", "-W"):
+                next(args, None)
+            elif not word.startswith("-"):
+                return os.path.basename(word)
     return program
 
 
@@ -85,14 +95,14 @@ def main() -> None:
         by_kind(seen)
         return
     for _key, (cpu, nice, name) in sorted(seen.items(), key=lambda kv: -kv[1][0])[:20]:
-        print(f"{cpu:7.1f} s  nice {nice:3d}  {name}")
+        print(f"{cpu:7.1f} s  nice {nice:3d}  {name[:80]}")
     if len(history) < 10:
         return
     (ta, a), (tb, b) = history[int(len(history) * 0.45)], history[int(len(history) * 0.85)]
     cores = sorted((((b[key] - a.get(key, 0.0)) / (tb - ta), key) for key in b), reverse=True)
     print(f"\ncores used from {ta - t0:.0f} s to {tb - t0:.0f} s: {sum(c for c, _ in cores):.2f} in all")
     for c, key in cores[:12]:
-        print(f"{c:6.2f}  nice {seen[key][1]:3d}  {seen[key][2]}")
+        print(f"{c:6.2f}  nice {seen[key][1]:3d}  {seen[key][2][:80]}")
 
 
 if __name__ == "__main__":
