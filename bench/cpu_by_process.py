@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Dict, Optional, Tuple
 
 from peers import descendants  # bench/ is this script's folder, first on sys.path
@@ -61,13 +62,12 @@ def kind(name: str) -> str:
 
 
 def by_kind(seen: Dict[Tuple[int, str], Tuple[float, int, str]]) -> None:
-    total: Dict[str, float] = {}
-    count: Dict[str, int] = {}
+    total: Counter = Counter()
+    count: Counter = Counter()
     for cpu, _nice, name in seen.values():
-        k = kind(name)
-        total[k] = total.get(k, 0.0) + cpu
-        count[k] = count.get(k, 0) + 1
-    for k, cpu in sorted(total.items(), key=lambda kv: -kv[1])[:30]:
+        total[kind(name)] += cpu
+        count[kind(name)] += 1
+    for k, cpu in total.most_common(30):
         print(f"{cpu:7.1f} s  {count[k]:4d} processes  {cpu / count[k]:5.2f} s each  {k}")
 
 
