@@ -99,7 +99,7 @@ def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(ima
     assert status(str(out))["complete"]
 
 
-def _shards(folder, n_shards=3, per_shard=8):
+def _shards(folder, n_shards: int, per_shard: int):
     folder.mkdir()
     ids = []
     for s in range(n_shards):
