@@ -121,10 +121,11 @@ def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults
     src, out = tmp_path / "shards", tmp_path / "out"
     # shards of 24 members, blocks of 4 rows at most (a shard larger than Ray Data's blocks, as real
     # shards are), a file each (file_size 1), 6 a shard: the fifth file staged, in whichever process,
-    # fails half written, the 4 before it committed, so 16 rows at most, in files that may mix shards:
-    # no shard is whole, one at least in part. (With 8 members a shard, a run on a loaded machine
-    # committed two whole shards and none in part; with a block a shard, and a failpoint counting one
-    # process's writes, the fault once struck a shard's completion mark after every row was committed.)
+    # fails half written, the 4 before it committed (and any a concurrent writer had staged), some 16
+    # rows in files that may mix shards: far from a whole shard, so one at least is in part. (With 8
+    # members a shard, a run on a loaded machine committed two whole shards and none in part; with a
+    # block a shard, and a failpoint counting one process's writes, the fault once struck a shard's
+    # completion mark after every row was committed.)
     ids = _shards(src, n_shards=2, per_shard=24)
     monkeypatch.setattr(DataContext.get_current(), "target_max_block_size", 4096)
     job = job_dict(str(src), str(out), source={"format": "webdataset"},
