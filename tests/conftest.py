@@ -108,7 +108,7 @@ def _starts_ray(path: Path) -> bool:
     return bool(_STARTS_RAY.search(path.read_text()))
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """The test files that start Ray first, each in collection order. They take most of the suite's
     time: `make test` runs two pytest-xdist workers a file at a time (`--dist loadfile
     --no-loadscope-reorder`, so a module's fixtures are built once, in one worker) and hands them out
