@@ -65,8 +65,9 @@ def by_kind(seen: Dict[Tuple[int, str], Tuple[float, int, str]]) -> None:
     total: Counter = Counter()
     count: Counter = Counter()
     for cpu, _nice, name in seen.values():
-        total[kind(name)] += cpu
-        count[kind(name)] += 1
+        k = kind(name)
+        total[k] += cpu
+        count[k] += 1
     for k, cpu in total.most_common(30):
         print(f"{cpu:7.1f} s  {count[k]:4d} processes  {cpu / count[k]:5.2f} s each  {k}")
 

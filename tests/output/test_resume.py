@@ -126,7 +126,8 @@ def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults
     # members a shard, a run on a loaded machine committed two whole shards and none in part; with a
     # block a shard, and a failpoint counting one process's writes, the fault once struck a shard's
     # completion mark after every row was committed.)
-    ids = _shards(src, n_shards=2, per_shard=24)
+    shards, members = 2, 24
+    ids = _shards(src, n_shards=shards, per_shard=members)
     monkeypatch.setattr(DataContext.get_current(), "target_max_block_size", 4096)
     job = job_dict(str(src), str(out), source={"format": "webdataset"},
                    resources={"batch_size": 4, "decode_batch_size": 4}, output={"file_size": 1})
@@ -135,8 +136,8 @@ def test_webdataset_resume_reads_past_committed_members(tmp_path, faults, faults
         run(job)
     done = set(read_features(str(out), columns=["sample_id"])["sample_id"].to_pylist())
     assert done and status(str(out))["remaining"] > 0
-    per_shard = [sum(d.startswith(f"shard-{s:03d}.tar/") for d in done) for s in range(2)]
-    assert any(0 < n < 24 for n in per_shard), per_shard  # a shard half committed: the rerun reads past that half
+    per_shard = [sum(d.startswith(f"shard-{s:03d}.tar/") for d in done) for s in range(shards)]
+    assert any(0 < n < members for n in per_shard), per_shard  # a shard half committed: the rerun reads past that half
 
     faults("decode", action="record", once=False)
     summary = run(job)
