@@ -7,17 +7,20 @@ already committed (I3); a hanging or crashing decoder costs one error row (I4).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from pipeline.extract.planfile import host_prefix
 from pipeline.output.root import JOB_FILE
 from pipeline.samples import make_image_folder, make_video_folder
 
@@ -183,6 +186,8 @@ def test_3_driver_sigkilled_then_the_same_command_resumes(ray_session, ray_addre
             os.killpg(proc.pid, signal.SIGKILL)  # anything of it left over
         except ProcessLookupError:
             pass
+    left = glob.glob(os.path.join(tempfile.gettempdir(), f"{host_prefix()}{proc.pid}-*"))
+    assert left  # the killed driver's scratch (its plan, real URIs and all): no exit handler ran
     cpus = ray_session.cluster_resources()["CPU"]  # Ray stops the dead driver's workers: none may still decode
     wait_for(lambda: ray_session.available_resources().get("CPU") == cpus, 60, "the killed job's workers to stop")
     features, errors = accounted(str(out))
@@ -201,6 +206,7 @@ def test_3_driver_sigkilled_then_the_same_command_resumes(ray_session, ray_addre
     assert not embedded & done_ids, "the second run embedded samples the first had committed"
     assert summary.skipped >= len(done_ids)
     assert summary.skipped + summary.samples == len(planned(src))
+    assert not [f for f in left if os.path.exists(f)]  # the next run on this host removed it
     assert_exactly_once(str(out), planned(src))
     assert_whole_files(str(out))
 

@@ -59,11 +59,62 @@ def write_table(table: pa.Table, path: str) -> PlanFile:
     return PlanFile(path, len(table))
 
 
+SCRATCH_PREFIX = "featurize-plan-"
+
+
 def scratch() -> tempfile.TemporaryDirectory:
     """A local folder for a run's plan, todo and sort spills (in TMPDIR), removed when the run's
     workspace is dropped or the process exits. Local, not in OUT: the plan held here may carry
-    the real URIs, credentials and all, that OUT's copy masks."""
-    return tempfile.TemporaryDirectory(prefix="featurize-plan-")
+    the real URIs, credentials and all, that OUT's copy masks. Its name holds this host and process,
+    so a later run can remove what a killed one left (remove_orphans)."""
+    remove_orphans()
+    return tempfile.TemporaryDirectory(prefix=f"{host_prefix()}{os.getpid()}-")
+
+
+def remove_orphans() -> List[str]:
+    """Remove the scratch folders that drivers on this host left when they were killed (SIGKILL, the
+    OOM killer: no exit handler runs), as each holds a plan with the real URIs, as large as the
+    listing. Only this user's, and only those whose process is gone: another host's (a TMPDIR
+    shared between containers) or a live run's stay. Returns the folders removed."""
+    import shutil
+
+    mine = host_prefix()
+    removed = []
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry.name[len(mine):].split("-", 1)[0]
+        if not entry.name.startswith(mine) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def host_prefix() -> str:
+    """How the names of this host's scratch folders start: `featurize-plan-<host>-`, the host's name
+    with no separator of ours or the path's."""
+    import socket
+
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return f"{SCRATCH_PREFIX}{host}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def spill(batches: Iterable[pa.RecordBatch], path: str, schema: pa.Schema) -> int:
