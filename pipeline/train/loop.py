@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from ..redact import logger
 from . import checkpoint as ckpt
 from . import outdir
 from . import state as epoch_state
+from .epoch_lines import EpochLines, shown
 from .epochs import format_epoch, train_loop
 from .models import supervised
 from .outdir import RUNS
@@ -95,20 +95,17 @@ def train(cfg: TrainConfig, address: Optional[str] = None, say: Callable[[str], 
 def _fit(cfg: TrainConfig, plan: Plan, size: int, fs, root: str, address: Optional[str],
          say: Callable[[str], None], verbose: bool = False, sweep=None):
     """Run the TorchTrainer; returns (the last epoch's state, epochs an earlier run had done)."""
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
     init_ray(address, verbose)
     held = size <= cache_bytes(cfg)  # the table's Parquet bytes within data.cache: held in memory
     if not address:
         _check_local_resources(cfg, streamed=not held)
     storage, storage_fs = _storage(fs, root, cfg)
-    lines = Queue()  # the workers' epoch lines, printed here as they come (the driver's console)
     loop_config = {"plan": plan, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                    "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-                   "head": dataclasses.asdict(cfg.head), "lines": lines, **_recipe(cfg, plan)}
+                   "head": dataclasses.asdict(cfg.head), **_recipe(cfg, plan)}
     # A table this small is read here and handed to Ray as blocks: starting Ray Data's read and
     # map tasks (and their worker processes) took longer than the rows (the order demo: ~12 s).
     datasets = _datasets(cfg, plan, here=size <= min(HERE_BYTES, cache_bytes(cfg)))
@@ -124,6 +121,9 @@ def _fit(cfg: TrainConfig, plan: Plan, size: int, fs, root: str, address: Option
         streamed = None
     loop_config["datasets"] = sorted(datasets)
     loop_config["statistics"] = _statistics(cfg, datasets["train"], local=held)
+    stopped: List[str] = []
+    lines = EpochLines(shown(say, stopped) if sweep is None else sweep.shown(say))
+    loop_config["lines"] = lines.queue
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -133,16 +133,11 @@ def _fit(cfg: TrainConfig, plan: Plan, size: int, fs, root: str, address: Option
         run_config=RunConfig(name=plan.fingerprint, storage_path=storage, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    stop, stopped = threading.Event(), []
-    printer = threading.Thread(target=_print_lines, args=(lines, stop, say, stopped), daemon=True)
-    printer.start()
     try:
         # --sweep: this trainer, once per grid point (sweep.py); the best trial's result comes back
-        result = trainer.fit() if sweep is None else sweep.fit(trainer, say, _print_lines)
+        result = trainer.fit() if sweep is None else sweep.fit(trainer, lines)
     finally:
-        stop.set()
-        printer.join(timeout=5)
-        ray.kill(lines.actor)
+        lines.close()
     if result.error:
         raise result.error
     if stopped:
@@ -240,23 +235,6 @@ def _check_local_resources(cfg: TrainConfig, streamed: bool) -> None:
 
 def _parquet_bytes(table: FeatureTable) -> int:
     return sum(table.sizes.values())  # from open_table's listing: no request per file
-
-
-def _print_lines(lines, stop: threading.Event, say: Callable[[str], None], stopped: List[str]) -> None:
-    """Say the workers' lines; a {"stopped": why} (a non-finite epoch, epochs.py) goes to `stopped`."""
-    from ray.util.queue import Empty
-
-    while not stop.is_set() or not lines.empty():
-        try:
-            line = lines.get(timeout=0.5)
-            if isinstance(line, dict):
-                stopped.append(line["stopped"])
-            else:
-                say(line)
-        except Empty:
-            continue
-        except Exception:  # the queue's actor is gone: the run ended
-            return
 
 
 def _storage(fs, root: str, cfg: TrainConfig):

@@ -28,13 +28,13 @@ import itertools
 import json
 import logging
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from ..output.store import filesystem, write_atomic
 from ..procs import environ
 from ..redact import redact_text
+from .epoch_lines import TrialLines
 from .models import supervised
 from .selection import effective
 from .train_plan import TrainError
@@ -58,6 +58,8 @@ class Sweep:
     output: Any = None  # (uri, storage options) of the checkpoint directory, set by prepare()
     kind: str = ""
     select: str = "last"
+    _heads: List[str] = field(default_factory=list, repr=False)  # each trial's line head, set by fit()
+    _stopped: List[List[str]] = field(default_factory=list, repr=False)  # each trial's stop, if any
     local: bool = True  # an embedded Ray (no --address): what it has is all it will have
     optimizer: str = "adamw"  # train.optimizer; lbfgs has no learning rate
     train_rows: int = 0
@@ -109,29 +111,23 @@ class Sweep:
 
     # ------------------------------------------------------------ the trials (loop._fit calls this)
 
-    def fit(self, trainer, say: Callable[[str], None], print_lines) -> Any:
+    def fit(self, trainer, lines) -> Any:
         """Run the grid through Ray Tune; record every trial; return the best trial's Ray Train
-        Result (what `trainer.fit()` would have returned for it)."""
+        Result (what `trainer.fit()` would have returned for it). `lines` (epoch_lines.EpochLines,
+        showing through `shown`) carries every trial's epoch lines."""
         import ray.tune as tune
-        from ray.util.queue import Queue
 
         run = trainer.run_config
         self._check_room(trainer)
         points = self.points(trainer.train_loop_config["lr"])
-        queues, stopped = [Queue() for _ in points], [[] for _ in points]
-        stop = threading.Event()
-        printers = [threading.Thread(target=print_lines, daemon=True,
-                                     args=(q, stop, self._prefixed(say, i, points), stopped[i]))
-                    for i, q in enumerate(queues)]
-        for p in printers:
-            p.start()
+        self._heads = [f"trial {i + 1}/{len(points)} ({self.label(p)})" for i, p in enumerate(points)]
+        self._stopped = [[] for _ in points]
         parts = {"loop": trainer.train_loop_per_worker, "scaling": trainer.scaling_config,
-                 "datasets": trainer.datasets, "config": {k: v for k, v in trainer.train_loop_config.items()
-                                                          if k != "lines"},
+                 "datasets": trainer.datasets, "config": trainer.train_loop_config,
                  "storage": f"{run.storage_path}/{run.name}", "fs": run.storage_filesystem,
                  "checkpoint_config": run.checkpoint_config}
         # the trial's function only waits on its run: a token CPU (Ray refuses a request of nothing)
-        trainable = tune.with_resources(tune.with_parameters(_trial, parts=parts, queues=queues), {"CPU": TRIAL_CPU})
+        trainable = tune.with_resources(tune.with_parameters(_trial, parts=parts), {"CPU": TRIAL_CPU})
         space = {"train_loop_config": tune.grid_search([{"trial": i, **p} for i, p in enumerate(points)])}
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric=self.metric, mode="max" if self.metric == "val_acc"
@@ -143,13 +139,9 @@ class Sweep:
             with environ("RAY_AIR_NEW_OUTPUT", "0"), _quiet("ray.tune"):
                 grid = tuner.fit()
         finally:
-            stop.set()
-            for p in printers:
-                p.join(timeout=5)
-            for q in queues:
-                ray_kill(q)
+            lines.close()  # every trial's lines shown, its stop recorded, before the records are made
         errors = {r.config["train_loop_config"]["trial"]: r.error for r in grid if r.config}
-        results = [self._record(i, p, parts, errors.get(i), stopped[i]) for i, p in enumerate(points)]
+        results = [self._record(i, p, parts, errors.get(i), self._stopped[i]) for i, p in enumerate(points)]
         return self._choose(results)
 
     def _check_room(self, trainer) -> None:
@@ -234,9 +226,16 @@ class Sweep:
         return (f"{len(self.trials)} trials, kept trial {b['trial']}: {self.label(b)} ({self.metric} "
                 f"{b['score']:.4f} at epoch {b.get('epoch')})")
 
-    def _prefixed(self, say: Callable[[str], None], i: int, points: List[Dict[str, float]]) -> Callable[[str], None]:
-        head = f"trial {i + 1}/{len(points)} ({self.label(points[i])})"
-        return lambda line: say(f"{head}  {line}")
+    def shown(self, say: Callable[[str], None]) -> Callable[[Any], None]:
+        """The trials' items (epoch_lines.TrialLines tags them): a line said after its trial's head,
+        a stop kept for its trial's record. Only `fit` starts trials, and it names them first."""
+        def show(item: Any) -> None:
+            i, item = item
+            if isinstance(item, dict):
+                self._stopped[i].append(item["stopped"])
+            else:
+                say(f"{self._heads[i]}  {item}")
+        return show
 
 
 def kept(history: List[Dict[str, Any]], metric: str, select: str):
@@ -263,16 +262,7 @@ def _quiet(name: str):
         logger.setLevel(level)
 
 
-def ray_kill(queue) -> None:
-    import ray
-
-    try:
-        ray.kill(queue.actor)
-    except Exception:  # already gone with the run
-        pass
-
-
-def _trial(config: Dict[str, Any], parts: Dict[str, Any], queues) -> None:
+def _trial(config: Dict[str, Any], parts: Dict[str, Any]) -> None:
     """One Tune trial: the training's TorchTrainer with this trial's values, its run under
     OUT/_train/<fingerprint>/trial-<i> (a rerun resumes it there)."""
     import ray.train
@@ -282,7 +272,8 @@ def _trial(config: Dict[str, Any], parts: Dict[str, Any], queues) -> None:
     values = dict(config["train_loop_config"])
     i = values.pop("trial")
     trainer = TorchTrainer(
-        parts["loop"], train_loop_config={**parts["config"], **values, "lines": queues[i]},
+        parts["loop"], train_loop_config={**parts["config"], **values,
+                                          "lines": TrialLines(parts["config"]["lines"], i)},
         scaling_config=parts["scaling"], datasets=parts["datasets"],
         run_config=ray.train.RunConfig(name=f"trial-{i}", storage_path=parts["storage"],
                                        storage_filesystem=parts["fs"], checkpoint_config=parts["checkpoint_config"],

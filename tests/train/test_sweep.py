@@ -10,8 +10,9 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.epoch_lines import TrialLines
 from pipeline.train.loop import TrainError, train
-from pipeline.train.sweep import SWEEP_JSON, SWEEP_PNG, kept
+from pipeline.train.sweep import SWEEP_JSON, SWEEP_PNG, Sweep, kept
 from pipeline.train.sweep_args import parse_sweep
 from pipeline.train.trainfile import parse_training
 
@@ -129,3 +130,24 @@ def test_cli_refuses_a_bad_sweep_before_any_work(probe_table, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("featurize: --sweep momentum: not a key of the sweep (keys: "
                                                "weight_decay, lr, max_concurrent_trials)")
     assert not (tmp_path / "h").exists()
+
+
+def test_the_trials_share_one_queue_and_each_line_and_stop_goes_to_its_trial():
+    """What a trial's workers put is tagged with the trial (TrialLines) on the training's one queue;
+    the driver's reader says each line after its trial's head and keeps a stop for that trial only."""
+    class Queue(list):
+        put = list.append
+
+    queue, said = Queue(), []
+    TrialLines(queue, 1).put("epoch   1/3  loss 0.5")
+    TrialLines(queue, 0).put({"stopped": "epoch 2: the train loss is not finite"})
+    TrialLines(queue, 1).put("epoch   2/3  loss 0.4")
+    sweep = Sweep(weight_decay=[0.0, 0.1], lr=[0.01])
+    show = sweep.shown(said.append)
+    sweep._heads = ["trial 1/2 (weight_decay 0, lr 0.01)", "trial 2/2 (weight_decay 0.1, lr 0.01)"]
+    sweep._stopped = [[], []]
+    for item in queue:
+        show(item)
+    assert said == ["trial 2/2 (weight_decay 0.1, lr 0.01)  epoch   1/3  loss 0.5",
+                    "trial 2/2 (weight_decay 0.1, lr 0.01)  epoch   2/3  loss 0.4"]
+    assert sweep._stopped == [["epoch 2: the train loss is not finite"], []]
