@@ -124,16 +124,16 @@ def _fit(cfg: TrainConfig, plan: Plan, size: int, fs, root: str, address: Option
     stopped: List[str] = []
     lines = EpochLines(shown(say, stopped) if sweep is None else sweep.shown(say))
     loop_config["lines"] = lines.queue
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        datasets=streamed,
-        run_config=RunConfig(name=plan.fingerprint, storage_path=storage, storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
     try:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            datasets=streamed,
+            run_config=RunConfig(name=plan.fingerprint, storage_path=storage, storage_filesystem=storage_fs,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
         # --sweep: this trainer, once per grid point (sweep.py); the best trial's result comes back
         result = trainer.fit() if sweep is None else sweep.fit(trainer, lines)
     finally:
