@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ..output.store import filesystem, write_atomic
 from ..procs import environ
 from ..redact import redact_text
-from .epoch_lines import TrialLines
+from .epoch_lines import TrialLines, shown
 from .models import supervised
 from .selection import effective
 from .train_plan import TrainError
@@ -229,12 +229,9 @@ class Sweep:
     def shown(self, say: Callable[[str], None]) -> Callable[[Any], None]:
         """The trials' items (epoch_lines.TrialLines tags them): a line said after its trial's head,
         a stop kept for its trial's record. Only `fit` starts trials, and it names them first."""
-        def show(item: Any) -> None:
-            i, item = item
-            if isinstance(item, dict):
-                self._stopped[i].append(item["stopped"])
-            else:
-                say(f"{self._heads[i]}  {item}")
+        def show(tagged: Any) -> None:
+            i, item = tagged
+            shown(lambda line: say(f"{self._heads[i]}  {line}"), self._stopped[i])(item)
         return show
 
 
