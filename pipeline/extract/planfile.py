@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..procs import alive
+
 BATCH_ROWS = 65_536  # rows listed, sorted or filtered at a time
 SORT_MEMORY = "256MB"  # DuckDB's limit while sorting and joining: beyond it, it spills to the scratch folder
 IN_MEMORY_ROWS = BATCH_ROWS  # a plan of up to this many rows is sorted in memory
@@ -86,7 +88,7 @@ def remove_orphans() -> List[str]:
         return removed
     for entry in entries:
         pid = entry.name[len(mine):].split("-", 1)[0]
-        if not entry.name.startswith(mine) or not pid.isdigit() or _alive(int(pid)):
+        if not entry.name.startswith(mine) or not pid.isdigit() or alive(pid, None):
             continue
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
@@ -105,16 +107,6 @@ def host_prefix() -> str:
 
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
     return f"{SCRATCH_PREFIX}{host}-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def spill(batches: Iterable[pa.RecordBatch], path: str, schema: pa.Schema) -> int:
