@@ -87,8 +87,10 @@ def remove_orphans() -> List[str]:
     except OSError:
         return removed
     for entry in entries:
+        if not entry.name.startswith(mine):
+            continue
         pid = entry.name[len(mine):].split("-", 1)[0]
-        if not entry.name.startswith(mine) or not pid.isdigit() or alive(pid, None):
+        if not pid.isdigit() or alive(pid, None):
             continue
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
